@@ -1,0 +1,83 @@
+"""The native backend: Q4M's owner mode, exactly as the engine's spec says.
+
+``SELECT queue_wait(...)`` → the owner sees only its row: load it → ``queue_end()`` or
+``queue_abort()``.  After a timeout (0) the connection is in owner mode with no row, so it is
+left with ``queue_end()`` at once; ``queue_wait`` is never called while owning (that would
+silently end the owned row), and a NULL answer becomes :class:`QueueWaitError`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import ClassVar
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from ..exc import Q4MError
+from ..exc import QueueWaitError
+from ..functions import Subscription
+from ..functions import queue_abort
+from ..functions import queue_end
+from ..functions import queue_wait
+from ..server import BackendName
+from .base import Backend
+from .base import Claim
+from .base import translate_errors
+
+__all__ = ["NativeBackend"]
+
+#: Longest single ``queue_wait``; longer waits loop (and an unbounded wait is many of these).
+MAX_WAIT = 60
+
+
+def wait_arguments(subs: Sequence[Subscription], timeout: float) -> list[str | int]:
+    """``queue_wait`` arguments: one ``'table[:cond]'`` per subscription, then whole seconds."""
+    seconds = max(0, min(MAX_WAIT, math.ceil(timeout)))
+    return [*(sub.q4m_spec() for sub in subs), seconds]
+
+
+class NativeBackend(Backend):
+    name: ClassVar[BackendName] = "native"
+    blocking: ClassVar[bool] = True
+
+    def attempt(
+        self, session: Session, subs: Sequence[Subscription], timeout: float
+    ) -> Claim | None:
+        args = wait_arguments(subs, timeout)
+        with translate_errors("queue_wait"):
+            index = session.execute(select(queue_wait(*args))).scalar()
+        if index is None:
+            self._leave(session)
+            specs = ", ".join(repr(a) for a in args[:-1])
+            raise QueueWaitError(
+                f"queue_wait({specs}) returned NULL: a table is missing or not ENGINE=QUEUE, "
+                "or a condition uses a non-integer column (see the server's error log)"
+            )
+        if index == 0:  # timed out, but owner mode was entered: leave it
+            self._leave(session)
+            return None
+        if not 1 <= index <= len(subs):
+            self._leave(session)
+            raise Q4MError(f"queue_wait returned {index!r} for {len(subs)} table(s)")
+        sub = subs[index - 1]
+        with translate_errors("loading the owned row"):
+            job = self.load(session, sub, select(sub.target))
+        if job is None:  # cannot happen on a sane server; never keep owning an unseen row
+            self.abort(session, Claim(sub, None))
+            raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
+        return Claim(sub, job)
+
+    def end(self, session: Session, claim: Claim) -> None:
+        with translate_errors("queue_end"):
+            session.execute(select(queue_end()))
+
+    def abort(self, session: Session, claim: Claim) -> None:
+        with translate_errors("queue_abort"):
+            session.execute(select(queue_abort()))
+
+    @staticmethod
+    def _leave(session: Session) -> None:
+        with translate_errors("queue_end"):
+            session.execute(select(queue_end()))

@@ -1,0 +1,125 @@
+"""The portable backend: InnoDB and ``SELECT ... FOR UPDATE SKIP LOCKED``.
+
+Owning a job = holding its row lock in an open transaction on a pinned connection.  End =
+``DELETE`` + ``COMMIT``; abort = ``ROLLBACK``; a connection that dies rolls back, so its job
+returns, as on Q4M.  Claims skip rows other owners hold, oldest job id first (ids are
+time-ordered), honouring the subscription's condition as a plain WHERE clause.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+from typing import ClassVar
+
+from sqlalchemy import Select
+from sqlalchemy import delete
+from sqlalchemy import inspect
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from ..exc import CompletionFailed
+from ..functions import Subscription
+from ..server import BackendName
+from .base import LOCK_WAIT_TIMEOUT
+from .base import RETRYABLE
+from .base import Backend
+from .base import Claim
+from .base import error_code
+from .base import translate_errors as _translate
+
+__all__ = ["PortableBackend", "claim_statement"]
+
+#: How often a claim or a completion is tried again after a deadlock or lock-wait timeout.
+RETRIES = 5
+
+
+def claim_statement(sub: Subscription, limit: int = 1) -> Select[Any]:
+    """``SELECT ... WHERE cond ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` for ``sub``."""
+    stmt = select(sub.target)
+    if sub.where is not None:
+        stmt = stmt.where(sub.where)
+    return (
+        stmt.order_by(*sub.table.primary_key.columns).limit(limit).with_for_update(skip_locked=True)
+    )
+
+
+def _pause(attempt: int) -> None:
+    time.sleep(random.uniform(0, 0.005 * 2**attempt))
+
+
+class PortableBackend(Backend):
+    name: ClassVar[BackendName] = "portable"
+    blocking: ClassVar[bool] = False
+
+    def attempt(
+        self, session: Session, subs: Sequence[Subscription], timeout: float
+    ) -> Claim | None:
+        for sub in subs:
+            job = self._claim_one(session, sub)
+            if job is not None:
+                return Claim(sub, job)
+        return None
+
+    def _claim_one(self, session: Session, sub: Subscription) -> Any:
+        stmt = claim_statement(sub)
+        for attempt in range(RETRIES + 1):
+            began = not session.in_transaction()
+            try:
+                with _translate("claiming a job"):
+                    return self.load(session, sub, stmt)
+            except OperationalError as err:
+                if error_code(err) not in RETRYABLE or not began or attempt == RETRIES:
+                    raise
+                session.rollback()
+                _pause(attempt)
+        return None  # pragma: no cover - the loop returns or raises
+
+    def end(self, session: Session, claim: Claim) -> None:
+        sub = claim.subscription
+        try:
+            with _translate("completing a job"):
+                session.flush()  # the block's own writes first: they commit with the removal
+                self._delete(session, claim)
+                session.commit()
+        except OperationalError as err:
+            code = error_code(err)
+            if code not in RETRYABLE:
+                raise
+            session.rollback()
+            raise CompletionFailed(
+                f"job in {sub.name!r} not completed (MySQL error {code}): the transaction "
+                "was rolled back, so the job is back in the queue and will run again"
+            ) from err
+        if sub.is_orm and claim.job in session:
+            session.expunge(claim.job)
+
+    @staticmethod
+    def _delete(session: Session, claim: Claim) -> None:
+        """``DELETE ... WHERE id = :id``; a lock-wait timeout undoes only this statement (the
+        row lock stays ours), so it is tried again."""
+        table = claim.subscription.table
+        key: Sequence[Any]
+        values: Sequence[Any]
+        if claim.subscription.is_orm:
+            state = inspect(claim.job)
+            key, values = state.mapper.primary_key, state.identity or ()
+        else:
+            key = list(table.primary_key.columns)
+            values = [claim.job._mapping[c] for c in key]
+        stmt = delete(table).where(*(c == v for c, v in zip(key, values, strict=True)))
+        for attempt in range(RETRIES + 1):
+            try:
+                session.execute(stmt)
+                return
+            except OperationalError as err:
+                if error_code(err) != LOCK_WAIT_TIMEOUT or attempt == RETRIES:
+                    raise
+                _pause(attempt)
+
+    def abort(self, session: Session, claim: Claim) -> None:
+        with _translate("returning a job"):
+            session.rollback()

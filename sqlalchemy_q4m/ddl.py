@@ -1,0 +1,254 @@
+"""Queue tables: how they are declared, validated and compiled.
+
+A queue table is a table marked ``info["q4m_queue"]`` (what :class:`QueueMixin` and
+:func:`queue_table` do) or declared with ``mysql_engine="QUEUE"`` / ``mariadb_engine="QUEUE"``.
+Its layout depends on the backend chosen for the engine (:mod:`sqlalchemy_q4m.server`):
+
+* native: ``ENGINE=QUEUE`` with no key at all (the job id is a plain column);
+* portable: ``ENGINE=InnoDB`` with the job id as primary key (FIFO order by key).
+
+Both layouts are rendered by SQLAlchemy's own MySQL DDL compiler; the hook below only removes
+the key Q4M cannot hold, picks the engine, and refuses declarations Q4M cannot hold, on both
+backends alike so a model can move between them.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+from typing import ClassVar
+
+from sqlalchemy import Column
+from sqlalchemy import Connection
+from sqlalchemy import ForeignKeyConstraint
+from sqlalchemy import MetaData
+from sqlalchemy import Table
+from sqlalchemy import event
+from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
+from sqlalchemy.schema import CheckConstraint
+from sqlalchemy.schema import CreateIndex
+from sqlalchemy.schema import CreateTable
+from sqlalchemy.schema import PrimaryKeyConstraint
+from sqlalchemy.schema import SchemaItem
+from sqlalchemy.schema import UniqueConstraint
+from sqlalchemy.sql.compiler import DDLCompiler
+
+from .exc import QueueTableError
+from .server import BackendName
+from .server import backend_for_dialect
+from .server import detect_backend
+from .types import JobId
+from .types import new_job_id
+
+__all__ = [
+    "JOB_ID",
+    "QueueMixin",
+    "is_queue_table",
+    "job_id_column",
+    "queue_table",
+    "queue_table_problems",
+    "validate_name",
+]
+
+#: The name of the job id column every declared queue table carries.
+JOB_ID = "id"
+QUEUE_INFO_KEY = "q4m_queue"
+JOB_ID_INFO_KEY = "q4m_job_id"
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
+_DIALECTS = ("mysql", "mariadb")
+
+
+def validate_name(name: str, what: str = "table") -> str:
+    """Return ``name`` if it is a plain identifier Q4M's parser accepts, else raise.
+
+    Queue table and column names end up inside ``queue_wait('table:expr')`` strings, which
+    Q4M parses itself; only ``[A-Za-z_][A-Za-z0-9_$]*`` (at most 64 characters) is allowed.
+    """
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise QueueTableError(
+            f"invalid {what} name {name!r}: use letters, digits, '_' or '$', "
+            "not starting with a digit, at most 64 characters"
+        )
+    return name
+
+
+def job_id_column(name: str = JOB_ID) -> Column[uuid.UUID]:
+    """The job identity column: a client-generated UUIDv7 (see :mod:`sqlalchemy_q4m.types`)."""
+    return Column(
+        name,
+        JobId(),
+        primary_key=True,
+        autoincrement=False,
+        default=new_job_id,
+        info={JOB_ID_INFO_KEY: True},
+    )
+
+
+def _mark(table: Table) -> None:
+    table.info[QUEUE_INFO_KEY] = True
+    for dialect in _DIALECTS:
+        table.dialect_kwargs[f"{dialect}_engine"] = "QUEUE"
+
+
+def is_queue_table(table: Any) -> bool:
+    """True for a table declared as a queue table (mixin, ``queue_table()`` or ENGINE=QUEUE)."""
+    if not isinstance(table, Table):
+        return False
+    if table.info.get(QUEUE_INFO_KEY):
+        return True
+    return any(
+        str(table.kwargs.get(f"{dialect}_engine", "")).upper() == "QUEUE" for dialect in _DIALECTS
+    )
+
+
+def queue_table(name: str, metadata: MetaData, *args: SchemaItem, **kw: Any) -> Table:
+    """A Core :class:`~sqlalchemy.Table` for a queue, with the job id column added.
+
+    ``queue_table("shell_jobs", metadata, Column("command", Text))`` is the Core spelling of
+    a :class:`QueueMixin` model.
+    """
+    validate_name(name)
+    table = Table(name, metadata, job_id_column(), *args, **kw)
+    _mark(table)
+    return table
+
+
+class QueueMixin:
+    """Declarative mixin that makes a mapped class a queue table.
+
+    Adds the ``id`` job identity (a UUIDv7 the client makes, so the ORM has an identity on a
+    keyless Q4M table) and marks the table ``ENGINE=QUEUE`` for MySQL and MariaDB.
+    """
+
+    __queue_table__: ClassVar[bool] = True
+
+    id: Mapped[uuid.UUID] = mapped_column(
+        JobId(),
+        primary_key=True,
+        autoincrement=False,
+        default=new_job_id,
+        info={JOB_ID_INFO_KEY: True},
+        sort_order=-1,
+    )
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        table = cls.__dict__.get("__table__")
+        if isinstance(table, Table):
+            validate_name(table.name)
+            _mark(table)
+
+
+def _describe(item: SchemaItem) -> str:
+    name = getattr(item, "name", None)
+    kind = type(item).__name__
+    if isinstance(item, ForeignKeyConstraint):
+        cols = ", ".join(c.name for c in item.columns)
+        return f"foreign key ({cols}) -> {item.referred_table.name}"
+    if name:
+        return f"{kind} {name!r}"
+    cols = ", ".join(c.name for c in getattr(item, "columns", []))
+    return f"{kind} ({cols})"
+
+
+def queue_table_problems(table: Table) -> list[str]:
+    """What in ``table`` a Q4M table cannot hold (an empty list means it is fine)."""
+    problems: list[str] = []
+    try:
+        validate_name(table.name)
+    except QueueTableError as err:
+        problems.append(str(err))
+    for column in table.columns:
+        try:
+            validate_name(column.name, "column")
+        except QueueTableError as err:
+            problems.append(str(err))
+        if column.info.get(JOB_ID_INFO_KEY):
+            continue
+        if column.primary_key:
+            problems.append(f"primary key column {column.name!r} (Q4M tables hold no keys)")
+        if column.autoincrement is True or (
+            column.primary_key and column is table.autoincrement_column
+        ):
+            problems.append(f"AUTO_INCREMENT column {column.name!r}")
+        if column.foreign_keys:
+            problems.append(f"foreign key on column {column.name!r}")
+    for index in table.indexes:
+        problems.append(f"index {index.name!r} (Q4M tables hold no indexes)")
+    for constraint in table.constraints:
+        if isinstance(constraint, UniqueConstraint):
+            problems.append(f"unique constraint {_describe(constraint)} (no keys)")
+        elif isinstance(constraint, ForeignKeyConstraint):
+            if not any(c.foreign_keys for c in constraint.columns):
+                problems.append(_describe(constraint))
+        elif isinstance(constraint, CheckConstraint):
+            problems.append(f"check constraint {_describe(constraint)}")
+    return problems
+
+
+def _validate(table: Table) -> None:
+    problems = queue_table_problems(table)
+    if problems:
+        raise QueueTableError(
+            f"queue table {table.name!r} cannot hold: " + "; ".join(dict.fromkeys(problems))
+        )
+
+
+def backend_for_ddl(dialect: Dialect) -> BackendName:
+    """The layout to compile for ``dialect``: the detected or chosen backend, else native."""
+    return backend_for_dialect(dialect) or "native"
+
+
+@compiles(CreateTable, *_DIALECTS)
+def _compile_create_table(create: CreateTable, compiler: DDLCompiler, **kw: Any) -> str:
+    table = create.element
+    if not is_queue_table(table):
+        return str(compiler.visit_create_table(create, **kw))  # type: ignore[no-untyped-call]
+    _validate(table)
+    backend = backend_for_ddl(compiler.dialect)
+    # Compile a copy so the user's Table keeps its declaration: SQLAlchemy renders the
+    # columns and options; we only choose the engine and whether the job id is a key.
+    copy = table.to_metadata(MetaData())
+    engine = "QUEUE" if backend == "native" else "InnoDB"
+    for dialect in _DIALECTS:
+        copy.dialect_kwargs[f"{dialect}_engine"] = engine
+    if backend == "portable" and not copy.primary_key.columns:
+        raise QueueTableError(
+            f"queue table {table.name!r} has no job id: the portable backend needs a key; "
+            "declare it with QueueMixin or queue_table()"
+        )
+    rendered = compiler.visit_create_table(  # type: ignore[no-untyped-call]
+        CreateTable(copy, if_not_exists=create.if_not_exists)
+    )
+    return str(rendered)
+
+
+@compiles(PrimaryKeyConstraint, *_DIALECTS)
+def _compile_primary_key(
+    constraint: PrimaryKeyConstraint, compiler: DDLCompiler, **kw: Any
+) -> str | None:
+    """Q4M holds no key: on the native layout the job id's primary key is not rendered."""
+    table = constraint.table
+    if is_queue_table(table) and backend_for_ddl(compiler.dialect) == "native":
+        return None  # DDLCompiler.create_table_constraints() skips None
+    return compiler.visit_primary_key_constraint(constraint, **kw)
+
+
+@compiles(CreateIndex, *_DIALECTS)
+def _compile_create_index(create: CreateIndex, compiler: DDLCompiler, **kw: Any) -> str:
+    table = create.element.table
+    if isinstance(table, Table) and is_queue_table(table):
+        _validate(table)
+    return str(compiler.visit_create_index(create, **kw))  # type: ignore[no-untyped-call]
+
+
+@event.listens_for(Table, "before_create")
+def _detect_before_create(table: Table, connection: Connection, **kw: Any) -> None:
+    """Detect the backend before a queue table is created, so the compiler knows the layout."""
+    if is_queue_table(table) and connection.dialect.name in _DIALECTS:
+        _validate(table)
+        detect_backend(connection)

@@ -1,0 +1,64 @@
+"""Exceptions raised by sqlalchemy-q4m.
+
+Every error the library raises on purpose derives from :class:`Q4MError`; each class's
+docstring is its default message.  :class:`QueueAbort` is not an error: raise it inside a
+``queue_session`` block to hand the job back to the queue without propagating anything.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendError",
+    "CompletionFailed",
+    "ConnectionLost",
+    "NotOwner",
+    "Q4MError",
+    "QueueAbort",
+    "QueueTableError",
+    "QueueWaitError",
+    "SubscriptionError",
+    "UnsupportedServer",
+]
+
+
+class Q4MError(Exception):
+    """A sqlalchemy-q4m error."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (type(self).__doc__ or "").strip())
+
+
+class QueueTableError(Q4MError, ValueError):
+    """This table declaration cannot be held by a queue table."""
+
+
+class SubscriptionError(Q4MError, ValueError):
+    """This subscription cannot be expressed as a Q4M condition."""
+
+
+class UnsupportedServer(Q4MError):
+    """The database server cannot run this queue backend."""
+
+
+class BackendError(Q4MError, ValueError):
+    """Unknown or unusable queue backend."""
+
+
+class QueueWaitError(Q4MError):
+    """queue_wait() returned NULL: unknown table, not a QUEUE table, or a bad condition."""
+
+
+class NotOwner(Q4MError, RuntimeError):
+    """This queue session does not own a job (it timed out, or the job was already finished)."""
+
+
+class ConnectionLost(Q4MError):
+    """The connection to the server was lost; the server returns an owned job to the queue."""
+
+
+class CompletionFailed(Q4MError):
+    """The job could not be marked done; the server returned it to the queue, it will run again."""
+
+
+class QueueAbort(Exception):
+    """Raise inside a queue session to return the job to the queue; the session swallows it."""

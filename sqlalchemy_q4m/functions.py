@@ -1,0 +1,348 @@
+"""Q4M's SQL functions as typed SQLAlchemy constructs, and the subscription builder.
+
+Each function is a :class:`~sqlalchemy.sql.functions.GenericFunction`, so both a direct
+import and ``func.queue_wait(...)`` give the same typed construct::
+
+    >>> print(select(queue_wait("shell_jobs", 5)).compile(dialect=mysql.dialect()))
+    SELECT queue_wait(%s, %s) AS queue_wait_1
+
+A :class:`Subscription` is one table to wait on, optionally with a condition.  Conditions are
+SQLAlchemy expressions; :func:`render_condition` turns the integer subset Q4M understands into
+its ``'table:expr'`` syntax and refuses everything else before it reaches the server.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from sqlalchemy import BigInteger
+from sqlalchemy import Boolean
+from sqlalchemy import Integer
+from sqlalchemy import Table
+from sqlalchemy import Text
+from sqlalchemy import inspect
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import BinaryExpression
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BooleanClauseList
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import ClauseList
+from sqlalchemy.sql.elements import ColumnClause
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import False_
+from sqlalchemy.sql.elements import Grouping
+from sqlalchemy.sql.elements import Null
+from sqlalchemy.sql.elements import True_
+from sqlalchemy.sql.elements import UnaryExpression
+from sqlalchemy.sql.functions import GenericFunction
+
+from .ddl import is_queue_table
+from .ddl import validate_name
+from .exc import QueueTableError
+from .exc import SubscriptionError
+
+__all__ = [
+    "Subscription",
+    "queue_abort",
+    "queue_compact",
+    "queue_end",
+    "queue_rowid",
+    "queue_set_srcid",
+    "queue_stats",
+    "queue_wait",
+    "render_condition",
+    "subscriptions",
+]
+
+
+class queue_wait(GenericFunction[int]):
+    """``queue_wait('t1'[, 't2:expr' ...], timeout)``: own one row; 1-based table index, 0 on
+    timeout, NULL on error.  Renders ``queue_wait(%s, %s)`` with bound arguments."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class queue_end(GenericFunction[int]):
+    """``queue_end()``: delete the owned row (if any) and leave owner mode."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class queue_abort(GenericFunction[int]):
+    """``queue_abort()``: return the owned row to the queue and leave owner mode."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class queue_rowid(GenericFunction[int]):
+    """``queue_rowid()``: the owned row's id, rising per table."""
+
+    type = BigInteger()
+    inherit_cache = True
+
+
+class queue_set_srcid(GenericFunction[int]):
+    """``queue_set_srcid(source, mode, rowid)``: tag later INSERTs for loss-free relaying."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class queue_compact(GenericFunction[int]):
+    """``queue_compact('tbl')``: force compaction of a queue table's log."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+class queue_stats(GenericFunction[str]):
+    """``queue_stats('tbl')``: the table's counters as text (rows_written, rows_removed, ...)."""
+
+    type = Text()
+    inherit_cache = True
+
+
+_BINARY_OPS: dict[Callable[..., Any], str] = {
+    operators.eq: "=",
+    operators.ne: "!=",
+    operators.lt: "<",
+    operators.le: "<=",
+    operators.gt: ">",
+    operators.ge: ">=",
+    operators.add: "+",
+    operators.sub: "-",
+    operators.mul: "*",
+    operators.truediv: "/",
+    operators.floordiv: "DIV",
+    operators.mod: "%",
+    operators.bitwise_and_op: "&",
+    operators.bitwise_or_op: "|",
+    operators.bitwise_xor_op: "^",
+    operators.bitwise_lshift_op: "<<",
+    operators.bitwise_rshift_op: ">>",
+    operators.and_: "AND",
+    operators.or_: "OR",
+}
+_IS_OPS: dict[Callable[..., Any], str] = {operators.is_: "IS", operators.is_not: "IS NOT"}
+_UNARY_OPS: dict[Callable[..., Any], str] = {
+    operators.neg: "-",
+    operators.inv: "NOT ",
+    operators.bitwise_not_op: "~",
+}
+_INT_LIMIT = 2**63
+_SAFE = re.compile(r"^[A-Za-z0-9_$`=!<>&|^~%+*/() -]*$")
+
+
+def _fail(table: Table, message: str) -> SubscriptionError:
+    return SubscriptionError(f"subscription on {table.name!r}: {message}")
+
+
+def _render(element: ClauseElement, table: Table) -> str:
+    if isinstance(element, Grouping):
+        return "(" + _render(element.element, table) + ")"  # type: ignore[arg-type]
+    if isinstance(element, BooleanClauseList | ClauseList):
+        op = _BINARY_OPS.get(element.operator) if element.operator else None
+        if op not in ("AND", "OR"):
+            raise _fail(table, f"unsupported list operator {element.operator!r}")
+        parts = [_render(clause, table) for clause in element.clauses]
+        if not parts:
+            raise _fail(table, "empty AND/OR")
+        return "(" + f" {op} ".join(parts) + ")"
+    if isinstance(element, BinaryExpression):
+        if element.operator in _IS_OPS:
+            right = element.right
+            word = {Null: "NULL", True_: "TRUE", False_: "FALSE"}.get(type(right))
+            if word is None:
+                raise _fail(table, "IS / IS NOT takes only NULL, TRUE or FALSE")
+            return f"{_render(element.left, table)} {_IS_OPS[element.operator]} {word}"
+        if element.operator in (operators.in_op, operators.not_in_op):
+            return _render_in(element, table)
+        op = _BINARY_OPS.get(element.operator)
+        if op is None:
+            name = getattr(element.operator, "__name__", repr(element.operator))
+            raise _fail(table, f"operator {name!r} is not available in Q4M conditions")
+        return f"({_render(element.left, table)} {op} {_render(element.right, table)})"
+    if isinstance(element, UnaryExpression):
+        op = _UNARY_OPS.get(element.operator) if element.operator else None
+        if op is None or element.modifier is not None:
+            raise _fail(table, f"unsupported unary construct {element!s}")
+        return f"{op}({_render(element.element, table)})"
+    if isinstance(element, BindParameter):
+        return _render_value(element.effective_value, table)
+    if isinstance(element, Null):
+        return "NULL"
+    if isinstance(element, True_):
+        return "1"
+    if isinstance(element, False_):
+        return "0"
+    if isinstance(element, ColumnClause):
+        return _render_column(element, table)
+    raise _fail(
+        table,
+        f"{type(element).__name__} ({element!s}) cannot be expressed: Q4M conditions take "
+        "integer columns, integer literals, arithmetic and comparisons only",
+    )
+
+
+def _render_in(element: BinaryExpression[Any], table: Table) -> str:
+    right = element.right
+    values = right.effective_value if isinstance(right, BindParameter) else None
+    if not isinstance(values, list | tuple) or not values:
+        raise _fail(table, "IN takes a non-empty list of integers")
+    left = _render(element.left, table)
+    if element.operator is operators.in_op:
+        return "(" + " OR ".join(f"{left} = {_render_value(v, table)}" for v in values) + ")"
+    return "(" + " AND ".join(f"{left} != {_render_value(v, table)}" for v in values) + ")"
+
+
+def _render_value(value: Any, table: Table) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) and -_INT_LIMIT <= value < _INT_LIMIT:
+        return str(value)
+    raise _fail(table, f"literal {value!r} is not a 64-bit integer (Q4M compares integers only)")
+
+
+def _render_column(column: ColumnClause[Any], table: Table) -> str:
+    owner = getattr(column, "table", None)
+    if owner is not table:
+        where = getattr(owner, "name", None) or "no table"
+        raise _fail(table, f"column {column.name!r} belongs to {where!r}, not to {table.name!r}")
+    try:
+        validate_name(column.name, "column")
+    except QueueTableError as err:
+        raise _fail(table, str(err)) from None
+    if not isinstance(column.type, Integer | Boolean):
+        raise _fail(
+            table,
+            f"column {column.name!r} is {column.type!s}: Q4M conditions can only test "
+            "integer columns",
+        )
+    return f"`{column.name}`"
+
+
+def render_condition(condition: ColumnElement[Any], table: Table) -> str:
+    """Render ``condition`` in Q4M's condition syntax, or raise :class:`SubscriptionError`.
+
+    ``ShellJob.priority >= 5`` renders ``(`priority` >= 5)``; string or float columns,
+    functions, subqueries and columns of other tables are refused.
+    """
+    if not isinstance(condition, ClauseElement):
+        raise _fail(table, f"condition must be a SQLAlchemy expression, not {condition!r}")
+    rendered = _render(condition, table)
+    if not _SAFE.match(rendered):  # defence in depth: nothing but the grammar above
+        raise _fail(table, f"refusing unexpected characters in {rendered!r}")
+    return rendered
+
+
+def _table_of(target: Any) -> Table:
+    if isinstance(target, Table):
+        table: Any = target
+    else:
+        try:
+            mapper = inspect(target)
+        except Exception:  # anything not inspectable is simply not a target
+            mapper = None
+        table = getattr(mapper, "local_table", None)
+        if not isinstance(table, Table):
+            raise SubscriptionError(
+                f"{target!r} is neither a queue model (QueueMixin) nor a queue Table"
+            )
+    if not is_queue_table(table):
+        raise SubscriptionError(
+            f"table {table.name!r} is not a queue table: declare it with QueueMixin, "
+            'queue_table() or mysql_engine="QUEUE"'
+        )
+    validate_name(table.name)
+    if table.schema is not None:
+        validate_name(table.schema, "schema")
+    result: Table = table
+    return result
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """One queue table to wait on: the model or table it yields, and an optional condition."""
+
+    target: Any
+    table: Table
+    where: ColumnElement[bool] | None = None
+    condition: str | None = field(default=None)
+
+    @property
+    def is_orm(self) -> bool:
+        return not isinstance(self.target, Table)
+
+    @property
+    def name(self) -> str:
+        """``table`` or ``db.table`` as Q4M expects it."""
+        if self.table.schema:
+            return f"{self.table.schema}.{self.table.name}"
+        return self.table.name
+
+    def q4m_spec(self) -> str:
+        """The ``queue_wait`` argument: ``'table'`` or ``'table:condition'``."""
+        if self.condition is None:
+            return self.name
+        return f"{self.name}:{self.condition}"
+
+
+def subscriptions(
+    targets: Sequence[Any],
+    where: ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None = None,
+) -> tuple[Subscription, ...]:
+    """Build validated subscriptions, earlier targets first.
+
+    ``where`` is one expression (for the single target, or for the one target whose columns
+    it uses) or a mapping ``{target: expression}``.
+    """
+    if not targets:
+        raise SubscriptionError("queue_session needs at least one queue model or table")
+    tables = [_table_of(t) for t in targets]
+    if len({(t.schema, t.name) for t in tables}) != len(tables):
+        raise SubscriptionError("the same queue table is subscribed twice")
+    conditions: dict[int, ColumnElement[bool]] = {}
+    if isinstance(where, Mapping):
+        for key, expr in where.items():
+            table = _table_of(key)
+            if table not in tables:
+                raise SubscriptionError(f"where names {table.name!r}, which is not subscribed")
+            conditions[tables.index(table)] = expr
+    elif where is not None:
+        if len(tables) == 1:
+            conditions[0] = where
+        else:
+            owners = {c.table for c in _columns_in(where) if getattr(c, "table", None) is not None}
+            matches = [i for i, t in enumerate(tables) if t in owners]
+            if len(matches) != 1 or len(owners) != 1:
+                raise SubscriptionError(
+                    "with several queues, pass where={Model: condition, ...} or a condition "
+                    "on exactly one of them"
+                )
+            conditions[matches[0]] = where
+    return tuple(
+        Subscription(
+            target=target,
+            table=table,
+            where=conditions.get(i),
+            condition=render_condition(conditions[i], table) if i in conditions else None,
+        )
+        for i, (target, table) in enumerate(zip(targets, tables, strict=True))
+    )
+
+
+def _columns_in(expr: ClauseElement) -> list[ColumnClause[Any]]:
+    from sqlalchemy.sql.visitors import iterate
+
+    return [e for e in iterate(expr) if isinstance(e, ColumnClause)]

@@ -1,0 +1,331 @@
+"""``queue_session``: pin one connection, wait for a job, yield it, end or abort it.
+
+::
+
+    with queue_session(ShellJob, bind=engine, timeout=5) as job:
+        if job is not None:
+            run(job.command)        # normal exit -> end; exception -> abort, re-raised;
+                                    # QueueAbort -> abort, swallowed
+
+What ``bind`` means:
+
+* an :class:`~sqlalchemy.Engine`: a connection is checked out for this one job and returned
+  only once the job is ended or aborted; :attr:`QueueSession.session` is an ORM session on it.
+* a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); an open
+  transaction on it is joined, not committed.
+* an ORM :class:`~sqlalchemy.orm.Session`: on the portable backend the claim happens in the
+  session's transaction, so the job's removal commits atomically with the block's writes
+  (do not commit it inside the block).  On Q4M, which has no transactions, the job is owned on
+  a separate pinned connection; at the end the session is committed first and the job ended
+  after it (at least once: a crash in between runs the job again); on abort the session is
+  rolled back and the job returned.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+from typing import Generic
+from typing import Literal
+from typing import TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from .backends import Backend
+from .backends import Claim
+from .backends import get_backend
+from .exc import NotOwner
+from .exc import Q4MError
+from .exc import QueueAbort
+from .functions import Subscription
+from .functions import subscriptions
+from .server import BackendName
+from .server import _validate
+from .server import check_server
+from .server import detect_backend
+
+__all__ = ["QueueSession", "queue_session", "queue_sessionmaker"]
+
+T = TypeVar("T")
+Bind = Engine | Connection | Session
+Where = ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None
+
+#: Default seconds between two claim attempts on the portable backend while the queue is empty.
+POLL_INTERVAL = 0.05
+
+
+class QueueSession(Generic[T]):
+    """One job's lifetime on one pinned connection; see the module docstring.
+
+    Use it as a context manager (``__enter__`` returns the job or None), or call
+    :meth:`wait`, then :meth:`end` or :meth:`abort`, then :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        *targets: Any,
+        bind: Bind,
+        where: Where = None,
+        timeout: float | None = 60.0,
+        backend: Literal["native", "portable", "auto"] | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        if not isinstance(bind, Engine | Connection | Session):
+            raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
+        if timeout is not None and timeout < 0:
+            raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
+        if poll_interval <= 0:
+            raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
+        self.subscriptions: tuple[Subscription, ...] = subscriptions(targets, where)
+        self.bind = bind
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        self._backend_name = None if backend in (None, "auto") else _validate(str(backend))
+        self.backend: Backend | None = None
+        self.job: T | None = None
+        self.subscription: Subscription | None = None
+        self._claim: Claim | None = None
+        self._conn: Connection | None = None  # checked out by us: closed by us
+        self._pinned: Connection | None = None  # runs queue_wait/queue_end (ours or the caller's)
+        self._orm: Session | None = None  # the session claims and loads run in
+        self._own_orm = False
+        self._user_session: Session | None = None  # committed before queue_end (native)
+        self._began = False
+        self._state: Literal["new", "owning", "done"] = "new"
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def owning(self) -> bool:
+        """True while this session owns a job."""
+        return self._state == "owning"
+
+    @property
+    def session(self) -> Session:
+        """The ORM session the job was loaded in (on the portable backend, writes made through
+        it commit atomically with the job's removal)."""
+        if self._orm is None:
+            raise NotOwner("the queue session has not started")
+        return self._orm
+
+    @property
+    def connection(self) -> Connection:
+        """The pinned connection that owns the job."""
+        return self.session.connection()
+
+    def wait(self) -> T | None:
+        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout."""
+        if self._state != "new":
+            raise Q4MError("a QueueSession waits once; make a new one for the next job")
+        backend = self._setup()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            while True:
+                remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                claim = backend.attempt(self.session, self.subscriptions, remaining)
+                if claim is not None:
+                    self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
+                    self._state = "owning"
+                    return self.job
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if not backend.blocking:
+                    left = self.poll_interval if deadline is None else deadline - time.monotonic()
+                    time.sleep(max(0.0, min(self.poll_interval, left)))
+            self._finish_transaction(commit=False)
+        except BaseException:
+            self._release(broken=True)
+            raise
+        self._release()
+        return None
+
+    def end(self) -> None:
+        """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
+        claim, backend = self._owned()
+        ok = False
+        try:
+            if self._user_session is not None:
+                self._user_session.commit()
+            backend.end(self.session, claim)
+            self._finish_transaction(commit=True)
+            ok = True
+        finally:
+            self._state = "done"
+            self._release(broken=not ok)
+
+    def abort(self) -> None:
+        """Give the job back: it returns to the queue for the next consumer."""
+        claim, backend = self._owned()
+        ok = False
+        try:
+            if self._user_session is not None:
+                self._user_session.rollback()
+            backend.abort(self.session, claim)
+            self._finish_transaction(commit=False)
+            ok = True
+        finally:
+            self._state = "done"
+            self._release(broken=not ok)
+
+    def close(self) -> None:
+        """Abort a job still owned and release the connection; safe to call twice."""
+        if self.owning:
+            self.abort()
+        else:
+            self._release()
+
+    def __enter__(self) -> T | None:
+        return self.wait()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if not self.owning:
+            self._release()
+            return isinstance(exc, QueueAbort)
+        if exc is None:
+            self.end()
+            return False
+        try:
+            self.abort()
+        except Exception as abort_error:
+            if isinstance(exc, QueueAbort):
+                raise
+            exc.add_note(f"sqlalchemy-q4m: returning the job failed too: {abort_error!r}")
+        return isinstance(exc, QueueAbort)
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _owned(self) -> tuple[Claim, Backend]:
+        if self._state != "owning" or self._claim is None or self.backend is None:
+            raise NotOwner()
+        return self._claim, self.backend
+
+    def _resolve(self, probe: Engine | Connection) -> BackendName:
+        if self._backend_name is not None:
+            check_server(probe.dialect, self._backend_name)
+            return self._backend_name
+        if isinstance(probe, Connection):
+            return detect_backend(probe)
+        with probe.connect() as conn:
+            return detect_backend(conn)
+
+    def _setup(self) -> Backend:
+        bind = self.bind
+        if isinstance(bind, Session):
+            sub = self.subscriptions[0]
+            engine_or_conn = bind.get_bind(mapper=sub.target if sub.is_orm else None)
+            name = self._resolve(engine_or_conn)
+            if name == "portable":
+                self._orm = bind
+                self._began = not bind.in_transaction()
+                if self._began:
+                    bind.connection(execution_options={"isolation_level": "READ COMMITTED"})
+            else:
+                self._user_session = bind
+                self._pin(engine_or_conn, name)
+        else:
+            self._pin(bind, self._resolve(bind))
+        assert self.backend is not None
+        return self.backend
+
+    def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
+        self.backend = get_backend(name)
+        if isinstance(bind, Engine):
+            conn = bind.connect()
+            self._conn = conn
+            if name == "portable":
+                conn.execution_options(isolation_level="READ COMMITTED")
+        else:
+            conn = bind
+        self._pinned = conn
+        self._began = not conn.in_transaction()
+        self._orm = Session(bind=conn, expire_on_commit=False, autoflush=True)
+        self._own_orm = True
+
+    def _finish_transaction(self, *, commit: bool) -> None:
+        """Commit or roll back what this queue session began (nothing the caller began)."""
+        orm = self._orm
+        if orm is None or not orm.in_transaction():
+            return
+        if self._own_orm or self._began:
+            if commit:
+                orm.commit()
+            else:
+                orm.rollback()
+
+    def _release(self, *, broken: bool = False) -> None:
+        """Hand the connection back.  If we might still own a row (``broken``), the pinned
+        connection is invalidated (closed): the server then returns the row, and no pool
+        ever holds a connection in owner mode."""
+        self._state = "done"
+        pinned, orm = self._pinned, self._orm
+        if broken and pinned is not None and not pinned.invalidated:
+            pinned.invalidate()
+        try:
+            if orm is not None and not self._own_orm and broken:
+                orm.rollback()  # the caller's session: its transaction held the claim
+            if orm is not None and self._own_orm:
+                orm.close()
+        except DBAPIError:  # pragma: no cover - the connection is gone already
+            pass
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = self._pinned = None
+            self._own_orm = False
+
+
+def queue_session(
+    *targets: Any,
+    bind: Bind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+) -> QueueSession[Any]:
+    """Wait for a job of one of ``targets`` (earlier ones win) on a pinned connection.
+
+    Returns a :class:`QueueSession`; use it in a ``with`` block, which yields the job (a
+    mapped instance, or a Row for a Core table) or None when ``timeout`` seconds pass.
+    """
+    return QueueSession(
+        *targets,
+        bind=bind,
+        where=where,
+        timeout=timeout,
+        backend=backend,
+        poll_interval=poll_interval,
+    )
+
+
+def queue_sessionmaker(
+    bind: Bind,
+    *,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+) -> Callable[..., QueueSession[Any]]:
+    """A factory with ``bind`` and defaults fixed: ``QueueSession = queue_sessionmaker(engine)``
+    then ``with QueueSession(ShellJob, timeout=5) as job: ...``."""
+    defaults: dict[str, Any] = {
+        "timeout": timeout,
+        "backend": backend,
+        "poll_interval": poll_interval,
+    }
+
+    def factory(*targets: Any, **kw: Any) -> QueueSession[Any]:
+        options = {**defaults, **kw}
+        return QueueSession(*targets, bind=bind, **options)
+
+    return factory
