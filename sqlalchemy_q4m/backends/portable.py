@@ -22,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from ..exc import CompletionFailed
+from ..exc import QueueTableError
 from ..functions import Subscription
 from ..server import BackendName
 from .base import LOCK_WAIT_TIMEOUT
@@ -65,6 +66,11 @@ class PortableBackend(Backend):
         return None
 
     def _claim_one(self, session: Session, sub: Subscription) -> Any:
+        if not sub.table.primary_key.columns:
+            raise QueueTableError(
+                f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
+                "own and delete one job; declare it with QueueMixin or queue_table()"
+            )
         stmt = claim_statement(sub)
         for attempt in range(RETRIES + 1):
             began = not session.in_transaction()
