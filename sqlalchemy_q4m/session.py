@@ -227,6 +227,7 @@ class QueueSession(Generic[T]):
             engine_or_conn = bind.get_bind(mapper=sub.target if sub.is_orm else None)
             name = self._resolve(engine_or_conn)
             if name == "portable":
+                self.backend = get_backend(name)
                 self._orm = bind
                 self._began = not bind.in_transaction()
                 if self._began:
