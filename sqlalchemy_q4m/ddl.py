@@ -248,7 +248,12 @@ def _compile_create_index(create: CreateIndex, compiler: DDLCompiler, **kw: Any)
 
 @event.listens_for(Table, "before_create")
 def _detect_before_create(table: Table, connection: Connection, **kw: Any) -> None:
-    """Detect the backend before a queue table is created, so the compiler knows the layout."""
+    """Detect the backend before a queue table is created, so the compiler knows the layout.
+
+    Alembic's offline (``--sql``) mode passes no connection: the compiler hook validates then.
+    """
+    if connection is None:
+        return
     if is_queue_table(table) and connection.dialect.name in _DIALECTS:
         _validate(table)
         detect_backend(connection)

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession
 
     AnyBind: TypeAlias = (
-        Engine | Connection | Session | AsyncEngine | AsyncConnection | AsyncSession
+        Engine | Connection | Session | AsyncEngine | AsyncConnection | AsyncSession | Dialect
     )
 
 __all__ = [
@@ -57,6 +57,8 @@ def _validate(name: str) -> BackendName:
 
 
 def _dialect_of(bind: AnyBind) -> Dialect:
+    if isinstance(bind, Dialect):  # e.g. an offline Alembic migration's dialect
+        return bind
     if isinstance(bind, Session):
         return bind.get_bind().dialect
     sync_session = getattr(bind, "sync_session", None)
