@@ -250,9 +250,10 @@ def _compile_create_index(create: CreateIndex, compiler: DDLCompiler, **kw: Any)
 def _detect_before_create(table: Table, connection: Connection, **kw: Any) -> None:
     """Detect the backend before a queue table is created, so the compiler knows the layout.
 
-    Alembic's offline (``--sql``) mode passes no connection: the compiler hook validates then.
+    A mock connection (``create_mock_engine``, Alembic's offline ``--sql`` mode) cannot be
+    asked: the layout chosen for its dialect is used, and the compiler hook validates.
     """
-    if connection is None:
+    if not isinstance(connection, Connection):
         return
     if is_queue_table(table) and connection.dialect.name in _DIALECTS:
         _validate(table)
