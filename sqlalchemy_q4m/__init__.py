@@ -23,6 +23,10 @@ from .functions import queue_rowid
 from .functions import queue_set_srcid
 from .functions import queue_stats
 from .functions import queue_wait
+from .retry import PriorityMixin
+from .retry import RetryMixin
+from .retry import RetryPolicy
+from .retry import ScheduledMixin
 from .server import detect_backend
 from .server import use_backend
 from .session import QueueSession
@@ -30,6 +34,7 @@ from .session import queue_session
 from .session import queue_sessionmaker
 from .types import JobId
 from .types import new_job_id
+from .worker import Job
 
 try:
     __version__ = version("sqlalchemy-q4m")
@@ -37,11 +42,16 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "Job",
     "JobId",
+    "PriorityMixin",
     "Q4MError",
     "QueueAbort",
     "QueueMixin",
     "QueueSession",
+    "RetryMixin",
+    "RetryPolicy",
+    "ScheduledMixin",
     "__version__",
     "detect_backend",
     "is_queue_table",

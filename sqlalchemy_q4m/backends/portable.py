@@ -39,12 +39,16 @@ RETRIES = 5
 
 
 def claim_statement(sub: Subscription, limit: int = 1) -> Select[Any]:
-    """``SELECT ... WHERE cond ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` for ``sub``."""
+    """``SELECT ... WHERE cond ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` for ``sub``; a
+    column marked ``info["q4m_priority"]`` (``PriorityMixin``) orders first, highest first."""
     stmt = select(sub.target)
     if sub.where is not None:
         stmt = stmt.where(sub.where)
+    first = [c.desc() for c in sub.table.columns if c.info.get("q4m_priority")]
     return (
-        stmt.order_by(*sub.table.primary_key.columns).limit(limit).with_for_update(skip_locked=True)
+        stmt.order_by(*first, *sub.table.primary_key.columns)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
     )
 
 

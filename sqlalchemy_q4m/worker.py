@@ -1,0 +1,738 @@
+"""The job class (the Ruby ``q4m`` gem's ``Q4M::Job``, in Python) and the consumer loop under it.
+
+::
+
+    class ShellJob(Job):                    # consumes "shell_jobs" (class name -> snake_case
+        def execute(self, job):             # plural), or table_name = "...", or model = Row
+            if subprocess.call(job[0], shell=True) != 0:
+                self.queue_abort()          # give the job back when execute returns
+
+    ShellJob(engine).run()                  # until stop(); run_once(timeout) handles one job
+
+Without ``model`` the table is reflected and ``execute`` receives a tuple-like row of the
+payload columns (every column but the job id), as the gem did; with ``model = SomeQueueModel``
+it receives the mapped instance.  An exception in ``execute`` is logged with its traceback and
+the job is retried with backoff (tables with ``attempts``/``run_at`` columns, see
+:mod:`sqlalchemy_q4m.retry`) or moved to the dead-letter table (:mod:`sqlalchemy_q4m.deadletter`).
+
+A :class:`Consumer` owns one pinned connection and serves one or more job classes; their tables
+are waited on in the order given (earlier tables win: priority).  Connections are never shared:
+each consumer checks out its own and keeps it, reconnecting with backoff when the server goes
+away (the job it owned is returned by the server, not lost).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import random
+import re
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import ClassVar
+from typing import Literal
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import MetaData
+from sqlalchemy import Table
+from sqlalchemy import and_
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import inspect
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
+
+from .ddl import JOB_ID
+from .ddl import QUEUE_INFO_KEY
+from .ddl import job_id_column
+from .ddl import validate_name
+from .deadletter import DEAD_LETTER_TABLE
+from .deadletter import bury
+from .deadletter import dead_letter_table
+from .deadletter import ensure_dead_letter_table
+from .deadletter import payload_of
+from .exc import CompletionFailed
+from .exc import ConnectionLost
+from .exc import Q4MError
+from .exc import QueueAbort
+from .exc import QueueTableError
+from .functions import subscriptions
+from .retry import ATTEMPTS
+from .retry import PRIORITY
+from .retry import PRIORITY_INFO_KEY
+from .retry import RUN_AT
+from .retry import Bury
+from .retry import Retry
+from .retry import RetryPolicy
+from .retry import decide
+from .retry import due_condition
+from .server import BackendName
+from .server import detect_backend
+from .session import QueueSession
+from .types import new_job_id
+
+__all__ = [
+    "Consumer",
+    "Job",
+    "Outcome",
+    "Stats",
+    "reflect_queue_table",
+    "table_name_for",
+]
+
+logger = logging.getLogger("sqlalchemy_q4m.worker")
+
+Outcome = Literal["done", "retried", "dead", "aborted", "lost"]
+OUTCOMES: tuple[Outcome, ...] = ("done", "retried", "dead", "aborted", "lost")
+
+#: The options a job class accepts (as class attributes or keyword arguments).
+OPTIONS = (
+    "max_attempts",
+    "retry_base",
+    "retry_cap",
+    "retry_jitter",
+    "wait_timeout",
+    "poll_interval",
+    "end_before_execute",
+    "recycle_after",
+    "dead_letter_table",
+    "backend",
+    "reconnect_max",
+)
+
+
+def table_name_for(class_name: str) -> str:
+    """``ShellJob`` -> ``shell_jobs``, ``HTTPFetch`` -> ``http_fetches``, ``Entry`` ->
+    ``entries``: the gem's class name to table name rule."""
+    snake = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", class_name)
+    snake = re.sub(r"([a-z\d])([A-Z])", r"\1_\2", snake).lower()
+    if re.search(r"[^aeiou]y$", snake):
+        return snake[:-1] + "ies"
+    if re.search(r"(s|x|z|ch|sh)$", snake):
+        return snake + "es"
+    return snake + "s"
+
+
+def reflect_queue_table(conn: Connection, name: str, metadata: MetaData | None = None) -> Table:
+    """Load a queue table's definition from the server, its ``id`` typed as a job id.
+
+    Raises :class:`QueueTableError` when the table does not exist or has no ``id`` column.
+    """
+    validate_name(name)
+    began = not conn.in_transaction()
+    try:
+        if not inspect(conn).has_table(name):
+            raise QueueTableError(f"queue table {name!r} does not exist")
+        names = {c["name"] for c in inspect(conn).get_columns(name)}
+        if JOB_ID not in names:
+            raise QueueTableError(
+                f"table {name!r} has no {JOB_ID!r} job id column: it is not a queue table"
+            )
+        table = Table(name, metadata or MetaData(), job_id_column(), autoload_with=conn)
+    except NoSuchTableError:
+        raise QueueTableError(f"queue table {name!r} does not exist") from None
+    finally:
+        if began and conn.in_transaction():
+            conn.rollback()
+    table.info[QUEUE_INFO_KEY] = True
+    priority = table.columns.get(PRIORITY)
+    if priority is not None:
+        priority.info[PRIORITY_INFO_KEY] = True
+    return table
+
+
+@dataclass
+class Stats:
+    """What consumers did, by outcome (thread-safe counters)."""
+
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.counts[outcome] = self.counts.get(outcome, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.counts)
+
+
+class _JobLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """Prefixes every line with the job's table and id: ``shell_jobs 0193...: done``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = self.extra or {}
+        return f"{extra.get('q4m_table')} {extra.get('q4m_job_id')}: {msg}", kwargs
+
+
+class Job:
+    """Subclass and implement :meth:`execute`; see the module docstring.
+
+    Class attributes (each also a keyword argument of the constructor):
+
+    * ``table_name`` (a name or a sequence, earlier first) or ``model`` (a ``QueueMixin``
+      class or queue ``Table``, or a sequence of them); neither: the class name, snake_case
+      plural.  ``where``: an extra subscription condition (integer columns).
+    * ``max_attempts`` (5), ``retry_base`` (2 s), ``retry_cap`` (3600 s), ``retry_jitter``
+      (0.5): the :class:`~sqlalchemy_q4m.retry.RetryPolicy`; ``dead_letter_table``.
+    * ``wait_timeout`` (1 s, how often a waiting worker checks for a stop), ``poll_interval``
+      (portable backend), ``backend``, ``reconnect_max`` (longest pause between reconnects).
+    * ``end_before_execute``: remove the job before running it (at most once: a crash loses
+      it, a failure is dead-lettered, never retried); ``recycle_after``: after that many jobs
+      the consumer drops its connection and makes fresh job objects.
+    """
+
+    table_name: ClassVar[str | Sequence[str] | None] = None
+    model: ClassVar[Any] = None
+    where: ClassVar[ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None] = None
+    max_attempts: ClassVar[int] = 5
+    retry_base: ClassVar[float] = 2.0
+    retry_cap: ClassVar[float] = 3600.0
+    retry_jitter: ClassVar[float] = 0.5
+    wait_timeout: ClassVar[float] = 1.0
+    poll_interval: ClassVar[float] = 0.1
+    end_before_execute: ClassVar[bool] = False
+    recycle_after: ClassVar[int | None] = None
+    dead_letter_table: ClassVar[str] = DEAD_LETTER_TABLE
+    backend: ClassVar[Literal["native", "portable", "auto"] | None] = None
+    reconnect_max: ClassVar[float] = 30.0
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__dict__.get("model") is not None and cls.__dict__.get("table_name") is not None:
+            raise Q4MError(f"{cls.__name__}: set model or table_name, not both")
+        for name in cls.table_names():
+            validate_name(name)
+        declared = cls.declared_targets()
+        if declared:
+            subscriptions(declared)  # raises SubscriptionError for anything not a queue
+
+    def __init__(
+        self, bind: Engine | Connection, logger: logging.Logger | None = None, **options: Any
+    ) -> None:
+        if not isinstance(bind, Engine | Connection):
+            raise Q4MError(f"bind must be an Engine or a Connection, not {bind!r}")
+        unknown = sorted(set(options) - set(OPTIONS) - {"table_name", "model", "where"})
+        if unknown:
+            raise Q4MError(f"unknown job option(s): {', '.join(unknown)}")
+        self.bind = bind
+        self.logger = logger or logging.getLogger(f"sqlalchemy_q4m.job.{type(self).__name__}")
+        self.given_options = dict(options)
+        for name, value in options.items():
+            setattr(self, name, value)
+        if self.wait_timeout <= 0:
+            raise Q4MError(f"wait_timeout must be > 0, not {self.wait_timeout!r}")
+        if self.recycle_after is not None and self.recycle_after < 1:
+            raise Q4MError(f"recycle_after must be >= 1, not {self.recycle_after!r}")
+        self.policy = RetryPolicy(
+            max_attempts=self.max_attempts,
+            base=self.retry_base,
+            cap=self.retry_cap,
+            jitter=self.retry_jitter,
+        )
+        validate_name(self.dead_letter_table)
+        #: While ``execute`` runs: the job's id, its earlier failures, a logger for it.
+        self.job_id: Any = None
+        self.attempts = 0
+        self.log: logging.LoggerAdapter = _JobLog(self.logger, {})  # type: ignore[type-arg]
+        self._queue_session: QueueSession[Any] | None = None
+        self._abort_requested = False
+        self._consumer: Consumer | None = None
+
+    # -- what subclasses write ------------------------------------------------------------
+
+    def execute(self, job: Any) -> None:
+        """Do the job.  Return normally: it is done; raise: it is retried or dead-lettered;
+        call :meth:`queue_abort` (or raise ``QueueAbort``): it goes back to the queue."""
+        raise NotImplementedError(f"{type(self).__name__}.execute(job) is not implemented")
+
+    def queue_abort(self) -> None:
+        """Return the job to the queue (untouched, not counted as a failure) once
+        :meth:`execute` returns, as the gem's ``queue_abort`` did."""
+        self._abort_requested = True
+
+    @property
+    def session(self) -> Session:
+        """The ORM session the job was claimed in: on the portable backend, writes made
+        through it commit atomically with the job's removal (and are undone on failure)."""
+        if self._queue_session is None:
+            raise Q4MError("no job in hand (or it was ended before execute)")
+        return self._queue_session.session
+
+    # -- running ------------------------------------------------------------------------
+
+    def run_once(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job and handle
+        it; True if a job was handled.  Database errors are raised."""
+        return self._get_consumer().run_once(timeout)
+
+    def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:
+        """Handle jobs until :meth:`stop` (or, with ``burst``, until the queue is empty, or
+        after ``max_jobs``); survives a lost database by reconnecting."""
+        self._get_consumer().run(burst=burst, max_jobs=max_jobs)
+
+    def stop(self) -> None:
+        """Finish the job in hand, take no new one (thread-safe)."""
+        if self._consumer is not None:
+            self._consumer.stop()
+
+    def close(self) -> None:
+        """Release the connection this job object checked out."""
+        if self._consumer is not None:
+            self._consumer.close()
+
+    def _get_consumer(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer([self], self.bind)
+        return self._consumer
+
+    # -- declaration ----------------------------------------------------------------------
+
+    @classmethod
+    def declared_targets(cls) -> list[Any]:
+        """The models or Tables given with ``model`` (empty: tables are reflected by name)."""
+        model = cls.model
+        if model is None:
+            return []
+        if isinstance(model, list | tuple):
+            return list(model)
+        return [model]
+
+    @classmethod
+    def table_names(cls) -> list[str]:
+        """The queue tables this class consumes, earlier first."""
+        declared = cls.declared_targets()
+        if declared:
+            return [t.name if isinstance(t, Table) else t.__table__.name for t in declared]
+        names = cls.table_name
+        if names is None:
+            return [table_name_for(cls.__name__)]
+        if isinstance(names, str):
+            return [names]
+        return list(names)
+
+
+@dataclass
+class _Target:
+    job: Job
+    target: Any
+    table: Table
+    row_type: Callable[..., Any] | None
+    payload_names: list[str]
+
+    @property
+    def orm(self) -> bool:
+        return not isinstance(self.target, Table)
+
+    @property
+    def can_retry(self) -> bool:
+        return ATTEMPTS in self.table.columns and RUN_AT in self.table.columns
+
+
+def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:
+    names = [c.name for c in table.columns if c.name != JOB_ID]
+    return collections.namedtuple("JobRow", names, rename=True), names
+
+
+class Consumer:
+    """One pinned connection serving one or more job objects; see the module docstring.
+
+    ``jobs`` are served in order (their tables too): earlier tables win.  The first job's
+    ``wait_timeout``, ``poll_interval``, ``backend``, ``recycle_after`` and ``reconnect_max``
+    apply to the consumer.
+    """
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        bind: Engine | Connection,
+        *,
+        stats: Stats | None = None,
+        name: str = "worker",
+    ) -> None:
+        if not jobs:
+            raise Q4MError("a consumer needs at least one job object")
+        self.jobs = list(jobs)
+        self.name = name
+        self.stats = stats or Stats()
+        self._engine = bind if isinstance(bind, Engine) else None
+        self._conn: Connection | None = None if isinstance(bind, Engine) else bind
+        self._targets: list[_Target] | None = None
+        self._backend: BackendName | None = None
+        self._stop = threading.Event()
+        self._since_recycle = 0
+        #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
+        self.in_hand: str | None = None
+        first = self.jobs[0]
+        self.wait_timeout = float(first.wait_timeout)
+        self.poll_interval = float(first.poll_interval)
+        self.recycle_after = first.recycle_after
+        self.reconnect_max = float(first.reconnect_max)
+        self.backend_option = first.backend
+
+    @property
+    def tables(self) -> list[str]:
+        return [name for job in self.jobs for name in job.table_names()]
+
+    def stop(self) -> None:
+        """Take no new job; the one in hand is finished (thread-safe)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def close(self) -> None:
+        """Give back the connection this consumer checked out."""
+        conn, self._conn = self._conn, None
+        if conn is not None and self._engine is not None:
+            conn.close()
+        elif conn is not None:
+            self._conn = conn  # the caller's: keep it
+
+    # -- connection and targets -----------------------------------------------------------
+
+    def connect(self) -> Connection:
+        """The pinned connection (checked out and prepared on first use or after a loss)."""
+        conn = self._conn
+        if conn is not None and not conn.closed and not conn.invalidated:
+            return conn
+        if self._engine is None:
+            if conn is None or conn.closed:
+                raise Q4MError("the consumer's connection was closed by its owner")
+            if conn.in_transaction():
+                conn.rollback()
+        else:
+            if conn is not None:
+                conn.close()
+                self._conn = None
+            conn = self._engine.connect()
+        try:
+            backend = self._resolve_backend(conn)
+            if backend == "portable" and self._engine is not None:
+                conn.execution_options(isolation_level="READ COMMITTED")
+            self._prepare(conn)
+        except BaseException:
+            if self._engine is not None:
+                conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _resolve_backend(self, conn: Connection) -> BackendName:
+        option = self.backend_option
+        if option in (None, "auto"):
+            self._backend = detect_backend(conn)
+        else:
+            self._backend = "native" if option == "native" else "portable"
+        return self._backend
+
+    def _prepare(self, conn: Connection) -> None:
+        """Resolve the tables (reflecting named ones) and create missing dead-letter tables;
+        done before any claim because DDL commits implicitly."""
+        if self._targets is None:
+            targets: list[_Target] = []
+            for job in self.jobs:
+                declared = job.declared_targets()
+                if declared:
+                    for model in declared:
+                        table = model if isinstance(model, Table) else model.__table__
+                        targets.append(_Target(job, model, table, None, []))
+                else:
+                    for name in job.table_names():
+                        table = reflect_queue_table(conn, name)
+                        row_type, names = _row_type(table)
+                        targets.append(_Target(job, table, table, row_type, names))
+            subscriptions([t.target for t in targets])  # validates: no table twice, queues
+            self._targets = targets
+        for dead_name in {job.dead_letter_table for job in self.jobs}:
+            if not inspect(conn).has_table(dead_name):
+                ensure_dead_letter_table(conn, dead_letter_table(dead_name))
+        if conn.in_transaction():
+            conn.rollback()
+
+    def _where(self, targets: Sequence[_Target]) -> dict[Any, ColumnElement[bool]]:
+        now = time.time()
+        where: dict[Any, ColumnElement[bool]] = {}
+        for t in targets:
+            parts: list[ColumnElement[bool]] = []
+            user = t.job.where
+            if isinstance(user, Mapping):
+                user = user.get(t.target)
+            elif user is not None and len(t.job.table_names()) > 1:
+                raise Q4MError(
+                    f"{type(t.job).__name__}: with several tables, where must be a mapping "
+                    "{model_or_table: condition}"
+                )
+            if user is not None:
+                parts.append(user)
+            due = due_condition(t.table, now)
+            if due is not None:
+                parts.append(due)
+            if parts:
+                where[t.target] = parts[0] if len(parts) == 1 else and_(*parts)
+        return where
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def run_once(self, timeout: float | None = None) -> bool:
+        """Wait for one job of any target and handle it; False when none came in time."""
+        conn = self.connect()
+        targets = self._targets
+        assert targets is not None
+        qs: QueueSession[Any] = QueueSession(
+            *[t.target for t in targets],
+            bind=conn,
+            where=self._where(targets),
+            timeout=self.wait_timeout if timeout is None else timeout,
+            backend=self._backend,
+            poll_interval=self.poll_interval,
+        )
+        item = qs.wait()
+        if item is None:
+            return False
+        sub = qs.subscription
+        target = next(t for t in targets if sub is not None and t.table is sub.table)
+        try:
+            outcome = self._handle(qs, target, item)
+        finally:
+            self.in_hand = None
+            if qs.owning:
+                try:
+                    qs.close()
+                except Exception:  # the connection is gone: the server returns the job
+                    logger.debug("returning a job failed", exc_info=True)
+        self.stats.add(outcome)
+        self._since_recycle += 1
+        return True
+
+    def _handle(self, qs: QueueSession[Any], t: _Target, item: Any) -> Outcome:
+        values = payload_of(item, t.table)
+        job_id = values.get(JOB_ID)
+        attempts = int(values.get(ATTEMPTS) or 0)
+        job = t.job
+        log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
+        self.in_hand = f"{t.table.name} {job_id}"
+        arg = item if t.row_type is None else t.row_type(*(values[n] for n in t.payload_names))
+        ended = False
+        if job.end_before_execute:
+            qs.end()
+            ended = True
+        job.job_id, job.attempts, job.log = job_id, attempts, log
+        job._queue_session = None if ended else qs
+        job._abort_requested = False
+        nested = None if ended else qs.session.begin_nested()
+        log.debug("started (attempt %d)", attempts + 1)
+        start = time.monotonic()
+        error: BaseException | None = None
+        details = ""
+        aborted = False
+        try:
+            job.execute(arg)
+            aborted = job._abort_requested
+        except QueueAbort:
+            aborted = True
+        except Exception as exc:
+            error, details = exc, traceback.format_exc()
+        finally:
+            job._queue_session = None
+            job._abort_requested = False
+        elapsed = time.monotonic() - start
+        if error is None:
+            if nested is not None:
+                if aborted:
+                    nested.rollback()
+                else:
+                    nested.commit()
+            if aborted:
+                if ended:
+                    log.warning("queue_abort() after end_before_execute: the job is gone")
+                else:
+                    qs.abort()
+                    log.info("aborted after %.3fs: returned to the queue", elapsed)
+                return "aborted"
+            if not ended:
+                qs.end()
+            log.info("done in %.3fs", elapsed)
+            return "done"
+        if nested is not None and nested.is_active:
+            nested.rollback()
+        log.error(
+            "failed on attempt %d/%d after %.3fs: %s\n%s",
+            attempts + 1,
+            job.policy.max_attempts,
+            elapsed,
+            _describe(error),
+            details.rstrip(),
+        )
+        decision = decide(job.policy, attempts, can_retry=t.can_retry and not ended)
+        return self._after_failure(qs, t, values, decision, error, details, ended, log)
+
+    def _after_failure(
+        self,
+        qs: QueueSession[Any],
+        t: _Target,
+        values: dict[str, Any],
+        decision: Retry | Bury,
+        error: BaseException,
+        details: str,
+        ended: bool,
+        log: logging.LoggerAdapter,  # type: ignore[type-arg]
+    ) -> Outcome:
+        if isinstance(decision, Retry):
+            copy = dict(values)
+            copy[JOB_ID] = new_job_id()
+            copy[ATTEMPTS] = decision.attempts
+            copy[RUN_AT] = decision.run_at
+            qs.session.execute(insert(t.table).values(copy))
+            self._end_after_write(qs)
+            log.warning(
+                "retry %d/%d in %ds as %s",
+                decision.attempts + 1,
+                t.job.policy.max_attempts,
+                decision.delay,
+                copy[JOB_ID],
+            )
+            return "retried"
+        dead = dead_letter_table(t.job.dead_letter_table)
+        record: dict[str, Any] = {
+            "queue": t.table.name,
+            "values": values,
+            "error": _describe(error),
+            "traceback": details,
+            "attempts": decision.attempts,
+        }
+        if ended:
+            conn = self.connect()
+            bury(conn, dead, **record)
+            conn.commit()
+        else:
+            bury(qs.session.connection(), dead, **record)
+            self._end_after_write(qs)
+        log.error("dead after %d attempt(s): moved to %s", decision.attempts, dead.name)
+        return "dead"
+
+    @staticmethod
+    def _end_after_write(qs: QueueSession[Any]) -> None:
+        """End the job after writes made in its session: on InnoDB in the same transaction;
+        on Q4M (no transactions) the writes are committed first, so a crash in between
+        runs the job again rather than losing the writes (at least once)."""
+        backend = qs.backend
+        if backend is not None and backend.name == "native":
+            qs.session.commit()
+        qs.end()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:
+        """Handle jobs until stopped; see :meth:`Job.run`."""
+        failures = 0
+        handled = 0
+        while not self._stop.is_set():
+            if max_jobs is not None and handled >= max_jobs:
+                break
+            if self.recycle_after is not None and self._since_recycle >= self.recycle_after:
+                self.recycle()
+            try:
+                got = self.run_once()
+                if failures:
+                    logger.warning("[%s] %s: database is back", self.name, self._label())
+                failures = 0
+            except CompletionFailed as err:
+                logger.warning("[%s] %s: %s", self.name, self._label(), err)
+                self.stats.add("lost")
+                continue
+            except (ConnectionLost, DBAPIError) as err:
+                failures += 1
+                lost = self.in_hand
+                self.in_hand = None
+                if lost:
+                    self.stats.add("lost")
+                delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
+                delay *= random.uniform(0.75, 1.25)
+                logger.error(
+                    "[%s] %s: database error%s: %s; reconnecting in %.1fs",
+                    self.name,
+                    self._label(),
+                    f" with {lost} in hand (the server returns it)" if lost else "",
+                    _describe(err),
+                    delay,
+                )
+                self._drop_connection()
+                self._stop.wait(delay)
+                continue
+            if got:
+                handled += 1
+            elif burst and not self._has_waiting():
+                logger.info("[%s] %s: queue empty, stopping (burst)", self.name, self._label())
+                break
+        self.close()
+
+    def recycle(self) -> None:
+        """Drop the connection and make fresh job objects (``recycle_after``)."""
+        logger.info("[%s] recycling after %d jobs", self.name, self._since_recycle)
+        self._drop_connection()
+        self.jobs = [type(j)(j.bind, j.logger, **j.given_options) for j in self.jobs]
+        self._targets = None
+        self._since_recycle = 0
+
+    def _drop_connection(self) -> None:
+        conn = self._conn
+        if conn is None or self._engine is None:
+            return
+        self._conn = None
+        try:
+            if not conn.invalidated:
+                conn.invalidate()
+            conn.close()
+        except Exception:  # pragma: no cover - already gone
+            logger.debug("closing a lost connection failed", exc_info=True)
+
+    def _has_waiting(self) -> bool:
+        """True when a target table still holds delayed jobs (burst mode waits for them)."""
+        conn = self.connect()
+        try:
+            for t in self._targets or []:
+                run_at = t.table.columns.get(RUN_AT)
+                if run_at is None:
+                    continue
+                stmt = select(func.count()).select_from(t.table).where(run_at > int(time.time()))
+                if conn.execute(stmt).scalar():
+                    return True
+            return False
+        finally:
+            if conn.in_transaction():
+                conn.rollback()
+
+    def _label(self) -> str:
+        return ",".join(self.tables)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` on one line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def consumers_for(
+    classes: Iterable[type[Job]],
+    bind: Engine | Connection,
+    *,
+    stats: Stats | None = None,
+    name: str = "worker",
+    **options: Any,
+) -> Consumer:
+    """One consumer serving instances of ``classes`` (tables in the order given)."""
+    return Consumer([cls(bind, **options) for cls in classes], bind, stats=stats, name=name)
