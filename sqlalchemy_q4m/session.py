@@ -27,10 +27,12 @@ import time
 from collections.abc import Callable
 from collections.abc import Mapping
 from types import TracebackType
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Generic
 from typing import Literal
 from typing import TypeVar
+from typing import overload
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -50,6 +52,10 @@ from .server import BackendName
 from .server import _validate
 from .server import check_server
 from .server import detect_backend
+
+if TYPE_CHECKING:
+    from .asyncio import AsyncBind
+    from .asyncio import AsyncQueueSession
 
 __all__ = ["QueueSession", "queue_session", "queue_sessionmaker"]
 
@@ -251,8 +257,13 @@ class QueueSession(Generic[T]):
             conn = bind
         self._pinned = conn
         self._began = not conn.in_transaction()
-        self._orm = Session(bind=conn, expire_on_commit=False, autoflush=True)
+        self._orm = self._new_orm_session(conn)
         self._own_orm = True
+
+    def _new_orm_session(self, conn: Connection) -> Session:
+        """The ORM session jobs are loaded in on the pinned connection (the asyncio queue
+        session makes it the sync half of an ``AsyncSession``)."""
+        return Session(bind=conn, expire_on_commit=False, autoflush=True)
 
     def _finish_transaction(self, *, commit: bool) -> None:
         """Commit or roll back what this queue session began (nothing the caller began)."""
@@ -287,6 +298,7 @@ class QueueSession(Generic[T]):
             self._own_orm = False
 
 
+@overload
 def queue_session(
     *targets: Any,
     bind: Bind,
@@ -294,12 +306,46 @@ def queue_session(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
-) -> QueueSession[Any]:
+) -> QueueSession[Any]: ...
+
+
+@overload
+def queue_session(
+    *targets: Any,
+    bind: AsyncBind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+) -> AsyncQueueSession[Any]: ...
+
+
+def queue_session(
+    *targets: Any,
+    bind: Bind | AsyncBind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+) -> QueueSession[Any] | AsyncQueueSession[Any]:
     """Wait for a job of one of ``targets`` (earlier ones win) on a pinned connection.
 
     Returns a :class:`QueueSession`; use it in a ``with`` block, which yields the job (a
-    mapped instance, or a Row for a Core table) or None when ``timeout`` seconds pass.
+    mapped instance, or a Row for a Core table) or None when ``timeout`` seconds pass.  With an
+    asyncio ``bind`` (``AsyncEngine``, ``AsyncConnection``, ``AsyncSession``) it returns an
+    :class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` for ``async with``.
     """
+    if not isinstance(bind, Engine | Connection | Session):
+        from .asyncio import async_queue_session  # only for async binds: no asyncio otherwise
+
+        return async_queue_session(
+            *targets,
+            bind=bind,
+            where=where,
+            timeout=timeout,
+            backend=backend,
+            poll_interval=poll_interval,
+        )
     return QueueSession(
         *targets,
         bind=bind,

@@ -1,0 +1,455 @@
+"""``async with queue_session(...)`` on SQLAlchemy's asyncio extension, both async drivers.
+
+Each test runs its own event loop (``asyncio.run``) and creates and disposes its async engine
+inside it, so no connection outlives its loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from collections.abc import Awaitable
+from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import Column
+from sqlalchemy import Engine
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import String
+from sqlalchemy import Text
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
+
+from sqlalchemy_q4m import QueueAbort
+from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.asyncio import AsyncQueueSession
+from sqlalchemy_q4m.asyncio import async_queue_sessionmaker
+from sqlalchemy_q4m.exc import NotOwner
+from sqlalchemy_q4m.exc import Q4MError
+
+DRIVERS = ["aiomysql", "asyncmy"]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class AioJob(QueueMixin, Base):
+    __tablename__ = "test_asyncio_session_jobs"
+    payload: Mapped[str] = mapped_column(Text)
+    n: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class AioLog(Base):
+    """An ordinary InnoDB table the blocks write to (atomicity with the job's removal)."""
+
+    __tablename__ = "test_asyncio_session_log"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    note: Mapped[str] = mapped_column(String(100))
+
+
+core_md = MetaData()
+core_jobs = queue_table("test_asyncio_session_core", core_md, Column("payload", Text))
+
+
+@pytest.fixture(scope="module")
+def tables(engine: Engine) -> Iterator[None]:
+    Base.metadata.create_all(engine)
+    core_md.create_all(engine)
+    yield
+    Base.metadata.drop_all(engine)
+    core_md.drop_all(engine)
+
+
+@pytest.fixture(params=DRIVERS)
+def async_url(request: pytest.FixtureRequest, db_url: URL, tables: None) -> URL:
+    url: URL = db_url.set(drivername=f"mysql+{request.param}")
+    return url
+
+
+@pytest.fixture(autouse=True)
+def _empty_tables(request: pytest.FixtureRequest, engine: Engine) -> Iterator[None]:
+    yield
+    if "tables" in request.fixturenames:
+        with engine.begin() as conn:
+            for table in (AioJob.__table__, AioLog.__table__, core_jobs):
+                conn.execute(table.delete())
+
+
+def run(main: Callable[[], Awaitable[Any]]) -> Any:
+    return asyncio.run(main())  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def async_engine(url: URL, **kw: Any) -> AsyncIterator[AsyncEngine]:
+    eng = create_async_engine(url, **kw)
+    try:
+        yield eng
+    finally:
+        await eng.dispose()
+
+
+def enqueue(engine: Engine, *payloads: str) -> list[uuid.UUID]:
+    rows = [{"payload": p} for p in payloads]
+    with engine.begin() as conn:
+        result = conn.execute(insert(AioJob).returning(AioJob.id), rows)
+        return [row[0] for row in result]
+
+
+def queued(engine: Engine) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.execute(select(AioJob.payload).order_by(AioJob.id)).scalars())
+
+
+def checked_out(eng: AsyncEngine) -> int:
+    n: int = eng.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
+    return n
+
+
+# -- unit ------------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_queue_session_returns_the_async_session_for_an_async_bind() -> None:
+    async def main() -> None:
+        async with async_engine(URL.create("mysql+aiomysql", host="127.0.0.1")) as eng:
+            qs = queue_session(AioJob, bind=eng, timeout=1)
+            assert isinstance(qs, AsyncQueueSession)
+            assert not qs.owning and qs.job is None
+            with pytest.raises(NotOwner):
+                qs.session  # noqa: B018 - the property raises before the wait
+            factory = async_queue_sessionmaker(eng, timeout=3)
+            made = factory(AioJob)
+            assert isinstance(made, AsyncQueueSession) and made.timeout == 3
+
+    run(main)
+
+
+@pytest.mark.unit
+def test_bad_binds_are_refused() -> None:
+    async def main() -> None:
+        async with async_engine(URL.create("mysql+aiomysql", host="127.0.0.1")) as eng:
+            with pytest.raises(Q4MError, match="not started"):
+                AsyncQueueSession(AioJob, bind=eng.connect())
+            with pytest.raises(Q4MError, match="AsyncEngine"):
+                AsyncQueueSession(AioJob, bind="mysql://x")  # type: ignore[arg-type]
+            with pytest.raises(Q4MError, match="AsyncEngine"):
+                async_queue_sessionmaker(eng.sync_engine)  # type: ignore[arg-type]
+            with pytest.raises(Q4MError, match="timeout"):
+                queue_session(AioJob, bind=eng, timeout=-1)
+
+    run(main)
+
+
+@pytest.mark.unit
+def test_the_sync_api_does_not_import_the_asyncio_extension() -> None:
+    code = (
+        "import sys, sqlalchemy_q4m; "
+        "loaded = [m for m in ('sqlalchemy_q4m.asyncio', 'sqlalchemy.ext.asyncio') "
+        "if m in sys.modules]; print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- integration -----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("bind_kind", ["engine", "connection", "session"])
+def test_normal_exit_ends_the_job(async_url: URL, engine: Engine, bind_kind: str) -> None:
+    (job_id,) = enqueue(engine, "hello")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            if bind_kind == "engine":
+                await consume(eng)
+            elif bind_kind == "connection":
+                async with eng.connect() as conn:
+                    await consume(conn)
+            else:
+                async with AsyncSession(eng) as session:
+                    await consume(session)
+            assert checked_out(eng) == 0
+
+    async def consume(bind: Any) -> None:
+        async with queue_session(AioJob, bind=bind, timeout=5) as job:
+            assert isinstance(job, AioJob)
+            assert (job.id, job.payload) == (job_id, "hello")
+
+    run(main)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_timeout_returns_none_in_about_timeout(async_url: URL) -> None:
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            start = time.monotonic()
+            async with queue_session(AioJob, bind=eng, timeout=0.4) as job:
+                elapsed = time.monotonic() - start
+                assert job is None
+            assert 0.4 <= elapsed < 2.0
+            assert checked_out(eng) == 0
+
+    run(main)
+
+
+@pytest.mark.integration
+def test_exception_aborts_and_reraises(async_url: URL, engine: Engine) -> None:
+    (job_id,) = enqueue(engine, "boom")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            with pytest.raises(ZeroDivisionError):
+                async with queue_session(AioJob, bind=eng, timeout=5) as job:
+                    assert job is not None and job.id == job_id
+                    1 / 0  # noqa: B018
+            assert checked_out(eng) == 0
+            async with queue_session(AioJob, bind=eng, timeout=5) as again:
+                assert again is not None and again.id == job_id  # it came back
+
+    run(main)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_queue_abort_returns_the_job_and_is_swallowed(async_url: URL, engine: Engine) -> None:
+    (job_id,) = enqueue(engine, "later")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            reached = False
+            async with queue_session(AioJob, bind=eng, timeout=5) as job:
+                assert job is not None and job.id == job_id
+                raise QueueAbort
+            reached = True  # the QueueAbort did not propagate
+            assert reached
+            assert checked_out(eng) == 0
+
+    run(main)
+    assert queued(engine) == ["later"]
+
+
+@pytest.mark.integration
+def test_explicit_wait_end_and_abort(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "a", "b")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            make = async_queue_sessionmaker(eng, timeout=5)
+            first = make(AioJob)
+            job = await first.wait()
+            assert job is not None and first.owning and first.job is job
+            assert first.backend is not None and first.backend.name == "portable"
+            conn = await first.connection()
+            assert conn.sync_connection is not None
+            await first.abort()
+            assert not first.owning
+            with pytest.raises(NotOwner):
+                await first.end()
+            with pytest.raises(Q4MError, match="waits once"):
+                await first.wait()
+            await first.close()  # twice is fine
+
+            second = make(AioJob)
+            assert (await second.wait()) is not None
+            await second.end()
+            assert checked_out(eng) == 0
+
+    run(main)
+    assert len(queued(engine)) == 1
+
+
+@pytest.mark.integration
+def test_core_table_yields_rows_on_a_connection(async_url: URL, engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(core_jobs), [{"payload": "row"}])
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng, eng.connect() as conn:
+            async with queue_session(core_jobs, bind=conn, timeout=5) as row:
+                assert row is not None and row.payload == "row"
+            async with queue_session(core_jobs, bind=conn, timeout=0) as none:
+                assert none is None
+
+    run(main)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(core_jobs)).scalar() == 0
+
+
+@pytest.mark.integration
+def test_session_writes_commit_with_the_job(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "ok", "fails")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            async with (
+                AsyncSession(eng) as session,
+                queue_session(AioJob, bind=session, timeout=5) as job,
+            ):
+                assert job is not None and job.payload == "ok"
+                session.add(AioLog(note="did ok"))
+            async with AsyncSession(eng) as session:
+                with pytest.raises(RuntimeError):
+                    async with queue_session(AioJob, bind=session, timeout=5) as job:
+                        assert job is not None and job.payload == "fails"
+                        session.add(AioLog(note="did fails"))
+                        await session.flush()
+                        raise RuntimeError("after the write")
+            assert checked_out(eng) == 0
+
+    run(main)
+    assert queued(engine) == ["fails"]
+    with engine.connect() as conn:
+        assert list(conn.execute(select(AioLog.note)).scalars()) == ["did ok"]
+
+
+@pytest.mark.integration
+def test_the_block_can_use_the_pinned_session(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "x")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            qs = queue_session(AioJob, bind=eng, timeout=5)
+            async with qs as job:
+                assert job is not None
+                qs.session.add(AioLog(note="through the queue session"))
+            assert checked_out(eng) == 0
+
+    run(main)
+    assert queued(engine) == []
+    with engine.connect() as conn:
+        assert list(conn.execute(select(AioLog.note)).scalars()) == ["through the queue session"]
+
+
+@pytest.mark.integration
+def test_cancelled_inside_the_block_returns_the_job(async_url: URL, engine: Engine) -> None:
+    (job_id,) = enqueue(engine, "slow")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            started = asyncio.Event()
+
+            async def consumer() -> None:
+                async with queue_session(AioJob, bind=eng, timeout=5) as job:
+                    assert job is not None
+                    started.set()
+                    await asyncio.sleep(60)
+
+            task = asyncio.create_task(consumer())
+            await asyncio.wait_for(started.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert checked_out(eng) == 0
+            async with queue_session(AioJob, bind=eng, timeout=5) as job:
+                assert job is not None and job.id == job_id  # returned, not lost
+
+    run(main)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_cancelled_while_waiting_releases_the_connection(async_url: URL, engine: Engine) -> None:
+    async def main() -> None:
+        async with async_engine(async_url, pool_size=2, max_overflow=0) as eng:
+            for delay in (0.0, 0.01, 0.2):  # at the first claim, mid-poll, while sleeping
+                task = asyncio.create_task(wait_forever(eng))
+                await asyncio.sleep(delay)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert checked_out(eng) == 0
+            # the pool still works, and nothing was lost or owned meanwhile
+            enqueue(engine, "after")
+            async with queue_session(AioJob, bind=eng, timeout=5) as job:
+                assert job is not None and job.payload == "after"
+
+    async def wait_forever(eng: AsyncEngine) -> None:
+        async with queue_session(AioJob, bind=eng, timeout=None, poll_interval=0.05):
+            raise AssertionError("no job should arrive")
+
+    run(main)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_a_timeout_around_the_block_returns_the_job(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "too slow")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(slow(eng), 0.5)
+            assert checked_out(eng) == 0
+
+    async def slow(eng: AsyncEngine) -> None:
+        async with queue_session(AioJob, bind=eng, timeout=5) as job:
+            assert job is not None
+            await asyncio.sleep(30)
+
+    run(main)
+    assert queued(engine) == ["too slow"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_50_tasks_drain_5000_jobs_exactly_once(
+    driver: str, db_url: URL, engine: Engine, tables: None
+) -> None:
+    total, tasks = 5000, 50
+    ids = set(enqueue(engine, *(f"job {i}" for i in range(total))))
+    assert len(ids) == total
+    seen: list[uuid.UUID] = []
+
+    async def main() -> None:
+        url = db_url.set(drivername=f"mysql+{driver}")
+        async with async_engine(url, pool_size=tasks, max_overflow=0) as eng:
+            await asyncio.gather(*(consumer(eng, i) for i in range(tasks)))
+            assert checked_out(eng) == 0
+
+    async def consumer(eng: AsyncEngine, i: int) -> None:
+        # half the tasks pin one connection for all their jobs, as a worker does; half check
+        # one out of the pool per job
+        if i % 2:
+            async with eng.connect() as conn:
+                await drain(conn)
+        else:
+            await drain(eng)
+
+    async def drain(bind: Any) -> None:
+        make = async_queue_sessionmaker(bind, timeout=1.0, poll_interval=0.02)
+        while True:
+            async with make(AioJob) as job:
+                if job is None:
+                    return
+                seen.append(job.id)
+                await asyncio.sleep(0)
+
+    start = time.monotonic()
+    run(main)
+    counts = Counter(seen)
+    assert len(seen) == total, f"{len(seen)} executions for {total} jobs"
+    assert set(counts) == ids and max(counts.values()) == 1
+    assert queued(engine) == []
+    print(f"{driver}: {total} jobs in {time.monotonic() - start:.1f}s")
