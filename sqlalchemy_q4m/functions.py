@@ -28,6 +28,7 @@ from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import inspect
 from sqlalchemy.sql import operators
+from sqlalchemy.sql.elements import AsBoolean
 from sqlalchemy.sql.elements import BinaryExpression
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.elements import BooleanClauseList
@@ -171,12 +172,17 @@ def _render(element: ClauseElement, table: Table) -> str:
             name = getattr(element.operator, "__name__", repr(element.operator))
             raise _fail(table, f"operator {name!r} is not available in Q4M conditions")
         return f"({_render(element.left, table)} {op} {_render(element.right, table)})"
+    if isinstance(element, AsBoolean):  # a Boolean column used as a condition, or its NOT
+        inner = _render(element.element, table)
+        return inner if element.operator is operators.is_true else f"NOT ({inner})"
     if isinstance(element, UnaryExpression):
         op = _UNARY_OPS.get(element.operator) if element.operator else None
         if op is None or element.modifier is not None:
             raise _fail(table, f"unsupported unary construct {element!s}")
         return f"{op}({_render(element.element, table)})"
     if isinstance(element, BindParameter):
+        if element.required:  # bindparam("x") without a value would silently become NULL
+            raise _fail(table, f"parameter {element.key!r} has no value")
         return _render_value(element.effective_value, table)
     if isinstance(element, Null):
         return "NULL"
