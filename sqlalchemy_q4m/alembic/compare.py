@@ -1,0 +1,140 @@
+"""Autogenerate comparators for queue tables.
+
+Alembic's own table comparison runs first and applies the user's ``include_name`` /
+``include_object`` filters; these comparators only refine what it found:
+
+* a per-table comparator reports engine drift (a queue model whose table is InnoDB on a Q4M
+  server, an ordinary model whose table is ``ENGINE=QUEUE``) as ``convert_queue_table``;
+* a schema-level pass, run last, turns ``create_table`` / ``drop_table`` of queue tables into
+  ``create_queue_table`` / ``drop_queue_table`` and lifts the conversions out of the per-table
+  group so they render as top-level ``op.`` calls (also with ``render_as_batch``).
+
+The portable layout (InnoDB, primary key on the job id) on a stock server is what the model
+compiles to there, so it is never reported.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.autogenerate import comparators
+from alembic.autogenerate.api import AutogenContext
+from alembic.operations import ops
+from alembic.util import DispatchPriority
+from sqlalchemy import BINARY
+from sqlalchemy import Table
+
+from ..ddl import JOB_ID
+from ..ddl import is_queue_table
+from ..server import BackendName
+from .ops import ConvertQueueTableOp
+from .ops import CreateQueueTableOp
+from .ops import DropQueueTableOp
+from .ops import migration_backend
+
+__all__ = ["has_portable_queue_layout", "reflected_engine"]
+
+_DIALECTS = ("mysql", "mariadb")
+
+
+def reflected_engine(table: Table) -> str:
+    """The storage engine a reflected MySQL/MariaDB table reports (upper case, "" if none)."""
+    for dialect in _DIALECTS:
+        engine = table.kwargs.get(f"{dialect}_engine")
+        if engine:
+            return str(engine).upper()
+    return ""
+
+
+def has_portable_queue_layout(table: Table) -> bool:
+    """True when a reflected table has the portable queue layout: InnoDB, keyed on a
+    ``BINARY(16)`` job id and nothing else (no foreign key or other constraint)."""
+    if reflected_engine(table) != "INNODB":
+        return False
+    key = [c.name for c in table.primary_key.columns]
+    if key != [JOB_ID]:
+        return False
+    job_id = table.c[JOB_ID].type
+    if not isinstance(job_id, BINARY) or job_id.length != 16:
+        return False
+    return not table.indexes and not table.foreign_keys and len(table.constraints) == 1
+
+
+def _is_reflected_queue(
+    autogen_context: AutogenContext, table: Table, backend: BackendName
+) -> bool:
+    if reflected_engine(table) == "QUEUE":
+        return True
+    if backend != "portable" or not has_portable_queue_layout(table):
+        return False
+    return not autogen_context.inspector.get_indexes(table.name, schema=table.schema)
+
+
+@comparators.dispatch_for("table")
+def _compare_queue_engine(
+    autogen_context: AutogenContext,
+    modify_table_ops: ops.ModifyTableOps,
+    schema: str | None,
+    tname: str,
+    conn_table: Table | None,
+    metadata_table: Table | None,
+) -> None:
+    """Report a table whose engine does not match its model as ``convert_queue_table``."""
+    if conn_table is None or metadata_table is None:
+        return
+    if autogen_context.dialect is None or autogen_context.dialect.name not in _DIALECTS:
+        return
+    backend = migration_backend(autogen_context.migration_context)
+    engine = reflected_engine(conn_table)
+    key = [c.name for c in conn_table.primary_key.columns]
+    if is_queue_table(metadata_table):
+        drifted = engine != "QUEUE" if backend == "native" else key != [JOB_ID]
+        if drifted:
+            modify_table_ops.ops.append(
+                ConvertQueueTableOp(tname, queue=True, primary_key=key or [JOB_ID], schema=schema)
+            )
+    elif engine == "QUEUE":
+        model_key = [c.name for c in metadata_table.primary_key.columns]
+        modify_table_ops.ops.append(
+            ConvertQueueTableOp(tname, queue=False, primary_key=model_key, schema=schema)
+        )
+
+
+def _metadata_table(autogen_context: AutogenContext, op: ops.CreateTableOp) -> Table:
+    key = f"{op.schema}.{op.table_name}" if op.schema else op.table_name
+    table = autogen_context.table_key_to_table.get(key)
+    return table if table is not None else op.to_table()
+
+
+def _queue_ops(
+    autogen_context: AutogenContext, op: ops.MigrateOperation, backend: BackendName
+) -> list[Any]:
+    """The operations that replace ``op`` (usually just ``[op]``)."""
+    if type(op) is ops.CreateTableOp:
+        table = _metadata_table(autogen_context, op)
+        if is_queue_table(table):
+            return [CreateQueueTableOp.from_table(table)]
+    elif type(op) is ops.DropTableOp:
+        table = op.to_table()
+        if _is_reflected_queue(autogen_context, table, backend):
+            return [DropQueueTableOp.from_table(table)]
+    elif isinstance(op, ops.ModifyTableOps):
+        converts = [o for o in op.ops if isinstance(o, ConvertQueueTableOp)]
+        if converts:
+            op.ops = [o for o in op.ops if not isinstance(o, ConvertQueueTableOp)]
+            return ([op] if op.ops else []) + converts
+    return [op]
+
+
+@comparators.dispatch_for("schema", priority=DispatchPriority.LAST)
+def _queue_table_ops(
+    autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, schemas: set[str | None]
+) -> None:
+    """Replace the table operations Alembic found for queue tables by the queue operations."""
+    if autogen_context.dialect is None or autogen_context.dialect.name not in _DIALECTS:
+        return
+    backend = migration_backend(autogen_context.migration_context)
+    replaced: list[Any] = []
+    for op in upgrade_ops.ops:
+        replaced.extend(_queue_ops(autogen_context, op, backend))
+    upgrade_ops.ops = replaced
