@@ -244,12 +244,19 @@ def render_condition(condition: ColumnElement[Any], table: Table) -> str:
     ``ShellJob.priority >= 5`` renders ``(`priority` >= 5)``; string or float columns,
     functions, subqueries and columns of other tables are refused.
     """
+    condition = _as_clause(condition)
     if not isinstance(condition, ClauseElement):
         raise _fail(table, f"condition must be a SQLAlchemy expression, not {condition!r}")
     rendered = _render(condition, table)
     if not _SAFE.match(rendered):  # defence in depth: nothing but the grammar above
         raise _fail(table, f"refusing unexpected characters in {rendered!r}")
     return rendered
+
+
+def _as_clause(condition: Any) -> Any:
+    """An ORM attribute (``where=Job.urgent``) as the column expression it stands for."""
+    clause_element = getattr(condition, "__clause_element__", None)
+    return clause_element() if callable(clause_element) else condition
 
 
 def _table_of(target: Any) -> Table:
@@ -324,19 +331,20 @@ def subscriptions(
             table = _table_of(key)
             if table not in tables:
                 raise SubscriptionError(f"where names {table.name!r}, which is not subscribed")
-            conditions[tables.index(table)] = expr
+            conditions[tables.index(table)] = _as_clause(expr)
     elif where is not None:
+        single: ColumnElement[bool] = _as_clause(where)
         if len(tables) == 1:
-            conditions[0] = where
+            conditions[0] = single
         else:
-            owners = {c.table for c in _columns_in(where) if getattr(c, "table", None) is not None}
+            owners = {c.table for c in _columns_in(single) if getattr(c, "table", None) is not None}
             matches = [i for i, t in enumerate(tables) if t in owners]
             if len(matches) != 1 or len(owners) != 1:
                 raise SubscriptionError(
                     "with several queues, pass where={Model: condition, ...} or a condition "
                     "on exactly one of them"
                 )
-            conditions[matches[0]] = where
+            conditions[matches[0]] = single
     return tuple(
         Subscription(
             target=target,
