@@ -1,0 +1,515 @@
+"""Async job classes and the asyncio worker runtime: N consumers as tasks in one event loop.
+
+::
+
+    class FetchJob(AsyncJob):               # consumes "fetch_jobs", as a Job class would
+        async def execute(self, job):
+            async with httpx.AsyncClient() as client:
+                (await client.get(job.url)).raise_for_status()
+
+    engine = create_async_engine("mysql+asyncmy://root@127.0.0.1/app", pool_size=50)
+    exit_code = asyncio.run(run_async_workers([FetchJob], engine, concurrency=50))
+
+An :class:`AsyncJob` declares tables, options, retries and dead letters exactly as a
+:class:`~sqlalchemy_q4m.worker.Job` does; only ``execute`` is ``async def``.  Each task is an
+:class:`AsyncConsumer`, the thread worker's :class:`~sqlalchemy_q4m.worker.Consumer` driven
+from the event loop: the same connection handling, table resolution, retry and dead-letter
+steps run through SQLAlchemy's greenlet bridge, the wait is an
+:class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` (``asyncio.sleep`` between portable polls),
+and ``execute`` is awaited in the task itself.
+
+Shutdown, as for threads: the first SIGINT/SIGTERM (or :meth:`AsyncWorkers.stop`) lets every
+task finish the job in hand and take no new one; a second one, or the ``grace`` period running
+out, cancels the tasks, and a task cancelled while it owns a job returns it to the queue
+(``queue_abort()`` / ``ROLLBACK``) before it ends.
+
+Connections: every task pins one connection for as long as it runs (a native ``queue_wait``
+waits on it, a portable claim holds its transaction on it), so N tasks need N connections:
+``pool_size >= N``.  :func:`worker_engine` makes an engine sized that way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import signal
+import time
+import traceback
+from collections.abc import Sequence
+from typing import Any
+from typing import ClassVar
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import greenlet_spawn
+
+from .asyncio import AsyncQueueSession
+from .asyncio import _GreenletQueueSession
+from .asyncio import run_to_completion
+from .ddl import JOB_ID
+from .deadletter import payload_of
+from .exc import CompletionFailed
+from .exc import ConnectionLost
+from .exc import Q4MError
+from .exc import QueueAbort
+from .retry import ATTEMPTS
+from .retry import decide
+from .signals import on_stop_signals
+from .worker import Consumer
+from .worker import Job
+from .worker import Outcome
+from .worker import Stats
+from .worker import _describe
+from .worker import _JobLog
+from .worker import _Target
+
+__all__ = [
+    "AsyncConsumer",
+    "AsyncJob",
+    "AsyncWorkers",
+    "is_async_job_class",
+    "run_async_workers",
+    "worker_engine",
+]
+
+logger = logging.getLogger("sqlalchemy_q4m.worker")
+
+#: Exit codes of :func:`run_async_workers`: every task stopped by itself or gracefully; a
+#: forced stop (second signal or grace period) cancelled tasks and returned their jobs.
+EXIT_OK = 0
+EXIT_FORCED = 1
+
+
+def _async_bind(bind: Any) -> AsyncEngine | AsyncConnection:
+    """The async bind for ``bind``; the sync half of one (what a recycle passes) is wrapped."""
+    if isinstance(bind, AsyncEngine | AsyncConnection):
+        return bind
+    if isinstance(bind, Engine) and bind.dialect.is_async:
+        return AsyncEngine(bind)
+    if isinstance(bind, Connection) and bind.dialect.is_async:
+        return AsyncConnection(AsyncEngine(bind.engine), bind)
+    raise Q4MError(
+        f"an AsyncJob needs an AsyncEngine or an AsyncConnection (an async driver such as "
+        f"mysql+aiomysql or mysql+asyncmy), not {bind!r}"
+    )
+
+
+def _sync_half(bind: AsyncEngine | AsyncConnection) -> Engine | Connection:
+    if isinstance(bind, AsyncEngine):
+        return bind.sync_engine
+    if bind.sync_connection is None:
+        raise Q4MError("the AsyncConnection is not started: await engine.connect() first")
+    return bind.sync_connection
+
+
+def is_async_job_class(cls: Any) -> bool:
+    """True for an :class:`AsyncJob` subclass (what ``q4m worker`` runs in an event loop)."""
+    return isinstance(cls, type) and issubclass(cls, AsyncJob)
+
+
+class AsyncJob(Job):
+    """A :class:`~sqlalchemy_q4m.worker.Job` whose ``execute`` is a coroutine; bound to an
+    :class:`AsyncEngine` or :class:`AsyncConnection`.  ``run_once``, ``run`` and ``close``
+    are awaited; ``stop`` is not (call it from anywhere in the loop)."""
+
+    is_async: ClassVar[bool] = True
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        execute = cls.__dict__.get("execute")
+        if execute is not None and not asyncio.iscoroutinefunction(execute):
+            raise Q4MError(f"{cls.__name__}.execute must be 'async def' in an AsyncJob")
+
+    def __init__(self, bind: Any, logger: logging.Logger | None = None, **options: Any) -> None:
+        self.async_bind = _async_bind(bind)
+        super().__init__(_sync_half(self.async_bind), logger, **options)
+
+    async def execute(self, job: Any) -> None:  # type: ignore[override]
+        """Do the job.  Return normally: it is done; raise: it is retried or dead-lettered;
+        call :meth:`queue_abort` (or raise ``QueueAbort``): it goes back to the queue."""
+        raise NotImplementedError(f"{type(self).__name__}.execute(job) is not implemented")
+
+    @property
+    def session(self) -> AsyncSession:  # type: ignore[override]
+        """The :class:`AsyncSession` the job was claimed in: on the portable backend, writes
+        made through it commit atomically with the job's removal (undone on failure)."""
+        qs = self._queue_session
+        if not isinstance(qs, _GreenletQueueSession) or qs.async_session is None:
+            raise Q4MError("no job in hand (or it was ended before execute)")
+        return qs.async_session
+
+    async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job and handle
+        it; True if a job was handled."""
+        return await self._async_consumer().run_once(timeout)
+
+    async def run(  # type: ignore[override]
+        self, *, burst: bool = False, max_jobs: int | None = None
+    ) -> None:
+        """Handle jobs until :meth:`stop` (or, with ``burst``, until the queue is empty, or
+        after ``max_jobs``); survives a lost database by reconnecting."""
+        await self._async_consumer().run(burst=burst, max_jobs=max_jobs)
+
+    async def close(self) -> None:  # type: ignore[override]
+        """Release the connection this job object checked out."""
+        if self._consumer is not None:
+            await self._async_consumer().close()
+
+    def _async_consumer(self) -> AsyncConsumer:
+        if self._consumer is None:
+            self._consumer = AsyncConsumer([self], self.async_bind)
+        assert isinstance(self._consumer, AsyncConsumer)
+        return self._consumer
+
+
+class AsyncConsumer(Consumer):
+    """One task's pinned connection serving one or more :class:`AsyncJob` objects: the thread
+    worker's :class:`~sqlalchemy_q4m.worker.Consumer`, awaited."""
+
+    def __init__(
+        self,
+        jobs: Sequence[Job],
+        bind: AsyncEngine | AsyncConnection,
+        *,
+        stats: Stats | None = None,
+        name: str = "task",
+    ) -> None:
+        for job in jobs:
+            if not isinstance(job, AsyncJob):
+                raise Q4MError(f"{type(job).__name__} is not an AsyncJob: run it with threads")
+        self.async_bind = _async_bind(bind)
+        super().__init__(jobs, _sync_half(self.async_bind), stats=stats, name=name)
+        self._aconn: AsyncConnection | None = None
+
+    def _async_connection(self, conn: Connection) -> AsyncConnection:
+        bind = self.async_bind
+        if isinstance(bind, AsyncConnection) and bind.sync_connection is conn:
+            return bind
+        if self._aconn is None or self._aconn.sync_connection is not conn:
+            engine = bind if isinstance(bind, AsyncEngine) else bind.engine
+            self._aconn = AsyncConnection(engine, conn)
+        return self._aconn
+
+    async def close(self) -> None:  # type: ignore[override]
+        """Give back the connection this consumer checked out (runs to completion)."""
+        await run_to_completion(lambda: greenlet_spawn(Consumer.close, self))
+
+    # -- one job ----------------------------------------------------------------------------
+
+    async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
+        """Wait for one job of any target and handle it; False when none came in time."""
+        conn = await greenlet_spawn(self.connect)
+        targets = self._targets
+        assert targets is not None
+        aqs: AsyncQueueSession[Any] = AsyncQueueSession(
+            *[t.target for t in targets],
+            bind=self._async_connection(conn),
+            where=self._where(targets),
+            timeout=self.wait_timeout if timeout is None else timeout,
+            backend=self._backend,
+            poll_interval=self.poll_interval,
+        )
+        item = await aqs.wait()
+        if item is None:
+            return False
+        sub = aqs.subscription
+        target = next(t for t in targets if sub is not None and t.table is sub.table)
+        try:
+            outcome = await self._handle_async(aqs, target, item)
+        finally:
+            self.in_hand = None
+            if aqs.owning:  # failed or cancelled on the way: give the job back
+                try:
+                    await aqs.close()
+                except Exception:  # the connection is gone: the server returns the job
+                    logger.debug("returning a job failed", exc_info=True)
+        self.stats.add(outcome)
+        self._since_recycle += 1
+        return True
+
+    async def _handle_async(self, aqs: AsyncQueueSession[Any], t: _Target, item: Any) -> Outcome:
+        """The thread worker's ``_handle`` step for step, with ``execute`` awaited."""
+        qs = aqs._sync
+        values = payload_of(item, t.table)
+        job_id = values.get(JOB_ID)
+        attempts = int(values.get(ATTEMPTS) or 0)
+        job = t.job
+        assert isinstance(job, AsyncJob)
+        log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
+        self.in_hand = f"{t.table.name} {job_id}"
+        arg = item if t.row_type is None else t.row_type(*(values[n] for n in t.payload_names))
+        ended = False
+        if job.end_before_execute:
+            await aqs.end()
+            ended = True
+        job.job_id, job.attempts, job.log = job_id, attempts, log
+        job._queue_session = None if ended else qs
+        job._abort_requested = False
+        nested = None if ended else await greenlet_spawn(qs.session.begin_nested)
+        log.debug("started (attempt %d)", attempts + 1)
+        start = time.monotonic()
+        error: BaseException | None = None
+        details = ""
+        aborted = False
+        try:
+            await job.execute(arg)
+            aborted = job._abort_requested
+        except QueueAbort:
+            aborted = True
+        except Exception as exc:
+            error, details = exc, traceback.format_exc()
+        finally:
+            job._queue_session = None
+            job._abort_requested = False
+        elapsed = time.monotonic() - start
+        if error is None:
+            if nested is not None:
+                await greenlet_spawn(nested.rollback if aborted else nested.commit)
+            if aborted:
+                if ended:
+                    log.warning("queue_abort() after end_before_execute: the job is gone")
+                else:
+                    await aqs.abort()
+                    log.info("aborted after %.3fs: returned to the queue", elapsed)
+                return "aborted"
+            if not ended:
+                await aqs.end()
+            log.info("done in %.3fs", elapsed)
+            return "done"
+        if nested is not None and nested.is_active:
+            await greenlet_spawn(nested.rollback)
+        log.error(
+            "failed on attempt %d/%d after %.3fs: %s\n%s",
+            attempts + 1,
+            job.policy.max_attempts,
+            elapsed,
+            _describe(error),
+            details.rstrip(),
+        )
+        decision = decide(job.policy, attempts, can_retry=t.can_retry and not ended)
+        outcome: Outcome = await run_to_completion(
+            lambda: greenlet_spawn(
+                self._after_failure, qs, t, values, decision, error, details, ended, log
+            )
+        )
+        return outcome
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(  # type: ignore[override]
+        self, *, burst: bool = False, max_jobs: int | None = None
+    ) -> None:
+        """Handle jobs until stopped (or cancelled: the job in hand goes back)."""
+        failures = 0
+        handled = 0
+        try:
+            while not self.stopping:
+                if max_jobs is not None and handled >= max_jobs:
+                    break
+                if self.recycle_after is not None and self._since_recycle >= self.recycle_after:
+                    await self.recycle_async()
+                try:
+                    got = await self.run_once()
+                    if failures:
+                        logger.warning("[%s] %s: database is back", self.name, self._label())
+                    failures = 0
+                except CompletionFailed as err:
+                    logger.warning("[%s] %s: %s", self.name, self._label(), err)
+                    self.stats.add("lost")
+                    continue
+                except (ConnectionLost, DBAPIError) as err:
+                    failures += 1
+                    lost, self.in_hand = self.in_hand, None
+                    if lost:
+                        self.stats.add("lost")
+                    delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
+                    delay *= random.uniform(0.75, 1.25)
+                    logger.error(
+                        "[%s] %s: database error%s: %s; reconnecting in %.1fs",
+                        self.name,
+                        self._label(),
+                        f" with {lost} in hand (the server returns it)" if lost else "",
+                        _describe(err),
+                        delay,
+                    )
+                    await run_to_completion(lambda: greenlet_spawn(self._drop_connection))
+                    await self._sleep_unless_stopped(delay)
+                    continue
+                if got:
+                    handled += 1
+                elif burst and not await greenlet_spawn(self._has_waiting):
+                    logger.info("[%s] %s: queue empty, stopping (burst)", self.name, self._label())
+                    break
+        finally:
+            await self.close()
+
+    async def recycle_async(self) -> None:
+        """Drop the connection and make fresh job objects (``recycle_after``)."""
+        logger.info("[%s] recycling after %d jobs", self.name, self._since_recycle)
+        await run_to_completion(lambda: greenlet_spawn(self._drop_connection))
+        self._aconn = None
+        self.jobs = [
+            type(j)(getattr(j, "async_bind", j.bind), j.logger, **j.given_options)
+            for j in self.jobs
+        ]
+        self._targets = None
+        self._since_recycle = 0
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.1, deadline - time.monotonic()))
+
+
+class AsyncWorkers:
+    """N :class:`AsyncConsumer` tasks in this event loop, stopped as the module docstring says.
+
+    ``await workers.run()`` returns :data:`EXIT_OK` when every task ended by itself or after
+    a graceful stop, :data:`EXIT_FORCED` when tasks had to be cancelled.
+    """
+
+    def __init__(
+        self,
+        classes: Sequence[type[Job]],
+        bind: AsyncEngine,
+        *,
+        concurrency: int = 1,
+        grace: float | None = None,
+        stats: Stats | None = None,
+        **options: Any,
+    ) -> None:
+        if not classes:
+            raise Q4MError("no job class to run")
+        async_classes: list[type[AsyncJob]] = []
+        for cls in classes:
+            if not (isinstance(cls, type) and issubclass(cls, AsyncJob)):
+                raise Q4MError(f"{getattr(cls, '__name__', cls)!r} is not an AsyncJob class")
+            async_classes.append(cls)
+        if not isinstance(concurrency, int) or concurrency < 1:
+            raise Q4MError(f"concurrency must be an integer >= 1, not {concurrency!r}")
+        if grace is not None and grace < 0:
+            raise Q4MError(f"grace must be >= 0 or None, not {grace!r}")
+        self.classes = async_classes
+        self.bind = bind
+        self.concurrency = concurrency
+        self.grace = grace
+        self.stats = stats or Stats()
+        self.options = options
+        self.consumers: list[AsyncConsumer] = []
+        self.tasks: list[asyncio.Task[None]] = []
+        self.signals = 0
+        self.forced = False
+        self._grace_timer: asyncio.TimerHandle | None = None
+
+    def stop(self) -> None:
+        """Graceful stop: finish the jobs in hand, take no new one; after ``grace`` seconds
+        (if set) the stop is forced."""
+        for consumer in self.consumers:
+            consumer.stop()
+        if self.grace is not None and self._grace_timer is None and self.tasks:
+            loop = asyncio.get_running_loop()
+            self._grace_timer = loop.call_later(self.grace, self.force)
+
+    def force(self) -> None:
+        """Forced stop: cancel every task; each returns the job it owns to the queue."""
+        self.forced = True
+        for consumer in self.consumers:
+            consumer.stop()
+        for task in self.tasks:
+            task.cancel()
+
+    def on_signal(self, signum: int) -> None:
+        """First SIGINT/SIGTERM: graceful stop; second: forced."""
+        self.signals += 1
+        name = signal.Signals(signum).name
+        if self.signals == 1:
+            in_hand = [c.in_hand for c in self.consumers if c.in_hand]
+            logger.warning(
+                "%s: finishing %d job(s) in hand, taking no new one (again to abort them)",
+                name,
+                len(in_hand),
+            )
+            self.stop()
+        else:
+            logger.warning("%s again: returning the jobs in hand to the queue", name)
+            self.force()
+
+    async def run(
+        self, *, burst: bool = False, max_jobs: int | None = None, install_signals: bool = True
+    ) -> int:
+        """Run the tasks until they end (``burst``/``max_jobs`` per task) or are stopped."""
+        loop = asyncio.get_running_loop()
+        self.consumers = [
+            AsyncConsumer(
+                [cls(self.bind, **self.options) for cls in self.classes],
+                self.bind,
+                stats=self.stats,
+                name=f"task-{i + 1}",
+            )
+            for i in range(self.concurrency)
+        ]
+        self.tasks = [
+            asyncio.create_task(c.run(burst=burst, max_jobs=max_jobs), name=c.name)
+            for c in self.consumers
+        ]
+
+        def from_signal(signum: int) -> None:
+            loop.call_soon_threadsafe(self.on_signal, signum)
+
+        try:
+            if install_signals:
+                with on_stop_signals(from_signal):
+                    results = await self._gather()
+            else:
+                results = await self._gather()
+        finally:
+            if self._grace_timer is not None:
+                self._grace_timer.cancel()
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for error in errors:
+            if not isinstance(error, asyncio.CancelledError):
+                raise error
+        return EXIT_FORCED if self.forced else EXIT_OK
+
+    async def _gather(self) -> list[Any]:
+        try:
+            return await asyncio.gather(*self.tasks, return_exceptions=True)
+        except asyncio.CancelledError:  # the runtime itself was cancelled: stop the tasks
+            self.force()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+            raise
+
+
+async def run_async_workers(
+    classes: Sequence[type[Job]],
+    bind: AsyncEngine,
+    *,
+    concurrency: int = 1,
+    grace: float | None = None,
+    burst: bool = False,
+    max_jobs: int | None = None,
+    stats: Stats | None = None,
+    install_signals: bool = True,
+    **options: Any,
+) -> int:
+    """Run ``concurrency`` tasks, each serving every class in ``classes``; the exit code."""
+    workers = AsyncWorkers(
+        classes, bind, concurrency=concurrency, grace=grace, stats=stats, **options
+    )
+    return await workers.run(burst=burst, max_jobs=max_jobs, install_signals=install_signals)
+
+
+def worker_engine(url: str | URL, concurrency: int, **kw: Any) -> AsyncEngine:
+    """An :class:`AsyncEngine` whose pool holds one connection per task plus two spare (for
+    producers in the same process and the first backend detection)."""
+    kw.setdefault("pool_size", concurrency)
+    kw.setdefault("max_overflow", 2)
+    kw.setdefault("pool_pre_ping", True)
+    return create_async_engine(url, **kw)
