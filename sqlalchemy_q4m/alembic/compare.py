@@ -22,6 +22,7 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops
 from alembic.util import DispatchPriority
 from sqlalchemy import BINARY
+from sqlalchemy import Column
 from sqlalchemy import Table
 
 from ..ddl import JOB_ID
@@ -31,8 +32,9 @@ from .ops import ConvertQueueTableOp
 from .ops import CreateQueueTableOp
 from .ops import DropQueueTableOp
 from .ops import migration_backend
+from .render import IMPORT_LINE
 
-__all__ = ["has_portable_queue_layout", "reflected_engine"]
+__all__ = ["has_portable_queue_layout", "reflected_engine", "uses_q4m_types"]
 
 _DIALECTS = ("mysql", "mariadb")
 
@@ -126,6 +128,24 @@ def _queue_ops(
     return [op]
 
 
+def _is_ours(type_: Any) -> bool:
+    return type(type_).__module__.startswith("sqlalchemy_q4m")
+
+
+def uses_q4m_types(op: ops.MigrateOperation) -> bool:
+    """True when ``op`` renders a column type of this package (e.g. ``JobId``): Alembic
+    renders it as ``sqlalchemy_q4m.types.JobId()`` but adds no import for it."""
+    if isinstance(op, ops.OpContainer):
+        return any(uses_q4m_types(o) for o in op.ops)
+    if isinstance(op, ops.CreateTableOp):
+        return any(isinstance(c, Column) and _is_ours(c.type) for c in op.columns)
+    if isinstance(op, ops.AddColumnOp):
+        return _is_ours(op.column.type)
+    if isinstance(op, ops.AlterColumnOp):
+        return _is_ours(op.modify_type) or _is_ours(op.existing_type)
+    return False
+
+
 @comparators.dispatch_for("schema", priority=DispatchPriority.LAST)
 def _queue_table_ops(
     autogen_context: AutogenContext, upgrade_ops: ops.UpgradeOps, schemas: set[str | None]
@@ -138,3 +158,5 @@ def _queue_table_ops(
     for op in upgrade_ops.ops:
         replaced.extend(_queue_ops(autogen_context, op, backend))
     upgrade_ops.ops = replaced
+    if uses_q4m_types(upgrade_ops):
+        autogen_context.imports.add(IMPORT_LINE)

@@ -19,7 +19,7 @@ from .ops import DropQueueTableOp
 __all__ = ["IMPORT_LINE"]
 
 #: The import each rendered queue operation adds to the migration script.
-IMPORT_LINE = "import sqlalchemy_q4m.alembic  # noqa: F401 - registers op.*_queue_table"
+IMPORT_LINE = "import sqlalchemy_q4m.alembic  # noqa: F401 - queue operations, sqlalchemy_q4m.types"
 
 
 def _prefix(autogen_context: AutogenContext) -> str:
