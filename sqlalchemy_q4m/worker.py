@@ -213,9 +213,9 @@ class Job:
         super().__init_subclass__(**kw)
         if cls.__dict__.get("model") is not None and cls.__dict__.get("table_name") is not None:
             raise Q4MError(f"{cls.__name__}: set model or table_name, not both")
-        for name in cls.table_names():
+        for name in _names(cls.__name__, cls.table_name, cls.model):
             validate_name(name)
-        declared = cls.declared_targets()
+        declared = _declared(cls.model)
         if declared:
             subscriptions(declared)  # raises SubscriptionError for anything not a queue
 
@@ -232,6 +232,8 @@ class Job:
         self.given_options = dict(options)
         for name, value in options.items():
             setattr(self, name, value)
+        for name in self.table_names():
+            validate_name(name)
         if self.wait_timeout <= 0:
             raise Q4MError(f"wait_timeout must be > 0, not {self.wait_timeout!r}")
         if self.recycle_after is not None and self.recycle_after < 1:
@@ -300,28 +302,32 @@ class Job:
 
     # -- declaration ----------------------------------------------------------------------
 
-    @classmethod
-    def declared_targets(cls) -> list[Any]:
+    def declared_targets(self) -> list[Any]:
         """The models or Tables given with ``model`` (empty: tables are reflected by name)."""
-        model = cls.model
-        if model is None:
-            return []
-        if isinstance(model, list | tuple):
-            return list(model)
-        return [model]
+        return _declared(self.model)
 
-    @classmethod
-    def table_names(cls) -> list[str]:
-        """The queue tables this class consumes, earlier first."""
-        declared = cls.declared_targets()
-        if declared:
-            return [t.name if isinstance(t, Table) else t.__table__.name for t in declared]
-        names = cls.table_name
-        if names is None:
-            return [table_name_for(cls.__name__)]
-        if isinstance(names, str):
-            return [names]
-        return list(names)
+    def table_names(self) -> list[str]:
+        """The queue tables this job object consumes, earlier first."""
+        return _names(type(self).__name__, self.table_name, self.model)
+
+
+def _declared(model: Any) -> list[Any]:
+    if model is None:
+        return []
+    if isinstance(model, list | tuple):
+        return list(model)
+    return [model]
+
+
+def _names(class_name: str, table_name: str | Sequence[str] | None, model: Any) -> list[str]:
+    declared = _declared(model)
+    if declared:
+        return [t.name if isinstance(t, Table) else t.__table__.name for t in declared]
+    if table_name is None:
+        return [table_name_for(class_name)]
+    if isinstance(table_name, str):
+        return [table_name]
+    return list(table_name)
 
 
 @dataclass
@@ -701,15 +707,12 @@ class Consumer:
             logger.debug("closing a lost connection failed", exc_info=True)
 
     def _has_waiting(self) -> bool:
-        """True when a target table still holds delayed jobs (burst mode waits for them)."""
+        """True while a target table holds any row: delayed jobs, or jobs other workers own
+        (they may fail and come back); burst mode stops only once every table is empty."""
         conn = self.connect()
         try:
             for t in self._targets or []:
-                run_at = t.table.columns.get(RUN_AT)
-                if run_at is None:
-                    continue
-                stmt = select(func.count()).select_from(t.table).where(run_at > int(time.time()))
-                if conn.execute(stmt).scalar():
+                if conn.execute(select(func.count()).select_from(t.table)).scalar():
                     return True
             return False
         finally:

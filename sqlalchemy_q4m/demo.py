@@ -1,0 +1,197 @@
+"""``q4m demo``: the seed scenario on a real server.
+
+It creates the ``shell_jobs`` queue table (or reuses it when it is empty and has the demo's
+columns; it never touches a table holding jobs), starts a producer that enqueues shell
+commands while worker processes drain them, shows progress, and prints a summary.  A few
+commands fail once (retried with backoff) and one always fails (dead-lettered after three
+attempts), so every path of the worker shows up.  The table is left in place, empty, for the
+next run; the dead letter stays for ``q4m dead list|retry|purge``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from sqlalchemy import Column
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import MetaData
+from sqlalchemy import Table
+from sqlalchemy import Text
+from sqlalchemy import func
+from sqlalchemy import inspect
+from sqlalchemy import select
+
+from .ddl import queue_table
+from .exc import Q4MError
+from .retry import ATTEMPTS
+from .retry import RUN_AT
+from .retry import retry_columns
+from .runtime import WorkerConfig
+from .runtime import make_engine
+from .runtime import run_workers
+from .runtime import setup_logging
+from .server import detect_backend
+from .worker import Job
+from .worker import reflect_queue_table
+
+__all__ = ["ShellJob", "demo_commands", "prepare_table", "run_demo"]
+
+logger = logging.getLogger("sqlalchemy_q4m.demo")
+
+
+class ShellJob(Job):
+    """Runs ``job[0]`` (the ``command`` column) with the shell; a non-zero exit status is a
+    failure, retried with backoff, dead-lettered after three runs."""
+
+    table_name = "shell_jobs"
+    max_attempts = 3
+    retry_base = 0.5
+    retry_jitter = 0.5
+
+    def execute(self, job: Any) -> None:
+        result = subprocess.run(
+            job[0], shell=True, capture_output=True, text=True, timeout=60, check=False
+        )
+        if result.returncode != 0:
+            detail = result.stderr.strip().splitlines()
+            raise RuntimeError(
+                f"exit status {result.returncode}" + (f": {detail[-1]}" if detail else "")
+            )
+        self.log.debug("output: %s", result.stdout.strip())
+
+
+def demo_commands(count: int, workdir: str) -> list[str]:
+    """``count`` shell commands: mostly quick ones, every 25th fails once, the last always."""
+    commands = []
+    for n in range(1, count + 1):
+        if n == count and count > 1:
+            commands.append(f"echo 'job {n}: disk full' >&2; exit 3")
+        elif n % 25 == 0:
+            marker = f"{workdir}/flaky-{n}"
+            commands.append(
+                f"test -e {marker} || {{ touch {marker}; echo 'job {n}: flaky' >&2; exit 1; }}"
+            )
+        else:
+            commands.append(f"sleep 0.0{n % 5}; echo 'job {n}: {n} squared is {n * n}'")
+    return commands
+
+
+def prepare_table(conn: Connection, name: str) -> tuple[Table, bool]:
+    """Create the demo table, or reuse it if it is empty and has the demo's columns.
+    Returns the table and whether it was created."""
+    if not inspect(conn).has_table(name):
+        table = queue_table(
+            name, MetaData(), Column("command", Text, nullable=False), *retry_columns()
+        )
+        table.create(conn)
+        conn.commit()
+        return reflect_queue_table(conn, name), True
+    table = reflect_queue_table(conn, name)
+    missing = {"command", ATTEMPTS, RUN_AT} - set(table.columns.keys())
+    if missing:
+        raise Q4MError(
+            f"table {name!r} exists without the demo's column(s) {', '.join(sorted(missing))}; "
+            "pass --table to use another name"
+        )
+    waiting = int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
+    conn.rollback()
+    if waiting:
+        raise Q4MError(
+            f"table {name!r} already holds {waiting} job(s), and the demo executes what it "
+            "finds there as shell commands: empty it or pass --table to use another name"
+        )
+    return table, False
+
+
+def _produce(engine: Engine, table: Table, commands: list[str], done: threading.Event) -> None:
+    from .cli import enqueue_rows
+
+    try:
+        with engine.connect() as conn:
+            for start in range(0, len(commands), 20):
+                batch = [{"command": c} for c in commands[start : start + 20]]
+                enqueue_rows(conn, table, batch)
+                time.sleep(0.05)
+    except Exception:
+        logger.exception("the producer failed")
+    finally:
+        done.set()
+
+
+def run_demo(
+    *,
+    url: str,
+    jobs: int = 200,
+    concurrency: int = 4,
+    processes: int = 2,
+    table: str = "shell_jobs",
+    dead_table: str = "q4m_dead_letters",
+) -> int:
+    """Run the demo; returns the exit code (0 when every job ended done or dead as planned)."""
+    tty = sys.stderr.isatty()
+    setup_logging("WARNING")
+    engine = make_engine(url, 2)
+    workdir = tempfile.mkdtemp(prefix="q4m-demo-")
+    try:
+        with engine.connect() as conn:
+            backend = detect_backend(conn)
+            queue, created = prepare_table(conn, table)
+            version = conn.execute(select(func.version())).scalar()
+        out = sys.stdout
+        out.write(
+            f"q4m demo: {engine.url.render_as_string(hide_password=True)} "
+            f"(server {version}, {backend} backend)\n"
+            f"  table {table} {'created' if created else 'reused (empty)'}; "
+            f"{jobs} shell jobs from a producer, {processes} process(es) x {concurrency} "
+            "worker threads\n"
+        )
+        out.flush()
+        commands = demo_commands(jobs, workdir)
+        produced = threading.Event()
+        producer = threading.Thread(
+            target=_produce, args=(engine, queue, commands, produced), name="producer"
+        )
+        producer.start()
+        config = WorkerConfig(
+            specs=("sqlalchemy_q4m.demo:ShellJob",),
+            url=url,
+            concurrency=concurrency,
+            processes=processes,
+            burst=True,
+            job_options=(("dead_letter_table", dead_table), ("table_name", table)),
+            log_level="WARNING",
+            status=tty,
+            progress_every=1.0,
+        )
+        if not tty:
+            logging.getLogger("sqlalchemy_q4m.runtime").setLevel("INFO")
+        result = run_workers(config, status_stream=sys.stderr if tty else None)
+        producer.join()
+        with engine.connect() as conn:
+            left = int(conn.execute(select(func.count()).select_from(queue)).scalar() or 0)
+        totals = result.totals
+        rate = totals.get("done", 0) / result.elapsed if result.elapsed else 0.0
+        out.write(
+            "\nsummary\n"
+            f"  enqueued       {len(commands)}\n"
+            f"  done           {totals.get('done', 0)}\n"
+            f"  retried        {totals.get('retried', 0)}  (failed, run again after a backoff)\n"
+            f"  dead           {totals.get('dead', 0)}  (see: q4m dead list {table})\n"
+            f"  aborted/lost   {totals.get('aborted', 0)}/{totals.get('lost', 0)}\n"
+            f"  left in queue  {left}\n"
+            f"  time           {result.elapsed:.1f}s, {rate:.0f} jobs/s, exit {result.code}\n"
+        )
+        out.flush()
+        complete = totals.get("done", 0) + totals.get("dead", 0) == len(commands) and not left
+        return result.code if result.code else (0 if complete else 1)
+    finally:
+        engine.dispose()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -1,0 +1,527 @@
+"""The worker runtime: threads x processes of consumers, status, shutdown and exit codes.
+
+* ``concurrency`` threads per process, each a :class:`~sqlalchemy_q4m.worker.Consumer` with its
+  own pinned connection (never shared); ``processes`` > 1 starts that many child processes
+  (``spawn``, each its own process group) under a supervisor that forwards signals, restarts a
+  child that dies, and adds up their counters for the status line.
+* Shutdown: the first SIGTERM/SIGINT finishes the jobs in hand and takes no new one; a second
+  one, or the end of the ``grace`` period, exits at once: the connections close, so the server
+  returns the jobs in hand to the queue (on both backends), and nothing is lost.
+* Exit codes: :data:`EXIT_OK` (stopped cleanly, or queue drained in burst mode),
+  :data:`EXIT_ERROR` (a worker crashed), :data:`EXIT_USAGE` (bad input, from the CLI),
+  :data:`EXIT_FORCED` (forced stop: jobs in hand were returned to the queue).
+
+Job classes are loaded from ``module:Class`` specs in one place, :func:`load_job_class`; the
+dispatch from a claimed row to its job object is the consumer's (one place too).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import TextIO
+
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import NoSuchModuleError
+
+from .exc import Q4MError
+from .signals import on_stop_signals
+from .worker import OUTCOMES
+from .worker import Consumer
+from .worker import Job
+from .worker import Stats
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_FORCED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "ProcessRuntime",
+    "RunResult",
+    "Supervisor",
+    "WorkerConfig",
+    "load_job_class",
+    "make_engine",
+    "preflight",
+    "run_workers",
+    "setup_logging",
+]
+
+logger = logging.getLogger("sqlalchemy_q4m.runtime")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_FORCED = 3
+
+LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s/%(threadName)s] %(message)s"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a worker process needs; picklable, so child processes get a copy."""
+
+    specs: tuple[str, ...]
+    url: str
+    concurrency: int = 1
+    processes: int = 1
+    grace: float | None = 30.0
+    burst: bool = False
+    job_options: tuple[tuple[str, Any], ...] = ()
+    log_level: str = "INFO"
+    status: bool = False
+    progress_every: float = 10.0
+    sys_path: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.specs:
+            raise Q4MError("name at least one job class (module:Class)")
+        if self.concurrency < 1:
+            raise Q4MError(f"concurrency must be >= 1, not {self.concurrency}")
+        if self.processes < 1:
+            raise Q4MError(f"processes must be >= 1, not {self.processes}")
+        if self.grace is not None and self.grace < 0:
+            raise Q4MError(f"grace must be >= 0 seconds, not {self.grace}")
+
+
+def load_job_class(spec: str) -> type[Job]:
+    """Import ``module:Class`` (or ``module.Class``) and check that it is a :class:`Job`."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise Q4MError(f"job class {spec!r}: write it as module:Class")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise Q4MError(f"job class {spec!r}: cannot import {module_name!r}: {err}") from None
+    except Exception as err:
+        raise Q4MError(f"job class {spec!r}: importing {module_name!r} failed: {err!r}") from None
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            raise Q4MError(f"job class {spec!r}: {module_name!r} has no {attr!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Job)):
+        raise Q4MError(f"job class {spec!r}: {obj!r} is not a sqlalchemy_q4m.Job subclass")
+    return obj
+
+
+def make_engine(url: str, concurrency: int = 1) -> Engine:
+    """An engine for workers: one pooled connection per thread, checked before use."""
+    try:
+        parsed = make_url(url)
+        return create_engine(
+            parsed,
+            pool_size=concurrency,
+            max_overflow=concurrency + 2,
+            pool_pre_ping=True,
+            pool_recycle=3600,
+        )
+    except (ArgumentError, NoSuchModuleError, ValueError) as err:
+        raise Q4MError(f"bad database URL {url!r}: {err}") from None
+
+
+def setup_logging(level: str, stream: TextIO | None = None) -> None:
+    """Plain log lines on stderr (the job's table and id are in each job's message)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+
+
+def _jobs(classes: Sequence[type[Job]], engine: Engine, options: dict[str, Any]) -> list[Job]:
+    return [cls(engine, **options) for cls in classes]
+
+
+def preflight(config: WorkerConfig) -> list[type[Job]]:
+    """Load the job classes, connect once and resolve every table: bad input fails here,
+    before any worker starts, as a :class:`Q4MError` with a one-line message."""
+    for path in config.sys_path:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    classes = [load_job_class(spec) for spec in config.specs]
+    engine = make_engine(config.url, 1)
+    try:
+        consumer = Consumer(_jobs(classes, engine, dict(config.job_options)), engine)
+        try:
+            consumer.connect()
+        finally:
+            consumer.close()
+    except DBAPIError as err:
+        raise Q4MError(f"cannot use the database at {_safe_url(config.url)}: {err.orig}") from None
+    finally:
+        engine.dispose()
+    return classes
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<unparsable URL>"
+
+
+class StatusLine:
+    """Counters and rate, rendered on one line (a TTY) or as a periodic log line."""
+
+    def __init__(self, label: str, stream: TextIO | None, every: float) -> None:
+        self.label = label
+        self.stream = stream
+        self.every = every
+        self.started = time.monotonic()
+        self._last_time = self.started
+        self._last_done = 0
+        self._last_log = self.started
+        self.rate = 0.0
+
+    def update(self, counts: dict[str, int], in_hand: int) -> None:
+        now = time.monotonic()
+        if now - self._last_time >= 1.0:
+            done = counts.get("done", 0)
+            self.rate = (done - self._last_done) / (now - self._last_time)
+            self._last_time, self._last_done = now, done
+        text = self.render(counts, in_hand)
+        if self.stream is not None:
+            self.stream.write("\r\033[K" + text)
+            self.stream.flush()
+        elif self.every > 0 and now - self._last_log >= self.every:
+            self._last_log = now
+            logger.info("progress: %s", text)
+
+    def render(self, counts: dict[str, int], in_hand: int) -> str:
+        parts = [f"{name} {counts.get(name, 0)}" for name in OUTCOMES]
+        return (
+            f"[{self.label}] " + "  ".join(parts) + f"  in hand {in_hand}  {self.rate:.1f} jobs/s"
+        )
+
+    def finish(self) -> None:
+        if self.stream is not None:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class ProcessRuntime:
+    """``concurrency`` consumer threads in this process, until stopped (see module docs)."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        classes: Sequence[type[Job]],
+        *,
+        name: str = "q4m",
+        parent_pid: int | None = None,
+        publish: Any = None,
+        publish_index: int = 0,
+    ) -> None:
+        self.config = config
+        self.classes = list(classes)
+        self.name = name
+        self.parent_pid = parent_pid
+        self.publish = publish
+        self.publish_index = publish_index
+        self.stats = Stats()
+        self.consumers: list[Consumer] = []
+        self._signals = 0
+        self._handled_signals = 0
+        self._stop_at: float | None = None
+        self._crashed = False
+        self._wake = threading.Event()
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        self._wake.set()
+
+    def request_stop(self, reason: str) -> None:
+        """Graceful stop: every consumer finishes its job in hand and takes no new one."""
+        if self._stop_at is None:
+            grace = self.config.grace
+            self._stop_at = time.monotonic() + grace if grace else float("inf")
+            in_hand = [c.in_hand for c in self.consumers if c.in_hand]
+            logger.warning(
+                "%s: %s: stopping, finishing %d job(s) in hand%s",
+                self.name,
+                reason,
+                len(in_hand),
+                f" (grace {grace:g}s; signal again to return them now)" if grace else "",
+            )
+        for consumer in self.consumers:
+            consumer.stop()
+
+    def force_exit(self, reason: str) -> None:
+        """Exit now: closing the connections makes the server return the jobs in hand."""
+        for consumer in self.consumers:
+            if consumer.in_hand:
+                logger.warning(
+                    "%s: %s: returning %s to the queue", self.name, reason, consumer.in_hand
+                )
+        logger.warning("%s: forced stop (%s), exit %d", self.name, reason, EXIT_FORCED)
+        self._publish()
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_FORCED)
+
+    def _thread_main(self, consumer: Consumer) -> None:
+        try:
+            consumer.run(burst=self.config.burst)
+        except Exception:
+            logger.exception("%s: %s crashed", self.name, consumer.name)
+            self._crashed = True
+            self._wake.set()
+
+    def _publish(self) -> None:
+        if self.publish is None:
+            return
+        counts = self.stats.snapshot()
+        base = self.publish_index * (len(OUTCOMES) + 1)
+        for i, outcome in enumerate(OUTCOMES):
+            self.publish[base + i] = counts.get(outcome, 0)
+        self.publish[base + len(OUTCOMES)] = sum(1 for c in self.consumers if c.in_hand)
+
+    def run(self, status: StatusLine | None = None) -> int:
+        """Start the threads and supervise them; returns the exit code."""
+        engine = make_engine(self.config.url, self.config.concurrency)
+        options = dict(self.config.job_options)
+        self.consumers = [
+            Consumer(
+                _jobs(self.classes, engine, options),
+                engine,
+                stats=self.stats,
+                name=f"{self.name}-w{i + 1}",
+            )
+            for i in range(self.config.concurrency)
+        ]
+        threads = [
+            threading.Thread(target=self._thread_main, args=(c,), name=c.name, daemon=True)
+            for c in self.consumers
+        ]
+        logger.info(
+            "%s: %d worker(s) on %s, tables %s",
+            self.name,
+            len(threads),
+            _safe_url(self.config.url),
+            ", ".join(self.consumers[0].tables),
+        )
+        try:
+            with on_stop_signals(self._on_signal):
+                for thread in threads:
+                    thread.start()
+                while any(t.is_alive() for t in threads):
+                    self._wake.wait(0.2)
+                    self._wake.clear()
+                    self._tick()
+                    if status is not None:
+                        in_hand = sum(1 for c in self.consumers if c.in_hand)
+                        status.update(self.stats.snapshot(), in_hand)
+                    self._publish()
+        finally:
+            self._publish()
+            engine.dispose()
+        return EXIT_ERROR if self._crashed else EXIT_OK
+
+    def _tick(self) -> None:
+        while self._handled_signals < self._signals:
+            self._handled_signals += 1
+            if self._handled_signals == 1:
+                self.request_stop("signal received")
+            else:
+                self.force_exit("second signal")
+        if self._crashed:
+            self.request_stop("a worker crashed")
+        if self.parent_pid is not None and os.getppid() != self.parent_pid:
+            self.request_stop("supervisor is gone")
+        if self._stop_at is not None and time.monotonic() >= self._stop_at:
+            self.force_exit("grace period over")
+
+
+def _child_main(
+    config: WorkerConfig, index: int, shared: Any, parent_pid: int
+) -> None:  # pragma: no cover - runs in a child process (covered by the acceptance tests)
+    os.setpgid(0, 0)  # terminal signals reach the supervisor only; it forwards them
+    setup_logging(config.log_level)
+    try:
+        classes = preflight_classes(config)
+    except Q4MError as err:
+        logger.error("%s", err)
+        sys.exit(EXIT_USAGE)
+    runtime = ProcessRuntime(
+        config,
+        classes,
+        name=f"p{index + 1}",
+        parent_pid=parent_pid,
+        publish=shared,
+        publish_index=index,
+    )
+    sys.exit(runtime.run())
+
+
+def preflight_classes(config: WorkerConfig) -> list[type[Job]]:
+    """Just load the classes (a child process: the supervisor checked the database)."""
+    for path in config.sys_path:
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    return [load_job_class(spec) for spec in config.specs]
+
+
+class Supervisor:
+    """``processes`` child processes of ``concurrency`` threads each (see module docs)."""
+
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self._signals = 0
+        self._forwarded = 0
+        self._stop_at: float | None = None
+        self._wake = threading.Event()
+        self.children: list[Any] = []
+        self.totals: dict[str, int] = {}
+
+    def _on_signal(self, signum: int) -> None:
+        self._signals += 1
+        self._wake.set()
+
+    def run(self, status: StatusLine | None = None) -> int:
+        ctx = multiprocessing.get_context("spawn")
+        width = len(OUTCOMES) + 1
+        shared = ctx.Array("q", self.config.processes * width, lock=False)
+        carried: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        children: list[Any] = [None] * self.config.processes
+        self.children = children
+        codes: list[int] = []
+        restarts = 0
+
+        def start(i: int) -> None:
+            proc = ctx.Process(
+                target=_child_main,
+                args=(self.config, i, shared, os.getpid()),
+                name=f"q4m-p{i + 1}",
+                daemon=False,
+            )
+            proc.start()
+            children[i] = proc
+
+        with on_stop_signals(self._on_signal):
+            for i in range(self.config.processes):
+                start(i)
+            while True:
+                self._wake.wait(0.2)
+                self._wake.clear()
+                self._forward()
+                alive = 0
+                for i, proc in enumerate(children):
+                    if proc is None:
+                        continue
+                    if proc.is_alive():
+                        alive += 1
+                        continue
+                    proc.join()
+                    code = proc.exitcode if proc.exitcode is not None else EXIT_ERROR
+                    children[i] = None
+                    if code in (EXIT_OK, EXIT_FORCED, EXIT_USAGE) or self._stop_at is not None:
+                        codes.append(code)
+                        continue
+                    for k, outcome in enumerate(OUTCOMES):  # its counters restart at zero
+                        carried[outcome] += shared[i * width + k]
+                        shared[i * width + k] = 0
+                    restarts += 1
+                    delay = min(30.0, 0.5 * 2 ** min(restarts, 6))
+                    logger.error(
+                        "worker process %d exited with %s; restarting in %.1fs",
+                        i + 1,
+                        code,
+                        delay,
+                    )
+                    self._wake.wait(delay)
+                    if self._stop_at is None:
+                        start(i)
+                        alive += 1
+                if status is not None:
+                    counts: dict[str, int] = {
+                        o: carried[o]
+                        + sum(shared[i * width + k] for i in range(self.config.processes))
+                        for k, o in enumerate(OUTCOMES)
+                    }
+                    in_hand = sum(
+                        shared[i * width + len(OUTCOMES)] for i in range(self.config.processes)
+                    )
+                    status.update(counts, in_hand)
+                if alive == 0:
+                    break
+                if self._stop_at is not None and time.monotonic() > self._stop_at:
+                    for proc in children:  # last resort: a child ignoring its own deadline
+                        if proc is not None and proc.is_alive():
+                            proc.kill()
+                    codes.append(EXIT_FORCED)
+        self.totals = {
+            o: carried[o] + sum(shared[i * width + k] for i in range(self.config.processes))
+            for k, o in enumerate(OUTCOMES)
+        }
+        if any(c < 0 or c == EXIT_ERROR for c in codes):
+            return EXIT_ERROR
+        return max(codes, default=EXIT_OK) if all(c >= 0 for c in codes) else EXIT_ERROR
+
+    def _forward(self) -> None:
+        while self._forwarded < self._signals:
+            self._forwarded += 1
+            if self._forwarded == 1:
+                grace = self.config.grace
+                self._stop_at = time.monotonic() + (grace + 10.0 if grace else float("inf"))
+                logger.warning("supervisor: stopping the worker processes")
+            else:
+                logger.warning("supervisor: forcing the worker processes to stop")
+            for proc in self._children_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def _children_alive(self) -> list[Any]:
+        return [p for p in multiprocessing.active_children() if p.name.startswith("q4m-p")]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a run ended: the exit code, what the workers did, how long it took."""
+
+    code: int
+    totals: dict[str, int]
+    elapsed: float
+
+
+def run_workers(config: WorkerConfig, *, status_stream: TextIO | None = None) -> RunResult:
+    """Check the input (:func:`preflight`), then run the workers until they stop."""
+    classes = preflight(config)
+    label = f"{config.processes}x{config.concurrency} workers"
+    status = StatusLine(label, status_stream, config.progress_every)
+    started = time.monotonic()
+    if config.processes == 1:
+        runtime = ProcessRuntime(config, classes)
+        code = runtime.run(status)
+        totals = runtime.stats.snapshot()
+    else:
+        supervisor = Supervisor(config)
+        code = supervisor.run(status)
+        totals = supervisor.totals
+    status.finish()
+    elapsed = time.monotonic() - started
+    logger.info(
+        "stopped after %.1fs: %s; exit %d",
+        elapsed,
+        ", ".join(f"{k} {v}" for k, v in totals.items()),
+        code,
+    )
+    return RunResult(code, totals, elapsed)
