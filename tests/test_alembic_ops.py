@@ -13,6 +13,7 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from alembic.operations import ops
+from sqlalchemy import BINARY
 from sqlalchemy import Column
 from sqlalchemy import Engine
 from sqlalchemy import ForeignKey
@@ -290,3 +291,13 @@ def test_online_operations_on_the_server(engine: Engine) -> None:
         assert not {"al_ops_jobs", "al_ops_plain", "al_ops_bad"} & set(
             inspect(conn).get_table_names()
         )
+
+
+@pytest.mark.unit
+def test_only_a_binary16_id_is_taken_for_the_job_id() -> None:
+    declared = Table("legacy", MetaData(), Column("id", Integer), mysql_engine="QUEUE")
+    op = CreateQueueTableOp.from_table(declared)
+    assert op.job_id is False and [getattr(c, "name", None) for c in op.columns] == ["id"]
+    reflected = Table("jobs", MetaData(), Column("id", BINARY(16)), Column("command", Text))
+    op = CreateQueueTableOp.from_table(reflected)
+    assert op.job_id is True and [getattr(c, "name", None) for c in op.columns] == ["command"]

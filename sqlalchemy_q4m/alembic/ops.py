@@ -15,6 +15,7 @@ from typing import Any
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from alembic.operations import ops
+from sqlalchemy import BINARY
 from sqlalchemy import Column
 from sqlalchemy import Connection
 from sqlalchemy import MetaData
@@ -36,6 +37,7 @@ from ..server import BackendName
 from ..server import backend_for_dialect
 from ..server import detect_backend
 from ..server import use_backend
+from ..types import JobId
 
 __all__ = [
     "BACKEND_OPTION",
@@ -75,9 +77,13 @@ def migration_backend(context: MigrationContext) -> BackendName:
 def is_job_id(column: Column[Any]) -> bool:
     """True for the job id column a queue table gets from QueueMixin / queue_table().
 
-    A reflected table carries no marker: there the column named ``id`` is the job id.
+    A reflected table carries no marker: there a ``BINARY(16)`` column named ``id`` is it.
     """
-    return bool(column.info.get(JOB_ID_INFO_KEY)) or column.name == JOB_ID
+    if column.info.get(JOB_ID_INFO_KEY):
+        return True
+    type_ = column.type
+    binary16 = isinstance(type_, JobId) or (isinstance(type_, BINARY) and type_.length == 16)
+    return column.name == JOB_ID and binary16
 
 
 def table_kwargs(table: Table) -> dict[str, Any]:
