@@ -1,0 +1,184 @@
+"""What every scenario shares: the queue table, raw connections, filling, parallel runs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pymysql
+from sqlalchemy import Double
+from sqlalchemy import Engine
+from sqlalchemy import String
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.orm import Mapped
+from sqlalchemy.orm import mapped_column
+
+from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import new_job_id
+
+#: The table every scenario uses (in the benchmark's own database).
+TABLE = "q4m_bench_jobs"
+
+#: The claim/complete SQL of the raw baseline: what the portable backend issues.
+RAW_CLAIM = (
+    f"SELECT id, payload, enqueued_at FROM {TABLE} ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+RAW_DELETE_ONE = f"DELETE FROM {TABLE} WHERE id = %s"
+RAW_DELETE_MANY = f"DELETE FROM {TABLE} WHERE id IN %s"
+RAW_INSERT = f"INSERT INTO {TABLE} (id, payload, enqueued_at) VALUES (%s, %s, %s)"
+READ_COMMITTED = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BenchJob(QueueMixin, Base):
+    """A no-op job: a short payload and the moment it was enqueued (for pickup latency)."""
+
+    __tablename__ = TABLE
+    payload: Mapped[str] = mapped_column(String(64))
+    enqueued_at: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+def connect_kwargs(url: URL) -> dict[str, Any]:
+    """PyMySQL keyword arguments for ``url``, as SQLAlchemy's dialect makes them."""
+    engine = create_engine(url)
+    try:
+        args, kwargs = engine.dialect.create_connect_args(url)
+    finally:
+        engine.dispose()
+    assert not args
+    return dict(kwargs)
+
+
+def raw_connect(url: URL, cls: type[pymysql.connections.Connection] | None = None) -> Any:
+    """A raw PyMySQL connection in READ COMMITTED, as the portable backend uses."""
+    conn = (cls or pymysql.connections.Connection)(**connect_kwargs(url))
+    with conn.cursor() as cur:
+        cur.execute(READ_COMMITTED)
+    conn.commit()
+    return conn
+
+
+def library_engine(url: URL, pool: int = 1, **kw: Any) -> Engine:
+    """The engine a library user would make (pool sized for ``pool`` workers)."""
+    return create_engine(url, pool_size=pool, max_overflow=pool, **kw)
+
+
+def fill(url: URL, count: int) -> None:
+    """Empty the queue, then enqueue ``count`` jobs with the fast raw path."""
+    conn = raw_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"DELETE FROM {TABLE}")
+            rows = [(new_job_id().bytes, f"job {i}", 0.0) for i in range(count)]
+            for start in range(0, count, 5000):
+                cur.executemany(RAW_INSERT, rows[start : start + 5000])
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def remaining(url: URL) -> int:
+    conn = raw_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"SELECT COUNT(*) FROM {TABLE}")
+            (n,) = cur.fetchone()
+        conn.rollback()
+        return int(n)
+    finally:
+        conn.close()
+
+
+class CountingConnection(pymysql.connections.Connection):  # type: ignore[misc]
+    """A PyMySQL connection counting every command it sends (queries, COMMIT, ROLLBACK, ping):
+    the statements an idle worker costs the server, counted at the client."""
+
+    commands = 0
+    _lock = threading.Lock()
+
+    def _execute_command(self, command: int, sql: Any) -> Any:
+        with CountingConnection._lock:
+            CountingConnection.commands += 1
+        return super()._execute_command(command, sql)
+
+
+def counting_engine(url: URL) -> Engine:
+    kwargs = connect_kwargs(url)
+    return create_engine(url, creator=lambda: CountingConnection(**kwargs), pool_size=2)
+
+
+@dataclass
+class Run:
+    """One measured run: jobs handled and the seconds from the start signal to the last end."""
+
+    jobs: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds if self.seconds > 0 else 0.0
+
+
+Factory = Callable[..., Any]  # () -> object with .consume() -> int and .close()
+
+
+def _entry(factory: Factory, args: tuple[Any, ...], go: Any, out: Any) -> None:
+    try:
+        worker = factory(*args)
+        out.put(("ready", 0, 0.0, ""))
+        go.wait()
+        count = worker.consume()
+        out.put(("done", count, time.monotonic(), ""))
+        worker.close()
+    except BaseException:
+        out.put(("error", 0, 0.0, traceback.format_exc()))
+
+
+def run_parallel(kind: str, workers: int, factory: Factory, *args: Any) -> Run:
+    """Start ``workers`` threads or processes, wait until every one is connected, then start
+    them together; the run lasts until the last one finds the queue empty."""
+    go: Any
+    out: Any
+    if kind == "thread":
+        go, out = threading.Event(), queue.Queue()
+        runners: list[Any] = [
+            threading.Thread(target=_entry, args=(factory, args, go, out), daemon=True)
+            for _ in range(workers)
+        ]
+    else:
+        ctx = multiprocessing.get_context("fork")
+        go, out = ctx.Event(), ctx.Queue()
+        runners = [
+            ctx.Process(target=_entry, args=(factory, args, go, out), daemon=True)
+            for _ in range(workers)
+        ]
+    for runner in runners:
+        runner.start()
+    try:
+        messages = [out.get(timeout=120) for _ in range(workers)]
+        errors = [m[3] for m in messages if m[0] == "error"]
+        if errors:
+            go.set()
+            raise RuntimeError("a benchmark worker failed to start:\n" + errors[0])
+        start = time.monotonic()
+        go.set()
+        done = [out.get(timeout=600) for _ in range(workers)]
+    finally:
+        go.set()
+        for runner in runners:
+            runner.join(timeout=60)
+    errors = [m[3] for m in done if m[0] == "error"]
+    if errors:
+        raise RuntimeError("a benchmark worker failed:\n" + errors[0])
+    return Run(sum(m[1] for m in done), max(m[2] for m in done) - start)

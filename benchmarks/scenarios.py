@@ -1,0 +1,497 @@
+"""The scenarios of issue 6, each measured against its raw-PyMySQL baseline in the same run."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+
+from sqlalchemy_q4m import new_job_id
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m.session import POLL_INTERVAL
+
+from .common import RAW_CLAIM
+from .common import RAW_DELETE_ONE
+from .common import RAW_INSERT
+from .common import TABLE
+from .common import BenchJob
+from .common import CountingConnection
+from .common import Run
+from .common import counting_engine
+from .common import fill
+from .common import library_engine
+from .common import raw_connect
+from .common import remaining
+from .common import run_parallel
+from .workers import BatchLoop
+from .workers import EngineSessionLoop
+from .workers import RawBatchLoop
+from .workers import RawLoop
+from .workers import RuntimeLoop
+from .workers import SessionLoop
+from .workers import worker_runtime_available
+
+
+@dataclass
+class Settings:
+    """How big each scenario is; ``quick()`` is the CI smoke size."""
+
+    enqueue_jobs: int = 20_000
+    enqueue_single_jobs: int = 1_000
+    consume_jobs: int = 3_000
+    concurrency: tuple[int, ...] = (1, 2, 4, 8)
+    repeats: int = 3
+    latency_samples: int = 200
+    latency_gap: float = 0.1
+    idle_seconds: float = 5.0
+    rss_jobs: int = 2_000
+    batch_jobs: int = 30_000
+    batch_size: int = 200
+    batch_workers: tuple[tuple[str, int], ...] = (("thread", 1), ("process", 2), ("process", 4))
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            enqueue_jobs=2_000,
+            enqueue_single_jobs=100,
+            consume_jobs=300,
+            repeats=1,
+            latency_samples=20,
+            latency_gap=0.08,
+            idle_seconds=1.5,
+            rss_jobs=300,
+            batch_jobs=4_000,
+        )
+
+
+@dataclass
+class Row:
+    """One line of the report: the library's figure, the baseline's, and their ratio."""
+
+    section: str
+    scenario: str
+    library: float
+    raw: float
+    unit: str
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+    higher_is_better: bool = True
+
+    @property
+    def ratio(self) -> float:
+        return self.library / self.raw if self.raw else 0.0
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+Progress = Callable[[str], None]
+
+
+def _best(runs: list[Run]) -> float:
+    return max(r.rate for r in runs)
+
+
+def _alternate(repeats: int, *measures: Callable[[], float]) -> list[float]:
+    """Run the measures alternately ``repeats`` times; keep each one's best rate (the run
+    least disturbed by anything else on the machine)."""
+    best = [0.0] * len(measures)
+    for _ in range(repeats):
+        for i, measure in enumerate(measures):
+            best[i] = max(best[i], measure())
+    return best
+
+
+# -- 1. enqueue -------------------------------------------------------------------------------
+
+
+def _enqueue_library(url: URL, count: int, bulk: bool) -> float:
+    engine = library_engine(url)
+    try:
+        _truncate(url)
+        rows = [{"payload": f"job {i}", "enqueued_at": 0.0} for i in range(count)]
+        start = time.perf_counter()
+        with Session(engine) as session:
+            if bulk:
+                session.execute(insert(BenchJob), rows)
+                session.commit()
+            else:
+                for row in rows:
+                    session.add(BenchJob(**row))
+                    session.commit()
+        return count / (time.perf_counter() - start)
+    finally:
+        engine.dispose()
+
+
+def _enqueue_raw(url: URL, count: int, bulk: bool) -> float:
+    _truncate(url)
+    conn = raw_connect(url)
+    try:
+        start = time.perf_counter()
+        with conn.cursor() as cur:
+            rows = [(new_job_id().bytes, f"job {i}", 0.0) for i in range(count)]
+            if bulk:
+                cur.executemany(RAW_INSERT, rows)
+                conn.commit()
+            else:
+                for row in rows:
+                    cur.execute(RAW_INSERT, row)
+                    conn.commit()
+        return count / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
+def _truncate(url: URL) -> None:
+    conn = raw_connect(url)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(f"TRUNCATE TABLE {TABLE}")
+    finally:
+        conn.close()
+
+
+def enqueue(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    progress("enqueue")
+    lib, raw = _alternate(
+        s.repeats,
+        lambda: _enqueue_raw(url, s.enqueue_jobs, True),
+        lambda: _enqueue_library(url, s.enqueue_jobs, True),
+    )[::-1]
+    report.rows.append(
+        Row(
+            "enqueue",
+            f"bulk: ORM `session.execute(insert(BenchJob), {s.enqueue_jobs} dicts)` vs "
+            "`executemany`",
+            lib,
+            raw,
+            "jobs/s",
+            ">= 0.85",
+            lib / raw >= 0.85,
+        )
+    )
+    lib, raw = _alternate(
+        s.repeats,
+        lambda: _enqueue_raw(url, s.enqueue_single_jobs, False),
+        lambda: _enqueue_library(url, s.enqueue_single_jobs, False),
+    )[::-1]
+    report.rows.append(
+        Row(
+            "enqueue",
+            "one job per transaction: `session.add(job); session.commit()` vs INSERT + COMMIT",
+            lib,
+            raw,
+            "jobs/s",
+            note="not a target of the issue; shown for scale",
+        )
+    )
+
+
+# -- 2. consume -------------------------------------------------------------------------------
+
+
+def _consume(url: URL, count: int, kind: str, workers: int, factory: Any, *args: Any) -> float:
+    fill(url, count)
+    run = run_parallel(kind, workers, factory, url, *args)
+    left = remaining(url)
+    if left or run.jobs != count:
+        raise RuntimeError(
+            f"{factory.__name__} x{workers} {kind}: {run.jobs} of {count} jobs done, "
+            f"{left} left in the queue"
+        )
+    return run.rate
+
+
+def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    runtime = worker_runtime_available()
+    if not runtime:
+        report.extra["runtime"] = (
+            "the worker runtime (`sqlalchemy_q4m.worker.Job`, issue 3) is not in this tree: "
+            "no row for it"
+        )
+    for kind in ("thread", "process"):
+        for n in s.concurrency:
+            progress(f"consume {n} {kind}(s)")
+            measures = [
+                lambda n=n, kind=kind: _consume(url, s.consume_jobs, kind, n, RawLoop),
+                lambda n=n, kind=kind: _consume(url, s.consume_jobs, kind, n, SessionLoop),
+            ]
+            if runtime:
+                measures.append(
+                    lambda n=n, kind=kind: _consume(url, s.consume_jobs, kind, n, RuntimeLoop)
+                )
+            rates = _alternate(s.repeats, *measures)
+            label = f"{n} {kind}{'s' if n > 1 else ''}"
+            report.rows.append(
+                Row(
+                    "consume",
+                    f"`queue_session(bind=connection)`, {label}",
+                    rates[1],
+                    rates[0],
+                    "jobs/s",
+                    ">= 0.85",
+                    rates[1] / rates[0] >= 0.85,
+                )
+            )
+            if runtime:
+                report.rows.append(
+                    Row(
+                        "consume",
+                        f"worker runtime `Job.run_once`, {label}",
+                        rates[2],
+                        rates[0],
+                        "jobs/s",
+                        ">= 0.85",
+                        rates[2] / rates[0] >= 0.85,
+                    )
+                )
+    progress("consume, queue_session(bind=engine)")
+    raw, lib = _alternate(
+        s.repeats,
+        lambda: _consume(url, s.consume_jobs, "thread", 1, RawLoop),
+        lambda: _consume(url, s.consume_jobs, "thread", 1, EngineSessionLoop),
+    )
+    report.rows.append(
+        Row(
+            "consume",
+            "`queue_session(bind=engine)` (a pooled connection per job), 1 thread",
+            lib,
+            raw,
+            "jobs/s",
+            note="the README one-liner; not the worker path",
+        )
+    )
+
+
+# -- 3. pickup latency and idle cost ----------------------------------------------------------
+
+
+def _idle_worker(url: URL, library: bool, idle: float, samples: int, poll: float, out: Any) -> None:
+    """Child process: poll an idle queue for ``idle`` seconds counting commands sent, then
+    report the pickup latency of the next ``samples`` jobs."""
+    try:
+        latencies: list[float] = []
+        if library:
+            engine = counting_engine(url)
+            conn = engine.connect().execution_options(isolation_level="READ COMMITTED")
+
+            def step(timeout: float) -> None:
+                with queue_session(BenchJob, bind=conn, timeout=timeout, poll_interval=poll) as job:
+                    if job is not None:
+                        latencies.append(time.monotonic() - job.enqueued_at)
+        else:
+            raw = raw_connect(url, CountingConnection)
+            cur = raw.cursor()
+
+            def step(timeout: float) -> None:
+                deadline = time.monotonic() + timeout
+                while True:
+                    cur.execute(RAW_CLAIM, (1,))
+                    row = cur.fetchone()
+                    if row is not None:
+                        latencies.append(time.monotonic() - row[2])
+                        cur.execute(RAW_DELETE_ONE, (row[0],))
+                        raw.commit()
+                        return
+                    if time.monotonic() >= deadline:
+                        raw.rollback()
+                        return
+                    time.sleep(poll)
+
+        CountingConnection.commands = 0
+        start = time.monotonic()
+        while time.monotonic() - start < idle:
+            step(min(5.0, max(0.0, idle - (time.monotonic() - start))))
+        qps = CountingConnection.commands / (time.monotonic() - start)
+        out.put(("idle", qps))
+        CountingConnection.commands = 0
+        start = time.monotonic()
+        while len(latencies) < samples:
+            step(5.0)
+        busy_qps = CountingConnection.commands / (time.monotonic() - start)
+        out.put(("latency", latencies, busy_qps))
+    except BaseException:
+        out.put(("error", traceback.format_exc()))
+
+
+def _latency(url: URL, s: Settings, library: bool, poll: float) -> tuple[float, list[float], float]:
+    fill(url, 0)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(
+        target=_idle_worker, args=(url, library, s.idle_seconds, s.latency_samples, poll, out)
+    )
+    child.start()
+    try:
+        message = out.get(timeout=s.idle_seconds + 60)
+        if message[0] == "error":
+            raise RuntimeError(message[1])
+        qps = float(message[1])
+        producer = raw_connect(url)
+        producer.autocommit(True)
+        rng = random.Random(6)
+        with producer.cursor() as cur:
+            for i in range(s.latency_samples):
+                time.sleep(rng.uniform(0.5 * s.latency_gap, 1.5 * s.latency_gap))
+                cur.execute(RAW_INSERT, (new_job_id().bytes, f"job {i}", time.monotonic()))
+        producer.close()
+        message = out.get(timeout=60)
+        if message[0] == "error":
+            raise RuntimeError(message[1])
+        return qps, list(message[1]), float(message[2])
+    finally:
+        child.join(timeout=10)
+        if child.is_alive():
+            child.kill()
+            child.join()
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))] * 1000
+
+
+def latency(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    progress("pickup latency")
+    poll = POLL_INTERVAL
+    raw_qps, raw_lat, raw_busy = _latency(url, s, False, poll)
+    lib_qps, lib_lat, lib_busy = _latency(url, s, True, poll)
+    p50, p99 = _pct(lib_lat, 50), _pct(lib_lat, 99)
+    report.rows += [
+        Row(
+            "latency",
+            f"pickup p50, idle queue (poll every {poll * 1000:g} ms)",
+            p50,
+            _pct(raw_lat, 50),
+            "ms",
+            "<= 25 ms",
+            p50 <= 25,
+            higher_is_better=False,
+        ),
+        Row(
+            "latency",
+            "pickup p99, idle queue",
+            p99,
+            _pct(raw_lat, 99),
+            "ms",
+            "<= 100 ms",
+            p99 <= 100,
+            higher_is_better=False,
+        ),
+        Row(
+            "latency",
+            "commands/s sent by an idle worker (no jobs)",
+            lib_qps,
+            raw_qps,
+            "queries/s",
+            "<= 20",
+            lib_qps <= 20,
+            higher_is_better=False,
+        ),
+        Row(
+            "latency",
+            "commands/s while picking up sparse jobs",
+            lib_busy,
+            raw_busy,
+            "queries/s",
+            note="includes each job's claim, DELETE and COMMIT",
+            higher_is_better=False,
+        ),
+    ]
+    report.extra["latency_samples"] = len(lib_lat)
+    report.extra["latency_stats"] = {
+        "library_mean_ms": statistics.fmean(lib_lat) * 1000,
+        "raw_mean_ms": statistics.fmean(raw_lat) * 1000,
+    }
+
+
+# -- 4. worker memory ---------------------------------------------------------------------------
+
+
+def _rss(url: URL, kind: str, jobs: int) -> dict[str, int]:
+    fill(url, jobs)
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.rss", kind, url.render_as_string(hide_password=False)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmarks.rss {kind} failed:\n{done.stderr[-2000:]}")
+    result: dict[str, int] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def memory(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    progress("worker RSS")
+    kind = "runtime" if worker_runtime_available() else "library"
+    raw = _rss(url, "raw", s.rss_jobs)
+    lib = _rss(url, kind, s.rss_jobs)
+    peak = lib["peak_kb"] / 1024
+    what = "worker runtime" if kind == "runtime" else "`queue_session` loop"
+    report.rows.append(
+        Row(
+            "memory",
+            f"peak RSS of a worker process, 4 threads ({what}) after {s.rss_jobs} jobs",
+            peak,
+            raw["peak_kb"] / 1024,
+            "MB",
+            "<= 80 MB",
+            peak <= 80,
+            higher_is_better=False,
+        )
+    )
+
+
+# -- 5. batched consume -------------------------------------------------------------------------
+
+
+def batched(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    for kind, n in s.batch_workers:
+        progress(f"batched consume {n} {kind}(s)")
+        raw, lib, single = _alternate(
+            s.repeats,
+            lambda n=n, kind=kind: _consume(url, s.batch_jobs, kind, n, RawBatchLoop, s.batch_size),
+            lambda n=n, kind=kind: _consume(url, s.batch_jobs, kind, n, BatchLoop, s.batch_size),
+            lambda n=n, kind=kind: _consume(
+                url, max(s.consume_jobs, s.batch_jobs // 10), kind, n, RawLoop
+            ),
+        )
+        label = f"{n} {kind}{'s' if n > 1 else ''}"
+        report.rows.append(
+            Row(
+                "batched",
+                f"`queue_batch(size={s.batch_size})`, {label}",
+                lib,
+                raw,
+                "jobs/s",
+                ">= 10,000 jobs/s",
+                lib >= 10_000,
+                note=f"{lib / single:.1f}x the raw one-job-per-transaction loop ({single:,.0f}/s)",
+            )
+        )

@@ -1,0 +1,203 @@
+"""The consumers being compared: the library's and the raw-PyMySQL loops issuing the same SQL.
+
+Each class connects in ``__init__`` (before the start signal), drains the queue in
+``consume()`` (stops when a claim finds nothing) and returns how many jobs it finished.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import pymysql
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m.backends.base import DEADLOCK
+from sqlalchemy_q4m.batch import DELETE_CHUNK
+from sqlalchemy_q4m.batch import queue_batch
+from sqlalchemy_q4m.exc import CompletionFailed
+
+from .common import RAW_CLAIM
+from .common import RAW_DELETE_MANY
+from .common import RAW_DELETE_ONE
+from .common import BenchJob
+from .common import library_engine
+from .common import raw_connect
+
+
+class RawLoop:
+    """``SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED`` → no-op → ``DELETE`` → ``COMMIT``."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.conn = raw_connect(url)
+
+    def consume(self) -> int:
+        conn, done = self.conn, 0
+        with conn.cursor() as cur:
+            while True:
+                cur.execute(RAW_CLAIM, (1,))
+                row = cur.fetchone()
+                if row is None:
+                    conn.rollback()
+                    return done
+                try:
+                    cur.execute(RAW_DELETE_ONE, (row[0],))
+                except pymysql.err.OperationalError as err:
+                    if err.args[0] != DEADLOCK:
+                        raise
+                    conn.rollback()  # the job returns, as with queue_session
+                    continue
+                conn.commit()
+                done += 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class SessionLoop:
+    """``with queue_session(BenchJob, bind=connection, timeout=0) as job`` per job, on one
+    connection kept by the worker (as a worker thread does)."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.engine = engine or library_engine(url)
+        self.own_engine = engine is None
+        self.conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+
+    def consume(self) -> int:
+        done = 0
+        while True:
+            try:
+                with queue_session(BenchJob, bind=self.conn, timeout=0) as job:
+                    if job is None:
+                        return done
+            except CompletionFailed:  # a deadlock victim: the job returns and runs again
+                continue
+            done += 1
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.own_engine:
+            self.engine.dispose()
+
+
+class EngineSessionLoop(SessionLoop):
+    """``with queue_session(BenchJob, bind=engine, timeout=0) as job``: a pooled connection
+    checked out per job (the README's one-liner)."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.engine = engine or library_engine(url)
+        self.own_engine = engine is None
+        with self.engine.connect():
+            pass  # warm the pool, as a long-running worker would have
+
+    def consume(self) -> int:
+        done = 0
+        while True:
+            try:
+                with queue_session(BenchJob, bind=self.engine, timeout=0) as job:
+                    if job is None:
+                        return done
+            except CompletionFailed:
+                continue
+            done += 1
+
+    def close(self) -> None:
+        if self.own_engine:
+            self.engine.dispose()
+
+
+def worker_runtime_available() -> bool:
+    """True once the worker runtime (issue 3) is in the package with the documented API."""
+    try:
+        module = importlib.import_module("sqlalchemy_q4m.worker")
+    except ImportError:
+        return False
+    job = getattr(module, "Job", None)
+    return job is not None and hasattr(job, "run_once")
+
+
+class RuntimeLoop:
+    """The worker runtime's job class (``Job.run_once``) with a no-op ``execute``."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        job_class: Any = importlib.import_module("sqlalchemy_q4m.worker").Job
+
+        class NoOpJob(job_class):  # type: ignore[misc, valid-type]
+            model = BenchJob
+
+            def execute(self, job: Any) -> None:
+                return None
+
+        self.engine = engine or library_engine(url)
+        self.own_engine = engine is None
+        self.job = NoOpJob(self.engine)
+
+    def consume(self) -> int:
+        done = 0
+        while self.job.run_once(timeout=0):
+            done += 1
+        return done
+
+    def close(self) -> None:
+        if self.own_engine:
+            self.engine.dispose()
+
+
+class RawBatchLoop:
+    """The batched raw loop: claim ``LIMIT n``, one ``DELETE ... IN``, one ``COMMIT``."""
+
+    def __init__(self, url: URL, size: int) -> None:
+        self.conn, self.size = raw_connect(url), size
+
+    def consume(self) -> int:
+        conn, done = self.conn, 0
+        with conn.cursor() as cur:
+            while True:
+                cur.execute(RAW_CLAIM, (self.size,))
+                rows = cur.fetchall()
+                if not rows:
+                    conn.rollback()
+                    return done
+                keys = [r[0] for r in rows]
+                try:
+                    for start in range(0, len(keys), DELETE_CHUNK):  # as queue_batch does
+                        cur.execute(RAW_DELETE_MANY, (keys[start : start + DELETE_CHUNK],))
+                except pymysql.err.OperationalError as err:
+                    if err.args[0] != DEADLOCK:
+                        raise
+                    conn.rollback()  # the whole batch returns, as in queue_batch
+                    continue
+                conn.commit()
+                done += len(rows)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class BatchLoop:
+    """``queue_batch(BenchJob, bind=connection, size=n)``, each job through ``handle()``."""
+
+    def __init__(self, url: URL, size: int) -> None:
+        self.engine = library_engine(url)
+        self.conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+        self.size = size
+
+    def consume(self) -> int:
+        done = 0
+        while True:
+            try:
+                with queue_batch(BenchJob, bind=self.conn, size=self.size, timeout=0) as batch:
+                    if not len(batch):
+                        return done
+                    for job in batch:
+                        with batch.handle(job):
+                            pass
+            except CompletionFailed:  # a deadlock victim: the whole batch runs again
+                continue
+            done += len(batch)
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
