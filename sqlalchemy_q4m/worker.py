@@ -97,6 +97,9 @@ logger = logging.getLogger("sqlalchemy_q4m.worker")
 Outcome = Literal["done", "retried", "dead", "aborted", "lost"]
 OUTCOMES: tuple[Outcome, ...] = ("done", "retried", "dead", "aborted", "lost")
 
+#: Longest single wait while a subscription tests ``run_at <= now`` (rebuilt at each wait).
+DUE_SLICE = 1.0
+
 #: The options a job class accepts (as class attributes or keyword arguments).
 OPTIONS = (
     "max_attempts",
@@ -213,11 +216,11 @@ class Job:
         super().__init_subclass__(**kw)
         if cls.__dict__.get("model") is not None and cls.__dict__.get("table_name") is not None:
             raise Q4MError(f"{cls.__name__}: set model or table_name, not both")
-        for name in _names(cls.__name__, cls.table_name, cls.model):
-            validate_name(name)
         declared = _declared(cls.model)
         if declared:
             subscriptions(declared)  # raises SubscriptionError for anything not a queue
+        for name in _names(cls.__name__, cls.table_name, cls.model):
+            validate_name(name)
 
     def __init__(
         self, bind: Engine | Connection, logger: logging.Logger | None = None, **options: Any
@@ -381,6 +384,8 @@ class Consumer:
         self._since_recycle = 0
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
         self.in_hand: str | None = None
+        #: ``"table id"`` of the job in hand when the database was lost (for the log line).
+        self.lost_job: str | None = None
         first = self.jobs[0]
         self.wait_timeout = float(first.wait_timeout)
         self.poll_interval = float(first.poll_interval)
@@ -498,21 +503,33 @@ class Consumer:
         conn = self.connect()
         targets = self._targets
         assert targets is not None
-        qs: QueueSession[Any] = QueueSession(
-            *[t.target for t in targets],
-            bind=conn,
-            where=self._where(targets),
-            timeout=self.wait_timeout if timeout is None else timeout,
-            backend=self._backend,
-            poll_interval=self.poll_interval,
-        )
-        item = qs.wait()
-        if item is None:
-            return False
+        timed = any(RUN_AT in t.table.columns for t in targets)
+        deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
+        while True:
+            # ``run_at <= now`` is fixed in each wait, so waits are cut into slices of at
+            # most DUE_SLICE seconds and the condition is rebuilt for each.
+            remaining = max(0.0, deadline - time.monotonic())
+            qs: QueueSession[Any] = QueueSession(
+                *[t.target for t in targets],
+                bind=conn,
+                where=self._where(targets),
+                timeout=min(remaining, DUE_SLICE) if timed else remaining,
+                backend=self._backend,
+                poll_interval=self.poll_interval,
+            )
+            item = qs.wait()
+            if item is not None:
+                break
+            if time.monotonic() >= deadline:
+                return False
         sub = qs.subscription
         target = next(t for t in targets if sub is not None and t.table is sub.table)
         try:
             outcome = self._handle(qs, target, item)
+        except (ConnectionLost, DBAPIError, CompletionFailed):
+            self.stats.add("lost")  # the server returns it (or the completion was undone)
+            self.lost_job = self.in_hand
+            raise
         finally:
             self.in_hand = None
             if qs.owning:
@@ -657,15 +674,12 @@ class Consumer:
                     logger.warning("[%s] %s: database is back", self.name, self._label())
                 failures = 0
             except CompletionFailed as err:
-                logger.warning("[%s] %s: %s", self.name, self._label(), err)
-                self.stats.add("lost")
+                logger.warning("[%s] %s: %s", self.name, self.lost_job or self._label(), err)
+                self.lost_job = None
                 continue
             except (ConnectionLost, DBAPIError) as err:
                 failures += 1
-                lost = self.in_hand
-                self.in_hand = None
-                if lost:
-                    self.stats.add("lost")
+                lost, self.lost_job = self.lost_job, None
                 delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
                 delay *= random.uniform(0.75, 1.25)
                 logger.error(
