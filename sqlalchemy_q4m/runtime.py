@@ -158,6 +158,11 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
         if path not in sys.path:
             sys.path.insert(0, path)
     classes = [load_job_class(spec) for spec in config.specs]
+    if any(getattr(cls, "is_async", False) for cls in classes):  # AsyncJob: an event loop
+        from .asyncio_worker import preflight_async
+
+        preflight_async(config, classes)
+        return classes
     engine = make_engine(config.url, 1)
     try:
         consumer = Consumer(_jobs(classes, engine, dict(config.job_options)), engine)
@@ -298,6 +303,10 @@ class ProcessRuntime:
 
     def run(self, status: StatusLine | None = None) -> int:
         """Start the threads and supervise them; returns the exit code."""
+        if any(getattr(cls, "is_async", False) for cls in self.classes):
+            from .asyncio_worker import run_process  # AsyncJob classes: tasks, not threads
+
+            return run_process(self, status)
         engine = make_engine(self.config.url, self.config.concurrency)
         options = dict(self.config.job_options)
         self.consumers = [

@@ -38,8 +38,6 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.asyncio_worker import EXIT_FORCED
-from sqlalchemy_q4m.asyncio_worker import EXIT_OK
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.asyncio_worker import AsyncWorkers
 from sqlalchemy_q4m.asyncio_worker import is_async_job_class
@@ -47,6 +45,9 @@ from sqlalchemy_q4m.asyncio_worker import run_async_workers
 from sqlalchemy_q4m.asyncio_worker import worker_engine
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.retry import RetryMixin
+from sqlalchemy_q4m.runtime import EXIT_ERROR
+from sqlalchemy_q4m.runtime import EXIT_FORCED
+from sqlalchemy_q4m.runtime import EXIT_OK
 from sqlalchemy_q4m.worker import Job
 from sqlalchemy_q4m.worker import Stats
 
@@ -393,3 +394,31 @@ def test_grace_period_forces_the_stop(asyncmy_url: URL, engine: Engine) -> None:
 
     assert asyncio.run(main()) == EXIT_FORCED
     assert queued(engine) == ["stuck"]
+
+
+@pytest.mark.integration
+def test_a_crashing_task_stops_the_others_with_exit_error(
+    asyncmy_url: URL, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class NoSuchTable(AsyncJob):
+        table_name = "test_asyncio_worker_missing"
+
+        async def execute(self, job: Any) -> None:
+            raise AssertionError("never runs")
+
+    class Fine(AsyncJob):
+        model = WJob
+        dead_letter_table = DEAD
+
+        async def execute(self, job: WJob) -> None:
+            pass
+
+    async def main() -> int:
+        async with async_engine(asyncmy_url) as eng:
+            workers = AsyncWorkers([Fine], eng, concurrency=2)
+            # one task of a healthy pair gets a table that does not exist
+            workers.consumers[1].jobs = [NoSuchTable(eng)]
+            return await asyncio.wait_for(workers.run(install_signals=False), 10)
+
+    assert asyncio.run(main()) == EXIT_ERROR
+    assert "task-2 crashed" in caplog.text and "does not exist" in caplog.text
