@@ -65,6 +65,7 @@ from .exc import ConnectionLost
 from .exc import Q4MError
 from .exc import QueueAbort
 from .retry import ATTEMPTS
+from .retry import RUN_AT
 from .retry import decide
 from .runtime import EXIT_ERROR
 from .runtime import EXIT_FORCED
@@ -73,6 +74,7 @@ from .runtime import ProcessRuntime
 from .runtime import StatusLine
 from .runtime import WorkerConfig
 from .signals import on_stop_signals
+from .worker import DUE_SLICE
 from .worker import Consumer
 from .worker import Job
 from .worker import Outcome
@@ -222,21 +224,33 @@ class AsyncConsumer(Consumer):
         conn = await greenlet_spawn(self.connect)
         targets = self._targets
         assert targets is not None
-        aqs: AsyncQueueSession[Any] = AsyncQueueSession(
-            *[t.target for t in targets],
-            bind=self._async_connection(conn),
-            where=self._where(targets),
-            timeout=self.wait_timeout if timeout is None else timeout,
-            backend=self._backend,
-            poll_interval=self.poll_interval,
-        )
-        item = await aqs.wait()
-        if item is None:
-            return False
+        timed = any(RUN_AT in t.table.columns for t in targets)
+        deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
+        while True:
+            # ``run_at <= now`` is fixed in each wait: slices of at most DUE_SLICE seconds,
+            # the condition rebuilt for each (as the thread worker does)
+            remaining = max(0.0, deadline - time.monotonic())
+            aqs: AsyncQueueSession[Any] = AsyncQueueSession(
+                *[t.target for t in targets],
+                bind=self._async_connection(conn),
+                where=self._where(targets),
+                timeout=min(remaining, DUE_SLICE) if timed else remaining,
+                backend=self._backend,
+                poll_interval=self.poll_interval,
+            )
+            item = await aqs.wait()
+            if item is not None:
+                break
+            if time.monotonic() >= deadline:
+                return False
         sub = aqs.subscription
         target = next(t for t in targets if sub is not None and t.table is sub.table)
         try:
             outcome = await self._handle_async(aqs, target, item)
+        except (ConnectionLost, DBAPIError, CompletionFailed):
+            self.stats.add("lost")  # the server returns it (or the completion was undone)
+            self.lost_job = self.in_hand
+            raise
         finally:
             self.in_hand = None
             if aqs.owning:  # failed or cancelled on the way: give the job back
@@ -297,6 +311,10 @@ class AsyncConsumer(Consumer):
                 await aqs.end()
             log.info("done in %.3fs", elapsed)
             return "done"
+        if qs.connection_invalidated:  # the job's error came from losing the connection
+            raise ConnectionLost(
+                f"connection lost while running the job: {_describe(error)}"
+            ) from error
         if nested is not None and nested.is_active:
             await greenlet_spawn(nested.rollback)
         log.error(
@@ -335,14 +353,12 @@ class AsyncConsumer(Consumer):
                         logger.warning("[%s] %s: database is back", self.name, self._label())
                     failures = 0
                 except CompletionFailed as err:
-                    logger.warning("[%s] %s: %s", self.name, self._label(), err)
-                    self.stats.add("lost")
+                    logger.warning("[%s] %s: %s", self.name, self.lost_job or self._label(), err)
+                    self.lost_job = None
                     continue
                 except (ConnectionLost, DBAPIError) as err:
                     failures += 1
-                    lost, self.in_hand = self.in_hand, None
-                    if lost:
-                        self.stats.add("lost")
+                    lost, self.lost_job = self.lost_job, None
                     delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
                     delay *= random.uniform(0.75, 1.25)
                     logger.error(

@@ -422,3 +422,41 @@ def test_a_crashing_task_stops_the_others_with_exit_error(
 
     assert asyncio.run(main()) == EXIT_ERROR
     assert "task-2 crashed" in caplog.text and "does not exist" in caplog.text
+
+
+@pytest.mark.integration
+def test_a_killed_connection_is_replaced_and_the_job_runs_again(
+    async_url: URL, engine: Engine
+) -> None:
+    (job_id,) = enqueue(engine, "survivor")
+    runs: list[uuid.UUID] = []
+
+    class KillsItsConnection(AsyncJob):
+        model = WJob
+        dead_letter_table = DEAD
+        reconnect_max = 0.2
+
+        async def execute(self, job: WJob) -> None:
+            runs.append(job.id)
+            if len(runs) == 1:  # the server goes away under the first run
+                cid = (await self.session.execute(text("SELECT CONNECTION_ID()"))).scalar()
+                await asyncio.to_thread(kill, int(cid or 0))
+                await self.session.execute(text("SELECT 1"))
+
+    def kill(cid: int) -> None:
+        with engine.connect() as conn:
+            conn.execute(text(f"KILL {cid}"))
+
+    stats = Stats()
+
+    async def main() -> int:
+        async with async_engine(async_url) as eng:
+            return await run_async_workers(
+                [KillsItsConnection], eng, burst=True, stats=stats, install_signals=False
+            )
+
+    assert asyncio.run(main()) == EXIT_OK
+    assert runs == [job_id, job_id]  # returned by the server, run again, not lost
+    counts = stats.snapshot()
+    assert (counts["lost"], counts["done"], counts["dead"]) == (1, 1, 0)
+    assert queued(engine) == []
