@@ -338,6 +338,8 @@ class FakeCursor:
             self._select(sql)
         elif upper.startswith("CREATE TABLE"):
             self._create(sql)
+        elif re.fullmatch(r"DELETE FROM " + _NAME, sql, re.IGNORECASE):
+            self._delete(sql)
         elif upper.startswith(("UPDATE", "DELETE")):
             server._record(conn, "other", sql)
             m = re.match(r"(?:UPDATE|DELETE FROM) " + _NAME, sql, re.IGNORECASE)
@@ -415,6 +417,20 @@ class FakeCursor:
                 )
             columns[words[0].strip("`")] = words[1]
         self.server.add_table(name, columns, queue)
+
+    def _delete(self, sql: str) -> None:
+        """``DELETE FROM t`` (no WHERE): removes the rows this connection can see."""
+        m = re.fullmatch(r"DELETE FROM " + _NAME, sql, re.IGNORECASE)
+        assert m is not None
+        self.server._record(self.conn, "other", sql)
+        table = self.server.tables.get(m.group(1))
+        if table is None:
+            raise ProgrammingError(1146, f"Table '{m.group(1)}' doesn't exist")
+        gone = [r for r in table.rows if r["_owner"] in (None, self.conn.id)]
+        table.rows = [r for r in table.rows if r not in gone]
+        if self.conn.owned is not None and self.conn.owned[1] in gone:
+            self.conn.owned = None
+        self.rowcount = len(gone)
 
     def _insert(self, sql: str, params: tuple[Any, ...]) -> None:
         m = re.fullmatch(r"INSERT INTO " + _NAME + r" \((.*?)\) VALUES \((.*)\)", sql, re.I)
