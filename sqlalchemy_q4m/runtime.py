@@ -139,9 +139,11 @@ def make_engine(url: str, concurrency: int = 1) -> Engine:
 def setup_logging(level: str, stream: TextIO | None = None) -> None:
     """Plain log lines on stderr (the job's table and id are in each job's message)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        if getattr(old, "q4m_handler", False):  # ours from an earlier call: replaced
+            root.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
+    handler.q4m_handler = True  # type: ignore[attr-defined]
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
