@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
 
+from sqlalchemy import Delete
 from sqlalchemy import Select
+from sqlalchemy import Table
+from sqlalchemy import bindparam
 from sqlalchemy import delete
 from sqlalchemy import inspect
 from sqlalchemy import select
@@ -38,9 +41,25 @@ __all__ = ["PortableBackend", "claim_statement"]
 RETRIES = 5
 
 
+#: Claim (unconditional, one job) and completion statements, built once per target / table:
+#: building them per job cost more CPU than SQLAlchemy's compiled cache saves.
+_CLAIMS: dict[Any, Select[Any]] = {}
+_DELETES: dict[Table, Delete] = {}
+_JOB_KEY = "q4m_job_key"
+
+
 def claim_statement(sub: Subscription, limit: int = 1) -> Select[Any]:
     """``SELECT ... WHERE cond ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` for ``sub``; a
     column marked ``info["q4m_priority"]`` (``PriorityMixin``) orders first, highest first."""
+    if sub.where is None and limit == 1:
+        cached = _CLAIMS.get(sub.target)
+        if cached is None:
+            cached = _CLAIMS[sub.target] = _build_claim(sub, 1)
+        return cached
+    return _build_claim(sub, limit)
+
+
+def _build_claim(sub: Subscription, limit: int) -> Select[Any]:
     stmt = select(sub.target)
     if sub.where is not None:
         stmt = stmt.where(sub.where)
@@ -120,10 +139,17 @@ class PortableBackend(Backend):
         else:
             key = list(table.primary_key.columns)
             values = [claim.job._mapping[c] for c in key]
-        stmt = delete(table).where(*(c == v for c, v in zip(key, values, strict=True)))
+        params: dict[str, Any] = {}
+        if len(key) == 1 and key[0].table is table:
+            stmt = _DELETES.get(table)
+            if stmt is None:
+                stmt = _DELETES[table] = delete(table).where(key[0] == bindparam(_JOB_KEY))
+            params = {_JOB_KEY: next(iter(values))}
+        else:
+            stmt = delete(table).where(*(c == v for c, v in zip(key, values, strict=True)))
         for attempt in range(RETRIES + 1):
             try:
-                session.execute(stmt)
+                session.execute(stmt, params)
                 return
             except OperationalError as err:
                 if error_code(err) != LOCK_WAIT_TIMEOUT or attempt == RETRIES:
