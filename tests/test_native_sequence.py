@@ -312,6 +312,14 @@ def test_several_models_earlier_wins(fake: FakeQ4M, engine: Engine, checkins: li
     assert_clean(fake, checkins)
 
 
+def test_bulk_enqueue_of_equal_payloads(fake: FakeQ4M, engine: Engine) -> None:
+    with Session(engine) as s:
+        s.execute(insert(ShellJob), [{"command": "same"} for _ in range(1000)])
+        s.commit()
+    rows = fake.rows("fq_shell_jobs")
+    assert len(rows) == 1000 and len({r["id"] for r in rows}) == 1000
+
+
 def test_core_table_yields_a_row(fake: FakeQ4M, engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(insert(core_jobs), [{"payload": "a"}, {"payload": "a"}])

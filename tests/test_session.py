@@ -176,7 +176,7 @@ def test_timeout_returns_none_in_about_timeout(db: Engine, timeout: float) -> No
     with queue_session(ShellJob, bind=db, timeout=timeout) as job:
         assert job is None
     elapsed = time.monotonic() - started
-    assert timeout <= elapsed < timeout + 0.35
+    assert timeout <= elapsed < timeout + 0.6
 
 
 def test_a_job_arriving_during_the_wait_is_taken(db: Engine) -> None:
@@ -401,7 +401,7 @@ def short_waits(db: Engine, db_url: URL) -> Iterator[Engine]:
 
 
 def test_lock_wait_timeout_while_claiming_is_retried(short_waits: Engine, db: Engine) -> None:
-    """A real 1205: another client holds the table locked for 1.5 s, longer than one wait."""
+    """A real 1205: another client holds the table locked for 2.2 s, two lock waits long."""
     (job_id,) = enqueue(db, ShellJob(command="a"))
     errors: list[int] = []
     event.listen(
@@ -409,7 +409,7 @@ def test_lock_wait_timeout_while_claiming_is_retried(short_waits: Engine, db: En
     )
     with db.connect() as locker:
         locker.exec_driver_sql("LOCK TABLES ss_shell_jobs WRITE")
-        timer = threading.Timer(1.5, locker.exec_driver_sql, ("UNLOCK TABLES",))
+        timer = threading.Timer(2.2, locker.exec_driver_sql, ("UNLOCK TABLES",))
         timer.start()
         try:
             with queue_session(ShellJob, bind=short_waits, timeout=5) as job:
