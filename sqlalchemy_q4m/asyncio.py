@@ -28,6 +28,11 @@ Connections: on the native backend every waiting or owning task holds one connec
 whole wait and job, so N concurrent consumers need a pool of at least N connections
 (``pool_size=N``), plus whatever producers use, plus one briefly the first time the backend is
 detected.  The portable backend holds one per task too, while claiming and while the job runs.
+
+Drivers: ``mysql+asyncmy://`` and ``mysql+aiomysql://`` (``pip install
+'sqlalchemy-q4m[asyncmy]'`` or ``[aiomysql]``).  aiomysql 0.3 cannot send bytes parameters
+(every job id) with PyMySQL 1.2, so its extra pins ``PyMySQL<1.2``
+(https://github.com/aio-libs/aiomysql/issues/1080).
 """
 
 from __future__ import annotations

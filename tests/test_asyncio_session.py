@@ -438,7 +438,7 @@ def test_50_tasks_drain_5000_jobs_exactly_once(
             await drain(eng)
 
     async def drain(bind: Any) -> None:
-        make = async_queue_sessionmaker(bind, timeout=1.0, poll_interval=0.02)
+        make = async_queue_sessionmaker(bind, timeout=0.5, poll_interval=0.02)
         while True:
             async with make(AioJob) as job:
                 if job is None:
