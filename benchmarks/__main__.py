@@ -59,6 +59,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, one repeat: under a minute (CI)"
     )
+    parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke test
     parser.add_argument(
         "--output", default=str(HERE / "RESULTS.md"), help="report path (default %(default)s)"
     )
@@ -183,7 +184,8 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float) ->
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    settings = Settings.quick() if args.quick else Settings()
+    settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings()
+    args.quick = args.quick or args.tiny
     given = make_url(args.url)
     server = given.set(database=None)
     own_database = given.database is None

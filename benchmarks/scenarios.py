@@ -30,7 +30,6 @@ from .common import RAW_INSERT
 from .common import TABLE
 from .common import BenchJob
 from .common import CountingConnection
-from .common import Run
 from .common import counting_engine
 from .common import fill
 from .common import library_engine
@@ -62,6 +61,23 @@ class Settings:
     batch_jobs: int = 30_000
     batch_size: int = 200
     batch_workers: tuple[tuple[str, int], ...] = (("thread", 1), ("process", 2), ("process", 4))
+
+    @classmethod
+    def tiny(cls) -> Settings:
+        """Every row, with almost no work: the test suite's smoke run."""
+        return cls(
+            enqueue_jobs=200,
+            enqueue_single_jobs=20,
+            consume_jobs=40,
+            repeats=1,
+            latency_samples=5,
+            latency_gap=0.05,
+            idle_seconds=0.5,
+            rss_jobs=40,
+            batch_jobs=400,
+            batch_size=50,
+            batch_workers=(("thread", 1), ("process", 2)),
+        )
 
     @classmethod
     def quick(cls) -> Settings:
@@ -107,8 +123,9 @@ class Report:
 Progress = Callable[[str], None]
 
 
-def _best(runs: list[Run]) -> float:
-    return max(r.rate for r in runs)
+def _label(kind: str, n: int) -> str:
+    plural = {"thread": "threads", "process": "processes"}[kind]
+    return f"{n} {kind if n == 1 else plural}"
 
 
 def _alternate(repeats: int, *measures: Callable[[], float]) -> list[float]:
@@ -241,7 +258,7 @@ def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
                     lambda n=n, kind=kind: _consume(url, s.consume_jobs, kind, n, RuntimeLoop)
                 )
             rates = _alternate(s.repeats, *measures)
-            label = f"{n} {kind}{'s' if n > 1 else ''}"
+            label = _label(kind, n)
             report.rows.append(
                 Row(
                     "consume",
@@ -482,7 +499,7 @@ def batched(url: URL, s: Settings, report: Report, progress: Progress) -> None:
                 url, max(s.consume_jobs, s.batch_jobs // 10), kind, n, RawLoop
             ),
         )
-        label = f"{n} {kind}{'s' if n > 1 else ''}"
+        label = _label(kind, n)
         report.rows.append(
             Row(
                 "batched",
