@@ -190,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
         "reconnect and make fresh job objects after this many jobs per worker",
         type=_positive_int,
     )
+    _option(
+        worker,
+        "--dead-table",
+        "Q4M_DEAD_TABLE",
+        "dead-letter table name (default: the job class's)",
+    )
     _switch(
         worker,
         "--end-before-execute",
@@ -315,6 +321,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         options["retry_base"] = args.retry_base
     if args.recycle_after is not None:
         options["recycle_after"] = args.recycle_after
+    if args.dead_table is not None:
+        options["dead_letter_table"] = args.dead_table
     if end_first:
         options["end_before_execute"] = True
     if args.backend != "auto":
