@@ -44,7 +44,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 from typing import Generic
@@ -56,11 +55,11 @@ from sqlalchemy import Delete
 from sqlalchemy import Engine
 from sqlalchemy import bindparam
 from sqlalchemy import delete
-from sqlalchemy import inspect
 from sqlalchemy import tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import BindParameter
 
 from .backends.base import LOCK_WAIT_TIMEOUT
@@ -183,19 +182,11 @@ class QueueBatch(Generic[T]):
         if self._single is not None:
             self._single.abort()
 
-    @contextmanager
-    def handle(self, job: T) -> Iterator[T]:
-        """End ``job`` when the block exits normally; abort it on an exception, which is
-        re-raised (:class:`~sqlalchemy_q4m.exc.QueueAbort` is swallowed)."""
-        try:
-            yield job
-        except QueueAbort:
-            self.abort(job)
-        except BaseException:
-            self.abort(job)
-            raise
-        else:
-            self.end(job)
+    def handle(self, job: T) -> _Handling[T]:
+        """A context manager that ends ``job`` when its block exits normally and aborts it on
+        an exception, which is re-raised (:class:`~sqlalchemy_q4m.exc.QueueAbort` is
+        swallowed)."""
+        return _Handling(self, job)
 
     def close(self) -> None:
         """Commit the completed jobs and return the others; safe to call twice."""
@@ -410,10 +401,34 @@ def _delete_statement(sub: Subscription) -> tuple[Delete, bool]:
     return cached
 
 
+class _Handling(Generic[T]):
+    """What :meth:`QueueBatch.handle` returns (a class, not a generator: it runs per job)."""
+
+    __slots__ = ("batch", "job")
+
+    def __init__(self, batch: QueueBatch[T], job: T) -> None:
+        self.batch, self.job = batch, job
+
+    def __enter__(self) -> T:
+        return self.job
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        if exc is None:
+            self.batch.end(self.job)
+            return False
+        self.batch.abort(self.job)
+        return isinstance(exc, QueueAbort)
+
+
 def _key_of(sub: Subscription, job: Any) -> tuple[Any, ...]:
     """The primary key values of a claimed job (mapped instance or Core row)."""
     if sub.is_orm:
-        identity = inspect(job).identity
+        identity = instance_state(job).identity
         return tuple(identity or ())
     return tuple(job._mapping[c] for c in sub.table.primary_key.columns)
 
