@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version
 
+from .batch import QueueBatch
+from .batch import queue_batch
 from .ddl import QueueMixin
 from .ddl import is_queue_table
 from .ddl import job_id_column
@@ -47,6 +49,7 @@ __all__ = [
     "PriorityMixin",
     "Q4MError",
     "QueueAbort",
+    "QueueBatch",
     "QueueMixin",
     "QueueSession",
     "RetryMixin",
@@ -58,6 +61,7 @@ __all__ = [
     "job_id_column",
     "new_job_id",
     "queue_abort",
+    "queue_batch",
     "queue_compact",
     "queue_end",
     "queue_rowid",
