@@ -313,7 +313,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     status = args.status == "always" or (args.status == "auto" and tty)
     level = args.log_level or ("WARNING" if status else "INFO")
     _check_level(level)
-    setup_logging(level)
+    setup_logging(level, clear_line=status)
     options: dict[str, Any] = {}
     if args.max_attempts is not None:
         options["max_attempts"] = args.max_attempts

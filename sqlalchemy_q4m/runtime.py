@@ -136,15 +136,16 @@ def make_engine(url: str, concurrency: int = 1) -> Engine:
         raise Q4MError(f"bad database URL {url!r}: {err}") from None
 
 
-def setup_logging(level: str, stream: TextIO | None = None) -> None:
-    """Plain log lines on stderr (the job's table and id are in each job's message)."""
+def setup_logging(level: str, stream: TextIO | None = None, *, clear_line: bool = False) -> None:
+    """Plain log lines on stderr (the job's table and id are in each job's message);
+    ``clear_line`` first erases a live status line so a log line never lands inside it."""
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "q4m_handler", False):  # ours from an earlier call: replaced
             root.removeHandler(old)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.q4m_handler = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(logging.Formatter(("\r\033[K" if clear_line else "") + LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(level.upper())
 
@@ -367,7 +368,7 @@ def _child_main(
     config: WorkerConfig, index: int, shared: Any, parent_pid: int
 ) -> None:  # pragma: no cover - runs in a child process (covered by the acceptance tests)
     os.setpgid(0, 0)  # terminal signals reach the supervisor only; it forwards them
-    setup_logging(config.log_level)
+    setup_logging(config.log_level, clear_line=config.status)
     try:
         classes = preflight_classes(config)
     except Q4MError as err:
