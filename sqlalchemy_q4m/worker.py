@@ -556,7 +556,11 @@ class Consumer:
         job.job_id, job.attempts, job.log = job_id, attempts, log
         job._queue_session = None if ended else qs
         job._abort_requested = False
-        nested = None if ended else qs.session.begin_nested()
+        # The block's own writes are undone on failure or abort: on InnoDB by a savepoint (the
+        # claim's row lock must outlive it); on Q4M, where owning is not transactional, by
+        # rolling back the session's transaction.
+        portable = qs.backend is not None and qs.backend.name == "portable"
+        nested = qs.session.begin_nested() if portable and not ended else None
         log.debug("started (attempt %d)", attempts + 1)
         start = time.monotonic()
         error: BaseException | None = None
@@ -579,6 +583,8 @@ class Consumer:
                     nested.rollback()
                 else:
                     nested.commit()
+            elif aborted and not ended:
+                qs.session.rollback()
             if aborted:
                 if ended:
                     log.warning("queue_abort() after end_before_execute: the job is gone")
@@ -592,6 +598,8 @@ class Consumer:
             return "done"
         if nested is not None and nested.is_active:
             nested.rollback()
+        elif nested is None and not ended:
+            qs.session.rollback()
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
             attempts + 1,
