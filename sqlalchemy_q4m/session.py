@@ -64,6 +64,8 @@ Bind = Engine | Connection | Session
 Where = ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None
 
 #: Default seconds between two claim attempts on the portable backend while the queue is empty.
+#: 50 ms costs an idle consumer 20 queries/s and delays pickup by 25 ms on average (half the
+#: interval); any polling schedule at 20 queries/s has a median delay of at least 25 ms.
 POLL_INTERVAL = 0.05
 
 
@@ -134,7 +136,8 @@ class QueueSession(Generic[T]):
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
             while True:
-                remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                started = time.monotonic()
+                remaining = 60.0 if deadline is None else max(0.0, deadline - started)
                 claim = backend.attempt(self.session, self.subscriptions, remaining)
                 if claim is not None:
                     self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
@@ -143,8 +146,12 @@ class QueueSession(Generic[T]):
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 if not backend.blocking:
-                    left = self.poll_interval if deadline is None else deadline - time.monotonic()
-                    time.sleep(max(0.0, min(self.poll_interval, left)))
+                    # One attempt per poll_interval on a fixed schedule, however long the
+                    # attempt took: an idle consumer costs exactly 1 / poll_interval queries/s.
+                    wake = started + self.poll_interval
+                    if deadline is not None:
+                        wake = min(wake, deadline)
+                    time.sleep(max(0.0, wake - time.monotonic()))
             self._finish_transaction(commit=False)
         except BaseException:
             self._release(broken=True)
