@@ -270,11 +270,14 @@ class QueueBatch(Generic[T]):
         self._session = session
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
+            started = time.monotonic()
             jobs = self._claim(session)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs
-            left = self.poll_interval if deadline is None else deadline - time.monotonic()
-            time.sleep(max(0.0, min(self.poll_interval, left)))
+            wake = started + self.poll_interval  # a fixed schedule, as queue_session polls
+            if deadline is not None:
+                wake = min(wake, deadline)
+            time.sleep(max(0.0, wake - time.monotonic()))
 
     def _claim(self, session: Session) -> list[T]:
         jobs: list[T] = []
