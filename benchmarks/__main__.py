@@ -130,7 +130,7 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.1f}"
 
 
-def render(info: dict[str, Any], report: Report, quick: bool, seconds: float) -> str:
+def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, repeats: int) -> str:
     v = info["variables"]
     lines = [
         "# sqlalchemy-q4m benchmarks",
@@ -155,8 +155,8 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float) ->
         "",
         "Each library figure is measured in the same run as its raw-PyMySQL baseline issuing the"
         " same SQL (alternating, best of "
-        f"{'1' if quick else '3'} runs each). `ratio` = library / raw: higher is better for"
-        " jobs/s, lower is better for ms, MB and queries/s.",
+        f"{repeats} run{'s' if repeats > 1 else ''} each). `ratio` = library / raw: higher is"
+        " better for jobs/s, lower is better for ms, MB and queries/s.",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",
@@ -216,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                 report.errors.append(f"{name}: {traceback.format_exc()}")
                 progress(f"{name} FAILED")
         output = Path(args.output)
-        output.write_text(render(info, report, args.quick, time.monotonic() - started))
+        output.write_text(
+            render(info, report, args.quick, time.monotonic() - started, settings.repeats)
+        )
         progress(f"wrote {output}")
     finally:
         if own_database:
