@@ -142,7 +142,8 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, re
         "## Machine",
         "",
         f"- {info['cores']} cores, {info['cpu']}; Linux {info['kernel']}; "
-        f"load average at start {info['load']}",
+        f"load average at start {info['load']}, at the end {_load()} (other work on the"
+        " machine shares the cores: compare the ratios, not the absolute rates)",
         f"- server {info['server']}: innodb_flush_log_at_trx_commit="
         f"{v['innodb_flush_log_at_trx_commit']}, sync_binlog={v['sync_binlog']}, "
         f"log_bin={v['log_bin']}, innodb_flush_method={v['innodb_flush_method']}, "
