@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import signal
 import subprocess
 import time
@@ -145,3 +146,48 @@ def test_a_job_whose_worker_is_sigkilled_runs_again_on_another_worker(
     assert start[0] == "start" and done[0] == "done" and start[1] == done[1] == 1
     assert start[2] == victim.pid and done[2] != victim.pid
     assert count_rows(engine, table) == 0
+
+
+def test_the_grace_period_ends_with_the_jobs_in_hand_returned(
+    db_url: URL, engine: Engine, table: Table, tmp_path: Path
+) -> None:
+    enqueue_numbers(db_url, 3)
+    log, output = tmp_path / "jobs.log", tmp_path / "worker.out"
+    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE=TABLE, WORKER_SLEEP="30", Q4M_GRACE="0.5")
+    process = start_q4m(
+        "worker", "worker_jobs:RecordJob", "--url", url_of(db_url), env=env, output=output
+    )
+    try:
+        wait_for(lambda: read_log(str(log)), 60, "a job to start")
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 3
+        assert time.monotonic() - started < 10  # not the job's 30 seconds
+    finally:
+        stop(process)
+    assert [e for e, _, _ in read_log(str(log))] == ["start"]
+    assert count_rows(engine, table) == 3
+    assert "grace period over" in output.read_text()
+
+
+def test_a_killed_worker_process_is_restarted_and_its_job_runs_again(
+    db_url: URL, engine: Engine, table: Table, tmp_path: Path
+) -> None:
+    enqueue_numbers(db_url, 6)
+    log, output = tmp_path / "jobs.log", tmp_path / "worker.out"
+    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE=TABLE, WORKER_SLEEP="0.5")
+    args = ["worker", "worker_jobs:RecordJob", "--url", url_of(db_url), "--burst"]
+    process = start_q4m(*args, "--processes", "2", env=env, output=output)
+    try:
+        (_, n, child) = wait_for(lambda: read_log(str(log)), 60, "a job to start")[0]
+        assert child != process.pid  # a child process runs the job
+        os.kill(child, signal.SIGKILL)
+        assert process.wait(90) == 0
+    finally:
+        stop(process)
+    events = read_log(str(log))
+    done = collections.Counter(k for e, k, _ in events if e == "done")
+    assert set(done) == set(range(1, 7)) and set(done.values()) == {1}
+    assert [p for e, k, p in events if e == "done" and k == n] != [child]
+    assert count_rows(engine, table) == 0
+    assert "worker process" in output.read_text() and "restarting in" in output.read_text()
