@@ -238,3 +238,23 @@ def test_enqueue_delay_needs_a_run_at_column(
         assert_usage_error(code, err, "needs a 'run_at' column")
     finally:
         plain.drop(engine)
+
+
+@pytest.mark.integration
+def test_stats_counts_a_job_in_hand_as_owned(
+    db_url: URL, engine: Engine, table: Table, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sqlalchemy_q4m import queue_session
+
+    url = url_of(db_url)
+    for n in (1, 2):
+        assert q4m(capsys, "enqueue", TABLE, "--url", url, "--json", f'{{"n": {n}}}')[0] == 0
+    with queue_session(table, bind=engine, timeout=2) as job:
+        assert job is not None
+        code, out, _ = q4m(capsys, "stats", TABLE, "--url", url, "--json")
+        assert code == 0
+        (stats,) = json.loads(out)
+        assert (stats["queued"], stats["owned"]) == (1, 1)
+    code, out, _ = q4m(capsys, "stats", TABLE, "--url", url, "--json")
+    (stats,) = json.loads(out)
+    assert (stats["queued"], stats["owned"]) == (1, 0)
