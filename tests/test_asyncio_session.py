@@ -453,3 +453,86 @@ def test_50_tasks_drain_5000_jobs_exactly_once(
     assert set(counts) == ids and max(counts.values()) == 1
     assert queued(engine) == []
     print(f"{driver}: {total} jobs in {time.monotonic() - start:.1f}s")
+
+
+@pytest.mark.integration
+def test_cancelled_in_a_blocked_statement_never_pools_the_connection(
+    async_url: URL, engine: Engine
+) -> None:
+    (job_id,) = enqueue(engine, "blocked")
+    with engine.begin() as conn:
+        conn.execute(insert(AioLog), [{"id": 1, "note": "locked"}])
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            invalidated: list[bool] = []
+
+            async def consumer() -> None:
+                qs = queue_session(AioJob, bind=eng, timeout=5)
+                async with qs as job:
+                    assert job is not None
+                    conn = await qs.connection()
+                    waiting.set()
+                    try:  # blocks on the row lock the test holds
+                        await qs.session.execute(select(AioLog).with_for_update())
+                    finally:
+                        invalidated.append(conn.invalidated)
+
+            waiting = asyncio.Event()
+            with engine.connect() as holder:
+                holder.execute(select(AioLog).with_for_update())  # hold the row lock
+                task = asyncio.create_task(consumer())
+                await asyncio.wait_for(waiting.wait(), 10)
+                await asyncio.sleep(0.3)  # the SELECT ... FOR UPDATE is waiting in the server
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert invalidated == [True]  # cut mid-statement: closed, not pooled
+                assert checked_out(eng) == 0
+                holder.rollback()
+            # the server ends the orphaned statement and rolls back: the job is back
+            for _ in range(100):
+                async with queue_session(AioJob, bind=eng, timeout=0.1) as again:
+                    if again is not None:
+                        assert again.id == job_id
+                        return
+            raise AssertionError("the job did not come back")
+
+    run(main)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_end_runs_to_completion_when_cancelled(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "finishing")
+    with engine.begin() as conn:
+        conn.execute(insert(AioLog), [{"id": 1, "note": "before"}])
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng, AsyncSession(eng) as session:
+            ending = asyncio.Event()
+
+            async def consumer() -> None:
+                async with queue_session(AioJob, bind=session, timeout=5) as job:
+                    assert job is not None
+                    row = await session.get(AioLog, 1)
+                    assert row is not None
+                    row.note = "after"  # flushed by end(): blocks on the test's lock
+                    ending.set()
+
+            with engine.connect() as holder:
+                holder.execute(select(AioLog).with_for_update())
+                task = asyncio.create_task(consumer())
+                await asyncio.wait_for(ending.wait(), 10)
+                await asyncio.sleep(0.3)
+                task.cancel()  # while end() waits for the lock
+                await asyncio.sleep(0.2)
+                assert not task.done()  # end() is not cut short
+                holder.rollback()
+            with pytest.raises(asyncio.CancelledError):
+                await task  # the cancellation is delivered once end() is done
+
+    run(main)
+    assert queued(engine) == []  # ended, with the write
+    with engine.connect() as conn:
+        assert list(conn.execute(select(AioLog.note)).scalars()) == ["after"]
