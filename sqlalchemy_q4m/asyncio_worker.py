@@ -147,7 +147,7 @@ class AsyncJob(Job):
         self.async_bind = _async_bind(bind)
         super().__init__(_sync_half(self.async_bind), logger, **options)
 
-    async def execute(self, job: Any) -> None:  # type: ignore[override]
+    async def execute(self, job: Any) -> None:
         """Do the job.  Return normally: it is done; raise: it is retried or dead-lettered;
         call :meth:`queue_abort` (or raise ``QueueAbort``): it goes back to the queue."""
         raise NotImplementedError(f"{type(self).__name__}.execute(job) is not implemented")
@@ -280,7 +280,10 @@ class AsyncConsumer(Consumer):
         job.job_id, job.attempts, job.log = job_id, attempts, log
         job._queue_session = None if ended else qs
         job._abort_requested = False
-        nested = None if ended else await greenlet_spawn(qs.session.begin_nested)
+        # the block's own writes are undone on failure or abort: on InnoDB by a savepoint
+        # (the claim's row lock must outlive it); on Q4M by rolling back the session
+        portable = qs.backend is not None and qs.backend.name == "portable"
+        nested = await greenlet_spawn(qs.session.begin_nested) if portable and not ended else None
         log.debug("started (attempt %d)", attempts + 1)
         start = time.monotonic()
         error: BaseException | None = None
@@ -300,6 +303,8 @@ class AsyncConsumer(Consumer):
         if error is None:
             if nested is not None:
                 await greenlet_spawn(nested.rollback if aborted else nested.commit)
+            elif aborted and not ended:
+                await greenlet_spawn(qs.session.rollback)
             if aborted:
                 if ended:
                     log.warning("queue_abort() after end_before_execute: the job is gone")
@@ -317,6 +322,8 @@ class AsyncConsumer(Consumer):
             ) from error
         if nested is not None and nested.is_active:
             await greenlet_spawn(nested.rollback)
+        elif nested is None and not ended:
+            await greenlet_spawn(qs.session.rollback)
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
             attempts + 1,

@@ -258,7 +258,7 @@ class Job:
 
     # -- what subclasses write ------------------------------------------------------------
 
-    def execute(self, job: Any) -> None:
+    def execute(self, job: Any) -> object:
         """Do the job.  Return normally: it is done; raise: it is retried or dead-lettered;
         call :meth:`queue_abort` (or raise ``QueueAbort``): it goes back to the queue."""
         raise NotImplementedError(f"{type(self).__name__}.execute(job) is not implemented")
