@@ -26,6 +26,12 @@ out, cancels the tasks, and a task cancelled while it owns a job returns it to t
 Connections: every task pins one connection for as long as it runs (a native ``queue_wait``
 waits on it, a portable claim holds its transaction on it), so N tasks need N connections:
 ``pool_size >= N``.  :func:`worker_engine` makes an engine sized that way.
+
+``q4m worker module:FetchJob --concurrency 50 [--processes 4]`` runs AsyncJob classes too: the
+runtime (:mod:`sqlalchemy_q4m.runtime`) hands each process to :func:`run_process`, which runs
+``--concurrency`` tasks in one event loop instead of threads, with the same status line,
+signals and exit codes; a sync ``--url`` (``mysql+pymysql://``) gets an installed async driver
+instead.  Job and AsyncJob classes cannot share one worker command.
 """
 
 from __future__ import annotations
