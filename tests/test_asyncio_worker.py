@@ -6,6 +6,7 @@ Each test runs its own event loop and disposes its async engine inside it.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import uuid
@@ -459,4 +460,38 @@ def test_a_killed_connection_is_replaced_and_the_job_runs_again(
     assert runs == [job_id, job_id]  # returned by the server, run again, not lost
     counts = stats.snapshot()
     assert (counts["lost"], counts["done"], counts["dead"]) == (1, 1, 0)
+    assert queued(engine) == []
+
+
+@pytest.mark.integration
+def test_recycle_and_end_before_execute(
+    asyncmy_url: URL, engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    enqueue(engine, *(f"r{i}" for i in range(5)))
+    objects: set[int] = set()
+    runs: list[str] = []
+
+    class Recycled(AsyncJob):
+        model = WJob
+        dead_letter_table = DEAD
+        recycle_after = 2
+        end_before_execute = True  # at most once: a failure is buried, never retried
+
+        async def execute(self, job: WJob) -> None:
+            objects.add(id(self))
+            runs.append(job.payload)
+            if job.payload == "r0":
+                raise RuntimeError("r0 fails once and for all")
+
+    caplog.set_level(logging.INFO, "sqlalchemy_q4m.worker")
+
+    async def main() -> None:
+        async with async_engine(asyncmy_url) as eng:
+            await Recycled(eng).run(burst=True)
+
+    asyncio.run(main())
+    assert sorted(runs) == [f"r{i}" for i in range(5)]  # r0 ran once only
+    assert len(objects) == 3  # fresh job objects after 2 and 4 jobs
+    assert caplog.text.count("recycling after 2 jobs") == 2
+    assert [(q, a) for q, a, _ in dead_letters(engine)] == [(WJob.__tablename__, 1)]
     assert queued(engine) == []
