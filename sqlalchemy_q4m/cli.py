@@ -113,6 +113,17 @@ def _option(
     parser.add_argument(flag, default=_env(env, default), help=text, **kw)
 
 
+def _id_list(raw: str) -> list[int] | None:
+    """``Q4M_DEAD_ID=3,4`` -> ``[3, 4]``; empty -> None (all)."""
+    parts = [p.strip() for p in raw.split(",") if p.strip()]
+    if not parts:
+        return None
+    try:
+        return [_positive_int(p) for p in parts]
+    except argparse.ArgumentTypeError as err:
+        raise Q4MError(f"environment variable Q4M_DEAD_ID={raw!r}: {err}") from None
+
+
 def _switch(parser: argparse.ArgumentParser, flag: str, env: str, help: str) -> None:
     parser.add_argument(flag, action="store_true", default=None, help=f"{help} [env {env}=1]")
 
@@ -226,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enqueue.add_argument("table", help="queue table")
     _url_option(enqueue)
-    enqueue.add_argument("--json", dest="json_text", help="one job as a JSON object")
+    _option(enqueue, "--json", "Q4M_JOB", "one job as a JSON object", dest="json_text")
     _option(
         enqueue,
         "--delay",
@@ -271,7 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         action = dead_sub.add_parser(name, help=helptext)
         action.add_argument("table", help="queue table")
         action.add_argument(
-            "--id", dest="ids", type=_positive_int, action="append", help="only this dead letter"
+            "--id",
+            dest="ids",
+            type=_positive_int,
+            action="append",
+            default=_id_list(os.environ.get("Q4M_DEAD_ID", "")),
+            help="only this dead letter (repeatable) [env Q4M_DEAD_ID, comma-separated]",
         )
     for action in dead_sub.choices.values():
         _url_option(action)
@@ -497,6 +513,7 @@ def queue_counts(conn: Connection, table: Table, dead_name: str) -> dict[str, An
 
 
 def _parse_q4m_stats(raw: str) -> dict[str, str]:
+    """``queue_stats()`` text (``key=value`` per line) as a dict; kept raw if unparsable."""
     stats: dict[str, str] = {}
     for line in raw.replace(",", "\n").splitlines():
         key, sep, value = line.partition("=")
@@ -504,7 +521,7 @@ def _parse_q4m_stats(raw: str) -> dict[str, str]:
             key, sep, value = line.partition(":")
         if sep and key.strip():
             stats[key.strip()] = value.strip()
-    return stats
+    return stats if stats or not raw.strip() else {"raw": raw.strip()}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -622,9 +639,8 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
     """Run ``q4m``; returns the exit code (2 for bad input, with a one-line message)."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = build_parser().parse_args(argv)
         code: int = args.func(args)
         return code
     except (Q4MError, SQLAlchemyError, OSError) as err:

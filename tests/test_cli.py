@@ -64,7 +64,7 @@ def test_every_option_names_its_environment_variable() -> None:
         parsers = list(nested[0].choices.values()) if nested else [sub]
         for p in parsers:
             for action in p._actions:
-                if action.option_strings and action.dest not in ("help", "json_text", "ids"):
+                if action.option_strings and action.dest != "help":
                     assert "[env Q4M_" in (action.help or ""), (name, action.dest)
                     checked += 1
     assert checked >= 20
@@ -258,3 +258,29 @@ def test_stats_counts_a_job_in_hand_as_owned(
     code, out, _ = q4m(capsys, "stats", TABLE, "--url", url, "--json")
     (stats,) = json.loads(out)
     assert (stats["queued"], stats["owned"]) == (1, 0)
+
+
+@pytest.mark.unit
+def test_q4m_stats_text_is_parsed_or_kept_raw() -> None:
+    from sqlalchemy_q4m.cli import _parse_q4m_stats
+
+    text = "rows_written=10\nrows_removed=4\nwait_immediate=3\n"
+    assert _parse_q4m_stats(text) == {
+        "rows_written": "10",
+        "rows_removed": "4",
+        "wait_immediate": "3",
+    }
+    assert _parse_q4m_stats("something else") == {"raw": "something else"}
+    assert _parse_q4m_stats("") == {}
+
+
+@pytest.mark.unit
+def test_dead_ids_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("Q4M_DEAD_ID", "3, 4")
+    args = build_parser().parse_args(["dead", "purge", "t"])
+    assert args.ids == [3, 4]
+    monkeypatch.setenv("Q4M_DEAD_ID", "x")
+    code, _, err = q4m(capsys, "dead", "purge", "t")
+    assert_usage_error(code, err, "Q4M_DEAD_ID")
