@@ -187,7 +187,9 @@ class Job:
 
     * ``table_name`` (a name or a sequence, earlier first) or ``model`` (a ``QueueMixin``
       class or queue ``Table``, or a sequence of them); neither: the class name, snake_case
-      plural.  ``where``: an extra subscription condition (integer columns).
+      plural.  ``where``: an extra subscription condition on integer columns: an
+      expression, a callable ``table -> expression`` (for reflected tables), or a mapping
+      from model, Table or table name to either.
     * ``max_attempts`` (5), ``retry_base`` (2 s), ``retry_cap`` (3600 s), ``retry_jitter``
       (0.5): the :class:`~sqlalchemy_q4m.retry.RetryPolicy`; ``dead_letter_table``.
     * ``wait_timeout`` (1 s, how often a waiting worker checks for a stop), ``poll_interval``
@@ -199,7 +201,7 @@ class Job:
 
     table_name: ClassVar[str | Sequence[str] | None] = None
     model: ClassVar[Any] = None
-    where: ClassVar[ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None] = None
+    where: ClassVar[Any] = None
     max_attempts: ClassVar[int] = 5
     retry_base: ClassVar[float] = 2.0
     retry_cap: ClassVar[float] = 3600.0
@@ -479,10 +481,14 @@ class Consumer:
         where: dict[Any, ColumnElement[bool]] = {}
         for t in targets:
             parts: list[ColumnElement[bool]] = []
-            user = t.job.where
-            if isinstance(user, Mapping):
-                user = user.get(t.target)
-            elif user is not None and len(t.job.table_names()) > 1:
+            # From the instance (an option) or the class (not bound: a plain function).
+            user = vars(t.job).get("where", type(t.job).where)
+            mapped = isinstance(user, Mapping)
+            if mapped:  # keyed by model, Table or table name
+                user = user.get(t.target, user.get(t.table.name))
+            if callable(user):  # where = lambda table: table.c.priority >= 5 (reflected)
+                user = user(t.table)
+            elif user is not None and not mapped and len(t.job.table_names()) > 1:
                 raise Q4MError(
                     f"{type(t.job).__name__}: with several tables, where must be a mapping "
                     "{model_or_table: condition}"

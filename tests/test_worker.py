@@ -31,6 +31,7 @@ from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.deadletter import dead_letter_table
+from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.retry import retry_columns
 from sqlalchemy_q4m.types import new_job_id
@@ -370,3 +371,27 @@ def test_a_lost_connection_is_reopened_and_the_job_in_hand_runs_again(
     assert consumer.stats.snapshot()["lost"] == 1
     assert count(engine, rows) == 0
     assert "reconnecting in" in caplog.text and "database is back" in caplog.text
+
+
+def test_where_conditions_on_reflected_and_declared_tables(engine: Engine, tables: None) -> None:
+    class Big(Recorder):
+        where = lambda table: table.c.n >= 5  # noqa: E731 - a reflected table's condition
+
+    put(engine, rows, *({"command": "x", "n": n} for n in (1, 7, 3, 9)))
+    job = Big(engine)
+    while job.run_once(timeout=0.2):
+        pass
+    assert sorted(r.n for r in job.seen) == [7, 9]
+    by_name = Recorder(engine, table_name=("tw_high", "tw_rows"), where={"tw_rows": rows.c.n < 3})
+    put(engine, high, {"n": 100})
+    with pytest.raises(Q4MError, match="belongs to"):  # rows.c is not the reflected table
+        by_name.run_once(timeout=0.2)
+    reflected = Recorder(
+        engine, table_name=("tw_high", "tw_rows"), where={"tw_rows": lambda t: t.c.n < 3}
+    )
+    while reflected.run_once(timeout=0.2):
+        pass
+    assert [r.n for r in reflected.seen] == [100, 1]
+    assert count(engine, rows) == 1  # n = 3 stays
+    for j in (job, by_name, reflected):
+        j.close()
