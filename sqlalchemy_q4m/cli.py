@@ -150,7 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    worker = sub.add_parser("worker", help="run workers for job classes (module:Class)")
+    worker = sub.add_parser(
+        "worker",
+        help="run workers for job classes (module:Class)",
+        epilog="Exit codes: 0 stopped cleanly (or queues drained with --burst); 1 a worker "
+        "crashed; 2 bad input; 3 forced stop (second signal or grace period over): the jobs "
+        "in hand were returned to the queue.",
+    )
     worker.add_argument(
         "specs", nargs="+", metavar="module:Class", help="job classes; earlier tables win"
     )
