@@ -25,11 +25,17 @@ from sqlalchemy import Engine
 from sqlalchemy import MetaData
 from sqlalchemy import Table
 from sqlalchemy import Text
+from sqlalchemy import create_engine
 from sqlalchemy import func
 from sqlalchemy import inspect
 from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import NullPool
 
+from .backends.base import error_code
 from .ddl import queue_table
+from .ddl import validate_name
 from .exc import Q4MError
 from .retry import ATTEMPTS
 from .retry import RUN_AT
@@ -45,6 +51,9 @@ from .worker import reflect_queue_table
 __all__ = ["ShellJob", "demo_commands", "prepare_table", "run_demo"]
 
 logger = logging.getLogger("sqlalchemy_q4m.demo")
+
+#: MySQL's "Unknown database" error number.
+UNKNOWN_DATABASE = 1049
 
 
 class ShellJob(Job):
@@ -124,6 +133,27 @@ def _produce(engine: Engine, table: Table, commands: list[str], done: threading.
         done.set()
 
 
+def _ensure_database(engine: Engine) -> None:
+    """Create the URL's database when the server says it does not exist (error 1049), so
+    the demo works on a fresh server; anything else is left to fail with its own message."""
+    try:
+        with engine.connect():
+            return
+    except DBAPIError as err:
+        name = engine.url.database
+        if error_code(err) != UNKNOWN_DATABASE or not name:
+            raise
+    validate_name(name, "database")
+    server = create_engine(engine.url._replace(database=None), poolclass=NullPool)
+    try:
+        with server.connect() as conn:
+            quoted = conn.dialect.identifier_preparer.quote(name)
+            conn.execute(text(f"CREATE DATABASE IF NOT EXISTS {quoted}"))
+        sys.stdout.write(f"q4m demo: created database {name!r}\n")
+    finally:
+        server.dispose()
+
+
 def run_demo(
     *,
     url: str,
@@ -137,6 +167,7 @@ def run_demo(
     tty = sys.stderr.isatty()
     setup_logging("WARNING", clear_line=tty)
     engine = make_engine(url, 2)
+    _ensure_database(engine)
     workdir = tempfile.mkdtemp(prefix="q4m-demo-")
     try:
         with engine.connect() as conn:

@@ -284,3 +284,24 @@ def test_dead_ids_from_the_environment(
     monkeypatch.setenv("Q4M_DEAD_ID", "x")
     code, _, err = q4m(capsys, "dead", "purge", "t")
     assert_usage_error(code, err, "Q4M_DEAD_ID")
+
+
+@pytest.mark.integration
+def test_the_demo_creates_a_missing_database(db_url: URL, engine: Engine) -> None:
+    from sqlalchemy import create_engine
+    from sqlalchemy import text
+    from sqlalchemy.pool import NullPool
+
+    from sqlalchemy_q4m.demo import _ensure_database
+
+    name = f"{db_url.database}_demo"
+    demo_engine = create_engine(db_url.set(database=name), poolclass=NullPool)
+    try:
+        _ensure_database(demo_engine)
+        with demo_engine.connect() as conn:
+            assert conn.execute(text("SELECT DATABASE()")).scalar() == name
+        _ensure_database(demo_engine)  # exists now: nothing to do
+    finally:
+        demo_engine.dispose()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
