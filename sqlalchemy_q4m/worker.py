@@ -382,6 +382,7 @@ class Consumer:
         self._conn: Connection | None = None if isinstance(bind, Engine) else bind
         self._targets: list[_Target] | None = None
         self._backend: BackendName | None = None
+        self._ready = False  # the pinned connection is prepared (backend, tables)
         self._stop = threading.Event()
         self._since_recycle = 0
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
@@ -420,8 +421,9 @@ class Consumer:
     def connect(self) -> Connection:
         """The pinned connection (checked out and prepared on first use or after a loss)."""
         conn = self._conn
-        if conn is not None and not conn.closed and not conn.invalidated:
+        if self._ready and conn is not None and not conn.closed and not conn.invalidated:
             return conn
+        self._ready = False
         if self._engine is None:
             if conn is None or conn.closed:
                 raise Q4MError("the consumer's connection was closed by its owner")
@@ -441,7 +443,7 @@ class Consumer:
             if self._engine is not None:
                 conn.close()
             raise
-        self._conn = conn
+        self._conn, self._ready = conn, True
         return conn
 
     def _resolve_backend(self, conn: Connection) -> BackendName:
@@ -720,9 +722,11 @@ class Consumer:
         self._drop_connection()
         self.jobs = [type(j)(j.bind, j.logger, **j.given_options) for j in self.jobs]
         self._targets = None
+        self._ready = False
         self._since_recycle = 0
 
     def _drop_connection(self) -> None:
+        self._ready = False  # the caller's connection is rolled back and prepared again
         conn = self._conn
         if conn is None or self._engine is None:
             return

@@ -395,3 +395,14 @@ def test_where_conditions_on_reflected_and_declared_tables(engine: Engine, table
     assert count(engine, rows) == 1  # n = 3 stays
     for j in (job, by_name, reflected):
         j.close()
+
+
+def test_a_job_can_run_on_a_connection_the_caller_owns(engine: Engine, tables: None) -> None:
+    put(engine, rows, {"command": "x", "n": 1}, {"command": "y", "n": 2})
+    with engine.connect() as conn:
+        job = Recorder(conn)
+        assert job.run_once(timeout=2) and job.run_once(timeout=2)
+        job.close()
+        assert not conn.closed  # the caller's connection stays the caller's
+        assert conn.execute(select(func.count()).select_from(rows)).scalar() == 0
+    assert [r.n for r in job.seen] == [1, 2]
