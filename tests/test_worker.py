@@ -406,3 +406,18 @@ def test_a_job_can_run_on_a_connection_the_caller_owns(engine: Engine, tables: N
         assert not conn.closed  # the caller's connection stays the caller's
         assert conn.execute(select(func.count()).select_from(rows)).scalar() == 0
     assert [r.n for r in job.seen] == [1, 2]
+
+
+def test_run_until_max_jobs_or_stop(engine: Engine, tables: None) -> None:
+    put(engine, rows, *({"command": "x", "n": n} for n in range(3)))
+    job = Recorder(engine)
+    job.run(max_jobs=2)
+    assert len(job.seen) == 2 and count(engine, rows) == 1
+    runner = threading.Thread(target=job.run)
+    runner.start()
+    wait_until = time.monotonic() + 10
+    while len(job.seen) < 3 and time.monotonic() < wait_until:
+        time.sleep(0.02)
+    job.stop()  # from another thread: the loop ends within one wait
+    runner.join(5)
+    assert not runner.is_alive() and len(job.seen) == 3
