@@ -294,6 +294,14 @@ def test_a_priority_column_orders_claims_on_the_portable_backend(
         pass
     assert order == [2, 4, 3, 1]
     job.close()
+    with Session(engine) as s:  # a reflected table's "priority" column counts too
+        s.add_all([TaskRow(n=n, priority=p) for n, p in ((5, 1), (6, 9))])
+        s.commit()
+    reflected = Recorder(engine, table_name="tw_tasks")
+    while reflected.run_once(timeout=0.2):
+        pass
+    assert [r.n for r in reflected.seen] == [6, 5]
+    reflected.close()
 
 
 def test_end_before_execute_is_at_most_once(engine: Engine, tables: None) -> None:
