@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import queue
 import threading
@@ -12,8 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pymysql
+from sqlalchemy import Column
 from sqlalchemy import Double
 from sqlalchemy import Engine
+from sqlalchemy import MetaData
 from sqlalchemy import String
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
@@ -23,6 +26,7 @@ from sqlalchemy.orm import mapped_column
 
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import new_job_id
+from sqlalchemy_q4m import queue_table
 
 #: The table every scenario uses (in the benchmark's own database).
 TABLE = "q4m_bench_jobs"
@@ -47,6 +51,12 @@ class BenchJob(QueueMixin, Base):
     __tablename__ = TABLE
     payload: Mapped[str] = mapped_column(String(64))
     enqueued_at: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+#: The same table as a Core ``Table`` (``queue_session`` then yields Rows, not instances).
+core_jobs = queue_table(
+    TABLE, MetaData(), Column("payload", String(64)), Column("enqueued_at", Double)
+)
 
 
 def connect_kwargs(url: URL) -> dict[str, Any]:
@@ -118,6 +128,15 @@ def counting_engine(url: URL) -> Engine:
     return create_engine(url, creator=lambda: CountingConnection(**kwargs), pool_size=2)
 
 
+def fork_context() -> Any:
+    """The ``fork`` multiprocessing context, after collecting this process's garbage: a
+    connection left unreferenced by an earlier scenario must be closed here, not finalized
+    in a child, which would talk to the server over the parent's socket."""
+    gc.collect()
+    gc.freeze()
+    return multiprocessing.get_context("fork")
+
+
 @dataclass
 class Run:
     """One measured run: jobs handled and the seconds from the start signal to the last end."""
@@ -157,7 +176,7 @@ def run_parallel(kind: str, workers: int, factory: Factory, *args: Any) -> Run:
             for _ in range(workers)
         ]
     else:
-        ctx = multiprocessing.get_context("fork")
+        ctx = fork_context()
         go, out = ctx.Event(), ctx.Queue()
         runners = [
             ctx.Process(target=_entry, args=(factory, args, go, out), daemon=True)

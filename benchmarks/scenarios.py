@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import random
 import statistics
@@ -32,11 +31,13 @@ from .common import BenchJob
 from .common import CountingConnection
 from .common import counting_engine
 from .common import fill
+from .common import fork_context
 from .common import library_engine
 from .common import raw_connect
 from .common import remaining
 from .common import run_parallel
 from .workers import BatchLoop
+from .workers import CoreSessionLoop
 from .workers import EngineSessionLoop
 from .workers import RawBatchLoop
 from .workers import RawLoop
@@ -282,11 +283,22 @@ def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
                         rates[2] / rates[0] >= 0.85,
                     )
                 )
-    progress("consume, queue_session(bind=engine)")
-    raw, lib = _alternate(
+    progress("consume, queue_session(bind=engine) and on a Core table")
+    raw, lib, core = _alternate(
         s.repeats,
         lambda: _consume(url, s.consume_jobs, "thread", 1, RawLoop),
         lambda: _consume(url, s.consume_jobs, "thread", 1, EngineSessionLoop),
+        lambda: _consume(url, s.consume_jobs, "thread", 1, CoreSessionLoop),
+    )
+    report.rows.append(
+        Row(
+            "consume",
+            "`queue_session(core_table, bind=connection)` (yields Rows), 1 thread",
+            core,
+            raw,
+            "jobs/s",
+            note="what the ORM instance costs",
+        )
     )
     report.rows.append(
         Row(
@@ -353,7 +365,7 @@ def _idle_worker(url: URL, library: bool, idle: float, samples: int, poll: float
 
 def _latency(url: URL, s: Settings, library: bool, poll: float) -> tuple[float, list[float], float]:
     fill(url, 0)
-    ctx = multiprocessing.get_context("fork")
+    ctx = fork_context()
     out = ctx.Queue()
     child = ctx.Process(
         target=_idle_worker, args=(url, library, s.idle_seconds, s.latency_samples, poll, out)

@@ -23,6 +23,7 @@ from .common import RAW_CLAIM
 from .common import RAW_DELETE_MANY
 from .common import RAW_DELETE_ONE
 from .common import BenchJob
+from .common import core_jobs
 from .common import library_engine
 from .common import raw_connect
 
@@ -80,6 +81,21 @@ class SessionLoop:
         self.conn.close()
         if self.own_engine:
             self.engine.dispose()
+
+
+class CoreSessionLoop(SessionLoop):
+    """``queue_session`` on the Core ``Table`` of the same queue: Rows instead of instances."""
+
+    def consume(self) -> int:
+        done = 0
+        while True:
+            try:
+                with queue_session(core_jobs, bind=self.conn, timeout=0) as row:
+                    if row is None:
+                        return done
+            except CompletionFailed:
+                continue
+            done += 1
 
 
 class EngineSessionLoop(SessionLoop):
