@@ -10,6 +10,7 @@ next run; the dead letter stays for ``q4m dead list|retry|purge``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 import subprocess
@@ -36,6 +37,8 @@ from sqlalchemy.pool import NullPool
 from .backends.base import error_code
 from .ddl import queue_table
 from .ddl import validate_name
+from .deadletter import dead_letter_table
+from .deadletter import list_dead
 from .exc import Q4MError
 from .retry import ATTEMPTS
 from .retry import RUN_AT
@@ -189,6 +192,7 @@ def run_demo(
             "worker threads\n"
         )
         out.flush()
+        began = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=1)
         commands = demo_commands(jobs, workdir)
         produced = threading.Event()
         producer = threading.Thread(
@@ -212,6 +216,11 @@ def run_demo(
         producer.join()
         with engine.connect() as conn:
             left = int(conn.execute(select(func.count()).select_from(queue)).scalar() or 0)
+            letters = [
+                d
+                for d in list_dead(conn, dead_letter_table(dead_table), table, limit=1000)
+                if d.failed_at >= began
+            ]
         totals = result.totals
         out.write(
             "\nsummary\n"
@@ -224,6 +233,8 @@ def run_demo(
             f"  time           {result.elapsed:.1f}s including retry backoffs; "
             f"exit {result.code}\n"
         )
+        for letter in letters[:5]:
+            out.write(f"  dead letter #{letter.id}: {letter.error} (payload {letter.payload})\n")
         out.flush()
         complete = totals.get("done", 0) + totals.get("dead", 0) == len(commands) and not left
         return result.code if result.code else (0 if complete else 1)

@@ -133,6 +133,7 @@ def test_demo_runs_and_reuses_its_table_safely(db_url: URL, engine: Engine) -> N
             "left in queue  0",
         ):
             assert line in summary
+        assert "dead letter #" in summary and "disk full" in summary
         with engine.connect() as conn:
             (letter,) = conn.execute(select(dead_letter_table(DEAD))).all()
         assert letter.queue == "trc_shell_jobs" and letter.attempts == 3
