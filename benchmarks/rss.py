@@ -2,7 +2,8 @@
 
 ``python -m benchmarks.rss library|raw|runtime URL`` prints one JSON object
 ``{"jobs": n, "peak_kb": VmHWM, "rss_kb": VmRSS}``; run as a subprocess so nothing of the
-benchmark driver is counted.
+benchmark driver is counted.  The raw worker imports PyMySQL only (no SQLAlchemy), so the
+difference is what the library and its dependencies cost.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import json
 import sys
 import threading
 from typing import Any
-
-from sqlalchemy import make_url
-
-from .workers import RawLoop
-from .workers import RuntimeLoop
-from .workers import SessionLoop
+from urllib.parse import unquote
+from urllib.parse import urlsplit
 
 THREADS = 4
+TABLE = "q4m_bench_jobs"  # benchmarks.common.TABLE, not imported: it would load SQLAlchemy
 
 
 def _status() -> dict[str, int]:
@@ -31,15 +29,62 @@ def _status() -> dict[str, int]:
     return values
 
 
-def main(argv: list[str]) -> int:
-    kind, url = argv[0], make_url(argv[1])
-    engine: Any = None
-    if kind != "raw":
-        from .common import library_engine
+class _PlainRawLoop:
+    """The raw claim/complete loop with nothing but PyMySQL imported."""
 
-        engine = library_engine(url, pool=THREADS)
-    loop_class: Any = {"library": SessionLoop, "raw": RawLoop, "runtime": RuntimeLoop}[kind]
-    loops = [loop_class(url, engine) for _ in range(THREADS)]
+    def __init__(self, url: str) -> None:
+        import pymysql
+
+        self.errors = pymysql.err
+        parts = urlsplit(url)
+        self.conn = pymysql.connect(
+            host=parts.hostname or "127.0.0.1",
+            port=parts.port or 3306,
+            user=unquote(parts.username or "root"),
+            password=unquote(parts.password or ""),
+            database=parts.path.lstrip("/") or None,
+        )
+        with self.conn.cursor() as cur:
+            cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+    def consume(self) -> int:
+        done = 0
+        with self.conn.cursor() as cur:
+            while True:
+                cur.execute(f"SELECT id FROM {TABLE} ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED")
+                row = cur.fetchone()
+                if row is None:
+                    self.conn.rollback()
+                    return done
+                try:
+                    cur.execute(f"DELETE FROM {TABLE} WHERE id = %s", (row[0],))
+                except self.errors.OperationalError as err:
+                    if err.args[0] != 1213:  # a deadlock victim: the job returns
+                        raise
+                    self.conn.rollback()
+                    continue
+                self.conn.commit()
+                done += 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def main(argv: list[str]) -> int:
+    kind, url = argv[0], argv[1]
+    loops: list[Any]
+    if kind == "raw":
+        loops = [_PlainRawLoop(url) for _ in range(THREADS)]
+    else:
+        from sqlalchemy import make_url
+
+        from .common import library_engine
+        from .workers import RuntimeLoop
+        from .workers import SessionLoop
+
+        engine = library_engine(make_url(url), pool=THREADS)
+        loop_class: Any = {"library": SessionLoop, "runtime": RuntimeLoop}[kind]
+        loops = [loop_class(make_url(url), engine) for _ in range(THREADS)]
     counts = [0] * THREADS
 
     def drain(i: int) -> None:
