@@ -32,7 +32,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.fixture(scope="session")
 def server_url(request: pytest.FixtureRequest) -> URL:
-    return make_url(request.config.getoption("--dburi")).set(database=None)
+    url = make_url(request.config.getoption("--dburi"))
+    return url._replace(database=None)  # URL.set(database=None) keeps the database
 
 
 @pytest.fixture(scope="session")
