@@ -403,6 +403,7 @@ class AsyncConsumer(Consumer):
             for j in self.jobs
         ]
         self._targets = None
+        self._ready = False
         self._since_recycle = 0
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
