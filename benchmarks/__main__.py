@@ -76,7 +76,7 @@ def machine(url: URL) -> dict[str, Any]:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "sqlalchemy": version("SQLAlchemy"),
-        "pymysql": pymysql.__version__,
+        "pymysql": pymysql.VERSION_STRING,
         "kernel": platform.release(),
         "load": _load(),
         "commit": _git_commit(),
