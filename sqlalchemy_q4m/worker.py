@@ -585,6 +585,11 @@ class Consumer:
             job._queue_session = None
             job._abort_requested = False
         elapsed = time.monotonic() - start
+        if not ended and self._connection_lost():
+            # execute (or the server) lost the pinned connection: the server has returned the
+            # job and the transaction is gone, so there is nothing to end, retry or bury here
+            cause = f": {_describe(error)}" if error is not None else ""
+            raise ConnectionLost(f"connection lost while running the job{cause}") from error
         if error is None:
             if nested is not None:
                 if aborted:
@@ -662,6 +667,11 @@ class Consumer:
             self._end_after_write(qs)
         log.error("dead after %d attempt(s): moved to %s", decision.attempts, dead.name)
         return "dead"
+
+    def _connection_lost(self) -> bool:
+        """True when the pinned connection was invalidated (a disconnect was seen on it)."""
+        conn = self._conn
+        return conn is not None and conn.invalidated
 
     @staticmethod
     def _end_after_write(qs: QueueSession[Any]) -> None:

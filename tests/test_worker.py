@@ -429,3 +429,48 @@ def test_run_until_max_jobs_or_stop(engine: Engine, tables: None) -> None:
     job.stop()  # from another thread: the loop ends within one wait
     runner.join(5)
     assert not runner.is_alive() and len(job.seen) == 3
+
+
+@pytest.mark.parametrize("swallow", [False, True], ids=["raises", "swallows"])
+def test_a_connection_killed_inside_execute_returns_the_job_and_the_worker_goes_on(
+    engine: Engine, tables: None, caplog: pytest.LogCaptureFixture, swallow: bool
+) -> None:
+    runs: list[Any] = []
+    crashes: list[BaseException] = []
+
+    class KillsItsConnection(Recorder):
+        reconnect_max = 0.2
+
+        def execute(self, job: Any) -> None:
+            runs.append(self.job_id)
+            if len(runs) > 1:
+                return
+            # the server KILLs the worker's own connection while execute uses it
+            cid = self.session.execute(text("SELECT CONNECTION_ID()")).scalar()
+            with engine.connect() as admin:
+                admin.execute(text(f"KILL {int(cid or 0)}"))
+            try:
+                self.session.execute(text("SELECT 1"))
+            except Exception:
+                if not swallow:
+                    raise
+
+    put(engine, rows, {"command": "x", "n": 1})
+    consumer = Consumer([KillsItsConnection(engine)], engine)
+
+    def work() -> None:
+        try:
+            consumer.run(burst=True)
+        except BaseException as err:  # a crash of the worker thread
+            crashes.append(err)
+
+    thread = threading.Thread(target=work)
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        thread.join(30)
+    assert not thread.is_alive() and crashes == []
+    assert len(runs) == 2 and runs[0] == runs[1]  # the same job (no retry copy), run again
+    counts = consumer.stats.snapshot()
+    assert (counts["lost"], counts["done"], counts["retried"], counts["dead"]) == (1, 1, 0, 0)
+    assert count(engine, rows) == 0 and dead_rows(engine) == []
+    assert "reconnecting in" in caplog.text and "database is back" in caplog.text
