@@ -40,13 +40,13 @@ import asyncio
 import importlib.util
 import logging
 import os
-import random
 import signal
 import time
-import traceback
+from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
+from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -64,15 +64,7 @@ from sqlalchemy.util import greenlet_spawn
 from .asyncio import AsyncQueueSession
 from .asyncio import _GreenletQueueSession
 from .asyncio import run_to_completion
-from .ddl import JOB_ID
-from .deadletter import payload_of
-from .exc import CompletionFailed
-from .exc import ConnectionLost
 from .exc import Q4MError
-from .exc import QueueAbort
-from .retry import ATTEMPTS
-from .retry import RUN_AT
-from .retry import decide
 from .runtime import EXIT_ERROR
 from .runtime import EXIT_FORCED
 from .runtime import EXIT_OK
@@ -80,14 +72,10 @@ from .runtime import ProcessRuntime
 from .runtime import StatusLine
 from .runtime import WorkerConfig
 from .signals import on_stop_signals
-from .worker import DUE_SLICE
+from .worker import LOOP_ERRORS
 from .worker import Consumer
 from .worker import Job
-from .worker import Outcome
 from .worker import Stats
-from .worker import _describe
-from .worker import _JobLog
-from .worker import _Target
 
 __all__ = [
     "AsyncConsumer",
@@ -103,6 +91,8 @@ __all__ = [
 
 logger = logging.getLogger("sqlalchemy_q4m.worker")
 
+R = TypeVar("R")
+
 #: Async drivers tried, in order, when ``q4m worker`` is given a sync URL for async classes.
 ASYNC_DRIVERS = ("asyncmy", "aiomysql")
 #: Seconds cancelled tasks get to return their jobs before the process exits anyway.
@@ -110,7 +100,7 @@ FORCE_TIMEOUT = 10.0
 
 
 def _async_bind(bind: Any) -> AsyncEngine | AsyncConnection:
-    """The async bind for ``bind``; the sync half of one (what a recycle passes) is wrapped."""
+    """The async bind for ``bind``; the sync half of one is wrapped."""
     if isinstance(bind, AsyncEngine | AsyncConnection):
         return bind
     if isinstance(bind, Engine) and bind.dialect.is_async:
@@ -129,6 +119,12 @@ def _sync_half(bind: AsyncEngine | AsyncConnection) -> Engine | Connection:
     if bind.sync_connection is None:
         raise Q4MError("the AsyncConnection is not started: await engine.connect() first")
     return bind.sync_connection
+
+
+async def _to_completion(step: Callable[..., R], *args: Any) -> R:
+    """Run one of the thread worker's steps through SQLAlchemy's greenlet bridge, to the end
+    even when the task is cancelled meanwhile (the cancellation goes on after it)."""
+    return await run_to_completion(lambda: greenlet_spawn(step, *args))
 
 
 def is_async_job_class(cls: Any) -> bool:
@@ -184,6 +180,10 @@ class AsyncJob(Job):
         if self._consumer is not None:
             await self._async_consumer().close()
 
+    def _renewed(self) -> AsyncJob:
+        """A fresh job object on the same async bind, with the same logger and options."""
+        return type(self)(self.async_bind, self.logger, **self.given_options)
+
     def _async_consumer(self) -> AsyncConsumer:
         if self._consumer is None:
             self._consumer = AsyncConsumer([self], self.async_bind)
@@ -221,190 +221,65 @@ class AsyncConsumer(Consumer):
 
     async def close(self) -> None:  # type: ignore[override]
         """Give back the connection this consumer checked out (runs to completion)."""
-        await run_to_completion(lambda: greenlet_spawn(Consumer.close, self))
+        await _to_completion(Consumer.close, self)
 
-    # -- one job ----------------------------------------------------------------------------
+    # -- one job: the thread worker's steps, awaited ------------------------------------------
 
     async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         """Wait for one job of any target and handle it; False when none came in time."""
         conn = await greenlet_spawn(self.connect)
-        targets = self._targets
-        assert targets is not None
-        timed = any(RUN_AT in t.table.columns for t in targets)
-        deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
-        while True:
-            # ``run_at <= now`` is fixed in each wait: slices of at most DUE_SLICE seconds,
-            # the condition rebuilt for each (as the thread worker does)
-            remaining = max(0.0, deadline - time.monotonic())
+        for targets, options in self._waits(timeout):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
-                *[t.target for t in targets],
-                bind=self._async_connection(conn),
-                where=self._where(targets),
-                timeout=min(remaining, DUE_SLICE) if timed else remaining,
-                backend=self._backend,
-                poll_interval=self.poll_interval,
+                *targets, bind=self._async_connection(conn), **options
             )
             item = await aqs.wait()
-            if item is not None:
-                break
-            if time.monotonic() >= deadline:
-                return False
-        sub = aqs.subscription
-        target = next(t for t in targets if sub is not None and t.table is sub.table)
-        try:
-            outcome = await self._handle_async(aqs, target, item)
-        except (ConnectionLost, DBAPIError, CompletionFailed):
-            self.stats.add("lost")  # the server returns it (or the completion was undone)
-            self.lost_job = self.in_hand
-            raise
-        finally:
-            self.in_hand = None
-            if aqs.owning:  # failed or cancelled on the way: give the job back
-                try:
-                    await aqs.close()
-                except Exception:  # the connection is gone: the server returns the job
-                    logger.debug("returning a job failed", exc_info=True)
-        self.stats.add(outcome)
-        self._since_recycle += 1
-        return True
+            if item is None:
+                continue
+            qs = aqs._sync
+            try:
+                with self._holding():
+                    run = await _to_completion(self._before_execute, qs, item)
+                    job = run.job
+                    assert isinstance(job, AsyncJob)
+                    with run.executing():
+                        await job.execute(run.arg)
+                    self._count(await _to_completion(self._after_execute, qs, run))
+            finally:
+                if qs.owning:  # failed or cancelled on the way: give the job back
+                    await _to_completion(self._give_back, qs)
+            return True
+        return False
 
-    async def _handle_async(self, aqs: AsyncQueueSession[Any], t: _Target, item: Any) -> Outcome:
-        """The thread worker's ``_handle`` step for step, with ``execute`` awaited."""
-        qs = aqs._sync
-        values = payload_of(item, t.table)
-        job_id = values.get(JOB_ID)
-        attempts = int(values.get(ATTEMPTS) or 0)
-        job = t.job
-        assert isinstance(job, AsyncJob)
-        log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
-        self.in_hand = f"{t.table.name} {job_id}"
-        arg = item if t.row_type is None else t.row_type(*(values[n] for n in t.payload_names))
-        ended = False
-        if job.end_before_execute:
-            await aqs.end()
-            ended = True
-        job.job_id, job.attempts, job.log = job_id, attempts, log
-        job._queue_session = None if ended else qs
-        job._abort_requested = False
-        # the block's own writes are undone on failure or abort: on InnoDB by a savepoint
-        # (the claim's row lock must outlive it); on Q4M by rolling back the session
-        portable = qs.backend is not None and qs.backend.name == "portable"
-        nested = await greenlet_spawn(qs.session.begin_nested) if portable and not ended else None
-        log.debug("started (attempt %d)", attempts + 1)
-        start = time.monotonic()
-        error: BaseException | None = None
-        details = ""
-        aborted = False
-        try:
-            await job.execute(arg)
-            aborted = job._abort_requested
-        except QueueAbort:
-            aborted = True
-        except Exception as exc:
-            error, details = exc, traceback.format_exc()
-        finally:
-            job._queue_session = None
-            job._abort_requested = False
-        elapsed = time.monotonic() - start
-        if error is None:
-            if nested is not None:
-                await greenlet_spawn(nested.rollback if aborted else nested.commit)
-            elif aborted and not ended:
-                await greenlet_spawn(qs.session.rollback)
-            if aborted:
-                if ended:
-                    log.warning("queue_abort() after end_before_execute: the job is gone")
-                else:
-                    await aqs.abort()
-                    log.info("aborted after %.3fs: returned to the queue", elapsed)
-                return "aborted"
-            if not ended:
-                await aqs.end()
-            log.info("done in %.3fs", elapsed)
-            return "done"
-        if qs.connection_invalidated:  # the job's error came from losing the connection
-            raise ConnectionLost(
-                f"connection lost while running the job: {_describe(error)}"
-            ) from error
-        if nested is not None and nested.is_active:
-            await greenlet_spawn(nested.rollback)
-        elif nested is None and not ended:
-            await greenlet_spawn(qs.session.rollback)
-        log.error(
-            "failed on attempt %d/%d after %.3fs: %s\n%s",
-            attempts + 1,
-            job.policy.max_attempts,
-            elapsed,
-            _describe(error),
-            details.rstrip(),
-        )
-        decision = decide(job.policy, attempts, can_retry=t.can_retry and not ended)
-        outcome: Outcome = await run_to_completion(
-            lambda: greenlet_spawn(
-                self._after_failure, qs, t, values, decision, error, details, ended, log
-            )
-        )
-        return outcome
-
-    # -- the loop ---------------------------------------------------------------------------
+    # -- the loop: the thread worker's, awaited -------------------------------------------------
 
     async def run(  # type: ignore[override]
         self, *, burst: bool = False, max_jobs: int | None = None
     ) -> None:
         """Handle jobs until stopped (or cancelled: the job in hand goes back)."""
-        failures = 0
-        handled = 0
+        self._failures = handled = 0
         try:
-            while not self.stopping:
-                if max_jobs is not None and handled >= max_jobs:
-                    break
-                if self.recycle_after is not None and self._since_recycle >= self.recycle_after:
+            while self._goes_on(handled, max_jobs):
+                if self._recycle_due():
                     await self.recycle_async()
                 try:
                     got = await self.run_once()
-                    if failures:
-                        logger.warning("[%s] %s: database is back", self.name, self._label())
-                    failures = 0
-                except CompletionFailed as err:
-                    logger.warning("[%s] %s: %s", self.name, self.lost_job or self._label(), err)
-                    self.lost_job = None
+                except LOOP_ERRORS as err:
+                    delay = self._after_error(err)
+                    if delay is not None:
+                        await _to_completion(self._drop_connection)
+                        await self._sleep_unless_stopped(delay)
                     continue
-                except (ConnectionLost, DBAPIError) as err:
-                    failures += 1
-                    lost, self.lost_job = self.lost_job, None
-                    delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
-                    delay *= random.uniform(0.75, 1.25)
-                    logger.error(
-                        "[%s] %s: database error%s: %s; reconnecting in %.1fs",
-                        self.name,
-                        self._label(),
-                        f" with {lost} in hand (the server returns it)" if lost else "",
-                        _describe(err),
-                        delay,
-                    )
-                    await run_to_completion(lambda: greenlet_spawn(self._drop_connection))
-                    await self._sleep_unless_stopped(delay)
-                    continue
-                if got:
-                    handled += 1
-                elif burst and not await greenlet_spawn(self._has_waiting):
-                    logger.info("[%s] %s: queue empty, stopping (burst)", self.name, self._label())
+                handled += self._after_success(got)
+                if not got and burst and not await greenlet_spawn(self._has_waiting):
+                    self._log_drained()
                     break
         finally:
             await self.close()
 
     async def recycle_async(self) -> None:
         """Drop the connection and make fresh job objects (``recycle_after``)."""
-        logger.info("[%s] recycling after %d jobs", self.name, self._since_recycle)
-        await run_to_completion(lambda: greenlet_spawn(self._drop_connection))
+        await _to_completion(self.recycle)
         self._aconn = None
-        self.jobs = [
-            type(j)(getattr(j, "async_bind", j.bind), j.logger, **j.given_options)
-            for j in self.jobs
-        ]
-        self._targets = None
-        self._ready = False
-        self._since_recycle = 0
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

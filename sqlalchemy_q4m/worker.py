@@ -24,6 +24,7 @@ away (the job it owned is returned by the server, not lost).
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import random
 import re
@@ -32,10 +33,12 @@ import time
 import traceback
 from collections.abc import Callable
 from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
+from types import TracebackType
 from typing import Any
 from typing import ClassVar
 from typing import Literal
@@ -52,6 +55,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm import SessionTransaction
 from sqlalchemy.sql.elements import ColumnElement
 
 from .ddl import JOB_ID
@@ -96,6 +100,10 @@ logger = logging.getLogger("sqlalchemy_q4m.worker")
 
 Outcome = Literal["done", "retried", "dead", "aborted", "lost"]
 OUTCOMES: tuple[Outcome, ...] = ("done", "retried", "dead", "aborted", "lost")
+
+#: What the run loop survives: a lost connection or server (it reconnects with backoff; the
+#: server returns the job in hand), or a completion the server undid (the job runs again).
+LOOP_ERRORS = (ConnectionLost, DBAPIError, CompletionFailed)
 
 #: Longest single wait while a subscription tests ``run_at <= now`` (rebuilt at each wait).
 DUE_SLICE = 1.0
@@ -300,6 +308,10 @@ class Job:
         if self._consumer is not None:
             self._consumer.close()
 
+    def _renewed(self) -> Job:
+        """A fresh job object with the same bind, logger and options (``recycle_after``)."""
+        return type(self)(self.bind, self.logger, **self.given_options)
+
     def _get_consumer(self) -> Consumer:
         if self._consumer is None:
             self._consumer = Consumer([self], self.bind)
@@ -357,6 +369,56 @@ def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:
     return collections.namedtuple("JobRow", names, rename=True), names
 
 
+@dataclass
+class _Run:
+    """One job in hand from its claim to its outcome: what ``execute`` gets, and how it ended
+    (recorded by ``with run.executing(): ...``, which swallows the job's own exception)."""
+
+    target: _Target
+    values: dict[str, Any]
+    arg: Any
+    attempts: int
+    log: logging.LoggerAdapter  # type: ignore[type-arg]
+    ended: bool  # end_before_execute: the job is gone already
+    nested: SessionTransaction | None  # the savepoint of the job's writes (InnoDB)
+    aborted: bool = False
+    error: BaseException | None = None
+    details: str = ""  # the error's traceback
+    started: float = 0.0
+    elapsed: float = 0.0
+
+    @property
+    def job(self) -> Job:
+        return self.target.job
+
+    def executing(self) -> _Run:
+        """Start the clock; the ``with`` block around ``execute`` records how it ends."""
+        self.log.debug("started (attempt %d)", self.attempts + 1)
+        self.started = time.monotonic()
+        return self
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        job = self.job
+        if exc is None:
+            self.aborted = job._abort_requested
+        elif isinstance(exc, QueueAbort):
+            self.aborted = True
+        elif isinstance(exc, Exception):
+            self.error, self.details = exc, "".join(traceback.format_exception(exc))
+        job._queue_session = None
+        job._abort_requested = False
+        self.elapsed = time.monotonic() - self.started
+        return isinstance(exc, Exception) or exc is None  # a cancellation goes on
+
+
 class Consumer:
     """One pinned connection serving one or more job objects; see the module docstring.
 
@@ -385,6 +447,7 @@ class Consumer:
         self._ready = False  # the pinned connection is prepared (backend, tables)
         self._stop = threading.Event()
         self._since_recycle = 0
+        self._failures = 0  # database errors in a row (the reconnect backoff)
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
         self.in_hand: str | None = None
         #: ``"table id"`` of the job in hand when the database was lost (for the log line).
@@ -505,51 +568,81 @@ class Consumer:
         return where
 
     # -- one job ----------------------------------------------------------------------------
+    # The async consumer shares every step here and only awaits them: the wait options
+    # (_waits), the steps before and after execute, and the bookkeeping around a job in hand.
 
     def run_once(self, timeout: float | None = None) -> bool:
         """Wait for one job of any target and handle it; False when none came in time."""
         conn = self.connect()
+        for targets, options in self._waits(timeout):
+            qs: QueueSession[Any] = QueueSession(*targets, bind=conn, **options)
+            item = qs.wait()
+            if item is None:
+                continue
+            try:
+                with self._holding():
+                    run = self._before_execute(qs, item)
+                    with run.executing():
+                        run.job.execute(run.arg)
+                    self._count(self._after_execute(qs, run))
+            finally:
+                self._give_back(qs)
+            return True
+        return False
+
+    def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+        """The targets and options of each wait until ``timeout`` (default ``wait_timeout``)
+        passes.  ``run_at <= now`` is fixed in each wait, so with ``run_at`` columns waits
+        are cut into slices of at most DUE_SLICE seconds and the condition is rebuilt."""
         targets = self._targets
         assert targets is not None
         timed = any(RUN_AT in t.table.columns for t in targets)
         deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
         while True:
-            # ``run_at <= now`` is fixed in each wait, so waits are cut into slices of at
-            # most DUE_SLICE seconds and the condition is rebuilt for each.
             remaining = max(0.0, deadline - time.monotonic())
-            qs: QueueSession[Any] = QueueSession(
-                *[t.target for t in targets],
-                bind=conn,
-                where=self._where(targets),
-                timeout=min(remaining, DUE_SLICE) if timed else remaining,
-                backend=self._backend,
-                poll_interval=self.poll_interval,
+            yield (
+                [t.target for t in targets],
+                {
+                    "where": self._where(targets),
+                    "timeout": min(remaining, DUE_SLICE) if timed else remaining,
+                    "backend": self._backend,
+                    "poll_interval": self.poll_interval,
+                },
             )
-            item = qs.wait()
-            if item is not None:
-                break
             if time.monotonic() >= deadline:
-                return False
-        sub = qs.subscription
-        target = next(t for t in targets if sub is not None and t.table is sub.table)
+                return
+
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[None]:
+        """Around a job in hand: a database error on the way counts it as lost (the server
+        returns it, or undid its completion) and goes on to the loop, which reconnects."""
         try:
-            outcome = self._handle(qs, target, item)
-        except (ConnectionLost, DBAPIError, CompletionFailed):
-            self.stats.add("lost")  # the server returns it (or the completion was undone)
+            yield
+        except LOOP_ERRORS:
+            self.stats.add("lost")
             self.lost_job = self.in_hand
             raise
         finally:
             self.in_hand = None
-            if qs.owning:
-                try:
-                    qs.close()
-                except Exception:  # the connection is gone: the server returns the job
-                    logger.debug("returning a job failed", exc_info=True)
+
+    def _count(self, outcome: Outcome) -> None:
         self.stats.add(outcome)
         self._since_recycle += 1
-        return True
 
-    def _handle(self, qs: QueueSession[Any], t: _Target, item: Any) -> Outcome:
+    @staticmethod
+    def _give_back(qs: QueueSession[Any]) -> None:
+        """Return a job still owned after a failure (or a cancellation) on the way."""
+        if qs.owning:
+            try:
+                qs.close()
+            except Exception:  # the connection is gone: the server returns the job
+                logger.debug("returning a job failed", exc_info=True)
+
+    def _before_execute(self, qs: QueueSession[Any], item: Any) -> _Run:
+        """Get the job object ready for ``execute``: its id, attempts and logger, the job
+        ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
+        sub = qs.subscription
+        t = next(t for t in self._targets or [] if sub is not None and t.table is sub.table)
         values = payload_of(item, t.table)
         job_id = values.get(JOB_ID)
         attempts = int(values.get(ATTEMPTS) or 0)
@@ -557,10 +650,9 @@ class Consumer:
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
         self.in_hand = f"{t.table.name} {job_id}"
         arg = item if t.row_type is None else t.row_type(*(values[n] for n in t.payload_names))
-        ended = False
-        if job.end_before_execute:
+        ended = bool(job.end_before_execute)
+        if ended:
             qs.end()
-            ended = True
         job.job_id, job.attempts, job.log = job_id, attempts, log
         job._queue_session = None if ended else qs
         job._abort_requested = False
@@ -569,22 +661,11 @@ class Consumer:
         # rolling back the session's transaction.
         portable = qs.backend is not None and qs.backend.name == "portable"
         nested = qs.session.begin_nested() if portable and not ended else None
-        log.debug("started (attempt %d)", attempts + 1)
-        start = time.monotonic()
-        error: BaseException | None = None
-        details = ""
-        aborted = False
-        try:
-            job.execute(arg)
-            aborted = job._abort_requested
-        except QueueAbort:
-            aborted = True
-        except Exception as exc:
-            error, details = exc, traceback.format_exc()
-        finally:
-            job._queue_session = None
-            job._abort_requested = False
-        elapsed = time.monotonic() - start
+        return _Run(t, values, arg, attempts, log, ended, nested)
+
+    def _after_execute(self, qs: QueueSession[Any], run: _Run) -> Outcome:
+        """End, return, retry or bury the job as ``execute`` ended."""
+        log, nested, ended, error = run.log, run.nested, run.ended, run.error
         if not ended and self._connection_lost():
             # execute (or the server) lost the pinned connection: the server has returned the
             # job and the transaction is gone, so there is nothing to end, retry or bury here
@@ -592,51 +673,45 @@ class Consumer:
             raise ConnectionLost(f"connection lost while running the job{cause}") from error
         if error is None:
             if nested is not None:
-                if aborted:
+                if run.aborted:
                     nested.rollback()
                 else:
                     nested.commit()
-            elif aborted and not ended:
+            elif run.aborted and not ended:
                 qs.session.rollback()
-            if aborted:
+            if run.aborted:
                 if ended:
                     log.warning("queue_abort() after end_before_execute: the job is gone")
                 else:
                     qs.abort()
-                    log.info("aborted after %.3fs: returned to the queue", elapsed)
+                    log.info("aborted after %.3fs: returned to the queue", run.elapsed)
                 return "aborted"
             if not ended:
                 qs.end()
-            log.info("done in %.3fs", elapsed)
+            log.info("done in %.3fs", run.elapsed)
             return "done"
         if nested is not None and nested.is_active:
             nested.rollback()
         elif nested is None and not ended:
             qs.session.rollback()
+        policy = run.job.policy
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
-            attempts + 1,
-            job.policy.max_attempts,
-            elapsed,
+            run.attempts + 1,
+            policy.max_attempts,
+            run.elapsed,
             _describe(error),
-            details.rstrip(),
+            run.details.rstrip(),
         )
-        decision = decide(job.policy, attempts, can_retry=t.can_retry and not ended)
-        return self._after_failure(qs, t, values, decision, error, details, ended, log)
+        decision = decide(policy, run.attempts, can_retry=run.target.can_retry and not ended)
+        return self._after_failure(qs, run, decision, error)
 
     def _after_failure(
-        self,
-        qs: QueueSession[Any],
-        t: _Target,
-        values: dict[str, Any],
-        decision: Retry | Bury,
-        error: BaseException,
-        details: str,
-        ended: bool,
-        log: logging.LoggerAdapter,  # type: ignore[type-arg]
+        self, qs: QueueSession[Any], run: _Run, decision: Retry | Bury, error: BaseException
     ) -> Outcome:
+        t, log = run.target, run.log
         if isinstance(decision, Retry):
-            copy = dict(values)
+            copy = dict(run.values)
             copy[JOB_ID] = new_job_id()
             copy[ATTEMPTS] = decision.attempts
             copy[RUN_AT] = decision.run_at
@@ -653,12 +728,12 @@ class Consumer:
         dead = dead_letter_table(t.job.dead_letter_table)
         record: dict[str, Any] = {
             "queue": t.table.name,
-            "values": values,
+            "values": run.values,
             "error": _describe(error),
-            "traceback": details,
+            "traceback": run.details,
             "attempts": decision.attempts,
         }
-        if ended:
+        if run.ended:
             conn = self.connect()
             bury(conn, dead, **record)
             conn.commit()
@@ -684,53 +759,72 @@ class Consumer:
         qs.end()
 
     # -- the loop ---------------------------------------------------------------------------
+    # The async consumer's run is this loop with the calls awaited; what it decides (when to
+    # stop or recycle, how long to back off, what it logs) is in the helpers below it.
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:
         """Handle jobs until stopped; see :meth:`Job.run`."""
-        failures = 0
-        handled = 0
-        while not self._stop.is_set():
-            if max_jobs is not None and handled >= max_jobs:
-                break
-            if self.recycle_after is not None and self._since_recycle >= self.recycle_after:
+        self._failures = handled = 0
+        while self._goes_on(handled, max_jobs):
+            if self._recycle_due():
                 self.recycle()
             try:
                 got = self.run_once()
-                if failures:
-                    logger.warning("[%s] %s: database is back", self.name, self._label())
-                failures = 0
-            except CompletionFailed as err:
-                logger.warning("[%s] %s: %s", self.name, self.lost_job or self._label(), err)
-                self.lost_job = None
+            except LOOP_ERRORS as err:
+                delay = self._after_error(err)
+                if delay is not None:
+                    self._drop_connection()
+                    self._stop.wait(delay)
                 continue
-            except (ConnectionLost, DBAPIError) as err:
-                failures += 1
-                lost, self.lost_job = self.lost_job, None
-                delay = min(self.reconnect_max, 0.5 * 2 ** min(failures - 1, 10))
-                delay *= random.uniform(0.75, 1.25)
-                logger.error(
-                    "[%s] %s: database error%s: %s; reconnecting in %.1fs",
-                    self.name,
-                    self._label(),
-                    f" with {lost} in hand (the server returns it)" if lost else "",
-                    _describe(err),
-                    delay,
-                )
-                self._drop_connection()
-                self._stop.wait(delay)
-                continue
-            if got:
-                handled += 1
-            elif burst and not self._has_waiting():
-                logger.info("[%s] %s: queue empty, stopping (burst)", self.name, self._label())
+            handled += self._after_success(got)
+            if not got and burst and not self._has_waiting():
+                self._log_drained()
                 break
         self.close()
+
+    def _goes_on(self, handled: int, max_jobs: int | None) -> bool:
+        return not self.stopping and (max_jobs is None or handled < max_jobs)
+
+    def _recycle_due(self) -> bool:
+        return self.recycle_after is not None and self._since_recycle >= self.recycle_after
+
+    def _after_success(self, got: bool) -> int:
+        """Note that the database answered again; the number of jobs handled (0 or 1)."""
+        if self._failures:
+            logger.warning("[%s] %s: database is back", self.name, self._label())
+        self._failures = 0
+        return int(got)
+
+    def _after_error(self, err: Exception) -> float | None:
+        """Log what ``run_once`` raised.  None: go on at once (the server undid a completion,
+        the job runs again); else the seconds to wait (backoff with jitter) before the loop
+        reconnects, after dropping the connection."""
+        if isinstance(err, CompletionFailed):
+            logger.warning("[%s] %s: %s", self.name, self.lost_job or self._label(), err)
+            self.lost_job = None
+            return None
+        self._failures += 1
+        lost, self.lost_job = self.lost_job, None
+        delay: float = min(self.reconnect_max, 0.5 * 2 ** min(self._failures - 1, 10))
+        delay *= random.uniform(0.75, 1.25)
+        logger.error(
+            "[%s] %s: database error%s: %s; reconnecting in %.1fs",
+            self.name,
+            self._label(),
+            f" with {lost} in hand (the server returns it)" if lost else "",
+            _describe(err),
+            delay,
+        )
+        return delay
+
+    def _log_drained(self) -> None:
+        logger.info("[%s] %s: queue empty, stopping (burst)", self.name, self._label())
 
     def recycle(self) -> None:
         """Drop the connection and make fresh job objects (``recycle_after``)."""
         logger.info("[%s] recycling after %d jobs", self.name, self._since_recycle)
         self._drop_connection()
-        self.jobs = [type(j)(j.bind, j.logger, **j.given_options) for j in self.jobs]
+        self.jobs = [job._renewed() for job in self.jobs]
         self._targets = None
         self._ready = False
         self._since_recycle = 0
