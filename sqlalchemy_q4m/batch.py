@@ -182,6 +182,25 @@ class QueueBatch(Generic[T]):
         if self._single is not None:
             self._single.abort()
 
+    def holds(self, job: T) -> bool:
+        """True while ``job`` is a pending job of this batch (neither ended nor aborted)."""
+        return self._state == "owning" and id(job) in self._pending
+
+    def subscription_of(self, job: T) -> Subscription:
+        """The subscription (table) ``job`` was claimed from."""
+        key = self._pending.get(id(job))
+        if key is None:
+            raise NotOwner(f"{job!r} is not a pending job of this batch")
+        return key[0]
+
+    def give_back(self) -> None:
+        """Roll the batch back: every job returns to the queue, the ended ones too (what a
+        crash does), and the batch's own writes are undone.  Safe to call twice."""
+        if self._state == "owning":
+            self._finish(commit=False)
+        else:
+            self._release()
+
     def handle(self, job: T) -> _Handling[T]:
         """A context manager that ends ``job`` when its block exits normally and aborts it on
         an exception, which is re-raised (:class:`~sqlalchemy_q4m.exc.QueueAbort` is

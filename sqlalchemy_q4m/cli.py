@@ -209,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _option(
         worker,
+        "--batch-size",
+        "Q4M_BATCH_SIZE",
+        "jobs claimed per transaction on the portable backend (default: the job class's; "
+        "one at a time on Q4M)",
+        type=_positive_int,
+    )
+    _option(
+        worker,
         "--dead-table",
         "Q4M_DEAD_TABLE",
         "dead-letter table name (default: the job class's)",
@@ -343,6 +351,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         options["retry_base"] = args.retry_base
     if args.recycle_after is not None:
         options["recycle_after"] = args.recycle_after
+    if args.batch_size is not None:
+        options["batch_size"] = args.batch_size
     if args.dead_table is not None:
         options["dead_letter_table"] = args.dead_table
     if end_first:

@@ -19,6 +19,19 @@ A :class:`Consumer` owns one pinned connection and serves one or more job classe
 are waited on in the order given (earlier tables win: priority).  Connections are never shared:
 each consumer checks out its own and keeps it, reconnecting with backoff when the server goes
 away (the job it owned is returned by the server, not lost).
+
+With ``batch_size = N`` (N > 1) on the portable backend a consumer claims up to N jobs in one
+transaction with :func:`~sqlalchemy_q4m.batch.queue_batch` (earlier tables first, filling the
+batch from later ones) and runs ``execute`` for each with the same outcomes as one at a time:
+a job that returns is ended, one that aborts is returned, one that raises gets its retry copy
+or dead letter written in the batch's transaction, and each job's writes through
+``self.session`` sit in a savepoint of their own, so a failed or aborted job's writes are
+undone while the batch keeps its row locks.  The batch commits once, after its last job; a
+crash or a lost connection before that returns *every* job of the batch (the ended ones run
+again: at least once, and the window is the batch).  A stop request (the first SIGTERM)
+finishes the job in hand and returns the batch's unstarted jobs.  On the native backend (Q4M
+owns one row per connection) and with ``end_before_execute`` (at most once needs the removal
+committed before the job runs) the consumer takes one job at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +55,7 @@ from types import TracebackType
 from typing import Any
 from typing import ClassVar
 from typing import Literal
+from typing import Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -58,6 +72,10 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import SessionTransaction
 from sqlalchemy.sql.elements import ColumnElement
 
+from .backends import get_backend
+from .backends.base import Backend
+from .batch import MAX_SIZE as MAX_BATCH_SIZE
+from .batch import QueueBatch
 from .ddl import JOB_ID
 from .ddl import QUEUE_INFO_KEY
 from .ddl import job_id_column
@@ -72,6 +90,7 @@ from .exc import ConnectionLost
 from .exc import Q4MError
 from .exc import QueueAbort
 from .exc import QueueTableError
+from .functions import Subscription
 from .functions import subscriptions
 from .retry import ATTEMPTS
 from .retry import PRIORITY
@@ -121,6 +140,7 @@ OPTIONS = (
     "dead_letter_table",
     "backend",
     "reconnect_max",
+    "batch_size",
 )
 
 
@@ -205,6 +225,8 @@ class Job:
     * ``end_before_execute``: remove the job before running it (at most once: a crash loses
       it, a failure is dead-lettered, never retried); ``recycle_after``: after that many jobs
       the consumer drops its connection and makes fresh job objects.
+    * ``batch_size`` (1): jobs claimed per transaction on the portable backend (see the
+      module docstring); one at a time on Q4M and with ``end_before_execute``.
     """
 
     table_name: ClassVar[str | Sequence[str] | None] = None
@@ -221,6 +243,7 @@ class Job:
     dead_letter_table: ClassVar[str] = DEAD_LETTER_TABLE
     backend: ClassVar[Literal["native", "portable", "auto"] | None] = None
     reconnect_max: ClassVar[float] = 30.0
+    batch_size: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kw: Any) -> None:
         super().__init_subclass__(**kw)
@@ -251,6 +274,11 @@ class Job:
             raise Q4MError(f"wait_timeout must be > 0, not {self.wait_timeout!r}")
         if self.recycle_after is not None and self.recycle_after < 1:
             raise Q4MError(f"recycle_after must be >= 1, not {self.recycle_after!r}")
+        size = self.batch_size
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_BATCH_SIZE:
+            raise Q4MError(
+                f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}, not {size!r}"
+            )
         self.policy = RetryPolicy(
             max_attempts=self.max_attempts,
             base=self.retry_base,
@@ -262,7 +290,7 @@ class Job:
         self.job_id: Any = None
         self.attempts = 0
         self.log: logging.LoggerAdapter = _JobLog(self.logger, {})  # type: ignore[type-arg]
-        self._queue_session: QueueSession[Any] | None = None
+        self._queue_session: _Owner | None = None
         self._abort_requested = False
         self._consumer: Consumer | None = None
 
@@ -419,12 +447,64 @@ class _Run:
         return isinstance(exc, Exception) or exc is None  # a cancellation goes on
 
 
+class _Owner(Protocol):
+    """What the job steps use of the thing owning the job: a :class:`QueueSession`, or a
+    :class:`_BatchSlot` (one job of a claimed batch)."""
+
+    backend: Backend | None
+
+    @property
+    def subscription(self) -> Subscription | None: ...
+
+    @property
+    def session(self) -> Session: ...
+
+    @property
+    def owning(self) -> bool: ...
+
+    def end(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _BatchSlot:
+    """One job of a :class:`QueueBatch`, seen as the job steps see a queue session: ``end``
+    marks it done (removed when the batch commits), ``abort`` returns it with the batch."""
+
+    __slots__ = ("backend", "batch", "item", "subscription")
+
+    def __init__(self, batch: QueueBatch[Any], item: Any) -> None:
+        self.batch, self.item = batch, item
+        self.subscription: Subscription | None = batch.subscription_of(item)
+        self.backend: Backend | None = get_backend("portable")
+
+    @property
+    def session(self) -> Session:
+        return self.batch.session
+
+    @property
+    def owning(self) -> bool:
+        return self.batch.holds(self.item)
+
+    def end(self) -> None:
+        self.batch.end(self.item)
+
+    def abort(self) -> None:
+        self.batch.abort(self.item)
+
+    def close(self) -> None:
+        if self.owning:
+            self.abort()
+
+
 class Consumer:
     """One pinned connection serving one or more job objects; see the module docstring.
 
     ``jobs`` are served in order (their tables too): earlier tables win.  The first job's
-    ``wait_timeout``, ``poll_interval``, ``backend``, ``recycle_after`` and ``reconnect_max``
-    apply to the consumer.
+    ``wait_timeout``, ``poll_interval``, ``backend``, ``recycle_after``, ``reconnect_max`` and
+    ``batch_size`` apply to the consumer.
     """
 
     def __init__(
@@ -458,6 +538,8 @@ class Consumer:
         self.recycle_after = first.recycle_after
         self.reconnect_max = float(first.reconnect_max)
         self.backend_option = first.backend
+        self.batch_size = int(first.batch_size)
+        self._batch_noted = False  # "one job at a time" logged once
 
     @property
     def tables(self) -> list[str]:
@@ -572,8 +654,18 @@ class Consumer:
     # (_waits), the steps before and after execute, and the bookkeeping around a job in hand.
 
     def run_once(self, timeout: float | None = None) -> bool:
-        """Wait for one job of any target and handle it; False when none came in time."""
+        """Wait for one job of any target and handle it (with ``batch_size`` > 1 on the
+        portable backend: one batch); False when none came in time."""
+        return self._handle(timeout) > 0
+
+    def _handle(self, timeout: float | None = None, limit: int | None = None) -> int:
+        """Wait for one job, or one batch of at most ``limit`` jobs; the number handled."""
         conn = self.connect()
+        size = self._batch_size()
+        if limit is not None:
+            size = min(size, limit)
+        if size > 1:
+            return self._handle_batch(conn, size, timeout)
         for targets, options in self._waits(timeout):
             qs: QueueSession[Any] = QueueSession(*targets, bind=conn, **options)
             item = qs.wait()
@@ -587,8 +679,69 @@ class Consumer:
                     self._count(self._after_execute(qs, run))
             finally:
                 self._give_back(qs)
-            return True
-        return False
+            return 1
+        return 0
+
+    def _batch_size(self) -> int:
+        """The jobs to claim at once: ``batch_size`` on the portable backend, else 1 (the
+        native backend and ``end_before_execute`` run one job at a time; logged once)."""
+        if self.batch_size <= 1:
+            return 1
+        reason = None
+        if self._backend != "portable":
+            reason = "the native backend owns one job per connection"
+        elif any(job.end_before_execute for job in self.jobs):
+            reason = "end_before_execute removes each job before it runs"
+        if reason is None:
+            return self.batch_size
+        if not self._batch_noted:
+            self._batch_noted = True
+            logger.info(
+                "[%s] %s: batch_size %d ignored, one job at a time: %s",
+                self.name,
+                self._label(),
+                self.batch_size,
+                reason,
+            )
+        return 1
+
+    def _handle_batch(self, conn: Connection, size: int, timeout: float | None) -> int:
+        """Claim up to ``size`` jobs in one transaction and run each as :meth:`_handle` runs
+        one; the batch commits after its last job.  A stop request leaves the unstarted jobs
+        to the batch, which returns them; an error returns the whole batch."""
+        for targets, options in self._waits(timeout):
+            batch: QueueBatch[Any] = QueueBatch(*targets, bind=conn, size=size, **options)
+            items = batch.wait()
+            if not items:
+                continue
+            handled = 0
+            try:
+                for item in items:
+                    if self.stopping:
+                        logger.info(
+                            "[%s] %s: stopping: %d unstarted job(s) of the batch returned",
+                            self.name,
+                            self._label(),
+                            len(items) - handled,
+                        )
+                        break
+                    slot = _BatchSlot(batch, item)
+                    with self._holding():
+                        run = self._before_execute(slot, item)
+                        with run.executing():
+                            run.job.execute(run.arg)
+                        self._count(self._after_execute(slot, run))
+                    handled += 1
+                batch.close()  # removes the ended jobs, returns the others: one COMMIT
+            except BaseException:
+                self.lost_job = f"a batch of {len(items)} job(s)"
+                try:
+                    batch.give_back()
+                except Exception:  # the connection is gone: the server returns the batch
+                    logger.debug("returning a batch failed", exc_info=True)
+                raise
+            return handled
+        return 0
 
     def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
         """The targets and options of each wait until ``timeout`` (default ``wait_timeout``)
@@ -630,7 +783,7 @@ class Consumer:
         self._since_recycle += 1
 
     @staticmethod
-    def _give_back(qs: QueueSession[Any]) -> None:
+    def _give_back(qs: _Owner) -> None:
         """Return a job still owned after a failure (or a cancellation) on the way."""
         if qs.owning:
             try:
@@ -638,7 +791,7 @@ class Consumer:
             except Exception:  # the connection is gone: the server returns the job
                 logger.debug("returning a job failed", exc_info=True)
 
-    def _before_execute(self, qs: QueueSession[Any], item: Any) -> _Run:
+    def _before_execute(self, qs: _Owner, item: Any) -> _Run:
         """Get the job object ready for ``execute``: its id, attempts and logger, the job
         ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
         sub = qs.subscription
@@ -663,7 +816,7 @@ class Consumer:
         nested = qs.session.begin_nested() if portable and not ended else None
         return _Run(t, values, arg, attempts, log, ended, nested)
 
-    def _after_execute(self, qs: QueueSession[Any], run: _Run) -> Outcome:
+    def _after_execute(self, qs: _Owner, run: _Run) -> Outcome:
         """End, return, retry or bury the job as ``execute`` ended."""
         log, nested, ended, error = run.log, run.nested, run.ended, run.error
         if not ended and self._connection_lost():
@@ -707,7 +860,7 @@ class Consumer:
         return self._after_failure(qs, run, decision, error)
 
     def _after_failure(
-        self, qs: QueueSession[Any], run: _Run, decision: Retry | Bury, error: BaseException
+        self, qs: _Owner, run: _Run, decision: Retry | Bury, error: BaseException
     ) -> Outcome:
         t, log = run.target, run.log
         if isinstance(decision, Retry):
@@ -749,7 +902,7 @@ class Consumer:
         return conn is not None and conn.invalidated
 
     @staticmethod
-    def _end_after_write(qs: QueueSession[Any]) -> None:
+    def _end_after_write(qs: _Owner) -> None:
         """End the job after writes made in its session: on InnoDB in the same transaction;
         on Q4M (no transactions) the writes are committed first, so a crash in between
         runs the job again rather than losing the writes (at least once)."""
@@ -769,7 +922,7 @@ class Consumer:
             if self._recycle_due():
                 self.recycle()
             try:
-                got = self.run_once()
+                got = self._handle(limit=None if max_jobs is None else max_jobs - handled)
             except LOOP_ERRORS as err:
                 delay = self._after_error(err)
                 if delay is not None:
@@ -788,8 +941,8 @@ class Consumer:
     def _recycle_due(self) -> bool:
         return self.recycle_after is not None and self._since_recycle >= self.recycle_after
 
-    def _after_success(self, got: bool) -> int:
-        """Note that the database answered again; the number of jobs handled (0 or 1)."""
+    def _after_success(self, got: int) -> int:
+        """Note that the database answered again; the number of jobs handled."""
         if self._failures:
             logger.warning("[%s] %s: database is back", self.name, self._label())
         self._failures = 0
