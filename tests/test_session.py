@@ -101,22 +101,24 @@ def db(tables: Engine) -> Iterator[Engine]:
 
 @pytest.fixture
 def watched(db: Engine, db_url: URL) -> Iterator[tuple[Engine, list[str]]]:
-    """An engine whose pool records any connection handed back with an open InnoDB transaction
-    that holds locks (i.e. a claimed job), or while a queue session pins it."""
+    """An engine whose pool records any connection handed back while its server session is
+    still inside a transaction (which is where a portable claim holds the job's row lock).
+
+    The server's own ``@@in_transaction`` is asked, not ``information_schema.INNODB_TRX``:
+    InnoDB refreshes that table from a cache at most every 0.1 s (and not while anyone
+    keeps reading it), so right after a COMMIT it can still list the finished transaction
+    with its locks, and right after a claim it can still miss it."""
     problems: list[str] = []
     eng = create_engine(db_url, pool_size=3, max_overflow=0)
 
     @event.listens_for(eng, "reset")
     def _reset(dbapi_conn: Any, record: Any, state: Any) -> None:
         cur = dbapi_conn.cursor()
-        cur.execute(
-            "SELECT COALESCE(SUM(trx_rows_locked), 0) FROM information_schema.INNODB_TRX "
-            "WHERE trx_mysql_thread_id = CONNECTION_ID()"
-        )
-        (locked,) = cur.fetchone()
+        cur.execute("SELECT @@in_transaction")
+        (open_transaction,) = cur.fetchone()
         cur.close()
-        if locked:
-            problems.append(f"connection returned to the pool holding {locked} row lock(s)")
+        if open_transaction:
+            problems.append("connection returned to the pool inside an open transaction")
 
     yield eng, problems
     eng.dispose()
@@ -365,6 +367,24 @@ def test_pool_never_receives_an_owning_connection(watched: tuple[Engine, list[st
             assert job is not None
     assert problems == []
     assert count(eng) == 0
+
+
+def test_the_pool_watch_sees_a_connection_that_owns_a_row(
+    watched: tuple[Engine, list[str]],
+) -> None:
+    """The watch above is not blind: a raw connection handed back right after claiming a row
+    (no COMMIT/ROLLBACK of its own) is reported, however recently the server was asked."""
+    eng, problems = watched
+    enqueue(eng, ShellJob(command="held"))
+    raw = eng.raw_connection()
+    cur = raw.cursor()
+    cur.execute(f"SELECT id FROM {ShellJob.__tablename__} LIMIT 1 FOR UPDATE SKIP LOCKED")
+    assert len(cur.fetchall()) == 1
+    cur.close()
+    raw.close()  # checked in: the "reset" listener runs before the pool's own rollback
+    assert problems == ["connection returned to the pool inside an open transaction"]
+    problems.clear()
+    assert claimable(eng) != []  # and the pool's rollback did return the row
 
 
 def test_killed_owner_connection_returns_the_job(watched: tuple[Engine, list[str]]) -> None:
