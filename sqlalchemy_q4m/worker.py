@@ -714,6 +714,9 @@ class Consumer:
             items = batch.wait()
             if not items:
                 continue
+            logger.debug(
+                "[%s] %s: claimed a batch of %d job(s)", self.name, self._label(), len(items)
+            )
             handled = 0
             try:
                 for item in items:
