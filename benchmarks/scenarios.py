@@ -37,6 +37,7 @@ from .common import raw_connect
 from .common import remaining
 from .common import run_parallel
 from .workers import BatchLoop
+from .workers import BatchRuntimeLoop
 from .workers import CoreSessionLoop
 from .workers import EngineSessionLoop
 from .workers import RawBatchLoop
@@ -502,16 +503,23 @@ def memory(url: URL, s: Settings, report: Report, progress: Progress) -> None:
 
 
 def batched(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    runtime = worker_runtime_available()
     for kind, n in s.batch_workers:
         progress(f"batched consume {n} {kind}(s)")
-        raw, lib, single = _alternate(
-            s.repeats,
+        measures = [
             lambda n=n, kind=kind: _consume(url, s.batch_jobs, kind, n, RawBatchLoop, s.batch_size),
             lambda n=n, kind=kind: _consume(url, s.batch_jobs, kind, n, BatchLoop, s.batch_size),
             lambda n=n, kind=kind: _consume(
                 url, max(s.consume_jobs, s.batch_jobs // 10), kind, n, RawLoop
             ),
-        )
+        ]
+        if runtime:
+            measures.append(
+                lambda n=n, kind=kind: _consume(
+                    url, s.batch_jobs, kind, n, BatchRuntimeLoop, s.batch_size
+                )
+            )
+        raw, lib, single, *worker = _alternate(s.repeats, *measures)
         label = _label(kind, n)
         report.rows.append(
             Row(
@@ -525,3 +533,17 @@ def batched(url: URL, s: Settings, report: Report, progress: Progress) -> None:
                 note=f"{lib / single:.1f}x the raw one-job-per-transaction loop ({single:,.0f}/s)",
             )
         )
+        if worker:
+            report.rows.append(
+                Row(
+                    "batched",
+                    f"worker runtime, batch_size={s.batch_size}, {label}",
+                    worker[0],
+                    raw,
+                    "jobs/s",
+                    ">= 10,000 jobs/s",
+                    worker[0] >= 10_000,
+                    note=f"{worker[0] / single:.1f}x the raw one-job-per-transaction loop "
+                    f"({single:,.0f}/s); vs the raw batched loop in the ratio column",
+                )
+            )

@@ -140,7 +140,7 @@ class RuntimeLoop:
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         job_class: Any = importlib.import_module("sqlalchemy_q4m.worker").Job
 
-        class NoOpJob(job_class):  # type: ignore[misc, valid-type]
+        class NoOpJob(job_class):  # type: ignore[misc]
             model = BenchJob
 
             def execute(self, job: Any) -> None:
@@ -159,6 +159,39 @@ class RuntimeLoop:
     def close(self) -> None:
         if self.own_engine:
             self.engine.dispose()
+
+
+class BatchRuntimeLoop:
+    """The worker runtime with ``batch_size = n`` (``queue_batch`` under the job class, a
+    savepoint per job) and a no-op ``execute``; counts only committed jobs."""
+
+    def __init__(self, url: URL, size: int) -> None:
+        from sqlalchemy_q4m.worker import Consumer
+        from sqlalchemy_q4m.worker import Job
+
+        class NoOpJob(Job):
+            model = BenchJob
+
+            def execute(self, job: Any) -> None:
+                return None
+
+        self.engine = library_engine(url)
+        self.consumer = Consumer([NoOpJob(self.engine, batch_size=size)], self.engine)
+        self.consumer.connect()  # before the start signal, as the other loops connect
+
+    def consume(self) -> int:
+        stats, rolled_back = self.consumer.stats, 0
+        while True:
+            before = stats.snapshot()["done"]
+            try:
+                if not self.consumer.run_once(timeout=0):
+                    return int(stats.snapshot()["done"]) - rolled_back
+            except CompletionFailed:  # a deadlock victim: the whole batch runs again
+                rolled_back += stats.snapshot()["done"] - before
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.engine.dispose()
 
 
 class RawBatchLoop:

@@ -47,6 +47,8 @@ EXPECTED = [
     ("memory", "peak RSS of a worker process, 4 threads"),
     ("batched", "`queue_batch(size=50)`, 1 thread"),
     ("batched", "`queue_batch(size=50)`, 2 processes"),
+    ("batched", "worker runtime, batch_size=50, 1 thread"),
+    ("batched", "worker runtime, batch_size=50, 2 processes"),
 ]
 
 
