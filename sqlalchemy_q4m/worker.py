@@ -317,8 +317,9 @@ class Job:
     # -- running ------------------------------------------------------------------------
 
     def run_once(self, timeout: float | None = None) -> bool:
-        """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job and handle
-        it; True if a job was handled.  Database errors are raised."""
+        """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job (with
+        ``batch_size`` > 1 on the portable backend: one batch) and handle it; True if a job
+        was handled.  Database errors are raised."""
         return self._get_consumer().run_once(timeout)
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:

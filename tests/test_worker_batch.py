@@ -61,7 +61,7 @@ log_table = Table(
 
 
 class Base(DeclarativeBase):
-    pass
+    metadata = meta  # one MetaData: the fixture creates and drops every table at once
 
 
 class TaskRow(RetryMixin, PriorityMixin, QueueMixin, Base):
@@ -71,14 +71,11 @@ class TaskRow(RetryMixin, PriorityMixin, QueueMixin, Base):
 
 @pytest.fixture
 def tables(engine: Engine) -> Iterator[None]:
-    meta.drop_all(engine)
-    Base.metadata.drop_all(engine)
-    meta.create_all(engine)
-    Base.metadata.create_all(engine)
+    for step in (meta.drop_all, meta.create_all):
+        step(engine)
     yield
-    meta.drop_all(engine)
-    Base.metadata.drop_all(engine)
-    dead_letter_table(DEAD).drop(engine, checkfirst=True)
+    for table in (*meta.sorted_tables, dead_letter_table(DEAD)):
+        table.drop(engine, checkfirst=True)
 
 
 @pytest.fixture
@@ -102,14 +99,11 @@ def put(engine: Engine, table: Table, *values: dict[str, Any]) -> None:
         conn.execute(insert(table), [{"id": new_job_id(), **v} for v in values])
 
 
-def logged(engine: Engine) -> list[int]:
+def logged(engine: Engine, source: Table = log_table) -> list[Any]:
+    """The rows of ``source`` (default: the ``n`` each job wrote to ``twb_log``, sorted)."""
     with engine.connect() as conn:
-        return sorted(conn.execute(select(log_table.c.n)).scalars().all())
-
-
-def dead_rows(engine: Engine) -> list[Any]:
-    with engine.connect() as conn:
-        return list(conn.execute(select(dead_letter_table(DEAD))).all())
+        found = list(conn.execute(select(source)).all())
+    return sorted(n for (n,) in found) if source is log_table else found
 
 
 class Writer(Job):
@@ -258,7 +252,7 @@ def test_failures_inside_a_batch_are_retried_then_dead_lettered(
     assert logged(engine) == [0, 2, 4]  # only the successful jobs' writes
     counts = consumer.stats.snapshot()
     assert (counts["done"], counts["retried"], counts["dead"]) == (3, 6, 3)
-    dead = dead_rows(engine)
+    dead = logged(engine, dead_letter_table(DEAD))
     assert sorted(json.loads(d.payload)["n"] for d in dead) == [1, 3, 5]
     assert {d.attempts for d in dead} == {3} and all("odd" in d.error for d in dead)
     assert count_rows(engine, rows) == 0
@@ -331,7 +325,7 @@ def test_a_lost_connection_returns_the_whole_batch_and_the_worker_reconnects(
     assert set(runs) == set(range(5))
     assert sum(runs.values()) == 5 + 3  # the three run before the loss ran again
     assert logged(engine) == list(range(5))  # the lost batch's writes were undone
-    assert count_rows(engine, rows) == 0 and dead_rows(engine) == []
+    assert count_rows(engine, rows) == 0 and logged(engine, dead_letter_table(DEAD)) == []
     assert "a batch of 5 job(s)" in caplog.text and "database is back" in caplog.text
 
 
@@ -355,8 +349,11 @@ def test_two_batched_processes_run_every_job_exactly_once(
     enqueue(db_url, 2000)
     log = tmp_path / "jobs.log"
     env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE="twb_rows", Q4M_BATCH_SIZE="100")
-    args = ["worker", "worker_jobs:RecordJob", "--url", url_of(db_url), "--burst"]
-    result = run_q4m(*args, "--processes", "2", "--log-level", "DEBUG", env=env, timeout=120)
+    result = run_q4m(
+        *_worker_args(db_url, "--burst", "--processes", "2", "--log-level", "DEBUG"),
+        env=env,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "claimed a batch of 100 job(s)" in result.stderr
     events = read_log(str(log))
@@ -368,19 +365,13 @@ def test_two_batched_processes_run_every_job_exactly_once(
     assert "batch_size" not in result.stderr  # not degraded: portable backend
 
 
+def _worker_args(db_url: URL, *extra: str) -> list[str]:
+    return ["worker", "worker_jobs:RecordJob", "--url", url_of(db_url), *extra]
+
+
 def _batched_worker(db_url: URL, log: Path, output: Path, pause: str, *extra: str) -> Any:
     env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE="twb_rows", WORKER_SLEEP=pause)
-    return start_q4m(
-        "worker",
-        "worker_jobs:RecordJob",
-        "--url",
-        url_of(db_url),
-        "--batch-size",
-        "10",
-        *extra,
-        env=env,
-        output=output,
-    )
+    return start_q4m(*_worker_args(db_url, "--batch-size", "10", *extra), env=env, output=output)
 
 
 @pytest.mark.acceptance
