@@ -228,6 +228,7 @@ class AsyncConsumer(Consumer):
     async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         """Wait for one job of any target and handle it; False when none came in time."""
         conn = await greenlet_spawn(self.connect)
+        self._one_at_a_time("the asyncio worker has no batch mode")
         for targets, options in self._waits(timeout):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
                 *targets, bind=self._async_connection(conn), **options

@@ -30,8 +30,9 @@ undone while the batch keeps its row locks.  The batch commits once, after its l
 crash or a lost connection before that returns *every* job of the batch (the ended ones run
 again: at least once, and the window is the batch).  A stop request (the first SIGTERM)
 finishes the job in hand and returns the batch's unstarted jobs.  On the native backend (Q4M
-owns one row per connection) and with ``end_before_execute`` (at most once needs the removal
-committed before the job runs) the consumer takes one job at a time.
+owns one row per connection), with ``end_before_execute`` (at most once needs the removal
+committed before the job runs) and in the asyncio worker the consumer takes one job at a time
+(logged once).
 """
 
 from __future__ import annotations
@@ -695,7 +696,12 @@ class Consumer:
             reason = "end_before_execute removes each job before it runs"
         if reason is None:
             return self.batch_size
-        if not self._batch_noted:
+        self._one_at_a_time(reason)
+        return 1
+
+    def _one_at_a_time(self, reason: str) -> None:
+        """Log once that ``batch_size`` is not used, and why."""
+        if self.batch_size > 1 and not self._batch_noted:
             self._batch_noted = True
             logger.info(
                 "[%s] %s: batch_size %d ignored, one job at a time: %s",
@@ -704,7 +710,6 @@ class Consumer:
                 self.batch_size,
                 reason,
             )
-        return 1
 
     def _handle_batch(self, conn: Connection, size: int, timeout: float | None) -> int:
         """Claim up to ``size`` jobs in one transaction and run each as :meth:`_handle` runs
