@@ -29,6 +29,7 @@ from sqlalchemy import Text
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -120,6 +121,23 @@ def queued(engine: Engine) -> list[str]:
         return list(conn.execute(select(AioJob.payload).order_by(AioJob.id)).scalars())
 
 
+async def in_the_server(engine: Engine, table: str, seconds: float = 30.0) -> None:
+    """Wait until another connection of this database runs a statement on ``table`` (one
+    that the test's row lock then keeps waiting).  A fixed sleep only assumed the task had
+    sent it; under load it may not have, and the test would cancel something else."""
+    deadline = time.monotonic() + seconds
+    query = text(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() "
+        "AND DB = DATABASE() AND COMMAND = 'Query' AND INFO LIKE :pattern"
+    )
+    while True:
+        with engine.connect() as conn:
+            if conn.execute(query, {"pattern": f"%{table}%"}).scalar():
+                return
+        assert time.monotonic() < deadline, f"no statement on {table} reached the server"
+        await asyncio.sleep(0.02)  # the event loop runs the task meanwhile
+
+
 def checked_out(eng: AsyncEngine) -> int:
     n: int = eng.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
     return n
@@ -204,6 +222,9 @@ def test_normal_exit_ends_the_job(async_url: URL, engine: Engine, bind_kind: str
 def test_timeout_returns_none_in_about_timeout(async_url: URL) -> None:
     async def main() -> None:
         async with async_engine(async_url) as eng:
+            # connect and detect the backend first: only the wait itself is timed
+            async with queue_session(AioJob, bind=eng, timeout=0) as job:
+                assert job is None
             start = time.monotonic()
             async with queue_session(AioJob, bind=eng, timeout=0.4) as job:
                 elapsed = time.monotonic() - start
@@ -483,7 +504,7 @@ def test_cancelled_in_a_blocked_statement_never_pools_the_connection(
                 holder.execute(select(AioLog).with_for_update())  # hold the row lock
                 task = asyncio.create_task(consumer())
                 await asyncio.wait_for(waiting.wait(), 10)
-                await asyncio.sleep(0.3)  # the SELECT ... FOR UPDATE is waiting in the server
+                await in_the_server(engine, AioLog.__tablename__)  # SELECT ... FOR UPDATE waits
                 task.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await task
@@ -524,7 +545,7 @@ def test_end_runs_to_completion_when_cancelled(async_url: URL, engine: Engine) -
                 holder.execute(select(AioLog).with_for_update())
                 task = asyncio.create_task(consumer())
                 await asyncio.wait_for(ending.wait(), 10)
-                await asyncio.sleep(0.3)
+                await in_the_server(engine, AioLog.__tablename__)  # end()'s flush waits
                 task.cancel()  # while end() waits for the lock
                 await asyncio.sleep(0.2)
                 assert not task.done()  # end() is not cut short
