@@ -318,8 +318,36 @@ def subscriptions(
     """Build validated subscriptions, earlier targets first.
 
     ``where`` is one expression (for the single target, or for the one target whose columns
-    it uses) or a mapping ``{target: expression}``.
+    it uses) or a mapping ``{target: expression}``.  Without ``where`` the result is
+    memoized per tuple of targets: a worker calling ``queue_session(Job)`` once per job
+    validates its subscription once, not once per job.
     """
+    if where is None:
+        key = tuple(targets)
+        try:
+            cached = _UNCONDITIONAL.get(key)
+        except TypeError:  # an unhashable target: never valid, let the checks below say why
+            cached, key = None, None
+        if cached is not None:
+            return cached
+        built = _subscriptions(targets, None)
+        if key is not None:
+            if len(_UNCONDITIONAL) >= _MEMO_SIZE:
+                _UNCONDITIONAL.clear()
+            _UNCONDITIONAL[key] = built
+        return built
+    return _subscriptions(targets, where)
+
+
+#: ``subscriptions(targets)`` without ``where``, by targets (classes and Tables: few).
+_UNCONDITIONAL: dict[tuple[Any, ...], tuple[Subscription, ...]] = {}
+_MEMO_SIZE = 256
+
+
+def _subscriptions(
+    targets: Sequence[Any],
+    where: ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None,
+) -> tuple[Subscription, ...]:
     if not targets:
         raise SubscriptionError("queue_session needs at least one queue model or table")
     tables = [_table_of(t) for t in targets]
