@@ -323,7 +323,7 @@ def subscriptions(
     validates its subscription once, not once per job.
     """
     if where is None:
-        key = tuple(targets)
+        key: tuple[Any, ...] | None = tuple(targets)
         try:
             cached = _UNCONDITIONAL.get(key)
         except TypeError:  # an unhashable target: never valid, let the checks below say why
