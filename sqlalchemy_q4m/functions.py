@@ -323,15 +323,15 @@ def subscriptions(
     validates its subscription once, not once per job.
     """
     if where is None:
-        key: tuple[Any, ...] | None = tuple(targets)
+        key = tuple(targets)
         try:
             cached = _UNCONDITIONAL.get(key)
         except TypeError:  # an unhashable target: never valid, let the checks below say why
-            cached, key = None, None
+            return _subscriptions(targets, None)
         if cached is not None:
             return cached
         built = _subscriptions(targets, None)
-        if key is not None:
+        if built:
             if len(_UNCONDITIONAL) >= _MEMO_SIZE:
                 _UNCONDITIONAL.clear()
             _UNCONDITIONAL[key] = built
