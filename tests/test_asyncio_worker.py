@@ -312,6 +312,9 @@ def test_graceful_stop_finishes_jobs_in_hand(asyncmy_url: URL, engine: Engine) -
     enqueue(engine, *(f"s{i}" for i in range(10)))
     started: list[str] = []
     finished: list[str] = []
+    # Each job runs until the test has asked for the stop: with a fixed duration instead, a
+    # task that started late (under load) let an early one finish and take a fourth job.
+    stopped = asyncio.Event()
 
     class Slow(AsyncJob):
         model = WJob
@@ -319,7 +322,7 @@ def test_graceful_stop_finishes_jobs_in_hand(asyncmy_url: URL, engine: Engine) -
 
         async def execute(self, job: WJob) -> None:
             started.append(job.payload)
-            await asyncio.sleep(0.5)
+            await stopped.wait()
             finished.append(job.payload)
 
     async def main() -> int:
@@ -329,7 +332,8 @@ def test_graceful_stop_finishes_jobs_in_hand(asyncmy_url: URL, engine: Engine) -
             while len(started) < 3:
                 await asyncio.sleep(0.01)
             workers.stop()
-            return await run
+            stopped.set()
+            return await asyncio.wait_for(run, 30)
 
     assert asyncio.run(main()) == EXIT_OK
     assert len(started) == 3 and sorted(finished) == sorted(started)
@@ -358,7 +362,11 @@ def test_second_signal_returns_the_jobs_in_hand(asyncmy_url: URL, engine: Engine
             while len(started) < 2:
                 await asyncio.sleep(0.01)
             os.kill(os.getpid(), signal.SIGTERM)  # graceful: the hanging jobs go on
-            await asyncio.sleep(0.3)
+            deadline = asyncio.get_running_loop().time() + 10
+            while workers.signals < 1:  # handled in the loop, whenever it gets there
+                assert asyncio.get_running_loop().time() < deadline, "SIGTERM not handled"
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
             assert not run.done() and workers.signals == 1
             os.kill(os.getpid(), signal.SIGTERM)  # forced: cancelled, jobs returned
             code = await asyncio.wait_for(run, 10)
