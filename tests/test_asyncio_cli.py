@@ -62,7 +62,10 @@ class TestAsyncioCliJob(AsyncJob):  # table "{JOBS}"
     async def execute(self, job):
         n = int(job.n)
         pause = float(os.environ.get("AIO_SLEEP", "0"))
+        go = os.environ.get("AIO_GO")
         record("start", n)
+        while go and not os.path.exists(go):  # held until the test says so
+            await asyncio.sleep(0.02)
         await asyncio.sleep(pause)
         await self.session.execute(
             text("INSERT INTO {DONE} (n, pid) VALUES (:n, :pid)"), {{"n": n, "pid": os.getpid()}}
@@ -193,13 +196,16 @@ def test_first_sigterm_finishes_the_jobs_in_hand(
         "4",
         "--status",
         "never",
-        env={"AIO_SLEEP": "1.0"},
+        # the jobs wait for "go" (then 1 s): with a fixed duration alone, a task that started
+        # late under load let an early one finish and take a fifth job before the signal
+        env={"AIO_SLEEP": "1.0", "AIO_GO": str(workdir / "go")},
     )
     deadline = time.monotonic() + 30
     while sum(1 for e, _ in events(workdir) if e == "start") < 4:
         assert time.monotonic() < deadline and proc.poll() is None, proc.stderr
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
+    (workdir / "go").touch()
     _out, err = proc.communicate(timeout=30)
     assert proc.returncode == EXIT_OK, err
     started = [n for e, n in events(workdir) if e == "start"]
