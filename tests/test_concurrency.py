@@ -47,6 +47,10 @@ url, threads = sys.argv[1], int(sys.argv[2])
 jobs = queue_table("cc_jobs", MetaData(), Column("n", Integer, nullable=False))
 engine = create_engine(url, pool_size=threads, max_overflow=0)
 lock = threading.Lock()
+with engine.connect():  # connected and imported: ready; wait for the start signal
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
 
 def consume():
     aborted = set()
@@ -112,9 +116,10 @@ def fill(engine: Engine, n: int) -> set[uuid.UUID]:
         return set(conn.execute(select(jobs.c.id)).scalars())
 
 
-def spawn(script: str, *args: Any) -> subprocess.Popen[str]:
+def spawn(script: str, *args: Any, stdin: bool = False) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-c", script, *map(str, args)],
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -128,7 +133,7 @@ def test_threads_and_processes_drain_every_job_exactly_once(db: Engine, db_url: 
     expected = fill(db, JOBS)
     assert len(expected) == JOBS
     url = db_url.render_as_string(hide_password=False)
-    procs = [spawn(CONSUMER, url, 2) for _ in range(PROCESSES)]
+    procs = [spawn(CONSUMER, url, 2, stdin=True) for _ in range(PROCESSES)]
     ended: list[uuid.UUID] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
@@ -156,11 +161,17 @@ def test_threads_and_processes_drain_every_job_exactly_once(db: Engine, db_url: 
 
     threads = [threading.Thread(target=consume) for _ in range(THREADS)]
     try:
+        for p in procs:  # every process connected before anyone starts: all take part
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         for t in threads:
             t.start()
+        for p in procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
         for t in threads:
             t.join(120)
-        outputs = [p.communicate(timeout=120) for p in procs]
+        outputs = [p.communicate(timeout=120) for p in procs]  # also closes stdin
     finally:
         for p in procs:
             if p.poll() is None:  # pragma: no cover - only after a failure
