@@ -81,6 +81,7 @@ from .server import detect_backend
 from .session import POLL_INTERVAL
 from .session import QueueSession
 from .session import Where
+from .session import check_wait_options
 
 __all__ = ["QueueBatch", "queue_batch"]
 
@@ -113,10 +114,7 @@ class QueueBatch(Generic[T]):
             raise Q4MError(f"queue_batch binds to an Engine or a Connection, not {bind!r}")
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
             raise Q4MError(f"size must be an integer from 1 to {MAX_SIZE}, not {size!r}")
-        if timeout is not None and timeout < 0:
-            raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
-        if poll_interval <= 0:
-            raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
+        check_wait_options(timeout, poll_interval)
         self.subscriptions: tuple[Subscription, ...] = subscriptions(targets, where)
         self.targets = targets
         self.where = where

@@ -69,6 +69,14 @@ Where = ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None
 POLL_INTERVAL = 0.05
 
 
+def check_wait_options(timeout: float | None, poll_interval: float) -> None:
+    """Refuse a negative ``timeout`` or a non-positive ``poll_interval`` with a Q4MError."""
+    if timeout is not None and timeout < 0:
+        raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
+    if poll_interval <= 0:
+        raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
+
+
 class QueueSession(Generic[T]):
     """One job's lifetime on one pinned connection; see the module docstring.
 
@@ -87,10 +95,7 @@ class QueueSession(Generic[T]):
     ) -> None:
         if not isinstance(bind, Engine | Connection | Session):
             raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
-        if timeout is not None and timeout < 0:
-            raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
-        if poll_interval <= 0:
-            raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
+        check_wait_options(timeout, poll_interval)
         self.subscriptions: tuple[Subscription, ...] = subscriptions(targets, where)
         self.bind = bind
         self.timeout = timeout
