@@ -41,7 +41,6 @@ at a time: it holds at most one job, and ``end``/``abort`` call ``queue_end()`` 
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -62,12 +61,11 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import BindParameter
 
-from .backends.base import LOCK_WAIT_TIMEOUT
 from .backends.base import RETRYABLE
 from .backends.base import error_code
 from .backends.base import translate_errors
-from .backends.portable import RETRIES
 from .backends.portable import claim_statement
+from .backends.portable import execute_completion
 from .exc import CompletionFailed
 from .exc import NotOwner
 from .exc import Q4MError
@@ -357,7 +355,7 @@ class QueueBatch(Generic[T]):
                     stmt, single = _delete_statement(sub)
                     values = [k[0] for k in keys] if single else keys
                     for start in range(0, len(values), DELETE_CHUNK):
-                        _execute_retrying(
+                        execute_completion(
                             conn, stmt, {"keys": values[start : start + DELETE_CHUNK]}
                         )
         except OperationalError as err:
@@ -387,19 +385,6 @@ class QueueBatch(Generic[T]):
                 conn.close()
             self._conn = None
             self._session = None
-
-
-def _execute_retrying(conn: Connection, stmt: Delete, params: dict[str, Any]) -> None:
-    """Run a completion ``DELETE``; a lock-wait timeout undoes only the statement (our row
-    locks stay), so it is tried again.  A deadlock rolls the whole transaction back: raised."""
-    for attempt in range(RETRIES + 1):
-        try:
-            conn.execute(stmt, params)
-            return
-        except OperationalError as err:
-            if error_code(err) != LOCK_WAIT_TIMEOUT or attempt == RETRIES:
-                raise
-            time.sleep(random.uniform(0, 0.005 * 2**attempt))
 
 
 _DELETES: dict[Any, tuple[Delete, bool]] = {}

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from typing import ClassVar
 
+from sqlalchemy import Connection
 from sqlalchemy import Delete
 from sqlalchemy import Select
 from sqlalchemy import Table
@@ -35,7 +36,7 @@ from .base import Claim
 from .base import error_code
 from .base import translate_errors as _translate
 
-__all__ = ["PortableBackend", "claim_statement"]
+__all__ = ["PortableBackend", "claim_statement", "execute_completion"]
 
 #: How often a claim or a completion is tried again after a deadlock or lock-wait timeout.
 RETRIES = 5
@@ -73,6 +74,19 @@ def _build_claim(sub: Subscription, limit: int) -> Select[Any]:
 
 def _pause(attempt: int) -> None:
     time.sleep(random.uniform(0, 0.005 * 2**attempt))
+
+
+def execute_completion(conn: Connection, stmt: Delete, params: dict[str, Any]) -> None:
+    """Run a completion ``DELETE``; a lock-wait timeout undoes only the statement (our row
+    locks stay), so it is tried again.  A deadlock rolls the whole transaction back: raised."""
+    for attempt in range(RETRIES + 1):
+        try:
+            conn.execute(stmt, params)
+            return
+        except OperationalError as err:
+            if error_code(err) != LOCK_WAIT_TIMEOUT or attempt == RETRIES:
+                raise
+            _pause(attempt)
 
 
 class PortableBackend(Backend):
@@ -150,15 +164,7 @@ class PortableBackend(Backend):
             stmt = delete(table).where(*(c == v for c, v in zip(key, values, strict=True)))
         # On the session's connection, in its transaction: the ORM execute path (events,
         # autoflush, compile-state plugins) costs more CPU than the DELETE's round trip.
-        conn = session.connection()
-        for attempt in range(RETRIES + 1):
-            try:
-                conn.execute(stmt, params)
-                return
-            except OperationalError as err:
-                if error_code(err) != LOCK_WAIT_TIMEOUT or attempt == RETRIES:
-                    raise
-                _pause(attempt)
+        execute_completion(session.connection(), stmt, params)
 
     def abort(self, session: Session, claim: Claim) -> None:
         with _translate("returning a job"):
