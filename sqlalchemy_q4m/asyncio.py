@@ -111,11 +111,6 @@ class _GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(bind=aconn, expire_on_commit=False, autoflush=True)
         return self.async_session.sync_session
 
-    @property
-    def connection_invalidated(self) -> bool:
-        """True when the pinned connection was lost (the server returns an owned job)."""
-        return self._pinned is not None and self._pinned.invalidated
-
     def try_claim(self, backend: Backend, timeout: float) -> bool:
         """One ``backend.attempt``; True (and owning) when it got a job."""
         claim = backend.attempt(self.session, self.subscriptions, timeout)
