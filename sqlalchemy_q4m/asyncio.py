@@ -108,17 +108,9 @@ class _GreenletQueueSession(QueueSession[Any]):
         else:
             engine = bind if isinstance(bind, AsyncEngine) else AsyncEngine(conn.engine)
             aconn = AsyncConnection(engine, conn)
-        self.async_session = AsyncSession(bind=aconn, expire_on_commit=False, autoflush=True)
+        options = {**self._orm_options(), "bind": aconn}
+        self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
-
-    def try_claim(self, backend: Backend, timeout: float) -> bool:
-        """One ``backend.attempt``; True (and owning) when it got a job."""
-        claim = backend.attempt(self.session, self.subscriptions, timeout)
-        if claim is None:
-            return False
-        self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
-        self._state = "owning"
-        return True
 
     def timed_out(self) -> None:
         """Nothing arrived: close what the wait began and hand the connection back."""
@@ -223,7 +215,7 @@ class AsyncQueueSession(Generic[T]):
             deadline = None if self.timeout is None else time.monotonic() + self.timeout
             while True:
                 remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                if await greenlet_spawn(sync.try_claim, backend, remaining):
+                if await greenlet_spawn(sync._attempt, backend, remaining):
                     return self.job
                 if deadline is not None and time.monotonic() >= deadline:
                     break

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from functools import partial
 from types import TracebackType
 from typing import Any
 from typing import Generic
@@ -54,24 +55,23 @@ from sqlalchemy import Delete
 from sqlalchemy import Engine
 from sqlalchemy import bindparam
 from sqlalchemy import delete
-from sqlalchemy import tuple_
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.types import NullType
 
 from .backends.base import RETRYABLE
 from .backends.base import error_code
 from .backends.base import translate_errors
-from .backends.portable import claim_statement
-from .backends.portable import execute_completion
+from .backends.portable import retry_lock_wait
 from .exc import CompletionFailed
 from .exc import NotOwner
 from .exc import Q4MError
 from .exc import QueueAbort
 from .functions import Subscription
 from .functions import subscriptions
+from .loading import Loader
+from .loading import loader_for
 from .server import BackendName
 from .server import _validate
 from .server import check_server
@@ -84,6 +84,9 @@ from .session import check_wait_options
 __all__ = ["QueueBatch", "queue_batch"]
 
 T = TypeVar("T")
+
+#: What the batch keeps per claimed job: its subscription, loader and driver-level key.
+_Key = tuple[Subscription, Loader | None, tuple[Any, ...]]
 
 #: Largest batch accepted: bigger batches only lengthen the at-least-once window.
 MAX_SIZE = 10_000
@@ -124,10 +127,12 @@ class QueueBatch(Generic[T]):
         self.backend: BackendName | None = None
         self.jobs: list[T] = []
         self._state: Literal["new", "owning", "done"] = "new"
-        self._pending: dict[int, tuple[Subscription, tuple[Any, ...]]] = {}  # id(job) -> key
-        self._ended: list[tuple[Subscription, tuple[Any, ...]]] = []
+        self._keys: dict[int, _Key] = {}  # id(job) -> (subscription, loader, key)
+        self._pending: set[int] = set()  # id(job) of the jobs neither ended nor aborted
+        self._ended: list[_Key] = []
         self._conn: Connection | None = None  # checked out by us: closed by us
-        self._session: Session | None = None
+        self._pinned: Connection | None = None  # holds the claimed rows' locks
+        self._session: Session | None = None  # made on first use
         self._began = False
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
 
@@ -138,9 +143,16 @@ class QueueBatch(Generic[T]):
         """The ORM session the jobs were loaded in; its writes commit with the batch."""
         if self._single is not None:
             return self._single.session
-        if self._session is None:
-            raise NotOwner("the batch has not claimed yet")
-        return self._session
+        session = self._session
+        if session is None:
+            if self._pinned is None:
+                raise NotOwner("the batch has not claimed yet, or is finished")
+            session = Session(bind=self._pinned, expire_on_commit=False, autoflush=True)
+            self._session = session
+            for job in self.jobs:  # built from their rows, detached: persistent in it
+                if self._keys[id(job)][0].is_orm and job not in session:
+                    session.add(job)
+        return session
 
     @property
     def pending(self) -> list[T]:
@@ -184,10 +196,9 @@ class QueueBatch(Generic[T]):
 
     def subscription_of(self, job: T) -> Subscription:
         """The subscription (table) ``job`` was claimed from."""
-        key = self._pending.get(id(job))
-        if key is None:
+        if id(job) not in self._pending:
             raise NotOwner(f"{job!r} is not a pending job of this batch")
-        return key[0]
+        return self._keys[id(job)][0]
 
     def give_back(self) -> None:
         """Roll the batch back: every job returns to the queue, the ended ones too (what a
@@ -249,13 +260,13 @@ class QueueBatch(Generic[T]):
         with self.bind.connect() as conn:
             return detect_backend(conn)
 
-    def _take(self, job: T) -> tuple[Subscription, tuple[Any, ...]]:
+    def _take(self, job: T) -> _Key:
         if self._state != "owning":
             raise NotOwner("the batch is finished")
-        key = self._pending.pop(id(job), None)
-        if key is None:
+        if id(job) not in self._pending:
             raise NotOwner(f"{job!r} is not a pending job of this batch")
-        return key
+        self._pending.discard(id(job))
+        return self._keys[id(job)]
 
     def _wait_native(self) -> list[T]:
         single: QueueSession[T] = QueueSession(
@@ -270,7 +281,8 @@ class QueueBatch(Generic[T]):
         if job is None:
             return []
         self._single = single
-        self._pending[id(job)] = (single.subscription or self.subscriptions[0], ())
+        self._keys[id(job)] = (single.subscription or self.subscriptions[0], None, ())
+        self._pending.add(id(job))
         return [job]
 
     def _wait_portable(self) -> list[T]:
@@ -280,13 +292,12 @@ class QueueBatch(Generic[T]):
             self._conn = conn
         else:
             conn = bind
+        self._pinned = conn
         self._began = not conn.in_transaction()
-        session = Session(bind=conn, expire_on_commit=False, autoflush=True)
-        self._session = session
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             started = time.monotonic()
-            jobs = self._claim(session)
+            jobs = self._claim(conn)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs
             wake = started + self.poll_interval  # a fixed schedule, as queue_session polls
@@ -294,25 +305,25 @@ class QueueBatch(Generic[T]):
                 wake = min(wake, deadline)
             time.sleep(max(0.0, wake - time.monotonic()))
 
-    def _claim(self, session: Session) -> list[T]:
+    def _claim(self, conn: Connection) -> list[T]:
         jobs: list[T] = []
         for sub in self.subscriptions:
             want = self.size - len(jobs)
             if want <= 0:
                 break
-            stmt = claim_statement(sub, want)
+            loader = loader_for(sub, conn.dialect)
             try:
                 with translate_errors("claiming a batch"):
-                    result = session.execute(stmt)
-                    found = list(result.scalars() if sub.is_orm else result)
+                    found = loader.claim(conn, sub, want, lambda: self.session)
             except OperationalError as err:
                 if error_code(err) not in RETRYABLE or jobs:
                     raise
-                session.rollback()  # a deadlock before anything is held: try at the next poll
+                conn.rollback()  # a deadlock before anything is held: try at the next poll
                 return []
-            for job in found:
-                self._pending[id(job)] = (sub, _key_of(sub, job))
-            jobs.extend(found)
+            for job, key in found:
+                self._keys[id(job)] = (sub, loader, key)
+                self._pending.add(id(job))
+                jobs.append(job)
         return jobs
 
     def _finish(self, *, commit: bool) -> None:
@@ -325,44 +336,51 @@ class QueueBatch(Generic[T]):
                 self._single.close()
                 self._state = "done"
             return
-        session = self._session
+        conn = self._pinned
         ok = False
         try:
-            if session is not None:
-                if commit and self._ended:
-                    self._delete_ended(session)
+            if conn is not None:
+                if commit:
+                    self._complete(conn)
                 if self._began or self._conn is not None:
                     if commit:
                         with translate_errors("committing a batch"):
-                            session.commit()
-                    else:
-                        session.rollback()
+                            conn.commit()
+                    elif conn.in_transaction():
+                        conn.rollback()
             ok = True
         finally:
             self._state = "done"
             self._pending.clear()
             self._release(broken=not ok)
 
-    def _delete_ended(self, session: Session) -> None:
-        by_sub: dict[int, tuple[Subscription, list[tuple[Any, ...]]]] = {}
-        for sub, key in self._ended:
-            by_sub.setdefault(id(sub), (sub, []))[1].append(key)
+    def _complete(self, conn: Connection) -> None:
+        """The batch's own writes, then one ``DELETE ... IN`` per table and chunk of keys."""
+        by_sub: dict[int, tuple[Subscription, Loader | None, list[tuple[Any, ...]]]] = {}
+        for sub, loader, key in self._ended:
+            by_sub.setdefault(id(sub), (sub, loader, []))[2].append(key)
         try:
             with translate_errors("completing a batch"):
-                session.flush()  # the batch's own writes first: they commit with the removal
-                conn = session.connection()
-                for sub, keys in by_sub.values():
-                    stmt, single = _delete_statement(sub)
-                    values = [k[0] for k in keys] if single else keys
+                session = self._session
+                if session is not None and (session.new or session.dirty or session.deleted):
+                    session.flush()  # they commit with the removal
+                for sub, loader, keys in by_sub.values():
+                    stmt = _delete_statement(sub)
+                    if stmt is None:  # a composite key: one DELETE per job
+                        assert loader is not None
+                        for key in keys:
+                            retry_lock_wait(partial(loader.delete, conn, key))
+                        continue
+                    values = [k[0] for k in keys]
                     for start in range(0, len(values), DELETE_CHUNK):
-                        execute_completion(
-                            conn, stmt, {"keys": values[start : start + DELETE_CHUNK]}
-                        )
+                        chunk = {"keys": values[start : start + DELETE_CHUNK]}
+                        retry_lock_wait(partial(conn.execute, stmt, chunk))
         except OperationalError as err:
             code = error_code(err)
             if code not in RETRYABLE:
                 raise
-            session.rollback()
+            if conn.in_transaction():
+                conn.rollback()
             raise CompletionFailed(
                 f"batch of {len(self._ended)} job(s) not completed (MySQL error {code}): the "
                 "transaction was rolled back, so every job of the batch will run again"
@@ -371,39 +389,36 @@ class QueueBatch(Generic[T]):
     def _release(self, *, broken: bool = False) -> None:
         self._state = "done"
         conn, session = self._conn, self._session
+        if broken and self._pinned is not None and not self._pinned.invalidated:
+            self._pinned.invalidate()  # the server returns every row the batch held
         try:
             if session is not None:
-                if broken:
-                    session.rollback()
                 session.close()
         except DBAPIError:  # pragma: no cover - the connection is gone already
             pass
         finally:
-            if broken and conn is not None and not conn.invalidated:
-                conn.invalidate()
             if conn is not None:
                 conn.close()
-            self._conn = None
-            self._session = None
+            self._conn = self._pinned = None
 
 
-_DELETES: dict[Any, tuple[Delete, bool]] = {}
+#: Completion statements by table: keys arrive as the driver sends them, so the IN list is
+#: bound untyped (no second bind processing).
+_DELETES: dict[Any, Delete | None] = {}
 
 
-def _delete_statement(sub: Subscription) -> tuple[Delete, bool]:
-    """``DELETE FROM t WHERE id IN (:keys)`` (expanding), built once per table."""
-    cached = _DELETES.get(sub.table)
-    if cached is None:
+def _delete_statement(sub: Subscription) -> Delete | None:
+    """``DELETE FROM t WHERE id IN (:keys)`` (expanding), built once per table; None for a
+    composite key."""
+    if sub.table not in _DELETES:
         columns = list(sub.table.primary_key.columns)
         if not columns:
             raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-        keys: BindParameter[Any] = bindparam("keys", expanding=True)
-        if len(columns) == 1:
-            cached = (delete(sub.table).where(columns[0].in_(keys)), True)
-        else:
-            cached = (delete(sub.table).where(tuple_(*columns).in_(keys)), False)
-        _DELETES[sub.table] = cached
-    return cached
+        keys = bindparam("keys", expanding=True, type_=NullType())
+        _DELETES[sub.table] = (
+            delete(sub.table).where(columns[0].in_(keys)) if len(columns) == 1 else None
+        )
+    return _DELETES[sub.table]
 
 
 class _Handling(Generic[T]):
@@ -428,14 +443,6 @@ class _Handling(Generic[T]):
             return False
         self.batch.abort(self.job)
         return isinstance(exc, QueueAbort)
-
-
-def _key_of(sub: Subscription, job: Any) -> tuple[Any, ...]:
-    """The primary key values of a claimed job (mapped instance or Core row)."""
-    if sub.is_orm:
-        identity = instance_state(job).identity
-        return tuple(identity or ())
-    return tuple(job._mapping[c] for c in sub.table.primary_key.columns)
 
 
 def queue_batch(

@@ -37,12 +37,17 @@ from typing import overload
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from .backends import Backend
 from .backends import Claim
 from .backends import get_backend
+from .backends.base import RETRYABLE
+from .backends.base import error_code
+from .backends.base import translate_errors
+from .exc import CompletionFailed
 from .exc import NotOwner
 from .exc import Q4MError
 from .exc import QueueAbort
@@ -107,7 +112,7 @@ class QueueSession(Generic[T]):
         self._claim: Claim | None = None
         self._conn: Connection | None = None  # checked out by us: closed by us
         self._pinned: Connection | None = None  # runs queue_wait/queue_end (ours or the caller's)
-        self._orm: Session | None = None  # the session claims and loads run in
+        self._orm: Session | None = None  # made on first use, or the caller's
         self._own_orm = False
         self._user_session: Session | None = None  # committed before queue_end (native)
         self._began = False
@@ -122,16 +127,26 @@ class QueueSession(Generic[T]):
 
     @property
     def session(self) -> Session:
-        """The ORM session the job was loaded in (on the portable backend, writes made through
-        it commit atomically with the job's removal)."""
-        if self._orm is None:
-            raise NotOwner("the queue session has not started")
-        return self._orm
+        """The ORM session of the job (made on first use; the caller's own with a Session
+        bind).  On the portable backend, writes made through it commit atomically with the
+        job's removal."""
+        orm = self._orm
+        if orm is None:
+            if self._pinned is None:
+                raise NotOwner("the queue session has not started, or is finished")
+            orm = self._orm = self._new_orm_session(self._pinned)
+            self._own_orm = True
+            job, sub = self.job, self.subscription
+            if job is not None and sub is not None and sub.is_orm and job not in orm:
+                orm.add(job)  # built from the row, detached: now persistent in it
+        return orm
 
     @property
     def connection(self) -> Connection:
         """The pinned connection that owns the job."""
-        return self.session.connection()
+        if self._pinned is None:
+            raise NotOwner("the queue session has not started, or is finished")
+        return self._pinned
 
     def wait(self) -> T | None:
         """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout."""
@@ -143,10 +158,7 @@ class QueueSession(Generic[T]):
             while True:
                 started = time.monotonic()
                 remaining = 60.0 if deadline is None else max(0.0, deadline - started)
-                claim = backend.attempt(self.session, self.subscriptions, remaining)
-                if claim is not None:
-                    self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
-                    self._state = "owning"
+                if self._attempt(backend, remaining):
                     return self.job
                 if deadline is not None and time.monotonic() >= deadline:
                     break
@@ -167,12 +179,30 @@ class QueueSession(Generic[T]):
     def end(self) -> None:
         """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
         claim, backend = self._owned()
+        conn = self.connection
         ok = False
         try:
             if self._user_session is not None:
                 self._user_session.commit()
-            backend.end(self.session, claim)
-            self._finish_transaction(commit=True)
+            orm = self._orm
+            try:
+                with translate_errors("completing a job"):
+                    if orm is not None and (orm.new or orm.dirty or orm.deleted):
+                        orm.flush()  # the block's own writes first: they commit with them
+                    backend.end(conn, claim)
+                    self._finish_transaction(commit=True)
+            except OperationalError as err:
+                code = error_code(err)
+                if code not in RETRYABLE:
+                    raise
+                self._finish_transaction(commit=False, returning=True)
+                raise CompletionFailed(
+                    f"job in {claim.subscription.name!r} not completed (MySQL error {code}): "
+                    "the transaction was rolled back, so the job is back in the queue and will "
+                    "run again"
+                ) from err
+            if orm is not None and not self._own_orm and claim.job in orm:
+                orm.expunge(claim.job)  # the caller's session: the row is gone
             ok = True
         finally:
             self._state = "done"
@@ -185,8 +215,8 @@ class QueueSession(Generic[T]):
         try:
             if self._user_session is not None:
                 self._user_session.rollback()
-            backend.abort(self.session, claim)
-            self._finish_transaction(commit=False)
+            backend.abort(self.connection, claim)
+            self._finish_transaction(commit=False, returning=True)
             ok = True
         finally:
             self._state = "done"
@@ -229,6 +259,36 @@ class QueueSession(Generic[T]):
             raise NotOwner()
         return self._claim, self.backend
 
+    def _attempt(self, backend: Backend, timeout: float) -> bool:
+        """One ``backend.attempt``; True (and owning) when it got a job."""
+        assert self._pinned is not None
+        claim = backend.attempt(self, self.subscriptions, timeout)
+        if claim is None:
+            return False
+        self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
+        self._state = "owning"
+        orm = self._orm
+        if orm is not None and claim.subscription.is_orm and claim.job not in orm:
+            orm.add(claim.job)  # the caller's session: the job is loaded in it
+        return True
+
+    @property
+    def in_session(self) -> bool:
+        """True when the jobs load in the caller's own Session (a Session bind)."""
+        return self._orm is not None and not self._own_orm
+
+    def restart(self) -> bool:
+        """Roll back the transaction this queue session began, before it owns a job (a
+        claim lost a deadlock); False when the transaction is the caller's."""
+        if not self._began or self.owning:
+            return False
+        self._finish_transaction(commit=False)
+        if self.in_session:  # the caller's Session gave its connection back: take a new one
+            assert self._orm is not None
+            options = {"isolation_level": "READ COMMITTED"}
+            self._pinned = self._orm.connection(execution_options=options)
+        return True
+
     def _resolve(self, probe: Engine | Connection) -> BackendName:
         if self._backend_name is not None:
             check_server(probe.dialect, self._backend_name)
@@ -248,8 +308,8 @@ class QueueSession(Generic[T]):
                 self.backend = get_backend(name)
                 self._orm = bind
                 self._began = not bind.in_transaction()
-                if self._began:
-                    bind.connection(execution_options={"isolation_level": "READ COMMITTED"})
+                options = {"isolation_level": "READ COMMITTED"} if self._began else None
+                self._pinned = bind.connection(execution_options=options)
             else:
                 self._user_session = bind
                 self._pin(engine_or_conn, name)
@@ -269,24 +329,45 @@ class QueueSession(Generic[T]):
             conn = bind
         self._pinned = conn
         self._began = not conn.in_transaction()
-        self._orm = self._new_orm_session(conn)
-        self._own_orm = True
 
     def _new_orm_session(self, conn: Connection) -> Session:
-        """The ORM session jobs are loaded in on the pinned connection (the asyncio queue
-        session makes it the sync half of an ``AsyncSession``)."""
-        return Session(bind=conn, expire_on_commit=False, autoflush=True)
+        """The ORM session of the job on the pinned connection, made on first use (the
+        asyncio queue session makes it the sync half of an ``AsyncSession``)."""
+        return Session(**self._orm_options())
 
-    def _finish_transaction(self, *, commit: bool) -> None:
-        """Commit or roll back what this queue session began (nothing the caller began)."""
-        orm = self._orm
-        if orm is None or not orm.in_transaction():
+    def _orm_options(self) -> dict[str, Any]:
+        """It joins the connection's transaction: its own when this queue session began it
+        (so its commit and rollback are the transaction's), else the caller's, which it
+        never commits."""
+        mode = "control_fully" if self._began else "conservative_savepoint"
+        return {
+            "bind": self._pinned,
+            "expire_on_commit": False,
+            "autoflush": True,
+            "join_transaction_mode": mode,
+        }
+
+    def _finish_transaction(self, *, commit: bool, returning: bool = False) -> None:
+        """Commit or roll back what this queue session began (nothing the caller began,
+        except that ``returning`` a job on the portable backend rolls back the transaction
+        holding its row lock, whoever began it)."""
+        portable = self.backend is not None and self.backend.name == "portable"
+        if not (self._began or (returning and portable)):
             return
-        if self._own_orm or self._began:
+        orm = self._orm
+        if orm is not None and not self._own_orm:  # the caller's Session held the claim
+            if orm.in_transaction():
+                if commit:
+                    orm.commit()
+                else:
+                    orm.rollback()
+            return
+        conn = self._pinned
+        if conn is not None and conn.in_transaction():
             if commit:
-                orm.commit()
+                conn.commit()
             else:
-                orm.rollback()
+                conn.rollback()
 
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back.  If we might still own a row (``broken``), the pinned
@@ -307,7 +388,6 @@ class QueueSession(Generic[T]):
             if self._conn is not None:
                 self._conn.close()
             self._conn = self._pinned = None
-            self._own_orm = False
 
 
 @overload

@@ -12,8 +12,8 @@ import math
 from collections.abc import Sequence
 from typing import ClassVar
 
+from sqlalchemy import Connection
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
@@ -21,9 +21,11 @@ from ..functions import Subscription
 from ..functions import queue_abort
 from ..functions import queue_end
 from ..functions import queue_wait
+from ..loading import loader_for
 from ..server import BackendName
 from .base import Backend
 from .base import Claim
+from .base import Holder
 from .base import translate_errors
 
 __all__ = ["NativeBackend"]
@@ -42,42 +44,43 @@ class NativeBackend(Backend):
     name: ClassVar[BackendName] = "native"
     blocking: ClassVar[bool] = True
 
-    def attempt(
-        self, session: Session, subs: Sequence[Subscription], timeout: float
-    ) -> Claim | None:
+    def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
+        conn = holder.connection
         args = wait_arguments(subs, timeout)
         with translate_errors("queue_wait"):
-            index = session.execute(select(queue_wait(*args))).scalar()
+            index = conn.execute(select(queue_wait(*args))).scalar()
         if index is None:
-            self._leave(session)
+            self._leave(conn)
             specs = ", ".join(repr(a) for a in args[:-1])
             raise QueueWaitError(
                 f"queue_wait({specs}) returned NULL: a table is missing or not ENGINE=QUEUE, "
                 "or a condition uses a non-integer column (see the server's error log)"
             )
         if index == 0:  # timed out, but owner mode was entered: leave it
-            self._leave(session)
+            self._leave(conn)
             return None
         if not 1 <= index <= len(subs):
-            self._leave(session)
+            self._leave(conn)
             raise Q4MError(f"queue_wait returned {index!r} for {len(subs)} table(s)")
         sub = subs[index - 1]
+        loader = loader_for(sub, conn.dialect)
         with translate_errors("loading the owned row"):
-            job = self.load(session, sub, select(sub.target))
-        if job is None:  # cannot happen on a sane server; never keep owning an unseen row
-            self.abort(session, Claim(sub, None))
+            found = loader.load_owned(conn, sub, lambda: holder.session)
+        if found is None:  # cannot happen on a sane server; never keep owning an unseen row
+            with translate_errors("queue_abort"):
+                conn.execute(select(queue_abort()))
             raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
-        return Claim(sub, job)
+        return Claim(sub, found[0], found[1], loader)
 
-    def end(self, session: Session, claim: Claim) -> None:
+    def end(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_end"):
-            session.execute(select(queue_end()))
+            conn.execute(select(queue_end()))
 
-    def abort(self, session: Session, claim: Claim) -> None:
+    def abort(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_abort"):
-            session.execute(select(queue_abort()))
+            conn.execute(select(queue_abort()))
 
     @staticmethod
-    def _leave(session: Session) -> None:
+    def _leave(conn: Connection) -> None:
         with translate_errors("queue_end"):
-            session.execute(select(queue_end()))
+            conn.execute(select(queue_end()))

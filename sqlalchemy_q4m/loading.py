@@ -1,0 +1,353 @@
+"""Claimed rows to jobs, with as little client CPU per job as the driver allows.
+
+A consumer repeats the same few statements for every job: the claim (or, on Q4M, the owner's
+load) and the completion ``DELETE``.  Profiled, most of a job's client CPU went to SQLAlchemy
+rather than to the driver: an ORM ``Session`` per job, the ORM select and its loading
+machinery, the execution context and result object of each statement.  A :class:`Loader`
+keeps, per queue target and dialect, the SQL SQLAlchemy compiled for those statements once,
+runs it on the pinned connection's DBAPI cursor when nothing observes statements (else with
+:meth:`Connection.exec_driver_sql`; see :func:`driver_level`) and builds the mapped instance
+from the driver's row as a query would: each column's result processor, then its identity key, as
+:func:`~sqlalchemy.orm.make_transient_to_detached` does (a detached instance, no history).  No
+``Session`` is needed to own a job; one is made only when the caller asks for it.
+
+Mappings this cannot reproduce go through the ORM as before: inheritance or polymorphic
+loading, deferred, expression or relationship attributes, ``load``/``refresh`` listeners
+(``@reconstructor``).  Core tables yield SQLAlchemy Rows (``Connection.execute``), and a
+claim with a condition is executed from its statement (the condition's values change).
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Callable
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column
+from sqlalchemy import Connection
+from sqlalchemy import Table
+from sqlalchemy import and_
+from sqlalchemy import bindparam
+from sqlalchemy import delete
+from sqlalchemy import inspect
+from sqlalchemy import select
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import ColumnProperty
+from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ColumnElement
+
+from .exc import QueueTableError
+from .functions import Subscription
+
+__all__ = ["Loader", "claim_statement", "loader_for"]
+
+_LIMIT = "q4m_limit"
+_KEY = "q4m_key_{}"
+
+Job = Any
+Fetched = tuple[Any, Sequence[Sequence[Any]]]  # a cursor's description and rows
+Key = tuple[Any, ...]  # the job's primary key as the driver sends it (after bind processing)
+
+
+def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | None = None) -> Any:
+    """``SELECT ... WHERE cond ORDER BY id LIMIT n FOR UPDATE SKIP LOCKED`` for ``sub`` (its
+    target, or ``columns``); a column marked ``info["q4m_priority"]`` (``PriorityMixin``)
+    orders first, highest first."""
+    stmt = select(*columns) if columns is not None else select(sub.target)
+    if sub.where is not None:
+        stmt = stmt.where(sub.where)
+    return stmt.order_by(*_order(sub.table)).limit(limit).with_for_update(skip_locked=True)
+
+
+def _order(table: Table) -> list[ColumnElement[Any]]:
+    first = [c.desc() for c in table.columns if c.info.get("q4m_priority")]
+    return [*first, *table.primary_key.columns]
+
+
+@dataclass(frozen=True)
+class DriverSQL:
+    """A statement compiled once for one dialect: its SQL and how to pass its parameters."""
+
+    sql: str
+    positions: tuple[str, ...] | None  # parameter names in order, for positional paramstyles
+    defaults: dict[str, Any]
+
+    @classmethod
+    def compile(cls, stmt: ClauseElement, dialect: Dialect) -> DriverSQL:
+        compiled = stmt.compile(dialect=dialect)
+        assert isinstance(compiled, SQLCompiler)
+        if compiled.post_compile_params or compiled.literal_execute_params:  # pragma: no cover
+            raise QueueTableError(f"cannot precompile {compiled.string!r}")
+        positions = tuple(compiled.positiontup or ()) if compiled.positional else None
+        return cls(compiled.string, positions, dict(compiled.construct_params() or {}))
+
+    def params(self, values: dict[str, Any]) -> Any:
+        merged = {**self.defaults, **values}
+        if self.positions is None:
+            return merged
+        return tuple(merged[name] for name in self.positions)
+
+    def run(self, conn: Connection, values: dict[str, Any]) -> Fetched:
+        """Execute on ``conn`` in its transaction (begun if none is); the cursor's
+        description and rows.  See :func:`driver_level` for how."""
+        params = self.params(values)
+        if not driver_level(conn):
+            result = conn.exec_driver_sql(self.sql, params)
+            if not result.returns_rows:
+                return None, []
+            description = result.cursor.description if result.cursor is not None else None
+            return description, result.all()
+        if not conn.in_transaction():
+            conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
+        dbapi_conn = conn.connection.dbapi_connection
+        assert dbapi_conn is not None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(self.sql, params)
+            description = cursor.description
+            return description, cursor.fetchall() if description else []
+        except Exception as err:
+            dbapi = conn.dialect.loaded_dbapi
+            if not isinstance(err, dbapi.Error):
+                raise
+            lost = conn.dialect.is_disconnect(err, dbapi_conn, cursor)
+            wrapped = DBAPIError.instance(
+                self.sql,
+                params,
+                err,
+                dbapi.Error,
+                connection_invalidated=lost,
+                dialect=conn.dialect,
+            )
+            if lost:
+                conn.invalidate(wrapped)
+            raise wrapped from err
+        except BaseException:
+            conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
+            raise
+        finally:
+            cursor.close()
+
+
+#: Connection events that see statements; with any of them (or ``handle_error``) listening,
+#: or echo on, the statements go through SQLAlchemy's execution so the listeners see them.
+_STATEMENT_EVENTS = (
+    "before_execute",
+    "after_execute",
+    "before_cursor_execute",
+    "after_cursor_execute",
+)
+
+
+def driver_level(conn: Connection) -> bool:
+    """Whether the per-job statements run on the DBAPI cursor of ``conn`` directly.
+
+    SQLAlchemy's statement execution (execution context, result object, event dispatch)
+    costs about as much client CPU per job as the driver itself; the job loop repeats the
+    same three statements per job, so they skip it when nothing would observe it: no
+    statement-level connection events, no echo or ``sqlalchemy.engine`` logging.  The
+    transaction still goes through the :class:`~sqlalchemy.Connection` (begin, commit,
+    rollback and their events), DBAPI errors are raised as SQLAlchemy's ``DBAPIError``
+    classes, and a disconnect invalidates the connection, as executing would.
+    """
+    if conn.engine.logger.isEnabledFor(logging.INFO):  # echo, or logging configured
+        return False
+    dispatch = conn.dispatch
+    if any(getattr(dispatch, name) for name in _STATEMENT_EVENTS):
+        return False
+    return not conn.dialect.dispatch.handle_error  # error-translating listeners
+
+
+def plain_mapping(mapper: Mapper[Any], table: Table) -> bool:
+    """True when an instance of ``mapper`` is fully described by one row of ``table``: every
+    attribute a plain column of it, nothing the ORM's loader would add (see the module
+    docstring)."""
+    if mapper.inherits is not None or mapper.polymorphic_on is not None:
+        return False
+    if mapper.local_table is not table or mapper.with_polymorphic:
+        return False
+    manager = mapper.class_manager
+    if manager.dispatch.load or manager.dispatch.refresh:
+        return False
+    for prop in mapper.iterate_properties:
+        if not isinstance(prop, ColumnProperty) or prop.deferred or len(prop.columns) != 1:
+            return False
+        column = prop.columns[0]
+        if not isinstance(column, Column) or column.table is not table:
+            return False
+    return all(mapper.get_property_by_column(c) for c in table.primary_key.columns)
+
+
+class Loader:
+    """The claim, load and completion of one queue target on one dialect; see the module
+    docstring.  Made by :func:`loader_for`, shared by every consumer of that engine."""
+
+    def __init__(self, target: Any, table: Table, dialect: Dialect) -> None:
+        self.table = table
+        self.dialect = dialect
+        self.key_columns = list(table.primary_key.columns)
+        mapper: Mapper[Any] | None = None if isinstance(target, Table) else inspect(target)
+        self.mapper = mapper
+        #: Instances built from driver rows (else: the ORM loads them in a session).
+        self.direct = mapper is not None and plain_mapping(mapper, table)
+        columns: list[Any]
+        if mapper is not None and self.direct:
+            props = list(mapper.column_attrs)
+            columns = [p.columns[0] for p in props]
+            self.attrs: list[str] = [p.key for p in props]
+            self._new = mapper.class_manager.new_instance
+            self._identity_key = mapper.identity_key_from_primary_key
+        else:
+            columns, self.attrs = list(table.columns), []
+        self.columns = columns
+        self._key_at = [columns.index(c) for c in self.key_columns if c in columns]
+        impls = [c.type.dialect_impl(dialect) for c in self.key_columns]
+        self._key_binds = [impl.bind_processor(dialect) for impl in impls]
+        self._processors: list[Callable[[Any], Any] | None] | None = None
+        self._claim_sql: DriverSQL | None = None
+        self._owned_sql: DriverSQL | None = None
+        self._delete_sql: DriverSQL | None = None
+
+    # -- building jobs ---------------------------------------------------------------------
+
+    def instance(self, values: Sequence[Any]) -> Job:
+        """A mapped instance holding ``values`` (already processed), detached, clean."""
+        obj = self._new()
+        state = instance_state(obj)
+        state.dict.update(zip(self.attrs, values, strict=True))
+        # What make_transient_to_detached() does, minus what cannot apply here (every
+        # attribute is loaded and none was set through an event, so no history to reset).
+        state.key = self._identity_key(tuple(values[i] for i in self._key_at))
+        return obj
+
+    def raw_key(self, values: Sequence[Any]) -> Key:
+        """The key as the driver sends it, from processed values (``uuid.UUID`` -> bytes)."""
+        return tuple(
+            v if bind is None else bind(v) for bind, v in zip(self._key_binds, values, strict=True)
+        )
+
+    def _jobs(
+        self, rows: Sequence[Sequence[Any]], raw: Sequence[Sequence[Any]] | None
+    ) -> list[tuple[Job, Key]]:
+        at = self._key_at
+        out: list[tuple[Job, Key]] = []
+        for i, row in enumerate(rows):
+            key = (
+                tuple(raw[i][j] for j in at)
+                if raw is not None
+                else self.raw_key([row[j] for j in at])
+            )
+            out.append((self.instance(row) if self.direct else row, key))
+        return out
+
+    def _orm_jobs(self, jobs: Sequence[Any]) -> list[tuple[Job, Key]]:
+        return [(job, self.raw_key(instance_state(job).identity or ())) for job in jobs]
+
+    # -- the statements --------------------------------------------------------------------
+
+    def claim(
+        self,
+        conn: Connection,
+        sub: Subscription,
+        limit: int,
+        orm: Callable[[], Session],
+        in_session: bool = False,
+    ) -> list[tuple[Job, Key]]:
+        """Lock up to ``limit`` unowned jobs of ``sub`` (portable backend); ``orm`` gives the
+        session the ORM loads them in when they cannot be built directly, or when
+        ``in_session`` (the caller's own Session: its identity map and events apply)."""
+        if not self.key_columns:
+            raise QueueTableError(
+                f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
+                "own and delete one job; declare it with QueueMixin or queue_table()"
+            )
+        if self.mapper is not None and (in_session or not self.direct):
+            found = orm().execute(claim_statement(sub, limit)).scalars().all()
+            return self._orm_jobs(found)
+        if sub.where is None and self.direct:
+            sql = self._claim_sql
+            if sql is None:
+                stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
+                sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
+            raw = self._rows(sql.run(conn, {_LIMIT: limit}))
+            return self._jobs(self._apply(raw), raw)
+        rows = conn.execute(claim_statement(sub, limit, self.columns)).all()
+        return self._jobs(rows, None)
+
+    def load_owned(
+        self, conn: Connection, sub: Subscription, orm: Callable[[], Session]
+    ) -> tuple[Job, Key] | None:
+        """The one row a Q4M owner sees (``SELECT ... FROM t`` in owner mode)."""
+        if self.mapper is not None and not self.direct:
+            jobs = orm().execute(select(sub.target)).scalars().all()[:1]
+            found = self._orm_jobs(jobs)
+        elif self.direct:
+            sql = self._owned_sql
+            if sql is None:
+                sql = self._owned_sql = DriverSQL.compile(select(*self.columns), self.dialect)
+            raw = self._rows(sql.run(conn, {}))[:1]
+            found = self._jobs(self._apply(raw), raw)
+        else:
+            found = self._jobs(conn.execute(select(*self.columns)).all()[:1], None)
+        return found[0] if found else None
+
+    def delete(self, conn: Connection, key: Key) -> None:
+        """``DELETE FROM t WHERE id = ?`` for one owned job, in the caller's transaction."""
+        sql = self._delete_sql
+        if sql is None:
+            names = [_KEY.format(i) for i in range(len(self.key_columns))]
+            where = and_(
+                *(c == bindparam(n, None) for c, n in zip(self.key_columns, names, strict=True))
+            )
+            sql = self._delete_sql = DriverSQL.compile(
+                delete(self.table).where(where), self.dialect
+            )
+        sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)})
+
+    # -- result processing -----------------------------------------------------------------
+
+    def _rows(self, fetched: Fetched) -> Sequence[Sequence[Any]]:
+        """The driver rows fetched; on first use, the columns' result processors are looked
+        up for the types the driver reports."""
+        description, rows = fetched
+        if self._processors is None:
+            codes = [d[1] for d in description or ()]
+            if len(codes) != len(self.columns):  # pragma: no cover - we wrote the SELECT
+                codes = [None] * len(self.columns)
+            self._processors = [
+                c.type.dialect_impl(self.dialect).result_processor(self.dialect, code)
+                for c, code in zip(self.columns, codes, strict=True)
+            ]
+        return rows
+
+    def _apply(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+        procs = self._processors
+        assert procs is not None
+        if not any(procs):
+            return list(raw)
+        return [
+            [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
+            for r in raw
+        ]
+
+
+_LOADERS: weakref.WeakKeyDictionary[Dialect, dict[Any, Loader]] = weakref.WeakKeyDictionary()
+
+
+def loader_for(sub: Subscription, dialect: Dialect) -> Loader:
+    """The :class:`Loader` of ``sub``'s target on ``dialect`` (one per engine and target)."""
+    per_dialect = _LOADERS.get(dialect)
+    if per_dialect is None:
+        per_dialect = _LOADERS[dialect] = {}
+    loader = per_dialect.get(sub.target)
+    if loader is None or loader.table is not sub.table:
+        loader = per_dialect[sub.target] = Loader(sub.target, sub.table, dialect)
+    return loader
