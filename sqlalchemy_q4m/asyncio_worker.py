@@ -158,10 +158,12 @@ class AsyncJob(Job):
     def session(self) -> AsyncSession:  # type: ignore[override]
         """The :class:`AsyncSession` the job was claimed in: on the portable backend, writes
         made through it commit atomically with the job's removal (undone on failure)."""
-        qs = self._queue_session
-        if not isinstance(qs, _GreenletQueueSession) or qs.async_session is None:
+        run = self._run
+        if run is None or run.ended or not isinstance(run.owner, _GreenletQueueSession):
             raise Q4MError("no job in hand (or it was ended before execute)")
-        return qs.async_session
+        run.session()  # made on first use, with its savepoint
+        assert run.owner.async_session is not None
+        return run.owner.async_session
 
     async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job and handle

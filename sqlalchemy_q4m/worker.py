@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import logging
 import random
 import re
@@ -291,7 +292,7 @@ class Job:
         self.job_id: Any = None
         self.attempts = 0
         self.log: logging.LoggerAdapter = _JobLog(self.logger, {})  # type: ignore[type-arg]
-        self._queue_session: _Owner | None = None
+        self._run: _Run | None = None  # the job in hand
         self._abort_requested = False
         self._consumer: Consumer | None = None
 
@@ -311,9 +312,9 @@ class Job:
     def session(self) -> Session:
         """The ORM session the job was claimed in: on the portable backend, writes made
         through it commit atomically with the job's removal (and are undone on failure)."""
-        if self._queue_session is None:
+        if self._run is None or self._run.ended:
             raise Q4MError("no job in hand (or it was ended before execute)")
-        return self._queue_session.session
+        return self._run.session()
 
     # -- running ------------------------------------------------------------------------
 
@@ -393,6 +394,27 @@ class _Target:
     def can_retry(self) -> bool:
         return ATTEMPTS in self.table.columns and RUN_AT in self.table.columns
 
+    @functools.cached_property
+    def _identity_keys(self) -> tuple[str | None, str | None]:
+        """The attribute names of the job id and ``attempts`` on mapped instances."""
+        mapper = inspect(self.target)
+        names: list[str | None] = []
+        for name in (JOB_ID, ATTEMPTS):
+            column = self.table.columns.get(name)
+            names.append(None if column is None else mapper.get_property_by_column(column).key)
+        return names[0], names[1]
+
+    def identify(self, item: Any) -> tuple[Any, int]:
+        """A claimed job's id and earlier attempts, read without copying all its values."""
+        if self.orm:
+            id_key, attempts_key = self._identity_keys
+            job_id = None if id_key is None else getattr(item, id_key)
+            attempts = None if attempts_key is None else getattr(item, attempts_key)
+        else:
+            values = payload_of(item, self.table)
+            job_id, attempts = values.get(JOB_ID), values.get(ATTEMPTS)
+        return job_id, int(attempts or 0)
+
 
 def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:
     names = [c.name for c in table.columns if c.name != JOB_ID]
@@ -405,12 +427,14 @@ class _Run:
     (recorded by ``with run.executing(): ...``, which swallows the job's own exception)."""
 
     target: _Target
-    values: dict[str, Any]
+    owner: _Owner
+    item: Any
     arg: Any
     attempts: int
     log: logging.LoggerAdapter  # type: ignore[type-arg]
     ended: bool  # end_before_execute: the job is gone already
-    nested: SessionTransaction | None  # the savepoint of the job's writes (InnoDB)
+    nested: SessionTransaction | None = None  # the savepoint of the job's writes (InnoDB)
+    used_session: bool = False  # execute asked for self.session
     aborted: bool = False
     error: BaseException | None = None
     details: str = ""  # the error's traceback
@@ -420,6 +444,26 @@ class _Run:
     @property
     def job(self) -> Job:
         return self.target.job
+
+    @functools.cached_property
+    def values(self) -> dict[str, Any]:
+        """The job's column values by name (for a retry copy or a dead letter)."""
+        return payload_of(self.item, self.target.table)
+
+    def session(self) -> Session:
+        """The ORM session ``execute`` writes through, made on first use.  Its writes are
+        undone on failure or abort: on InnoDB by a savepoint begun here (the claim's row lock
+        must outlive it); on Q4M, where owning is not transactional, by rolling back the
+        session's transaction."""
+        if not self.used_session:
+            self.values  # noqa: B018 - read now: a rollback of the session expires the job
+        session = self.owner.session
+        if not self.used_session:
+            self.used_session = True
+            backend = self.owner.backend
+            if backend is not None and backend.name == "portable":
+                self.nested = session.begin_nested()
+        return session
 
     def executing(self) -> _Run:
         """Start the clock; the ``with`` block around ``execute`` records how it ends."""
@@ -443,7 +487,7 @@ class _Run:
             self.aborted = True
         elif isinstance(exc, Exception):
             self.error, self.details = exc, "".join(traceback.format_exception(exc))
-        job._queue_session = None
+        job._run = None
         job._abort_requested = False
         self.elapsed = time.monotonic() - self.started
         return isinstance(exc, Exception) or exc is None  # a cancellation goes on
@@ -625,7 +669,9 @@ class Consumer:
         if conn.in_transaction():
             conn.rollback()
 
-    def _where(self, targets: Sequence[_Target]) -> dict[Any, ColumnElement[bool]]:
+    def _where(self, targets: Sequence[_Target]) -> dict[Any, ColumnElement[bool]] | None:
+        """Each target's condition (the job's ``where`` and ``run_at <= now``); None when
+        there is none, so the subscriptions are the memoized unconditional ones."""
         now = time.time()
         where: dict[Any, ColumnElement[bool]] = {}
         for t in targets:
@@ -649,7 +695,7 @@ class Consumer:
                 parts.append(due)
             if parts:
                 where[t.target] = parts[0] if len(parts) == 1 else and_(*parts)
-        return where
+        return where or None
 
     # -- one job ----------------------------------------------------------------------------
     # The async consumer shares every step here and only awaits them: the wait options
@@ -759,13 +805,17 @@ class Consumer:
         targets = self._targets
         assert targets is not None
         timed = any(RUN_AT in t.table.columns for t in targets)
+        conditional = timed or any(
+            vars(t.job).get("where", type(t.job).where) is not None for t in targets
+        )
+        models = [t.target for t in targets]
         deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
         while True:
             remaining = max(0.0, deadline - time.monotonic())
             yield (
-                [t.target for t in targets],
+                models,
                 {
-                    "where": self._where(targets),
+                    "where": self._where(targets) if conditional else None,
                     "timeout": min(remaining, DUE_SLICE) if timed else remaining,
                     "backend": self._backend,
                     "poll_interval": self.poll_interval,
@@ -805,25 +855,21 @@ class Consumer:
         ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
         sub = qs.subscription
         t = next(t for t in self._targets or [] if sub is not None and t.table is sub.table)
-        values = payload_of(item, t.table)
-        job_id = values.get(JOB_ID)
-        attempts = int(values.get(ATTEMPTS) or 0)
+        job_id, attempts = t.identify(item)
         job = t.job
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
         self.in_hand = f"{t.table.name} {job_id}"
-        arg = item if t.row_type is None else t.row_type(*(values[n] for n in t.payload_names))
         ended = bool(job.end_before_execute)
+        run = _Run(t, qs, item, item, attempts, log, ended)
+        if t.row_type is not None:
+            values = run.values
+            run.arg = t.row_type(*(values[n] for n in t.payload_names))
         if ended:
             qs.end()
         job.job_id, job.attempts, job.log = job_id, attempts, log
-        job._queue_session = None if ended else qs
+        job._run = run
         job._abort_requested = False
-        # The block's own writes are undone on failure or abort: on InnoDB by a savepoint (the
-        # claim's row lock must outlive it); on Q4M, where owning is not transactional, by
-        # rolling back the session's transaction.
-        portable = qs.backend is not None and qs.backend.name == "portable"
-        nested = qs.session.begin_nested() if portable and not ended else None
-        return _Run(t, values, arg, attempts, log, ended, nested)
+        return run
 
     def _after_execute(self, qs: _Owner, run: _Run) -> Outcome:
         """End, return, retry or bury the job as ``execute`` ended."""
@@ -839,8 +885,8 @@ class Consumer:
                     nested.rollback()
                 else:
                     nested.commit()
-            elif run.aborted and not ended:
-                qs.session.rollback()
+            elif run.aborted and not ended and run.used_session:
+                qs.session.rollback()  # Q4M: the job's writes
             if run.aborted:
                 if ended:
                     log.warning("queue_abort() after end_before_execute: the job is gone")
@@ -854,8 +900,8 @@ class Consumer:
             return "done"
         if nested is not None and nested.is_active:
             nested.rollback()
-        elif nested is None and not ended:
-            qs.session.rollback()
+        elif nested is None and not ended and run.used_session:
+            qs.session.rollback()  # Q4M: the job's writes
         policy = run.job.policy
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
