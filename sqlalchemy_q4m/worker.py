@@ -38,7 +38,6 @@ committed before the job runs) and in the asyncio worker the consumer takes one 
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import logging
 import random
@@ -545,6 +544,30 @@ class _BatchSlot:
             self.abort()
 
 
+class _Holding:
+    """What :meth:`Consumer._holding` returns (a class, not a generator: it runs per job)."""
+
+    __slots__ = ("consumer",)
+
+    def __init__(self, consumer: Consumer) -> None:
+        self.consumer = consumer
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        consumer = self.consumer
+        if isinstance(exc, LOOP_ERRORS):
+            consumer.stats.add("lost")
+            consumer.lost_job = consumer.in_hand
+        consumer._in_hand = None
+
+
 class Consumer:
     """One pinned connection serving one or more job objects; see the module docstring.
 
@@ -575,7 +598,7 @@ class Consumer:
         self._since_recycle = 0
         self._failures = 0  # database errors in a row (the reconnect backoff)
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
-        self.in_hand: str | None = None
+        self._in_hand: tuple[str, Any] | None = None
         #: ``"table id"`` of the job in hand when the database was lost (for the log line).
         self.lost_job: str | None = None
         first = self.jobs[0]
@@ -586,6 +609,12 @@ class Consumer:
         self.backend_option = first.backend
         self.batch_size = int(first.batch_size)
         self._batch_noted = False  # "one job at a time" logged once
+
+    @property
+    def in_hand(self) -> str | None:
+        """``"table id"`` of the job in hand, for the runtime's shutdown report."""
+        held = self._in_hand
+        return None if held is None else f"{held[0]} {held[1]}"
 
     @property
     def tables(self) -> list[str]:
@@ -824,18 +853,10 @@ class Consumer:
             if time.monotonic() >= deadline:
                 return
 
-    @contextlib.contextmanager
-    def _holding(self) -> Iterator[None]:
+    def _holding(self) -> _Holding:
         """Around a job in hand: a database error on the way counts it as lost (the server
         returns it, or undid its completion) and goes on to the loop, which reconnects."""
-        try:
-            yield
-        except LOOP_ERRORS:
-            self.stats.add("lost")
-            self.lost_job = self.in_hand
-            raise
-        finally:
-            self.in_hand = None
+        return _Holding(self)
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.add(outcome)
@@ -854,11 +875,11 @@ class Consumer:
         """Get the job object ready for ``execute``: its id, attempts and logger, the job
         ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
         sub = qs.subscription
-        t = next(t for t in self._targets or [] if sub is not None and t.table is sub.table)
+        t = next(t for t in self._targets or () if sub is not None and t.table is sub.table)
         job_id, attempts = t.identify(item)
         job = t.job
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
-        self.in_hand = f"{t.table.name} {job_id}"
+        self._in_hand = (t.table.name, job_id)
         ended = bool(job.end_before_execute)
         run = _Run(t, qs, item, item, attempts, log, ended)
         if t.row_type is not None:
