@@ -16,6 +16,7 @@ from .ddl import QueueMixin
 from .ddl import is_queue_table
 from .ddl import job_id_column
 from .ddl import queue_table
+from .enqueue import enqueue
 from .exc import Q4MError
 from .exc import QueueAbort
 from .functions import queue_abort
@@ -57,6 +58,7 @@ __all__ = [
     "ScheduledMixin",
     "__version__",
     "detect_backend",
+    "enqueue",
     "is_queue_table",
     "job_id_column",
     "new_job_id",

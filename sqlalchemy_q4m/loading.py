@@ -36,6 +36,7 @@ from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
@@ -105,36 +106,74 @@ class DriverSQL:
                 return None, []
             description = result.cursor.description if result.cursor is not None else None
             return description, result.all()
-        if not conn.in_transaction():
-            conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
-        dbapi_conn = conn.connection.dbapi_connection
-        assert dbapi_conn is not None
-        cursor = dbapi_conn.cursor()
+        cursor = _cursor(conn)
         try:
             cursor.execute(self.sql, params)
             description = cursor.description
             return description, cursor.fetchall() if description else []
         except Exception as err:
-            dbapi = conn.dialect.loaded_dbapi
-            if not isinstance(err, dbapi.Error):
+            wrapped = _dbapi_error(conn, err, self.sql, params, cursor)
+            if wrapped is None:
                 raise
-            lost = conn.dialect.is_disconnect(err, dbapi_conn, cursor)
-            wrapped = DBAPIError.instance(
-                self.sql,
-                params,
-                err,
-                dbapi.Error,
-                connection_invalidated=lost,
-                dialect=conn.dialect,
-            )
-            if lost:
-                conn.invalidate(wrapped)
             raise wrapped from err
         except BaseException:
             conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
             raise
         finally:
             cursor.close()
+
+    def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
+        """Execute once per parameter set in ``params`` (each in the form :meth:`params`
+        gives) with one ``executemany``, on ``conn`` in its transaction (begun if none is)."""
+        if not driver_level(conn):
+            conn.exec_driver_sql(self.sql, list(params))
+            return
+        cursor = _cursor(conn)
+        try:
+            cursor.executemany(self.sql, params)
+        except Exception as err:
+            wrapped = _dbapi_error(conn, err, self.sql, params, cursor)
+            if wrapped is None:
+                raise
+            raise wrapped from err
+        except BaseException:
+            conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
+            raise
+        finally:
+            cursor.close()
+
+
+def _cursor(conn: Connection) -> Any:
+    """A DBAPI cursor of ``conn``, in its transaction (begun if none is)."""
+    if not conn.in_transaction():
+        conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
+    dbapi_conn = conn.connection.dbapi_connection
+    assert dbapi_conn is not None
+    return dbapi_conn.cursor()
+
+
+def _dbapi_error(
+    conn: Connection, err: Exception, sql: str, params: Any, cursor: Any
+) -> StatementError | None:
+    """``err`` (raised by the DBAPI on ``cursor``) as SQLAlchemy's ``DBAPIError`` class for
+    it, the connection invalidated when it was lost, as executing would; None for an error
+    that is not the DBAPI's."""
+    dbapi = conn.dialect.loaded_dbapi
+    if not isinstance(err, dbapi.Error):
+        return None
+    dbapi_conn = conn.connection.dbapi_connection
+    lost = conn.dialect.is_disconnect(err, dbapi_conn, cursor)
+    wrapped = DBAPIError.instance(
+        sql,
+        params,
+        err,
+        dbapi.Error,
+        connection_invalidated=lost,
+        dialect=conn.dialect,
+    )
+    if lost:
+        conn.invalidate(wrapped)
+    return wrapped
 
 
 #: Connection events that see statements; with any of them (or ``handle_error``) listening,
