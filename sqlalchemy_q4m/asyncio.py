@@ -15,7 +15,8 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
 do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses);
 only the portable backend's poll loop lives here, so it sleeps with :func:`asyncio.sleep` and
-never blocks the event loop.  Q4M's ``queue_wait`` blocks in the server, which an async driver
+never blocks the event loop (``listen`` is accepted but not used: an async consumer keeps
+polling every ``poll_interval``).  Q4M's ``queue_wait`` blocks in the server, which an async driver
 awaits like any other query.
 
 Cancellation: a task cancelled while it waits has its connection invalidated (closed), so a
@@ -154,6 +155,7 @@ class AsyncQueueSession(Generic[T]):
         timeout: float | None = 60.0,
         backend: Literal["native", "portable", "auto"] | None = None,
         poll_interval: float = POLL_INTERVAL,
+        listen: float | None = None,
     ) -> None:
         self.bind = bind
         self._sync = _GreenletQueueSession(
@@ -163,10 +165,14 @@ class AsyncQueueSession(Generic[T]):
             timeout=timeout,
             backend=backend,
             poll_interval=poll_interval,
+            listen=listen,
         )
         self.subscriptions = self._sync.subscriptions
         self.timeout = timeout
         self.poll_interval = poll_interval
+        #: Accepted and checked like the sync session's, but not used yet: the asyncio queue
+        #: session keeps polling every ``poll_interval`` (its wait is an asyncio.sleep).
+        self.listen = listen
 
     # -- public API -------------------------------------------------------------------------
 
@@ -270,6 +276,7 @@ def async_queue_session(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> AsyncQueueSession[Any]:
     """Wait for a job of one of ``targets`` (earlier ones win) on a pinned async connection.
 
@@ -284,6 +291,7 @@ def async_queue_session(
         timeout=timeout,
         backend=backend,
         poll_interval=poll_interval,
+        listen=listen,
     )
 
 
@@ -293,6 +301,7 @@ def async_queue_sessionmaker(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> Callable[..., AsyncQueueSession[Any]]:
     """A factory with ``bind`` and defaults fixed: ``QueueSession =
     async_queue_sessionmaker(async_engine)`` then ``async with QueueSession(ShellJob) as job:``."""
@@ -301,6 +310,7 @@ def async_queue_sessionmaker(
         "timeout": timeout,
         "backend": backend,
         "poll_interval": poll_interval,
+        "listen": listen,
     }
 
     def factory(*targets: Any, **kw: Any) -> AsyncQueueSession[Any]:

@@ -53,6 +53,8 @@ from .exc import Q4MError
 from .exc import QueueAbort
 from .functions import Subscription
 from .functions import subscriptions
+from .notify import listen_wait
+from .notify import listening_supported
 from .server import BackendName
 from .server import _validate
 from .server import check_server
@@ -74,12 +76,17 @@ Where = ColumnElement[bool] | Mapping[Any, ColumnElement[bool]] | None
 POLL_INTERVAL = 0.05
 
 
-def check_wait_options(timeout: float | None, poll_interval: float) -> None:
-    """Refuse a negative ``timeout`` or a non-positive ``poll_interval`` with a Q4MError."""
+def check_wait_options(
+    timeout: float | None, poll_interval: float, listen: float | None = None
+) -> None:
+    """Refuse a negative ``timeout``, a non-positive ``poll_interval`` or ``listen`` with a
+    Q4MError."""
     if timeout is not None and timeout < 0:
         raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
     if poll_interval <= 0:
         raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
+    if listen is not None and not listen > 0:
+        raise Q4MError(f"listen must be > 0 or None, not {listen!r}")
 
 
 class QueueSession(Generic[T]):
@@ -97,14 +104,18 @@ class QueueSession(Generic[T]):
         timeout: float | None = 60.0,
         backend: Literal["native", "portable", "auto"] | None = None,
         poll_interval: float = POLL_INTERVAL,
+        listen: float | None = None,
     ) -> None:
         if not isinstance(bind, Engine | Connection | Session):
             raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
-        check_wait_options(timeout, poll_interval)
+        check_wait_options(timeout, poll_interval, listen)
         self.subscriptions: tuple[Subscription, ...] = subscriptions(targets, where)
         self.bind = bind
         self.timeout = timeout
         self.poll_interval = poll_interval
+        #: Seconds an idle portable consumer waits to be woken by ``notify`` (MariaDB) instead
+        #: of polling; None: poll.  See :mod:`sqlalchemy_q4m.notify`.
+        self.listen = listen
         self._backend_name = None if backend in (None, "auto") else _validate(str(backend))
         self.backend: Backend | None = None
         self.job: T | None = None
@@ -162,7 +173,9 @@ class QueueSession(Generic[T]):
                     return self.job
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                if not backend.blocking:
+                if not backend.blocking and self._listening():
+                    self._listen(deadline)
+                elif not backend.blocking:
                     # One attempt per poll_interval on a fixed schedule, however long the
                     # attempt took: an idle consumer costs exactly 1 / poll_interval queries/s.
                     wake = started + self.poll_interval
@@ -258,6 +271,26 @@ class QueueSession(Generic[T]):
         if self._state != "owning" or self._claim is None or self.backend is None:
             raise NotOwner()
         return self._claim, self.backend
+
+    def _listening(self) -> bool:
+        """Whether idle waits listen (``notify``) rather than poll: ``listen`` is set, the
+        server is MariaDB and the transaction is ours (the wait's guard locks rows in it)."""
+        conn = self._pinned
+        return (
+            self.listen is not None
+            and self._began
+            and conn is not None
+            and listening_supported(conn.dialect)
+        )
+
+    def _listen(self, deadline: float | None) -> None:
+        """One :func:`~sqlalchemy_q4m.notify.listen_wait` of at most ``listen`` seconds."""
+        assert self.listen is not None and self._pinned is not None
+        seconds = self.listen
+        if deadline is not None:
+            seconds = min(seconds, deadline - time.monotonic())
+        if seconds > 0.001 and listen_wait(self._pinned, self.subscriptions, seconds):
+            self.restart()  # the guard may hold a row lock: the claim starts afresh
 
     def _attempt(self, backend: Backend, timeout: float) -> bool:
         """One ``backend.attempt``; True (and owning) when it got a job."""
@@ -398,6 +431,7 @@ def queue_session(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> QueueSession[Any]: ...
 
 
@@ -409,6 +443,7 @@ def queue_session(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> AsyncQueueSession[Any]: ...
 
 
@@ -419,6 +454,7 @@ def queue_session(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> QueueSession[Any] | AsyncQueueSession[Any]:
     """Wait for a job of one of ``targets`` (earlier ones win) on a pinned connection.
 
@@ -426,6 +462,10 @@ def queue_session(
     mapped instance, or a Row for a Core table) or None when ``timeout`` seconds pass.  With an
     asyncio ``bind`` (``AsyncEngine``, ``AsyncConnection``, ``AsyncSession``) it returns an
     :class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` for ``async with``.
+
+    ``listen=T``: on MariaDB an idle portable consumer waits up to ``T`` seconds to be woken
+    by a producer's :func:`~sqlalchemy_q4m.notify.notify` instead of polling every
+    ``poll_interval`` (see :mod:`sqlalchemy_q4m.notify`; the asyncio session keeps polling).
     """
     if not isinstance(bind, Engine | Connection | Session):
         from .asyncio import async_queue_session  # only for async binds: no asyncio otherwise
@@ -437,6 +477,7 @@ def queue_session(
             timeout=timeout,
             backend=backend,
             poll_interval=poll_interval,
+            listen=listen,
         )
     return QueueSession(
         *targets,
@@ -445,6 +486,7 @@ def queue_session(
         timeout=timeout,
         backend=backend,
         poll_interval=poll_interval,
+        listen=listen,
     )
 
 
@@ -454,6 +496,7 @@ def queue_sessionmaker(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> Callable[..., QueueSession[Any]]:
     """A factory with ``bind`` and defaults fixed: ``QueueSession = queue_sessionmaker(engine)``
     then ``with QueueSession(ShellJob, timeout=5) as job: ...``."""
@@ -461,6 +504,7 @@ def queue_sessionmaker(
         "timeout": timeout,
         "backend": backend,
         "poll_interval": poll_interval,
+        "listen": listen,
     }
 
     def factory(*targets: Any, **kw: Any) -> QueueSession[Any]:

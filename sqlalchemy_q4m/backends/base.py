@@ -26,6 +26,9 @@ __all__ = ["Backend", "Claim", "error_code", "translate_errors"]
 DEADLOCK = 1213
 LOCK_WAIT_TIMEOUT = 1205
 RETRYABLE = frozenset({DEADLOCK, LOCK_WAIT_TIMEOUT})
+#: A statement interrupted by ``KILL QUERY``: a listen wake-up (``notify``) that landed on the
+#: claim right after the wait; the claim retries it.
+QUERY_INTERRUPTED = 1317
 
 
 @dataclass

@@ -24,6 +24,7 @@ from ..loading import claim_statement
 from ..loading import loader_for
 from ..server import BackendName
 from .base import LOCK_WAIT_TIMEOUT
+from .base import QUERY_INTERRUPTED
 from .base import RETRYABLE
 from .base import Backend
 from .base import Claim
@@ -72,7 +73,8 @@ class PortableBackend(Backend):
                         )
                     break
                 except OperationalError as err:
-                    if error_code(err) not in RETRYABLE or attempt == RETRIES:
+                    code = error_code(err)
+                    if (code not in RETRYABLE and code != QUERY_INTERRUPTED) or attempt == RETRIES:
                         raise
                     if not holder.restart():  # the caller's transaction: theirs to retry
                         raise

@@ -1,0 +1,359 @@
+"""Listen/notify for the portable backend: wake an idle consumer when a job is committed.
+
+An idle portable consumer otherwise polls: one claim per ``poll_interval``, so pickup waits
+half an interval on average and every idle consumer costs the server 1 / ``poll_interval``
+queries a second.  With ``listen=T`` (``queue_session``, ``QueueSession``, the worker's
+``listen`` option) it instead waits inside the server until a producer wakes it, a job
+appears, or ``T`` seconds pass (then it claims again: ``T`` bounds the latency when no wake
+comes).  Measured on MariaDB 10.11: pickup p50 ~1.5 ms, p99 < 6 ms, 2 / ``T`` queries a second
+per idle consumer.  MariaDB only (MySQL has no ``KILL QUERY ID``): elsewhere consumers keep
+polling and :func:`notify` does nothing.
+
+The protocol.  The consumer, after an empty claim, on its claim connection (READ COMMITTED, in
+the transaction the queue session began) runs::
+
+    /* q4m:wait db.jobs */ SET STATEMENT long_query_time=86400 FOR
+    SELECT GET_LOCK('<anchor>', T) FROM DUAL WHERE NOT (EXISTS (
+        SELECT 1 FROM jobs ORDER BY jobs.id LIMIT 1 FOR UPDATE SKIP LOCKED))
+
+* ``<anchor>`` is a named lock one extra connection per process (the anchor, outside the
+  engine's pool) holds for ever, so ``GET_LOCK`` blocks for ``T`` seconds.  ``GET_LOCK``, not
+  ``SLEEP``: a ``KILL`` of a ``SLEEP`` stalls ~2 s under concurrent kills, of a ``GET_LOCK`` not.
+* The guard is the claim's own locking read (one ``NOT EXISTS`` per subscription): a job
+  committed between the empty claim and the wait is seen and the wait never starts (an empty
+  result), so no wake-up is lost to that race.  The guard locked that job: the consumer rolls
+  back and claims again.
+* A producer, *after its COMMIT*, calls :func:`notify`: it finds the waiters by their tag in
+  ``information_schema.PROCESSLIST`` and interrupts ``jobs + 1`` of them with
+  ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A
+  wake sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
+* ``GET_LOCK`` returning 1 means the anchor connection died and the waiter got its lock: it
+  releases it and a new anchor is made.  A kill landing just before the wait starts (error
+  1317) or on the claim right after it is retried like a deadlock.
+
+Failure modes: a producer connected as another database user sees no waiters without the
+``PROCESS`` privilege and cannot kill them without ``CONNECTION ADMIN`` (or ``SUPER``): wakes
+then do nothing and pickup falls back to ``T``.  The anchor is one connection per engine URL
+and process (fork-safe: a child makes its own); the wait does not go to the slow query log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import re
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import Select
+from sqlalchemy import and_
+from sqlalchemy import bindparam
+from sqlalchemy import column
+from sqlalchemy import exists
+from sqlalchemy import func
+from sqlalchemy import literal_column
+from sqlalchemy import or_
+from sqlalchemy import select
+from sqlalchemy import table
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import PoolProxiedConnection
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.visitors import InternalTraversal
+
+from .backends.base import QUERY_INTERRUPTED
+from .backends.base import error_code
+from .exc import Q4MError
+from .functions import Subscription
+from .functions import subscriptions
+from .loading import claim_statement
+from .server import backend_for_dialect
+
+__all__ = ["listen_wait", "listening_supported", "notify", "wait_statement"]
+
+logger = logging.getLogger("sqlalchemy_q4m.notify")
+
+#: ``KILL QUERY ID`` of a query that already ended.
+UNKNOWN_QUERY_ID = 1957
+#: Not allowed to kill another user's query (no CONNECTION ADMIN / SUPER): wakes do nothing.
+NOT_OWNER = (1095, 1979)
+#: Seconds between two pings of an idle anchor connection (against ``wait_timeout``).
+ANCHOR_PING = 300.0
+
+_TAG = "/* q4m:wait"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_$.-]+$")
+_ANCHOR_NAME = re.compile(r"^q4m_anchor_[0-9]+_[0-9a-f]+$")
+_PROCESSLIST = table(
+    "PROCESSLIST",
+    column("QUERY_ID"),
+    column("COMMAND"),
+    column("INFO"),
+    schema="information_schema",
+)
+
+
+def listening_supported(dialect: Dialect) -> bool:
+    """True when waits can be woken on this dialect's server: MariaDB (``KILL QUERY ID``),
+    not a Q4M server (whose ``queue_wait`` blocks already)."""
+    if dialect.name not in ("mysql", "mariadb") or not getattr(dialect, "is_mariadb", False):
+        return False
+    return backend_for_dialect(dialect) != "native"
+
+
+# -- the tag -------------------------------------------------------------------------------
+
+
+def _queue_name(sub: Subscription, dialect: Dialect) -> str:
+    """``db.table`` of ``sub`` as it appears in the tag (the default database for a table
+    without a schema; a name unsafe in a comment or a LIKE pattern is replaced by a digest)."""
+    db = sub.table.schema or dialect.default_schema_name or ""
+    name = f"{db}.{sub.table.name}"
+    if _SAFE_NAME.match(name):
+        return name
+    return "x" + uuid.uuid5(uuid.NAMESPACE_OID, name).hex
+
+
+def wait_tag(subs: Sequence[Subscription], dialect: Dialect) -> str:
+    """``/* q4m:wait db.t1 db.t2 */``: the comment a waiting consumer's statement starts with,
+    naming every queue it waits on (what :func:`notify` looks for)."""
+    names = "".join(f" {_queue_name(sub, dialect)}" for sub in subs)
+    return f"{_TAG}{names} */"
+
+
+def _like_pattern(sub: Subscription, dialect: Dialect) -> str:
+    """The LIKE pattern (escape ``!``) matching the tag of a wait on ``sub``'s queue."""
+
+    def escape(s: str) -> str:
+        return s.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+
+    return f"{escape(_TAG)}% {escape(_queue_name(sub, dialect))} %"
+
+
+# -- the consumer's statement --------------------------------------------------------------
+
+
+class WaitStatement(Executable, ClauseElement):
+    """``<tag> SET STATEMENT long_query_time=86400 FOR <select>``: the tagged wait, kept out
+    of the slow query log; see the module docstring."""
+
+    __visit_name__ = "q4m_wait_statement"
+    inherit_cache = True
+    _traverse_internals = [  # noqa: RUF012 - SQLAlchemy's cache-key declaration
+        ("select", InternalTraversal.dp_clauseelement),
+        ("tag", InternalTraversal.dp_string),
+    ]
+
+    def __init__(self, select: Select[Any], tag: str) -> None:
+        self.select = select
+        self.tag = tag
+
+
+@compiles(WaitStatement, "mysql", "mariadb")
+def _compile_wait(element: WaitStatement, compiler: SQLCompiler, **kw: Any) -> str:
+    body = compiler.process(element.select, **kw)
+    return f"{element.tag} SET STATEMENT long_query_time=86400 FOR {body}"
+
+
+def _guard(sub: Subscription) -> Any:
+    """``NOT EXISTS (SELECT 1 ... FOR UPDATE SKIP LOCKED)``: no job of ``sub`` is free."""
+    probe = claim_statement(sub, 1, [literal_column("1")]).select_from(sub.table)
+    return ~exists(probe)
+
+
+def wait_statement(
+    subs: Sequence[Subscription], anchor: str, seconds: float, dialect: Dialect
+) -> WaitStatement:
+    """The guarded ``GET_LOCK(anchor, seconds)`` wait on ``subs``, tagged for :func:`notify`."""
+    if not _ANCHOR_NAME.match(anchor):
+        raise Q4MError(f"not an anchor lock name: {anchor!r}")
+    wait = select(func.get_lock(bindparam("q4m_anchor", anchor), bindparam("q4m_seconds", seconds)))
+    stmt = wait.where(and_(*(_guard(sub) for sub in subs)))
+    return WaitStatement(stmt, wait_tag(subs, dialect))
+
+
+# -- the anchor ----------------------------------------------------------------------------
+
+
+class Anchor:
+    """One connection outside the engine's pool holding the named lock waiters block on."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.name = f"q4m_anchor_{os.getpid()}_{uuid.uuid4().hex[:16]}"
+        # A pool like the engine's (same creator, connect events), so no pool slot is taken.
+        self._pool = engine.pool.recreate()
+        self._conn: PoolProxiedConnection | None = self._pool.connect()
+        self.thread_id = int(self._run(f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)")[0])
+        self.pinged = time.monotonic()
+
+    def _run(self, sql: str) -> Any:
+        # sql holds only our own validated name: no parameters, whatever the paramstyle.
+        assert self._conn is not None and _ANCHOR_NAME.search(self.name)
+        cursor = self._conn.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute(sql)
+            row = cursor.fetchone()
+        finally:
+            cursor.close()
+        if row is None or row[-1] != 1:
+            raise Q4MError(f"could not take the anchor lock {self.name!r}: {row!r}")
+        return row
+
+    def alive(self) -> bool:
+        """Ping now and then (a dead anchor is also detected by its waiters: GET_LOCK 1)."""
+        if time.monotonic() - self.pinged < ANCHOR_PING:
+            return True
+        try:
+            self._run(f"SELECT IS_USED_LOCK('{self.name}') = CONNECTION_ID()")
+        except Exception:
+            logger.debug("anchor %s is gone", self.name, exc_info=True)
+            return False
+        self.pinged = time.monotonic()
+        return True
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):  # already gone
+                conn.invalidate()  # closes it: the server releases the lock
+        self._pool.dispose()
+
+
+_anchors: dict[tuple[URL, int], Anchor] = {}
+_anchors_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    # A child never touches its parent's anchors (they stay in the dict, unused: dropping them
+    # could send a ROLLBACK on the parent's socket); it makes its own under a fresh lock.
+    global _anchors_lock
+    _anchors_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def anchor_for(engine: Engine) -> Anchor:
+    """The anchor of ``engine``'s server in this process (made, or re-made if dead)."""
+    key = (engine.url, os.getpid())
+    with _anchors_lock:
+        anchor = _anchors.get(key)
+        if anchor is not None and not anchor.alive():
+            anchor.close()
+            anchor = None
+        if anchor is None:
+            anchor = _anchors[key] = Anchor(engine)
+        return anchor
+
+
+def _anchor_lost(engine: Engine, name: str) -> None:
+    """A waiter got the anchor lock ``name``: its connection died.  Replace it (once)."""
+    key = (engine.url, os.getpid())
+    with _anchors_lock:
+        anchor = _anchors.get(key)
+        if anchor is not None and anchor.name == name:
+            del _anchors[key]
+            anchor.close()
+    logger.info("the listen anchor connection was lost; a new one is made")
+
+
+# -- the consumer side ---------------------------------------------------------------------
+
+
+def listen_wait(conn: Connection, subs: Sequence[Subscription], seconds: float) -> bool:
+    """Wait on ``conn`` (in a transaction the caller began, READ COMMITTED) until a producer's
+    :func:`notify`, a free job of ``subs``, or ``seconds`` pass; the caller then claims.
+
+    Returns True when the caller must roll back before claiming: the guard locked a free job
+    it saw, or the wait was interrupted before it started (it may have locked one).
+    """
+    engine = conn.engine
+    anchor = anchor_for(engine)
+    stmt = wait_statement(subs, anchor.name, seconds, conn.dialect)
+    try:
+        row = conn.execute(stmt).first()
+    except OperationalError as err:
+        if error_code(err) != QUERY_INTERRUPTED:
+            raise
+        return True  # woken before GET_LOCK started
+    if row is None:
+        return True  # the guard saw (and locked) a free job
+    if row[0] == 1:  # the anchor died and we hold its lock now
+        conn.execute(select(func.release_lock(bindparam("q4m_anchor", anchor.name))))
+        _anchor_lost(engine, anchor.name)
+    return False  # woken (NULL) or timed out (0): claim again
+
+
+# -- the producer side ---------------------------------------------------------------------
+
+
+def notify(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) -> int:
+    """Wake consumers waiting (``listen``) on the queues of ``targets``; call it AFTER the
+    transaction that enqueued ``jobs`` jobs committed (a wake before the commit is lost).
+
+    Wakes ``jobs + 1`` waiters at most (one spare: a woken consumer may lose the race for the
+    job to a busy one) and returns how many it woke; 0 without waiters, or on a server other
+    than MariaDB.  An Engine or a Session runs it on a connection of its own from the
+    engine; a Connection runs it on itself, which must not be in a transaction (its
+    uncommitted jobs would be invisible to the woken consumers): commit first.
+    """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise Q4MError(f"jobs must be a positive integer, not {jobs!r}")
+    subs = subscriptions(targets)
+    if isinstance(bind, Session):
+        if bind.in_transaction():
+            raise Q4MError("notify() after the commit: the Session is still in a transaction")
+        engine = bind.get_bind(mapper=subs[0].target if subs[0].is_orm else None)
+        bind = engine if isinstance(engine, Engine) else engine.engine
+    if isinstance(bind, Engine):
+        if not listening_supported(bind.dialect):
+            return 0
+        with bind.connect() as conn:
+            return _wake(conn, subs, jobs + 1)
+    if not isinstance(bind, Connection):
+        raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
+    if bind.in_transaction():
+        raise Q4MError("notify() after the commit: the Connection is still in a transaction")
+    if not listening_supported(bind.dialect):
+        return 0
+    try:
+        return _wake(bind, subs, jobs + 1)
+    finally:
+        if bind.in_transaction():
+            bind.rollback()
+
+
+def _wake(conn: Connection, subs: Sequence[Subscription], wanted: int) -> int:
+    info = _PROCESSLIST.c.INFO
+    patterns = [info.like(_like_pattern(sub, conn.dialect), escape="!") for sub in subs]
+    find = select(_PROCESSLIST.c.QUERY_ID).where(_PROCESSLIST.c.COMMAND == "Query", or_(*patterns))
+    ids = [int(qid) for qid in conn.execute(find).scalars()]
+    random.shuffle(ids)
+    woken = 0
+    for qid in ids:
+        if woken >= wanted:
+            break
+        try:
+            conn.execute(text(f"KILL QUERY ID {int(qid)}"))
+        except OperationalError as err:
+            code = error_code(err)
+            if code == UNKNOWN_QUERY_ID:  # it ended meanwhile: the next one
+                continue
+            if code in NOT_OWNER:
+                logger.debug("notify: no privilege to wake other users' consumers: %s", err)
+                break
+            raise
+        woken += 1
+    return woken
