@@ -13,7 +13,8 @@ Exact semantics on the portable backend (InnoDB + ``SKIP LOCKED``):
 * **claim**: one ``SELECT ... ORDER BY id LIMIT size FOR UPDATE SKIP LOCKED`` per subscribed
   table (earlier tables first, until ``size`` jobs are held), in a READ COMMITTED transaction
   on one pinned connection.  It waits up to ``timeout`` for at least one job, polling every
-  ``poll_interval`` seconds; it never waits to fill the batch.
+  ``poll_interval`` seconds (or, with ``listen``, waiting to be woken by a producer's
+  :func:`~sqlalchemy_q4m.notify.notify`); it never waits to fill the batch.
 * **end(job)** marks the job done.  The completed jobs are deleted together, with one
   ``DELETE ... WHERE id IN (...)`` per table, right before the batch's single COMMIT.
   Until that COMMIT the rows stay locked by this connection, so no other consumer can see
@@ -60,6 +61,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
+from .backends.base import QUERY_INTERRUPTED
 from .backends.base import RETRYABLE
 from .backends.base import error_code
 from .backends.base import translate_errors
@@ -72,6 +74,8 @@ from .functions import Subscription
 from .functions import subscriptions
 from .loading import Loader
 from .loading import loader_for
+from .notify import listen_wait
+from .notify import listening_supported
 from .server import BackendName
 from .server import _validate
 from .server import check_server
@@ -110,12 +114,13 @@ class QueueBatch(Generic[T]):
         timeout: float | None = 60.0,
         backend: Literal["native", "portable", "auto"] | None = None,
         poll_interval: float = POLL_INTERVAL,
+        listen: float | None = None,
     ) -> None:
         if not isinstance(bind, Engine | Connection):
             raise Q4MError(f"queue_batch binds to an Engine or a Connection, not {bind!r}")
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
             raise Q4MError(f"size must be an integer from 1 to {MAX_SIZE}, not {size!r}")
-        check_wait_options(timeout, poll_interval)
+        check_wait_options(timeout, poll_interval, listen)
         self.subscriptions: tuple[Subscription, ...] = subscriptions(targets, where)
         self.targets = targets
         self.where = where
@@ -123,6 +128,7 @@ class QueueBatch(Generic[T]):
         self.size = size
         self.timeout = timeout
         self.poll_interval = poll_interval
+        self.listen = listen  # as queue_session's: wait to be woken by notify(), not poll
         self._backend_name = None if backend in (None, "auto") else _validate(str(backend))
         self.backend: BackendName | None = None
         self.jobs: list[T] = []
@@ -300,6 +306,13 @@ class QueueBatch(Generic[T]):
             jobs = self._claim(conn)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs
+            if self.listen is not None and self._began and listening_supported(conn.dialect):
+                seconds = self.listen
+                if deadline is not None:
+                    seconds = min(seconds, deadline - time.monotonic())
+                if seconds > 0.001 and listen_wait(conn, self.subscriptions, seconds):
+                    conn.rollback()  # the wait's guard may hold a row lock
+                continue
             wake = started + self.poll_interval  # a fixed schedule, as queue_session polls
             if deadline is not None:
                 wake = min(wake, deadline)
@@ -316,7 +329,8 @@ class QueueBatch(Generic[T]):
                 with translate_errors("claiming a batch"):
                     found = loader.claim(conn, sub, want, lambda: self.session)
             except OperationalError as err:
-                if error_code(err) not in RETRYABLE or jobs:
+                code = error_code(err)
+                if (code not in RETRYABLE and code != QUERY_INTERRUPTED) or jobs:
                     raise
                 conn.rollback()  # a deadlock before anything is held: try at the next poll
                 return []
@@ -453,6 +467,7 @@ def queue_batch(
     timeout: float | None = 60.0,
     backend: Literal["native", "portable", "auto"] | None = None,
     poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
 ) -> QueueBatch[Any]:
     """Claim up to ``size`` jobs of ``targets`` in one transaction (one job on Q4M).
 
@@ -468,4 +483,5 @@ def queue_batch(
         timeout=timeout,
         backend=backend,
         poll_interval=poll_interval,
+        listen=listen,
     )

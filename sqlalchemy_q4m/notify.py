@@ -160,6 +160,10 @@ class WaitStatement(Executable, ClauseElement):
         self.select = select
         self.tag = tag
 
+    @property
+    def _all_selected_columns(self) -> Any:  # a cached statement's result columns
+        return self.select._all_selected_columns
+
 
 @compiles(WaitStatement, "mysql", "mariadb")
 def _compile_wait(element: WaitStatement, compiler: SQLCompiler, **kw: Any) -> str:
@@ -318,9 +322,9 @@ def notify(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) ->
         engine = bind.get_bind(mapper=subs[0].target if subs[0].is_orm else None)
         bind = engine if isinstance(engine, Engine) else engine.engine
     if isinstance(bind, Engine):
-        if not listening_supported(bind.dialect):
-            return 0
-        with bind.connect() as conn:
+        with bind.connect() as conn:  # connected: the dialect knows MariaDB from MySQL
+            if not listening_supported(conn.dialect):
+                return 0
             return _wake(conn, subs, jobs + 1)
     if not isinstance(bind, Connection):
         raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")

@@ -136,6 +136,7 @@ OPTIONS = (
     "retry_jitter",
     "wait_timeout",
     "poll_interval",
+    "listen",
     "end_before_execute",
     "recycle_after",
     "dead_letter_table",
@@ -222,7 +223,9 @@ class Job:
     * ``max_attempts`` (5), ``retry_base`` (2 s), ``retry_cap`` (3600 s), ``retry_jitter``
       (0.5): the :class:`~sqlalchemy_q4m.retry.RetryPolicy`; ``dead_letter_table``.
     * ``wait_timeout`` (1 s, how often a waiting worker checks for a stop), ``poll_interval``
-      (portable backend), ``backend``, ``reconnect_max`` (longest pause between reconnects).
+      (portable backend), ``listen`` (None; seconds an idle portable worker waits to be woken
+      by a producer's :func:`~sqlalchemy_q4m.notify.notify` instead of polling, on MariaDB),
+      ``backend``, ``reconnect_max`` (longest pause between reconnects).
     * ``end_before_execute``: remove the job before running it (at most once: a crash loses
       it, a failure is dead-lettered, never retried); ``recycle_after``: after that many jobs
       the consumer drops its connection and makes fresh job objects.
@@ -239,6 +242,7 @@ class Job:
     retry_jitter: ClassVar[float] = 0.5
     wait_timeout: ClassVar[float] = 1.0
     poll_interval: ClassVar[float] = 0.1
+    listen: ClassVar[float | None] = None
     end_before_execute: ClassVar[bool] = False
     recycle_after: ClassVar[int | None] = None
     dead_letter_table: ClassVar[str] = DEAD_LETTER_TABLE
@@ -273,6 +277,8 @@ class Job:
             validate_name(name)
         if self.wait_timeout <= 0:
             raise Q4MError(f"wait_timeout must be > 0, not {self.wait_timeout!r}")
+        if self.listen is not None and not self.listen > 0:
+            raise Q4MError(f"listen must be > 0 or None, not {self.listen!r}")
         if self.recycle_after is not None and self.recycle_after < 1:
             raise Q4MError(f"recycle_after must be >= 1, not {self.recycle_after!r}")
         size = self.batch_size
@@ -572,8 +578,8 @@ class Consumer:
     """One pinned connection serving one or more job objects; see the module docstring.
 
     ``jobs`` are served in order (their tables too): earlier tables win.  The first job's
-    ``wait_timeout``, ``poll_interval``, ``backend``, ``recycle_after``, ``reconnect_max`` and
-    ``batch_size`` apply to the consumer.
+    ``wait_timeout``, ``poll_interval``, ``listen``, ``backend``, ``recycle_after``,
+    ``reconnect_max`` and ``batch_size`` apply to the consumer.
     """
 
     def __init__(
@@ -604,6 +610,7 @@ class Consumer:
         first = self.jobs[0]
         self.wait_timeout = float(first.wait_timeout)
         self.poll_interval = float(first.poll_interval)
+        self.listen = None if first.listen is None else float(first.listen)
         self.recycle_after = first.recycle_after
         self.reconnect_max = float(first.reconnect_max)
         self.backend_option = first.backend
@@ -848,6 +855,7 @@ class Consumer:
                     "timeout": min(remaining, DUE_SLICE) if timed else remaining,
                     "backend": self._backend,
                     "poll_interval": self.poll_interval,
+                    "listen": self.listen,
                 },
             )
             if time.monotonic() >= deadline:

@@ -1,0 +1,342 @@
+"""Listen/notify: the tagged, guarded wait (compiled SQL) and wake-ups on the real server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from sqlalchemy import Column
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import create_engine
+from sqlalchemy import event
+from sqlalchemy import insert
+from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from sqlalchemy_q4m import Job
+from sqlalchemy_q4m import QueueSession
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.exc import Q4MError
+from sqlalchemy_q4m.functions import subscriptions
+from sqlalchemy_q4m.notify import _like_pattern
+from sqlalchemy_q4m.notify import anchor_for
+from sqlalchemy_q4m.notify import listen_wait
+from sqlalchemy_q4m.notify import listening_supported
+from sqlalchemy_q4m.notify import notify
+from sqlalchemy_q4m.notify import wait_statement
+from sqlalchemy_q4m.notify import wait_tag
+from sqlalchemy_q4m.types import new_job_id
+
+meta = MetaData()
+jobs = queue_table("tn_jobs", meta, Column("n", Integer))
+other = queue_table("tn_other", meta, Column("n", Integer))
+idle = queue_table("tn_idle", meta, Column("n", Integer))
+
+
+def mariadb() -> Any:
+    dialect = mysql.dialect()
+    dialect.is_mariadb = True
+    dialect.default_schema_name = "db"
+    return dialect
+
+
+# -- unit ----------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_wait_statement_is_tagged_guarded_and_out_of_the_slow_log() -> None:
+    subs = subscriptions([jobs, other], {other: other.c.n.in_([1, 2])})
+    stmt = wait_statement(subs, "q4m_anchor_1_ab", 2.5, mariadb())
+    sql = " ".join(str(stmt.compile(dialect=mariadb())).split())
+    assert sql == (
+        "/* q4m:wait db.tn_jobs db.tn_other */ SET STATEMENT long_query_time=86400 FOR "
+        "SELECT get_lock(%s, %s) AS get_lock_1 FROM DUAL WHERE "
+        "NOT (EXISTS (SELECT 1 FROM tn_jobs ORDER BY tn_jobs.id LIMIT %s "
+        "FOR UPDATE SKIP LOCKED)) AND "
+        "NOT (EXISTS (SELECT 1 FROM tn_other WHERE tn_other.n IN (__[POSTCOMPILE_n_1]) "
+        "ORDER BY tn_other.id LIMIT %s FOR UPDATE SKIP LOCKED))"
+    )
+    params = stmt.compile(dialect=mariadb()).params
+    assert params["q4m_anchor"] == "q4m_anchor_1_ab" and params["q4m_seconds"] == 2.5
+
+
+@pytest.mark.unit
+def test_tag_and_like_pattern() -> None:
+    subs = subscriptions([jobs, other])
+    assert wait_tag(subs, mariadb()) == "/* q4m:wait db.tn_jobs db.tn_other */"
+    assert _like_pattern(subs[1], mariadb()) == "/* q4m:wait% db.tn!_other %"
+    odd = mariadb()
+    odd.default_schema_name = "odd */ db"  # table names are validated; database names not
+    tag = wait_tag(subs, odd)
+    assert tag.count("*/") == 1 and "odd" not in tag  # digests, not the raw names
+
+
+@pytest.mark.unit
+def test_anchor_name_is_validated() -> None:
+    with pytest.raises(Q4MError):
+        wait_statement(subscriptions([jobs]), "x'); DROP TABLE t; --", 1.0, mariadb())
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("listen", [0, -1.0])
+def test_listen_must_be_positive(listen: float) -> None:
+    engine = create_engine("sqlite://")
+    with pytest.raises(Q4MError, match="listen"):
+        QueueSession(jobs, bind=engine, listen=listen)
+
+    class Tn(Job):
+        model = jobs
+
+    with pytest.raises(Q4MError, match="listen"):
+        Tn(engine, listen=listen)
+
+
+@pytest.mark.unit
+def test_notify_is_a_no_op_off_mariadb() -> None:
+    assert not listening_supported(mysql.dialect())
+    assert listening_supported(mariadb())
+    assert notify(create_engine("sqlite://"), jobs) == 0
+    with pytest.raises(Q4MError, match="jobs"):
+        notify(create_engine("sqlite://"), jobs, jobs=0)
+
+
+# -- integration ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def db(engine: Engine) -> Iterator[Engine]:
+    meta.drop_all(engine)
+    meta.create_all(engine)
+    if not listening_supported(engine.connect().dialect):  # pragma: no cover
+        pytest.skip("listen/notify needs MariaDB")
+    yield engine
+    meta.drop_all(engine)
+
+
+def put(engine: Engine, n: int = 1) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(jobs), [{"id": new_job_id(), "n": i} for i in range(n)])
+
+
+def waiting(engine: Engine, table: str = "tn_jobs") -> bool:
+    with engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                "WHERE COMMAND = 'Query' AND INFO LIKE :p"
+            ),
+            {"p": f"/* q4m:wait%{table}%"},
+        ).scalar()
+    return bool(found)
+
+
+def until(check: Any, limit: float = 5.0) -> None:
+    deadline = time.monotonic() + limit
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+class Consumer(threading.Thread):
+    """One queue_session wait in a thread; records when it got its job."""
+
+    def __init__(self, engine: Engine | Connection, **options: Any) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.options = engine, options
+        self.got: float | None = None
+        self.job: Any = None
+
+    def run(self) -> None:
+        with queue_session(jobs, bind=self.engine, **self.options) as job:
+            self.got, self.job = time.monotonic(), job
+
+
+@pytest.mark.integration
+def test_a_notified_job_is_picked_up_at_once(db: Engine) -> None:
+    latencies = []
+    for _ in range(3):
+        consumer = Consumer(db, timeout=10, listen=5)
+        consumer.start()
+        until(lambda: waiting(db))
+        put(db)
+        committed = time.monotonic()
+        assert notify(db, jobs) == 1
+        consumer.join(5)
+        assert consumer.job is not None and consumer.got is not None
+        latencies.append(consumer.got - committed)
+    print(f"notified pickup: {[round(x * 1000, 1) for x in latencies]} ms")
+    assert max(latencies) < 0.05
+
+
+@pytest.mark.integration
+def test_without_notify_the_job_waits_for_the_listen_timeout(db: Engine) -> None:
+    consumer = Consumer(db, timeout=5, listen=0.5)
+    consumer.start()
+    until(lambda: waiting(db))
+    started = time.monotonic()
+    put(db)
+    consumer.join(5)
+    assert consumer.job is not None and consumer.got is not None
+    assert 0.2 < consumer.got - started < 1.0  # at the next claim, after GET_LOCK timed out
+
+
+@pytest.mark.integration
+def test_a_job_committed_before_the_wait_is_seen_by_its_guard(db: Engine) -> None:
+    subs = subscriptions([jobs])
+    with db.connect() as conn:
+        conn.execution_options(isolation_level="READ COMMITTED")
+        assert conn.execute(select(jobs.c.id)).first() is None  # the "empty claim"
+        put(db)  # committed between the empty claim and the wait
+        started = time.monotonic()
+        assert listen_wait(conn, subs, 5.0) is True  # roll back, then claim
+        assert time.monotonic() - started < 0.5
+        with db.connect() as probe:  # the guard holds the job until the rollback
+            skip = select(jobs.c.id).with_for_update(skip_locked=True)
+            assert probe.execute(skip).first() is None
+            probe.rollback()
+            conn.rollback()
+            assert probe.execute(skip).first() is not None
+
+
+@pytest.mark.integration
+def test_a_dead_anchor_is_replaced(db: Engine, db_url: URL) -> None:
+    subs = subscriptions([jobs])
+    anchor = anchor_for(db)
+    admin = create_engine(db_url, poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f"KILL {int(anchor.thread_id)}"))
+    with db.connect() as conn:
+        conn.execution_options(isolation_level="READ COMMITTED")
+        started = time.monotonic()
+        assert listen_wait(conn, subs, 5.0) is False  # GET_LOCK got the dead anchor's lock
+        assert time.monotonic() - started < 0.5
+        assert conn.execute(text("SELECT IS_USED_LOCK(:n)"), {"n": anchor.name}).scalar() is None
+        fresh = anchor_for(db)
+        assert fresh is not anchor and fresh.name != anchor.name
+        started = time.monotonic()
+        assert listen_wait(conn, subs, 0.3) is False  # blocks again, on the new anchor
+        assert time.monotonic() - started >= 0.25
+        conn.rollback()
+    admin.dispose()
+
+
+@pytest.mark.integration
+def test_notify_without_waiters_wakes_nobody(db: Engine) -> None:
+    consumer = Consumer(db, timeout=2, listen=1)
+    consumer.start()
+    until(lambda: waiting(db))
+    assert notify(db, idle) == 0
+    assert notify(db, other, jobs=3) == 0
+    put(db)
+    assert notify(db, jobs, jobs=3) == 1  # one waiter
+    consumer.join(5)
+    assert consumer.job is not None
+
+
+@pytest.mark.integration
+def test_notify_refuses_an_uncommitted_connection_and_session(db: Engine) -> None:
+    with db.connect() as conn:
+        conn.execute(text("SELECT 1"))
+        with pytest.raises(Q4MError, match="after the commit"):
+            notify(conn, jobs)
+        conn.commit()
+        assert notify(conn, jobs) == 0 and not conn.in_transaction()
+    with Session(db) as session:
+        session.execute(text("SELECT 1"))
+        with pytest.raises(Q4MError, match="after the commit"):
+            notify(session, jobs)
+        session.commit()
+        assert notify(session, jobs) == 0
+
+
+def counting(db_url: URL) -> tuple[Engine, list[str]]:
+    engine = create_engine(db_url, poolclass=NullPool)
+    statements: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    return engine, statements
+
+
+@pytest.mark.integration
+def test_an_idle_listening_consumer_sends_two_statements_per_listen(
+    db: Engine, db_url: URL
+) -> None:
+    engine, statements = counting(db_url)
+    with engine.connect() as conn:  # connect and detect first: only the waits are counted
+        conn.execution_options(isolation_level="READ COMMITTED")
+        queue_session(jobs, bind=conn, timeout=0).wait()
+        statements.clear()
+        started = time.monotonic()
+        assert queue_session(jobs, bind=conn, timeout=2, listen=0.5).wait() is None
+        elapsed = time.monotonic() - started
+    waits = [s for s in statements if s.startswith("/* q4m:wait")]
+    rate = len(statements) / elapsed
+    print(
+        f"idle listening consumer: {rate:.1f} statements/s ({len(statements)} in {elapsed:.2f} s)"
+    )
+    assert 1.9 < elapsed < 2.5 and len(waits) == 4
+    assert len(statements) <= 9  # 4 claims + 4 waits (+ the claim at the deadline)
+    engine.dispose()
+
+
+@pytest.mark.integration
+def test_the_callers_transaction_falls_back_to_polling(db: Engine, db_url: URL) -> None:
+    engine, statements = counting(db_url)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="READ COMMITTED")
+        conn.execute(text("SELECT 1"))  # the caller's transaction
+        statements.clear()
+        started = time.monotonic()
+        assert (
+            queue_session(jobs, bind=conn, timeout=0.3, listen=5, poll_interval=0.05).wait() is None
+        )
+        assert time.monotonic() - started < 1.0
+        conn.rollback()
+    assert statements and not any("q4m:wait" in s for s in statements)
+    assert len(statements) >= 4  # polled
+    engine.dispose()
+
+
+class TnJob(Job):
+    model = jobs
+    listen = 5.0
+    wait_timeout = 5.0
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.seen: list[Any] = []
+
+    def execute(self, job: Any) -> None:
+        self.seen.append(job)
+
+
+@pytest.mark.integration
+def test_a_listening_worker_runs_a_notified_job(db: Engine) -> None:
+    worker = TnJob(db)
+    done: list[float] = []
+    thread = threading.Thread(
+        target=lambda: worker.run_once() and done.append(time.monotonic()), daemon=True
+    )
+    thread.start()
+    until(lambda: waiting(db))
+    put(db)
+    committed = time.monotonic()
+    assert notify(db, jobs) == 1
+    thread.join(5)
+    assert done and done[0] - committed < 0.2
+    assert len(worker.seen) == 1
+    worker.close()
