@@ -96,6 +96,13 @@ def _seconds(value: str) -> float:
     return number
 
 
+def _positive_seconds(value: str) -> float:
+    number = _seconds(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value}")
+    return number
+
+
 def _option(
     parser: argparse.ArgumentParser,
     flag: str,
@@ -214,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
         "jobs claimed per transaction on the portable backend (default: the job class's; "
         "one at a time on Q4M)",
         type=_positive_int,
+    )
+    _option(
+        worker,
+        "--listen",
+        "Q4M_LISTEN",
+        "idle portable workers wait up to SECONDS to be woken by a producer's notify() "
+        "instead of polling (MariaDB; default: the job class's)",
+        type=_positive_seconds,
+        metavar="SECONDS",
     )
     _option(
         worker,
@@ -353,6 +369,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
         options["recycle_after"] = args.recycle_after
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
+    if args.listen is not None:
+        options["listen"] = args.listen
     if args.dead_table is not None:
         options["dead_letter_table"] = args.dead_table
     if end_first:

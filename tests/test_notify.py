@@ -340,3 +340,27 @@ def test_a_listening_worker_runs_a_notified_job(db: Engine) -> None:
     assert done and done[0] - committed < 0.2
     assert len(worker.seen) == 1
     worker.close()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"), [(["--listen", "2.5"], None, 2.5), ([], "4", 4.0)]
+)
+def test_cli_listen_option(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, expected: float
+) -> None:
+    from sqlalchemy_q4m import cli
+
+    if env is not None:
+        monkeypatch.setenv("Q4M_LISTEN", env)
+    seen: list[Any] = []
+
+    def fake_run_workers(config: Any, status_stream: Any = None) -> Any:
+        seen.append(dict(config.job_options))
+        return type("R", (), {"code": 0})()
+
+    monkeypatch.setattr(cli, "run_workers", fake_run_workers)
+    assert cli.main(["worker", "--status", "never", *argv, "mod:Job"]) == 0
+    assert seen == [{"listen": expected}]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
