@@ -42,6 +42,7 @@ from .ddl import JOB_ID_INFO_KEY
 from .exc import Q4MError
 from .functions import subscriptions
 from .loading import DriverSQL
+from .notify import notify as wake
 from .retry import RUN_AT
 from .types import new_job_id
 
@@ -60,6 +61,7 @@ def enqueue(
     *,
     delay: float | None = None,
     chunk_size: int = CHUNK_SIZE,
+    notify: bool = True,
 ) -> list[uuid.UUID]:
     """Insert ``rows`` into the queue ``target`` as new jobs; their ids, in row order.
 
@@ -72,9 +74,12 @@ def enqueue(
     :class:`~sqlalchemy_q4m.ScheduledMixin`).
 
     With an :class:`~sqlalchemy.Engine` the rows are inserted in a transaction of their own,
-    committed before this returns.  With a :class:`~sqlalchemy.Connection` or an ORM
+    committed before this returns; then, with ``notify`` (and no ``delay``), consumers
+    waiting with ``listen`` are woken (:func:`~sqlalchemy_q4m.notify.notify`; MariaDB).
+    With a :class:`~sqlalchemy.Connection` or an ORM
     :class:`~sqlalchemy.orm.Session` they are inserted in its transaction (begun if none is)
-    and **the caller commits** (or rolls back: then no job was enqueued).
+    and **the caller commits** (or rolls back: then no job was enqueued), then calls
+    :func:`~sqlalchemy_q4m.notify.notify` itself if consumers listen.
     """
     (sub,) = subscriptions([target])
     shape = _shape_for(target, sub.table)
@@ -96,7 +101,10 @@ def enqueue(
     run_at = None if delay is None else int(time.time() + delay)
     if isinstance(bind, Engine):
         with bind.begin() as conn:
-            return _send(conn, shape, groups, run_at, chunk_size)
+            ids = _send(conn, shape, groups, run_at, chunk_size)
+        if notify and delay is None and ids:  # after the commit: a wake before it is lost
+            wake(bind, target, jobs=len(ids))
+        return ids
     if isinstance(bind, Session):
         if shape.mapper is not None:
             conn = bind.connection(bind_arguments={"mapper": shape.mapper})

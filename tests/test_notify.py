@@ -364,3 +364,23 @@ def test_cli_listen_option(
     assert seen == [{"listen": expected}]
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
+
+
+@pytest.mark.integration
+def test_an_engine_bound_enqueue_notifies_after_its_commit(db: Engine) -> None:
+    from sqlalchemy_q4m import enqueue
+
+    consumer = Consumer(db, timeout=10, listen=5)
+    consumer.start()
+    until(lambda: waiting(db))
+    started = time.monotonic()
+    enqueue(db, jobs, [{"n": 1}])
+    consumer.join(5)
+    assert consumer.got is not None and consumer.got - started < 0.1
+    consumer = Consumer(db, timeout=10, listen=0.5)
+    consumer.start()
+    until(lambda: waiting(db))
+    started = time.monotonic()
+    enqueue(db, jobs, [{"n": 2}], notify=False)
+    consumer.join(5)
+    assert consumer.got is not None and consumer.got - started > 0.2  # the listen timeout
