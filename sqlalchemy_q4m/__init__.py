@@ -26,6 +26,7 @@ from .functions import queue_rowid
 from .functions import queue_set_srcid
 from .functions import queue_stats
 from .functions import queue_wait
+from .notify import notify
 from .retry import PriorityMixin
 from .retry import RetryMixin
 from .retry import RetryPolicy
@@ -62,6 +63,7 @@ __all__ = [
     "is_queue_table",
     "job_id_column",
     "new_job_id",
+    "notify",
     "queue_abort",
     "queue_batch",
     "queue_compact",
