@@ -23,7 +23,6 @@ from typing import TextIO
 from sqlalchemy import Connection
 from sqlalchemy import Table
 from sqlalchemy import func
-from sqlalchemy import insert
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy import text
@@ -39,6 +38,7 @@ from .deadletter import dead_letter_table
 from .deadletter import list_dead
 from .deadletter import purge_dead
 from .deadletter import retry_dead
+from .enqueue import enqueue
 from .exc import Q4MError
 from .functions import queue_stats
 from .retry import RUN_AT
@@ -48,7 +48,6 @@ from .runtime import make_engine
 from .runtime import run_workers
 from .runtime import setup_logging
 from .server import detect_backend
-from .types import new_job_id
 from .worker import reflect_queue_table
 
 __all__ = ["build_parser", "enqueue_rows", "main", "parse_json_rows", "queue_counts"]
@@ -424,17 +423,16 @@ def enqueue_rows(
     delay: float | None = None,
     batch_size: int = 1000,
 ) -> int:
-    """Insert ``rows`` (column name -> value) as new jobs, in batches; returns how many."""
-    columns = {c.name: c for c in table.columns}
+    """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`,
+    committing each batch; returns how many.  JSON text for a binary column is UTF-8 encoded;
+    with ``delay``, a row's own ``run_at`` is replaced."""
+    columns = {c.name for c in table.columns}
     binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
-    run_at = None
-    if delay is not None:
-        if RUN_AT not in columns:
-            raise Q4MError(f"--delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
-        run_at = int(time.time() + delay)
+    if delay is not None and RUN_AT not in columns:
+        raise Q4MError(f"--delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
     prepared: list[dict[str, Any]] = []
     for number, row in enumerate(rows, 1):
-        unknown = sorted(set(row) - set(columns))
+        unknown = sorted(set(row) - columns)
         if unknown:
             raise Q4MError(f"job {number}: {table.name!r} has no column {', '.join(unknown)}")
         if JOB_ID in row:
@@ -445,29 +443,14 @@ def enqueue_rows(
         for key, value in values.items():
             if isinstance(value, dict | list):
                 raise Q4MError(f"job {number}: column {key!r} takes a scalar, not {value!r:.40}")
-        if run_at is not None:
-            values[RUN_AT] = run_at
-        values[JOB_ID] = new_job_id()
+        if delay is not None:
+            values.pop(RUN_AT, None)
         prepared.append(values)
     for start in range(0, len(prepared), batch_size):
         batch = prepared[start : start + batch_size]
-        keys = sorted({k for v in batch for k in v})
-        for values in batch:  # one statement shape per batch (executemany)
-            for key in keys:
-                if key not in values:
-                    values[key] = _column_default(columns[key])
-        conn.execute(insert(table), batch)
+        enqueue(conn, table, batch, delay=delay, chunk_size=batch_size)
         conn.commit()
     return len(prepared)
-
-
-def _column_default(column: Any) -> Any:
-    default = column.default
-    if default is not None and getattr(default, "is_scalar", False):
-        return default.arg
-    if default is not None and callable(getattr(default, "arg", None)):
-        return default.arg({})
-    return None
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:

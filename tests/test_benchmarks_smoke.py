@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: (section, scenario text) of every row the tiny run must produce.
 EXPECTED = [
+    ("enqueue", "bulk: `enqueue(engine"),
     ("enqueue", "bulk: ORM"),
     ("enqueue", "one job per transaction"),
     *[

@@ -416,3 +416,23 @@ def test_database_errors_are_sqlalchemy_errors(db_url: URL, observed: bool) -> N
             assert conn.scalar(select(1)) == 1  # the connection is still usable
     finally:
         engine.dispose()
+
+
+@pytest.mark.integration
+def test_cli_enqueue_rows_leaves_missing_columns_to_the_server(db: Engine) -> None:
+    """``q4m enqueue`` goes through enqueue(): a row without ``weight`` gets the server's
+    default (it was once sent as NULL), and each batch is committed."""
+    from sqlalchemy_q4m.cli import enqueue_rows
+    from sqlalchemy_q4m.worker import reflect_queue_table
+
+    with db.connect() as conn:
+        table = reflect_queue_table(conn, "eq_shell_jobs")
+        rows = [
+            {"command": "a", "label_col": "l", "origin": "o", "serial": "s"},
+            {"command": "b", "label_col": "l", "origin": "o", "serial": "s", "weight": 2},
+        ]
+        assert enqueue_rows(conn, table, rows, batch_size=1) == 2
+        assert not conn.in_transaction()
+    with db.connect() as conn:
+        got = conn.execute(select(EqJob.command, EqJob.weight).order_by(EqJob.id)).all()
+    assert got == [("a", 7), ("b", 2)]
