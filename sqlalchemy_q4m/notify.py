@@ -65,6 +65,7 @@ from sqlalchemy import table
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
@@ -198,8 +199,14 @@ class Anchor:
         self.name = f"q4m_anchor_{os.getpid()}_{uuid.uuid4().hex[:16]}"
         # A pool like the engine's (same creator, connect events), so no pool slot is taken.
         self._pool = engine.pool.recreate()
-        self._conn: PoolProxiedConnection | None = self._pool.connect()
-        self.thread_id = int(self._run(f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)")[0])
+        self._conn: PoolProxiedConnection | None = None
+        try:
+            self._conn = self._pool.connect()
+            take = f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)"
+            self.thread_id = int(self._run(take)[0])
+        except BaseException:
+            self.close()
+            raise
         self.pinged = time.monotonic()
 
     def _run(self, sql: str) -> Any:
@@ -258,7 +265,14 @@ def anchor_for(engine: Engine) -> Anchor:
             anchor.close()
             anchor = None
         if anchor is None:
-            anchor = _anchors[key] = Anchor(engine)
+            dbapi = engine.dialect.loaded_dbapi
+            try:
+                anchor = Anchor(engine)
+            except dbapi.Error as err:  # as SQLAlchemy raises it: the worker loop reconnects
+                raise DBAPIError.instance(
+                    "GET_LOCK(<anchor>, 0)", None, err, dbapi.Error, dialect=engine.dialect
+                ) from err
+            _anchors[key] = anchor
         return anchor
 
 

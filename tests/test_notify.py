@@ -384,3 +384,13 @@ def test_an_engine_bound_enqueue_notifies_after_its_commit(db: Engine) -> None:
     enqueue(db, jobs, [{"n": 2}], notify=False)
     consumer.join(5)
     assert consumer.got is not None and consumer.got - started > 0.2  # the listen timeout
+
+
+@pytest.mark.unit
+def test_an_anchor_that_cannot_connect_raises_a_dbapi_error() -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    engine = create_engine("mysql+pymysql://root@127.0.0.1:1/nowhere")
+    with pytest.raises(DBAPIError):
+        anchor_for(engine)
+    engine.dispose()
