@@ -41,6 +41,7 @@ from .deadletter import retry_dead
 from .enqueue import enqueue
 from .exc import Q4MError
 from .functions import queue_stats
+from .notify import notify
 from .retry import RUN_AT
 from .runtime import EXIT_USAGE
 from .runtime import WorkerConfig
@@ -424,8 +425,8 @@ def enqueue_rows(
     batch_size: int = 1000,
 ) -> int:
     """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`,
-    committing each batch; returns how many.  JSON text for a binary column is UTF-8 encoded;
-    with ``delay``, a row's own ``run_at`` is replaced."""
+    committing each batch (then waking workers that listen); returns how many.  JSON text
+    for a binary column is UTF-8 encoded; with ``delay``, a row's own ``run_at`` is replaced."""
     columns = {c.name for c in table.columns}
     binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
     if delay is not None and RUN_AT not in columns:
@@ -450,6 +451,8 @@ def enqueue_rows(
         batch = prepared[start : start + batch_size]
         enqueue(conn, table, batch, delay=delay, chunk_size=batch_size)
         conn.commit()
+        if delay is None:
+            notify(conn, table, jobs=len(batch))  # wakes workers started with --listen
     return len(prepared)
 
 

@@ -394,3 +394,18 @@ def test_an_anchor_that_cannot_connect_raises_a_dbapi_error() -> None:
     with pytest.raises(DBAPIError):
         anchor_for(engine)
     engine.dispose()
+
+
+@pytest.mark.integration
+def test_q4m_enqueue_wakes_a_listening_consumer(db: Engine, db_url: URL) -> None:
+    from sqlalchemy_q4m import cli
+
+    consumer = Consumer(db, timeout=10, listen=5)
+    consumer.start()
+    until(lambda: waiting(db))
+    started = time.monotonic()
+    url = db_url.render_as_string(hide_password=False)
+    assert cli.main(["enqueue", "tn_jobs", "--url", url, "--json", '{"n": 3}']) == 0
+    consumer.join(5)
+    assert consumer.job is not None and consumer.job.n == 3
+    assert consumer.got is not None and consumer.got - started < 1.0  # not the 5 s listen
