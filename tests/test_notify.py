@@ -409,3 +409,56 @@ def test_q4m_enqueue_wakes_a_listening_consumer(db: Engine, db_url: URL) -> None
     consumer.join(5)
     assert consumer.job is not None and consumer.job.n == 3
     assert consumer.got is not None and consumer.got - started < 1.0  # not the 5 s listen
+
+
+@pytest.mark.integration
+def test_notify_wakes_jobs_plus_one_of_several_waiters(db: Engine) -> None:
+    consumers = [Consumer(db, timeout=10, listen=5) for _ in range(4)]
+    for consumer in consumers:
+        consumer.start()
+
+    def count() -> int:
+        with db.connect() as conn:
+            return int(
+                conn.execute(
+                    text(
+                        "SELECT COUNT(*) FROM information_schema.PROCESSLIST "
+                        "WHERE COMMAND = 'Query' AND INFO LIKE '/* q4m:wait%tn_jobs%'"
+                    )
+                ).scalar_one()
+            )
+
+    until(lambda: count() == 4)
+    put(db, 2)
+    committed = time.monotonic()
+    assert notify(db, jobs, jobs=2) == 3
+    until(lambda: sum(c.job is not None for c in consumers) == 2, 2.0)
+    assert max(c.got or 0 for c in consumers) - committed < 0.1
+    put(db, 2)
+    assert notify(db, jobs, jobs=2) == 2  # the two still waiting
+    for consumer in consumers:
+        consumer.join(5)
+    assert all(c.job is not None for c in consumers)
+
+
+def _child_anchor(url: URL, out: Any) -> None:
+    engine = create_engine(url, poolclass=NullPool)
+    anchor = anchor_for(engine)
+    out.put((anchor.name, anchor.thread_id))
+
+
+@pytest.mark.integration
+def test_a_forked_child_makes_its_own_anchor(db: Engine, db_url: URL) -> None:
+    import multiprocessing
+
+    parent = anchor_for(db)
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    child = ctx.Process(target=_child_anchor, args=(db_url, out))
+    child.start()
+    name, thread_id = out.get(timeout=10)
+    child.join(10)
+    assert name != parent.name and thread_id != parent.thread_id
+    with db.connect() as conn:
+        held = conn.execute(text("SELECT IS_USED_LOCK(:n)"), {"n": parent.name}).scalar()
+    assert held == parent.thread_id and anchor_for(db) is parent
