@@ -2,11 +2,12 @@
 
 An idle portable consumer otherwise polls: one claim per ``poll_interval``, so pickup waits
 half an interval on average and every idle consumer costs the server 1 / ``poll_interval``
-queries a second.  With ``listen=T`` (``queue_session``, ``QueueSession``, the worker's
-``listen`` option) it instead waits inside the server until a producer wakes it, a job
+queries a second.  With ``listen=T`` (``queue_session``, ``QueueSession``, ``queue_batch``,
+the worker's ``listen`` option) it instead waits inside the server until a producer wakes it, a job
 appears, or ``T`` seconds pass (then it claims again: ``T`` bounds the latency when no wake
-comes).  Measured on MariaDB 10.11: pickup p50 ~1.5 ms, p99 < 6 ms, 2 / ``T`` queries a second
-per idle consumer.  MariaDB only (MySQL has no ``KILL QUERY ID``): elsewhere consumers keep
+comes).  Measured on MariaDB 10.11 (``python -m benchmarks --only latency``, the producer's
+INSERT, COMMIT and ``notify`` included): pickup p50 ~4.5 ms, p99 ~9 ms, and 2 / ``T`` queries a
+second per idle consumer.  MariaDB only (MySQL has no ``KILL QUERY ID``): elsewhere consumers keep
 polling and :func:`notify` does nothing.
 
 The protocol.  The consumer, after an empty claim, on its claim connection (READ COMMITTED, in
@@ -35,6 +36,8 @@ Failure modes: a producer connected as another database user sees no waiters wit
 ``PROCESS`` privilege and cannot kill them without ``CONNECTION ADMIN`` (or ``SUPER``): wakes
 then do nothing and pickup falls back to ``T``.  The anchor is one connection per engine URL
 and process (fork-safe: a child makes its own); the wait does not go to the slow query log.
+A queue session joined to a transaction the caller began (the guard would lock rows in it) and
+the asyncio queue session keep polling every ``poll_interval``.
 """
 
 from __future__ import annotations
