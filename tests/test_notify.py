@@ -462,3 +462,25 @@ def test_a_forked_child_makes_its_own_anchor(db: Engine, db_url: URL) -> None:
     with db.connect() as conn:
         held = conn.execute(text("SELECT IS_USED_LOCK(:n)"), {"n": parent.name}).scalar()
     assert held == parent.thread_id and anchor_for(db) is parent
+
+
+@pytest.mark.integration
+def test_a_listening_batch_is_woken(db: Engine) -> None:
+    from sqlalchemy_q4m import queue_batch
+
+    got: list[float] = []
+
+    def run() -> None:
+        with queue_batch(jobs, bind=db, size=10, timeout=10, listen=5) as batch:
+            got.append(time.monotonic())
+            for job in batch:
+                batch.end(job)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    until(lambda: waiting(db))
+    put(db, 3)
+    committed = time.monotonic()
+    assert notify(db, jobs, jobs=3) == 1
+    thread.join(5)
+    assert got and got[0] - committed < 0.1
