@@ -189,12 +189,18 @@ def driver_level(conn: Connection) -> bool:
     rollback and their events), DBAPI errors are raised as SQLAlchemy's ``DBAPIError``
     classes, and a disconnect invalidates the connection, as executing would.
     """
-    if conn.engine.logger.isEnabledFor(logging.INFO):  # echo, or logging configured
+    engine = conn.engine
+    if engine.logger.isEnabledFor(logging.INFO):  # echo, or logging configured
         return False
-    d = conn.dispatch  # (spelled out, not looped: this runs for every statement of a job)
-    if d.before_cursor_execute or d.after_cursor_execute or d.before_execute or d.after_execute:
+    if conn.dialect.dispatch.handle_error:  # error-translating listeners
         return False
-    return not conn.dialect.dispatch.handle_error  # error-translating listeners
+    # SQLAlchemy's own test before dispatching any connection event (runs per statement)
+    if not (getattr(conn, "_has_events", True) or getattr(engine, "_has_events", True)):
+        return True
+    d = conn.dispatch
+    return not (
+        d.before_cursor_execute or d.after_cursor_execute or d.before_execute or d.after_execute
+    )
 
 
 def plain_mapping(mapper: Mapper[Any], table: Table) -> bool:
