@@ -41,7 +41,7 @@ from .deadletter import retry_dead
 from .enqueue import enqueue
 from .exc import Q4MError
 from .functions import queue_stats
-from .notify import notify
+from .notify import notify_committed
 from .retry import RUN_AT
 from .runtime import EXIT_USAGE
 from .runtime import WorkerConfig
@@ -452,7 +452,7 @@ def enqueue_rows(
         enqueue(conn, table, batch, delay=delay, chunk_size=batch_size)
         conn.commit()
         if delay is None:
-            notify(conn, table, jobs=len(batch))  # wakes workers started with --listen
+            notify_committed(conn, table, jobs=len(batch))  # wakes workers with --listen
     return len(prepared)
 
 

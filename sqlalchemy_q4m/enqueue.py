@@ -42,7 +42,7 @@ from .ddl import JOB_ID_INFO_KEY
 from .exc import Q4MError
 from .functions import subscriptions
 from .loading import DriverSQL
-from .notify import notify as wake
+from .notify import notify_committed
 from .retry import RUN_AT
 from .types import new_job_id
 
@@ -103,7 +103,7 @@ def enqueue(
         with bind.begin() as conn:
             ids = _send(conn, shape, groups, run_at, chunk_size)
         if notify and delay is None and ids:  # after the commit: a wake before it is lost
-            wake(bind, target, jobs=len(ids))
+            notify_committed(bind, target, jobs=len(ids))
         return ids
     if isinstance(bind, Session):
         if shape.mapper is not None:

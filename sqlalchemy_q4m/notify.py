@@ -86,7 +86,7 @@ from .functions import subscriptions
 from .loading import claim_statement
 from .server import backend_for_dialect
 
-__all__ = ["listen_wait", "listening_supported", "notify", "wait_statement"]
+__all__ = ["listen_wait", "listening_supported", "notify", "notify_committed", "wait_statement"]
 
 logger = logging.getLogger("sqlalchemy_q4m.notify")
 
@@ -354,6 +354,22 @@ def notify(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) ->
     finally:
         if bind.in_transaction():
             bind.rollback()
+
+
+def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) -> int:
+    """:func:`notify` for a producer whose jobs are committed already: a database error while
+    waking is logged, not raised (raising would look like a failed enqueue, and retrying it
+    would enqueue the jobs twice); listening consumers then take them within ``listen``."""
+    try:
+        return notify(bind, *targets, jobs=jobs)
+    except DBAPIError as err:
+        logger.warning(
+            "notify: %d committed job(s) wait for the consumers' listen timeout: waking "
+            "them failed: %s",
+            jobs,
+            err,
+        )
+        return 0
 
 
 def _wake(conn: Connection, subs: Sequence[Subscription], wanted: int) -> int:

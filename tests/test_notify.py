@@ -34,6 +34,7 @@ from sqlalchemy_q4m.notify import anchor_for
 from sqlalchemy_q4m.notify import listen_wait
 from sqlalchemy_q4m.notify import listening_supported
 from sqlalchemy_q4m.notify import notify
+from sqlalchemy_q4m.notify import notify_committed
 from sqlalchemy_q4m.notify import wait_statement
 from sqlalchemy_q4m.notify import wait_tag
 from sqlalchemy_q4m.types import new_job_id
@@ -484,3 +485,17 @@ def test_a_listening_batch_is_woken(db: Engine) -> None:
     assert notify(db, jobs, jobs=3) == 1
     thread.join(5)
     assert got and got[0] - committed < 0.1
+
+
+@pytest.mark.integration
+def test_a_wake_that_fails_after_the_commit_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Raising would look like a failed enqueue, and a retry would enqueue the jobs twice."""
+    unreachable = create_engine("mysql+pymysql://root@127.0.0.1:1/test", poolclass=NullPool)
+    try:
+        with caplog.at_level("WARNING", logger="sqlalchemy_q4m.notify"):
+            assert notify_committed(unreachable, jobs, jobs=3) == 0
+    finally:
+        unreachable.dispose()
+    assert "3 committed job(s) wait for the consumers' listen timeout" in caplog.text
