@@ -598,6 +598,10 @@ class Consumer:
         self._engine = bind if isinstance(bind, Engine) else None
         self._conn: Connection | None = None if isinstance(bind, Engine) else bind
         self._targets: list[_Target] | None = None
+        #: Of the current targets: their models, whether they have ``run_at``, and whether
+        #: any wait has a condition (worked out once, not per job).
+        self._wait_shape: tuple[list[_Target], list[Any], bool, bool] | None = None
+        self._by_table: tuple[list[_Target], dict[Table, _Target]] | None = None
         self._backend: BackendName | None = None
         self._ready = False  # the pinned connection is prepared (backend, tables)
         self._stop = threading.Event()
@@ -840,11 +844,14 @@ class Consumer:
         are cut into slices of at most DUE_SLICE seconds and the condition is rebuilt."""
         targets = self._targets
         assert targets is not None
-        timed = any(RUN_AT in t.table.columns for t in targets)
-        conditional = timed or any(
-            vars(t.job).get("where", type(t.job).where) is not None for t in targets
-        )
-        models = [t.target for t in targets]
+        shape = self._wait_shape
+        if shape is None or shape[0] is not targets:
+            timed = any(RUN_AT in t.table.columns for t in targets)
+            conditional = timed or any(
+                vars(t.job).get("where", type(t.job).where) is not None for t in targets
+            )
+            shape = self._wait_shape = (targets, [t.target for t in targets], timed, conditional)
+        _, models, timed, conditional = shape
         deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
         while True:
             remaining = max(0.0, deadline - time.monotonic())
@@ -883,7 +890,11 @@ class Consumer:
         """Get the job object ready for ``execute``: its id, attempts and logger, the job
         ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
         sub = qs.subscription
-        t = next(t for t in self._targets or () if sub is not None and t.table is sub.table)
+        assert sub is not None and self._targets is not None
+        by_table = self._by_table
+        if by_table is None or by_table[0] is not self._targets:
+            by_table = self._by_table = (self._targets, {t.table: t for t in self._targets})
+        t = by_table[1][sub.table]
         job_id, attempts = t.identify(item)
         job = t.job
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
