@@ -55,7 +55,7 @@ class Settings:
 
     enqueue_jobs: int = 20_000
     enqueue_single_jobs: int = 1_000
-    consume_jobs: int = 2_000
+    consume_jobs: int = 5_000
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     repeats: int = 3
     latency_samples: int = 200

@@ -13,6 +13,7 @@ import pymysql
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
+from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.backends.base import DEADLOCK
 from sqlalchemy_q4m.batch import DELETE_CHUNK
@@ -57,14 +58,26 @@ class RawLoop:
         self.conn.close()
 
 
+def warm_up(engine: Engine, target: Any) -> None:
+    """Before the start signal, what a long-running consumer has done once and for all: the
+    backend detected and the claim and completion statements compiled for this engine (one
+    job claimed and given back).  The raw loops' counterpart is connecting."""
+    with engine.connect() as conn, queue_session(target, bind=conn, timeout=0) as job:
+        if job is not None:
+            raise QueueAbort  # the job goes back to the queue
+
+
 class SessionLoop:
     """``with queue_session(BenchJob, bind=connection, timeout=0) as job`` per job, on one
     connection kept by the worker (as a worker thread does)."""
+
+    target: Any = BenchJob
 
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
         self.conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+        warm_up(self.engine, self.target)
 
     def consume(self) -> int:
         done = 0
@@ -86,6 +99,8 @@ class SessionLoop:
 class CoreSessionLoop(SessionLoop):
     """``queue_session`` on the Core ``Table`` of the same queue: Rows instead of instances."""
 
+    target = core_jobs
+
     def consume(self) -> int:
         done = 0
         while True:
@@ -105,8 +120,7 @@ class EngineSessionLoop(SessionLoop):
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
-        with self.engine.connect():
-            pass  # warm the pool, as a long-running worker would have
+        warm_up(self.engine, BenchJob)  # and the pool holds a connection
 
     def consume(self) -> int:
         done = 0
@@ -149,6 +163,8 @@ class RuntimeLoop:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
         self.job = NoOpJob(self.engine)
+        warm_up(self.engine, BenchJob)
+        self.job._get_consumer().connect()  # connected and prepared, as SessionLoop is
 
     def consume(self) -> int:
         done = 0
