@@ -424,9 +424,11 @@ def enqueue_rows(
     delay: float | None = None,
     batch_size: int = 1000,
 ) -> int:
-    """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`,
-    committing each batch (then waking workers that listen); returns how many.  JSON text
-    for a binary column is UTF-8 encoded; with ``delay``, a row's own ``run_at`` is replaced."""
+    """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`;
+    returns how many.  On a connection outside a transaction each batch is committed, then
+    workers that listen are woken; in the caller's transaction nothing is committed (nor
+    woken: that is for after the caller's commit).  JSON text for a binary column is UTF-8
+    encoded; with ``delay``, a row's own ``run_at`` is replaced."""
     columns = {c.name for c in table.columns}
     binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
     if delay is not None and RUN_AT not in columns:
@@ -447,9 +449,12 @@ def enqueue_rows(
         if delay is not None:
             values.pop(RUN_AT, None)
         prepared.append(values)
+    own = not conn.in_transaction()
     for start in range(0, len(prepared), batch_size):
         batch = prepared[start : start + batch_size]
         enqueue(conn, table, batch, delay=delay, chunk_size=batch_size)
+        if not own:
+            continue
         conn.commit()
         if delay is None:
             notify_committed(conn, table, jobs=len(batch))  # wakes workers with --listen
