@@ -130,7 +130,7 @@ def _fmt(value: float, unit: str) -> str:
     return f"{value:,.1f}"
 
 
-def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, repeats: int) -> str:
+def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, s: Settings) -> str:
     v = info["variables"]
     lines = [
         "# sqlalchemy-q4m benchmarks",
@@ -156,8 +156,9 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, re
         "",
         "Each library figure is measured in the same run as its raw-PyMySQL baseline issuing the"
         " same SQL (alternating, best of "
-        f"{repeats} run{'s' if repeats > 1 else ''} each). `ratio` = library / raw: higher is"
-        " better for jobs/s, lower is better for ms, MB and queries/s.",
+        f"{s.repeats} run{'s' if s.repeats > 1 else ''} each; consume: best of"
+        f" {s.consume_repeats}). `ratio` = library / raw: higher is better for jobs/s, lower is"
+        " better for ms, MB and queries/s.",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",
@@ -217,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                 report.errors.append(f"{name}: {traceback.format_exc()}")
                 progress(f"{name} FAILED")
         output = Path(args.output)
-        output.write_text(
-            render(info, report, args.quick, time.monotonic() - started, settings.repeats)
-        )
+        output.write_text(render(info, report, args.quick, time.monotonic() - started, settings))
         progress(f"wrote {output}")
     finally:
         if own_database:
