@@ -25,6 +25,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from typing import TypeVar
 
 from sqlalchemy import Column
 from sqlalchemy import Connection
@@ -53,6 +54,7 @@ __all__ = ["Loader", "claim_statement", "loader_for"]
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
 
+R = TypeVar("R")
 Job = Any
 Fetched = tuple[Any, Sequence[Sequence[Any]]]  # a cursor's description and rows
 Key = tuple[Any, ...]  # the job's primary key as the driver sends it (after bind processing)
@@ -106,11 +108,22 @@ class DriverSQL:
                 return None, []
             description = result.cursor.description if result.cursor is not None else None
             return description, result.all()
+        return self._on_cursor(conn, params, _fetch)
+
+    def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
+        """Execute once per parameter set in ``params`` (each in the form :meth:`params`
+        gives) with one ``executemany``, on ``conn`` in its transaction (begun if none is)."""
+        if not driver_level(conn):
+            conn.exec_driver_sql(self.sql, list(params))
+            return
+        self._on_cursor(conn, params, _execute_many)
+
+    def _on_cursor(self, conn: Connection, params: Any, call: Callable[[Any, str, Any], R]) -> R:
+        """``call(cursor, sql, params)`` on a DBAPI cursor of ``conn`` (in its transaction,
+        begun if none is); DBAPI errors raised as SQLAlchemy's, as executing would."""
         cursor = _cursor(conn)
         try:
-            cursor.execute(self.sql, params)
-            description = cursor.description
-            return description, cursor.fetchall() if description else []
+            return call(cursor, self.sql, params)
         except Exception as err:
             wrapped = _dbapi_error(conn, err, self.sql, params, cursor)
             if wrapped is None:
@@ -122,25 +135,15 @@ class DriverSQL:
         finally:
             cursor.close()
 
-    def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
-        """Execute once per parameter set in ``params`` (each in the form :meth:`params`
-        gives) with one ``executemany``, on ``conn`` in its transaction (begun if none is)."""
-        if not driver_level(conn):
-            conn.exec_driver_sql(self.sql, list(params))
-            return
-        cursor = _cursor(conn)
-        try:
-            cursor.executemany(self.sql, params)
-        except Exception as err:
-            wrapped = _dbapi_error(conn, err, self.sql, params, cursor)
-            if wrapped is None:
-                raise
-            raise wrapped from err
-        except BaseException:
-            conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
-            raise
-        finally:
-            cursor.close()
+
+def _fetch(cursor: Any, sql: str, params: Any) -> Fetched:
+    cursor.execute(sql, params)
+    description = cursor.description
+    return description, cursor.fetchall() if description else []
+
+
+def _execute_many(cursor: Any, sql: str, params: Any) -> None:
+    cursor.executemany(sql, params)
 
 
 def _cursor(conn: Connection) -> Any:
