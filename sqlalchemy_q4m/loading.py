@@ -265,7 +265,9 @@ class Loader:
         state.dict.update(zip(self.attrs, values, strict=True))
         # What make_transient_to_detached() does, minus what cannot apply here (every
         # attribute is loaded and none was set through an event, so no history to reset).
-        state.key = self._identity_key(tuple(values[i] for i in self._key_at))
+        at = self._key_at
+        pk = (values[at[0]],) if len(at) == 1 else tuple([values[i] for i in at])
+        state.key = self._identity_key(pk)
         return obj
 
     def raw_key(self, values: Sequence[Any]) -> Key:
@@ -280,11 +282,12 @@ class Loader:
         at = self._key_at
         out: list[tuple[Job, Key]] = []
         for i, row in enumerate(rows):
-            key = (
-                tuple(raw[i][j] for j in at)
-                if raw is not None
-                else self.raw_key([row[j] for j in at])
-            )
+            if raw is None:
+                key = self.raw_key([row[j] for j in at])
+            elif len(at) == 1:
+                key = (raw[i][at[0]],)
+            else:
+                key = tuple([raw[i][j] for j in at])
             out.append((self.instance(row) if self.direct else row, key))
         return out
 

@@ -85,8 +85,8 @@ class PortableBackend(Backend):
         return None
 
     def end(self, conn: Connection, claim: Claim) -> None:
-        with translate_errors("completing a job"):
-            retry_lock_wait(lambda: claim.loader.delete(conn, claim.key))
+        """The ``DELETE``; the queue session commits (and translates a lost connection)."""
+        retry_lock_wait(lambda: claim.loader.delete(conn, claim.key))
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         """Nothing to send: the queue session's ROLLBACK returns the job."""
