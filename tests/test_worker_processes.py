@@ -11,8 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Column
 from sqlalchemy import Engine
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
 from sqlalchemy import Table
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from worker_jobs import read_log
 from worker_support import count_rows
@@ -22,6 +26,8 @@ from worker_support import run_q4m
 from worker_support import start_q4m
 from worker_support import stop
 from worker_support import wait_for
+
+from sqlalchemy_q4m import queue_table
 
 pytestmark = pytest.mark.acceptance
 
@@ -197,3 +203,43 @@ def test_a_killed_worker_process_is_restarted_and_its_job_runs_again(
     assert [p for e, k, p in events if e == "done" and k == n] != [child]
     assert count_rows(engine, table) == 0
     assert "worker process" in output.read_text() and "restarting in" in output.read_text()
+
+
+def test_a_listening_worker_waits_in_the_server_and_is_woken_by_q4m_enqueue(
+    db_url: URL, engine: Engine, tmp_path: Path
+) -> None:
+    plain = queue_table("twp_listen_jobs", MetaData(), Column("n", Integer, nullable=False))
+    plain.metadata.drop_all(engine)
+    plain.metadata.create_all(engine)
+    log, output = tmp_path / "jobs.log", tmp_path / "worker.out"
+    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE=plain.name)
+    process = start_q4m(
+        "worker",
+        "worker_jobs:RecordJob",
+        "--url",
+        url_of(db_url),
+        "--listen",
+        "5",
+        env=env,
+        output=output,
+    )
+
+    def waiting() -> bool:
+        with engine.connect() as conn:
+            infos = conn.execute(
+                text("SELECT INFO FROM information_schema.PROCESSLIST WHERE INFO LIKE :tag"),
+                {"tag": f"/* q4m:wait %{plain.name}%"},
+            ).scalars()
+            return any(infos)
+
+    try:
+        wait_for(waiting, 60, "the worker to wait in the server (GET_LOCK, tagged)")
+        result = run_q4m("enqueue", plain.name, "--url", url_of(db_url), input='{"n": 7}\n')
+        assert result.returncode == 0, result.stderr
+        wait_for(lambda: ("done", 7) in [(e, n) for e, n, _ in read_log(str(log))], 5, "job 7")
+        assert count_rows(engine, plain) == 0
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0, output.read_text()[-3000:]
+    finally:
+        stop(process)
+        plain.metadata.drop_all(engine)
