@@ -40,6 +40,11 @@ from sqlalchemy_q4m.notify import wait_tag
 from sqlalchemy_q4m.types import new_job_id
 
 meta = MetaData()
+#: Seconds within which a woken consumer has its job: far below the listen timeouts (5 s) the
+#: wake tests use, so it tells a wake from a timeout on a loaded machine (speed is measured by
+#: the benchmark, not asserted here).
+WOKEN = 2.0
+
 jobs = queue_table("tn_jobs", meta, Column("n", Integer))
 other = queue_table("tn_other", meta, Column("n", Integer))
 idle = queue_table("tn_idle", meta, Column("n", Integer))
@@ -177,7 +182,7 @@ def test_a_notified_job_is_picked_up_at_once(db: Engine) -> None:
         assert consumer.job is not None and consumer.got is not None
         latencies.append(consumer.got - committed)
     print(f"notified pickup: {[round(x * 1000, 1) for x in latencies]} ms")
-    assert max(latencies) < 0.05
+    assert max(latencies) < WOKEN  # woken, not the 5 s listen timeout (speed: the benchmark)
 
 
 @pytest.mark.integration
@@ -189,7 +194,7 @@ def test_without_notify_the_job_waits_for_the_listen_timeout(db: Engine) -> None
     put(db)
     consumer.join(5)
     assert consumer.job is not None and consumer.got is not None
-    assert 0.2 < consumer.got - started < 1.0  # at the next claim, after GET_LOCK timed out
+    assert 0.2 < consumer.got - started < 3.0  # after GET_LOCK timed out, before timeout=5
 
 
 @pytest.mark.integration
@@ -201,7 +206,7 @@ def test_a_job_committed_before_the_wait_is_seen_by_its_guard(db: Engine) -> Non
         put(db)  # committed between the empty claim and the wait
         started = time.monotonic()
         assert listen_wait(conn, subs, 5.0) is True  # roll back, then claim
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < WOKEN  # not the 5 s wait
         with db.connect() as probe:  # the guard holds the job until the rollback
             skip = select(jobs.c.id).with_for_update(skip_locked=True)
             assert probe.execute(skip).first() is None
@@ -221,7 +226,7 @@ def test_a_dead_anchor_is_replaced(db: Engine, db_url: URL) -> None:
         conn.execution_options(isolation_level="READ COMMITTED")
         started = time.monotonic()
         assert listen_wait(conn, subs, 5.0) is False  # GET_LOCK got the dead anchor's lock
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < WOKEN  # not the 5 s wait
         assert conn.execute(text("SELECT IS_USED_LOCK(:n)"), {"n": anchor.name}).scalar() is None
         fresh = anchor_for(db)
         assert fresh is not anchor and fresh.name != anchor.name
@@ -289,7 +294,7 @@ def test_an_idle_listening_consumer_sends_two_statements_per_listen(
     print(
         f"idle listening consumer: {rate:.1f} statements/s ({len(statements)} in {elapsed:.2f} s)"
     )
-    assert 1.9 < elapsed < 2.5 and len(waits) == 4
+    assert 1.9 < elapsed < 4.0 and len(waits) == 4
     assert len(statements) <= 9  # 4 claims + 4 waits (+ the claim at the deadline)
     engine.dispose()
 
@@ -305,7 +310,7 @@ def test_the_callers_transaction_falls_back_to_polling(db: Engine, db_url: URL) 
         assert (
             queue_session(jobs, bind=conn, timeout=0.3, listen=5, poll_interval=0.05).wait() is None
         )
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 4.0  # polled until timeout=0.3, not listen=5
         conn.rollback()
     assert statements and not any("q4m:wait" in s for s in statements)
     assert len(statements) >= 4  # polled
@@ -338,7 +343,7 @@ def test_a_listening_worker_runs_a_notified_job(db: Engine) -> None:
     committed = time.monotonic()
     assert notify(db, jobs) == 1
     thread.join(5)
-    assert done and done[0] - committed < 0.2
+    assert done and done[0] - committed < WOKEN
     assert len(worker.seen) == 1
     worker.close()
 
@@ -377,7 +382,7 @@ def test_an_engine_bound_enqueue_notifies_after_its_commit(db: Engine) -> None:
     started = time.monotonic()
     enqueue(db, jobs, [{"n": 1}])
     consumer.join(5)
-    assert consumer.got is not None and consumer.got - started < 0.1
+    assert consumer.got is not None and consumer.got - started < WOKEN
     consumer = Consumer(db, timeout=10, listen=0.5)
     consumer.start()
     until(lambda: waiting(db))
@@ -409,7 +414,7 @@ def test_q4m_enqueue_wakes_a_listening_consumer(db: Engine, db_url: URL) -> None
     assert cli.main(["enqueue", "tn_jobs", "--url", url, "--json", '{"n": 3}']) == 0
     consumer.join(5)
     assert consumer.job is not None and consumer.job.n == 3
-    assert consumer.got is not None and consumer.got - started < 1.0  # not the 5 s listen
+    assert consumer.got is not None and consumer.got - started < WOKEN  # not the 5 s listen
 
 
 @pytest.mark.integration
@@ -434,7 +439,9 @@ def test_notify_wakes_jobs_plus_one_of_several_waiters(db: Engine) -> None:
     committed = time.monotonic()
     assert notify(db, jobs, jobs=2) == 3
     until(lambda: sum(c.job is not None for c in consumers) == 2, 2.0)
-    assert max(c.got or 0 for c in consumers) - committed < 0.1
+    assert max(c.got or 0 for c in consumers) - committed < WOKEN
+    # the spare woken consumer found nothing: it claims again and goes back to waiting
+    until(lambda: count() == 2)
     put(db, 2)
     assert notify(db, jobs, jobs=2) == 2  # the two still waiting
     for consumer in consumers:
@@ -484,7 +491,7 @@ def test_a_listening_batch_is_woken(db: Engine) -> None:
     committed = time.monotonic()
     assert notify(db, jobs, jobs=3) == 1
     thread.join(5)
-    assert got and got[0] - committed < 0.1
+    assert got and got[0] - committed < WOKEN
 
 
 @pytest.mark.integration
