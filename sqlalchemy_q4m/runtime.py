@@ -254,8 +254,10 @@ class ProcessRuntime:
         self._wake = threading.Event()
 
     def _on_signal(self, signum: int) -> None:
+        # Only counted: a handler runs between two bytecodes of the main thread, which may
+        # hold the lock of self._wake (or logging's) at that moment; taking it here would
+        # deadlock.  The main loop looks at the count at least every 0.2 s.
         self._signals += 1
-        self._wake.set()
 
     def request_stop(self, reason: str) -> None:
         """Graceful stop: every consumer finishes its job in hand and takes no new one."""
@@ -401,13 +403,20 @@ class Supervisor:
         self._signals = 0
         self._forwarded = 0
         self._stop_at: float | None = None
-        self._wake = threading.Event()
         self.children: list[Any] = []
         self.totals: dict[str, int] = {}
 
     def _on_signal(self, signum: int) -> None:
-        self._signals += 1
-        self._wake.set()
+        self._signals += 1  # only counted: see ProcessRuntime._on_signal
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, in steps of 0.2 s, until a signal is to be forwarded."""
+        deadline = time.monotonic() + seconds
+        while self._forwarded == self._signals:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.2, left))
 
     def run(self, status: StatusLine | None = None) -> int:
         ctx = multiprocessing.get_context("spawn")
@@ -433,8 +442,7 @@ class Supervisor:
             for i in range(self.config.processes):
                 start(i)
             while True:
-                self._wake.wait(0.2)
-                self._wake.clear()
+                self._pause(0.2)
                 self._forward()
                 alive = 0
                 for i, proc in enumerate(children):
@@ -460,7 +468,8 @@ class Supervisor:
                         code,
                         delay,
                     )
-                    self._wake.wait(delay)
+                    self._pause(delay)
+                    self._forward()  # a stop signal during the pause: no restart
                     if self._stop_at is None:
                         start(i)
                         alive += 1
