@@ -15,8 +15,8 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
 do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses);
 only the portable backend's poll loop lives here, so it sleeps with :func:`asyncio.sleep` and
-never blocks the event loop (``listen`` is accepted but not used: an async consumer keeps
-polling every ``poll_interval``).  Q4M's ``queue_wait`` blocks in the server, which an async driver
+never blocks the event loop (with ``listen`` it awaits the wait in the server instead, like any
+query).  Q4M's ``queue_wait`` blocks in the server, which an async driver
 awaits like any other query.
 
 Cancellation: a task cancelled while it waits has its connection invalidated (closed), so a
@@ -170,8 +170,7 @@ class AsyncQueueSession(Generic[T]):
         self.subscriptions = self._sync.subscriptions
         self.timeout = timeout
         self.poll_interval = poll_interval
-        #: Accepted and checked like the sync session's, but not used yet: the asyncio queue
-        #: session keeps polling every ``poll_interval`` (its wait is an asyncio.sleep).
+        #: As the sync session's: the wait in the server is awaited like any query.
         self.listen = listen
 
     # -- public API -------------------------------------------------------------------------
@@ -225,7 +224,9 @@ class AsyncQueueSession(Generic[T]):
                     return self.job
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                if not backend.blocking:
+                if not backend.blocking and sync._listening():
+                    await greenlet_spawn(sync._listen, deadline)  # awaited in the server
+                elif not backend.blocking:
                     left = self.poll_interval if deadline is None else deadline - time.monotonic()
                     await self._pause(max(0.0, min(self.poll_interval, left)))
         except BaseException:

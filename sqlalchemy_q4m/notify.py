@@ -36,8 +36,10 @@ Failure modes: a producer connected as another database user sees no waiters wit
 ``PROCESS`` privilege and cannot kill them without ``CONNECTION ADMIN`` (or ``SUPER``): wakes
 then do nothing and pickup falls back to ``T``.  The anchor is one connection per engine URL
 and process (fork-safe: a child makes its own); the wait does not go to the slow query log.
-A queue session joined to a transaction the caller began (the guard would lock rows in it) and
-the asyncio queue session keep polling every ``poll_interval``.
+A queue session joined to a transaction the caller began (the guard would lock rows in it)
+keeps polling every ``poll_interval``.  The asyncio queue session awaits the wait like any
+query (an async driver's anchor belongs to the event loop that made it; once that loop has
+closed it, the next waiter gets its lock and a new anchor is made, as for any dead anchor).
 """
 
 from __future__ import annotations
@@ -239,10 +241,10 @@ class Anchor:
 
     def close(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):  # already gone
+        with contextlib.suppress(Exception):  # already gone (or its event loop is)
+            if conn is not None:
                 conn.invalidate()  # closes it: the server releases the lock
-        self._pool.dispose()
+            self._pool.dispose()
 
 
 _anchors: dict[tuple[URL, int], Anchor] = {}

@@ -465,7 +465,7 @@ def queue_session(
 
     ``listen=T``: on MariaDB an idle portable consumer waits up to ``T`` seconds to be woken
     by a producer's :func:`~sqlalchemy_q4m.notify.notify` instead of polling every
-    ``poll_interval`` (see :mod:`sqlalchemy_q4m.notify`; the asyncio session keeps polling).
+    ``poll_interval`` (see :mod:`sqlalchemy_q4m.notify`; an async bind awaits that wait).
     """
     if not isinstance(bind, Engine | Connection | Session):
         from .asyncio import async_queue_session  # only for async binds: no asyncio otherwise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -124,8 +125,9 @@ def test_notify_is_a_no_op_off_mariadb() -> None:
 def db(engine: Engine) -> Iterator[Engine]:
     meta.drop_all(engine)
     meta.create_all(engine)
-    if not listening_supported(engine.connect().dialect):  # pragma: no cover
-        pytest.skip("listen/notify needs MariaDB")
+    with engine.connect() as conn:
+        if not listening_supported(conn.dialect):  # pragma: no cover
+            pytest.skip("listen/notify needs MariaDB")
     yield engine
     meta.drop_all(engine)
 
@@ -506,3 +508,35 @@ def test_a_wake_that_fails_after_the_commit_is_logged_not_raised(
     finally:
         unreachable.dispose()
     assert "3 committed job(s) wait for the consumers' listen timeout" in caplog.text
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
+def test_an_async_listening_consumer_is_woken(db: Engine, db_url: URL, driver: str) -> None:
+    """The wait is awaited like any query; twice, on two event loops (a new loop gets a
+    working anchor whatever became of the first loop's)."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main() -> float:
+        async_engine = create_async_engine(db_url.set(drivername=f"mysql+{driver}"))
+        try:
+            got: list[float] = []
+
+            async def consumer() -> None:
+                async with queue_session(jobs, bind=async_engine, timeout=10, listen=5) as job:
+                    assert job is not None and job.n == 0
+                    got.append(time.monotonic())
+
+            task = asyncio.create_task(consumer())
+            while not await asyncio.to_thread(waiting, db):
+                await asyncio.sleep(0.02)
+            put(db)
+            committed = time.monotonic()
+            assert await asyncio.to_thread(notify, db, jobs) == 1
+            await asyncio.wait_for(task, 10)
+            return got[0] - committed
+        finally:
+            await async_engine.dispose()
+
+    for _ in range(2):
+        assert asyncio.run(main()) < WOKEN  # woken, not the 5 s listen timeout
