@@ -599,10 +599,11 @@ class Consumer:
         self._engine = bind if isinstance(bind, Engine) else None
         self._conn: Connection | None = None if isinstance(bind, Engine) else bind
         self._targets: list[_Target] | None = None
-        #: Of the current targets: their models, whether they have ``run_at``, and whether
-        #: any wait has a condition (worked out once, not per job).
-        self._wait_shape: tuple[list[_Target], list[Any], bool, bool] | None = None
-        self._by_table: tuple[list[_Target], dict[Table, _Target]] | None = None
+        #: Worked out with the targets, not per job: their models, each table's target,
+        #: whether a table has ``run_at`` and whether any wait has a condition.
+        self._models: list[Any] = []
+        self._by_table: dict[Table, _Target] = {}
+        self._timed = self._conditional = False
         self._backend: BackendName | None = None
         self._ready = False  # the pinned connection is prepared (backend, tables)
         self._stop = threading.Event()
@@ -704,6 +705,12 @@ class Consumer:
                         targets.append(_Target(job, table, table, row_type, names))
             subscriptions([t.target for t in targets])  # validates: no table twice, queues
             self._targets = targets
+            self._models = [t.target for t in targets]
+            self._by_table = {t.table: t for t in targets}
+            self._timed = any(RUN_AT in t.table.columns for t in targets)
+            self._conditional = self._timed or any(
+                vars(t.job).get("where", type(t.job).where) is not None for t in targets
+            )
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
@@ -845,14 +852,7 @@ class Consumer:
         are cut into slices of at most DUE_SLICE seconds and the condition is rebuilt."""
         targets = self._targets
         assert targets is not None
-        shape = self._wait_shape
-        if shape is None or shape[0] is not targets:
-            timed = any(RUN_AT in t.table.columns for t in targets)
-            conditional = timed or any(
-                vars(t.job).get("where", type(t.job).where) is not None for t in targets
-            )
-            shape = self._wait_shape = (targets, [t.target for t in targets], timed, conditional)
-        _, models, timed, conditional = shape
+        models, timed, conditional = self._models, self._timed, self._conditional
         deadline = time.monotonic() + (self.wait_timeout if timeout is None else timeout)
         while True:
             remaining = max(0.0, deadline - time.monotonic())
@@ -891,11 +891,8 @@ class Consumer:
         """Get the job object ready for ``execute``: its id, attempts and logger, the job
         ended first (``end_before_execute``), a savepoint for its writes on InnoDB."""
         sub = qs.subscription
-        assert sub is not None and self._targets is not None
-        by_table = self._by_table
-        if by_table is None or by_table[0] is not self._targets:
-            by_table = self._by_table = (self._targets, {t.table: t for t in self._targets})
-        t = by_table[1][sub.table]
+        assert sub is not None
+        t = self._by_table[sub.table]
         job_id, attempts = t.identify(item)
         job = t.job
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
