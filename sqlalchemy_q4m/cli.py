@@ -433,6 +433,8 @@ def enqueue_rows(
     binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
     if delay is not None and RUN_AT not in columns:
         raise Q4MError(f"--delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
+    # Every row is checked before the first batch commits (enqueue() checks one batch), so
+    # bad input enqueues nothing; the messages speak of the command's JSON "jobs".
     prepared: list[dict[str, Any]] = []
     for number, row in enumerate(rows, 1):
         unknown = sorted(set(row) - columns)
