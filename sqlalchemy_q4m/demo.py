@@ -4,8 +4,9 @@ It creates the ``shell_jobs`` queue table (or reuses it when it is empty and has
 column; it never runs a table that already holds jobs), starts a producer that enqueues shell
 commands while worker processes drain them, shows progress, and prints a summary.  A few
 commands fail once (retried with backoff) and one always fails (dead-lettered after three
-attempts), so every path of the worker shows up.  The table is left in place, empty, for the
-next run; the dead letter stays for ``q4m dead list|retry|purge``.
+attempts), so every path of the worker shows up; the demo names them up front, and a command
+that exits non-zero is logged in one line (other errors keep their tracebacks).  The table is
+left in place, empty, for the next run; the dead letter stays for ``q4m dead list|retry|purge``.
 """
 
 from __future__ import annotations
@@ -51,7 +52,14 @@ from .server import detect_backend
 from .worker import Job
 from .worker import reflect_queue_table
 
-__all__ = ["ShellJob", "demo_commands", "prepare_table", "run_demo"]
+__all__ = [
+    "CommandFailed",
+    "ShellJob",
+    "deliberate_failures",
+    "demo_commands",
+    "prepare_table",
+    "run_demo",
+]
 
 logger = logging.getLogger("sqlalchemy_q4m.demo")
 
@@ -59,14 +67,38 @@ logger = logging.getLogger("sqlalchemy_q4m.demo")
 UNKNOWN_DATABASE = 1049
 
 
+class CommandFailed(RuntimeError):
+    """A shell command exited with a non-zero status: the job's own way of failing (the
+    demo's deliberate failures), logged in one line."""
+
+
+class _OneLineFailures(logging.Filter):
+    """The worker logs a failed job with its traceback.  For :class:`CommandFailed` the
+    traceback would only point into :meth:`ShellJob.execute`: the log keeps the first line
+    (attempt, error, the command's last line of stderr).  Other errors keep their tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        first, newline, _ = record.getMessage().partition("\n")
+        if newline and f"{CommandFailed.__name__}: " in first:
+            record.msg, record.args = first, ()
+        return True
+
+
 class ShellJob(Job):
     """Runs ``job[0]`` (the ``command`` column) with the shell; a non-zero exit status is a
-    failure, retried with backoff, dead-lettered after three runs."""
+    failure (:class:`CommandFailed`), retried with backoff, dead-lettered after three runs."""
 
     table_name = "shell_jobs"
     max_attempts = 3
     retry_base = 0.5
     retry_jitter = 0.5
+
+    def __init__(
+        self, bind: Engine | Connection, logger: logging.Logger | None = None, **options: Any
+    ) -> None:
+        super().__init__(bind, logger, **options)
+        if not any(isinstance(f, _OneLineFailures) for f in self.logger.filters):
+            self.logger.addFilter(_OneLineFailures())
 
     def execute(self, job: Any) -> None:
         result = subprocess.run(
@@ -74,26 +106,49 @@ class ShellJob(Job):
         )
         if result.returncode != 0:
             detail = result.stderr.strip().splitlines()
-            raise RuntimeError(
+            raise CommandFailed(
                 f"exit status {result.returncode}" + (f": {detail[-1]}" if detail else "")
             )
         self.log.debug("output: %s", result.stdout.strip())
 
 
+def deliberate_failures(count: int) -> tuple[list[int], int | None]:
+    """Which of :func:`demo_commands`' ``count`` jobs fail on purpose: every 25th fails once,
+    the last (of more than one) always."""
+    doomed = count if count > 1 else None
+    return [n for n in range(25, count + 1, 25) if n != doomed], doomed
+
+
 def demo_commands(count: int, workdir: str) -> list[str]:
     """``count`` shell commands: mostly quick ones, every 25th fails once, the last always."""
+    flaky, doomed = deliberate_failures(count)
     commands = []
     for n in range(1, count + 1):
-        if n == count and count > 1:
-            commands.append(f"echo 'job {n}: disk full' >&2; exit 3")
-        elif n % 25 == 0:
+        if n == doomed:
+            commands.append(f"echo 'job {n}: disk full (fails every time, on purpose)' >&2; exit 3")
+        elif n in flaky:
             marker = f"{workdir}/flaky-{n}"
             commands.append(
-                f"test -e {marker} || {{ touch {marker}; echo 'job {n}: flaky' >&2; exit 1; }}"
+                f"test -e {marker} || {{ touch {marker}; "
+                f"echo 'job {n}: flaky (fails once, on purpose)' >&2; exit 1; }}"
             )
         else:
             commands.append(f"sleep 0.0{n % 5}; echo 'job {n}: {n} squared is {n * n}'")
     return commands
+
+
+def _on_purpose(count: int, retries: bool) -> str:
+    """The header line that names the jobs failing on purpose."""
+    flaky, doomed = deliberate_failures(count)
+    parts = []
+    if flaky:
+        jobs = ", ".join(map(str, flaky))
+        parts.append(f"job(s) {jobs} fail once" + (", then pass when retried" if retries else ""))
+    if doomed is not None:
+        parts.append(f"job {doomed} fails every time and ends as a dead letter")
+    if not parts:
+        return ""
+    return "  on purpose: " + "; ".join(parts) + " (logged in one line each)\n"
 
 
 def prepare_table(conn: Connection, name: str) -> tuple[Table, bool]:
@@ -178,18 +233,19 @@ def run_demo(
             queue, created = prepare_table(conn, table)
             version = conn.execute(select(func.version())).scalar()
         out = sys.stdout
+        retries = {ATTEMPTS, RUN_AT} <= set(queue.columns.keys())
         out.write(
             f"q4m demo: {engine.url.render_as_string(hide_password=True)} "
             f"(server {version}, {backend} backend)\n"
             f"  table {table} {'created' if created else 'reused (empty)'}"
             + (
                 ""
-                if {ATTEMPTS, RUN_AT} <= set(queue.columns.keys())
+                if retries
                 else f" (no {ATTEMPTS}/{RUN_AT} columns: failures are dead-lettered at once)"
             )
             + "; "
             f"{jobs} shell jobs from a producer, {processes} process(es) x {concurrency} "
-            "worker threads\n"
+            "worker threads\n" + _on_purpose(jobs, retries)
         )
         out.flush()
         began = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None) - dt.timedelta(seconds=1)

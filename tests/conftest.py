@@ -1,14 +1,18 @@
 """Shared fixtures: one private database per test run on the real server, dropped at the end.
 
 The server is found the one documented way: ``--dburi``, else ``Q4M_TEST_DBURI``, else the
-local default ``mysql+pymysql://root@127.0.0.1:3306``.  Native Q4M tests use ``Q4M_TEST_URL``
-and skip when it is not set.
+local default ``mysql+pymysql://root@127.0.0.1:3306``.  Native Q4M tests (marker ``native``) use
+``Q4M_TEST_URL``.  Without it they skip, summed up in one line that says how to get a Q4M server
+-- unless native tests are required: with ``CI`` set (``CI=true``, as CI runners set it) or
+``Q4M_REQUIRE_NATIVE=1`` (``.ci/test`` sets it when it started the Q4M engine), a native test
+that skips, for whatever reason, is reported as a failure instead.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Generator
 from collections.abc import Iterator
 
 import pytest
@@ -61,10 +65,53 @@ def engine(db_url: URL) -> Iterator[Engine]:
     eng.dispose()
 
 
+NO_Q4M_SERVER = (
+    "native tier: Q4M_TEST_URL is not set. For a Q4M server run `docker compose up -d --wait q4m`"
+    " and set Q4M_TEST_URL=mysql+pymysql://root@127.0.0.1:13308/test"
+)
+
+
+def native_required() -> bool:
+    """True where a skipped native test is a failure: on CI (``CI`` set to anything but
+    ``false``/``0``/empty) or with ``Q4M_REQUIRE_NATIVE=1``."""
+    ci = os.environ.get("CI", "").strip().lower() not in {"", "0", "false", "no"}
+    return ci or os.environ.get("Q4M_REQUIRE_NATIVE", "") == "1"
+
+
 @pytest.fixture(scope="session")
 def q4m_url() -> URL:
     """A Q4M server (``Q4M_TEST_URL``) for native integration tests; skips without one."""
     url = os.environ.get("Q4M_TEST_URL")
     if not url:
-        pytest.skip("Q4M_TEST_URL is not set: no Q4M (ENGINE=QUEUE) server to test against")
+        pytest.skip(NO_Q4M_SERVER)
     return make_url(url)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Every ``native`` test needs Q4M_TEST_URL, whether or not it asks for ``q4m_url``.
+    Skipping here, before any fixture, gives all of them one location: ``-ra`` sums them up
+    in one line instead of one per test."""
+    if item.get_closest_marker("native") is not None and not os.environ.get("Q4M_TEST_URL"):
+        pytest.skip(NO_Q4M_SERVER)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A skipped ``native`` test is a failure where native tests are required."""
+    report = yield
+    if not report.skipped or item.get_closest_marker("native") is None:
+        return report
+    if hasattr(report, "wasxfail"):
+        return report
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    if native_required():
+        report.outcome = "failed"
+        report.longrepr = (
+            "a native test skipped where native tests are required "
+            f"(CI={os.environ.get('CI', '')!r}, "
+            f"Q4M_REQUIRE_NATIVE={os.environ.get('Q4M_REQUIRE_NATIVE', '')!r}): {reason}"
+        )
+    return report

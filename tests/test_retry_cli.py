@@ -125,6 +125,10 @@ def test_demo_runs_and_reuses_its_table_safely(db_url: URL, engine: Engine) -> N
         assert result.returncode == 0, result.stderr[-3000:]
         summary = result.stdout
         assert "table trc_shell_jobs created" in summary
+        # the failures on purpose are named up front and logged in one line each
+        assert "on purpose: job(s) 25 fail once, then pass when retried; job 30 fails" in summary
+        assert result.stderr.count("CommandFailed: exit status") == 4
+        assert "Traceback" not in result.stderr
         assert "portable backend" in summary
         for line in (
             "enqueued       30",
