@@ -21,6 +21,7 @@ from typing import NoReturn
 from typing import TextIO
 
 from sqlalchemy import Connection
+from sqlalchemy import Engine
 from sqlalchemy import Table
 from sqlalchemy import func
 from sqlalchemy import inspect
@@ -465,8 +466,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
         status=status,
         sys_path=tuple(sys.path[:1]),
     )
+    _probe(args.url)
     result = run_workers(config, status_stream=sys.stderr if status else None)
     return result.code
+
+
+def _connect(engine: Engine) -> Connection:
+    """``engine.connect()``; a driver's own complaint about the URL's parameters (a
+    ``TypeError`` for an unknown one, a ``ValueError`` for a bad value: not database errors)
+    becomes a one-line :class:`Q4MError`."""
+    try:
+        return engine.connect()
+    except SQLAlchemyError:
+        raise
+    except (TypeError, ValueError, AttributeError, LookupError) as err:
+        safe = engine.url.render_as_string(hide_password=True)
+        raise Q4MError(f"cannot connect to {safe}: {type(err).__name__}: {err}") from None
+
+
+def _probe(url: str) -> None:
+    """Connect once as :func:`_connect` does, so that a driver's complaint about the URL is
+    one line before workers start; database errors are left to the command's own checks."""
+    engine = make_engine(url)
+    try:
+        _connect(engine).close()
+    except SQLAlchemyError:
+        pass
+    finally:
+        engine.dispose()
 
 
 def _check_level(level: str) -> None:
@@ -573,7 +600,7 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     rows = [row for _, row in numbered]
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             table = reflect_queue_table(conn, args.table)
             count = enqueue_rows(
                 conn,
@@ -661,7 +688,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     as_json = bool(args.json) or _flag_env("Q4M_JSON")
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             conn.execution_options(isolation_level="READ COMMITTED")
             names = list(args.tables) or _queue_tables(conn, args.dead_table)
             results = [
@@ -692,7 +719,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     dead = dead_letter_table(args.dead_table)
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             table_name = getattr(args, "table", None)
             if (
                 table_name is not None
@@ -741,6 +768,7 @@ def _print_dead(conn: Connection, dead: Table, queue: str | None, args: argparse
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _probe(args.url)
     return run_demo(
         url=args.url,
         jobs=args.jobs,

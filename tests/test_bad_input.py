@@ -375,6 +375,8 @@ def broken_urls(url: str) -> list[str]:
         url.replace("mysql+pymysql", "mysql+nodriver"),
         url.replace("mysql+pymysql", "postgresql"),
         url + "?charset=bogus",
+        url + "?read_timeout=-1",  # the driver's ValueError
+        url + "?bogus_param=1",  # the driver's TypeError
         url.replace("127.0.0.1:3306", "127.0.0.1:notaport"),
         url.replace("127.0.0.1:3306", "127.0.0.1:1"),
     ]
