@@ -44,7 +44,7 @@ from sqlalchemy.types import _Binary
 
 from .exc import OptionError
 
-__all__ = ["ColumnCheck", "check_seconds", "column_check"]
+__all__ = ["ColumnCheck", "check_seconds", "column_check", "max_bytes"]
 
 
 def check_seconds(
@@ -306,6 +306,18 @@ _LOB_BYTES: tuple[tuple[type, int], ...] = (
 
 def _lob_bytes(type_: TypeEngine[Any]) -> int:
     return next((n for cls, n in _LOB_BYTES if isinstance(type_, cls)), 2**16 - 1)
+
+
+def max_bytes(type_: TypeEngine[Any]) -> int | None:
+    """The most bytes one value of a text or binary type holds on MySQL (4 per character
+    of a ``VARCHAR(n)``), or None when the type is not one of those."""
+    if isinstance(type_, Enum | mysql.SET):
+        return None
+    if isinstance(type_, String):
+        return type_.length * 4 if type_.length is not None else _lob_bytes(type_)
+    if isinstance(type_, _Binary):
+        return type_.length if type_.length is not None else _lob_bytes(type_)
+    return None
 
 
 def _string(type_: String) -> _Spec:

@@ -28,7 +28,6 @@ from typing import Any
 from sqlalchemy import Column
 from sqlalchemy import Connection
 from sqlalchemy import Engine
-from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import bindparam
 from sqlalchemy import insert
@@ -39,11 +38,11 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.types import _Binary
 
 from .checks import ColumnCheck
 from .checks import check_seconds
 from .checks import column_check
+from .checks import max_bytes
 from .ddl import JOB_ID_INFO_KEY
 from .exc import OptionError
 from .exc import Q4MError
@@ -196,11 +195,10 @@ def _shape_for(target: Any, table: Table) -> _Shape:
 
 
 def _may_be_large(column: Column[Any]) -> bool:
-    """Whether one value of ``column`` may approach a server's ``max_allowed_packet``."""
-    type_ = column.type
-    if isinstance(type_, String | _Binary):
-        return type_.length is None or type_.length > _LARGE
-    return column_check(column) is None
+    """Whether one value of ``column`` may approach a server's ``max_allowed_packet``:
+    MEDIUMTEXT, LONGBLOB and the like, and types this library does not know."""
+    limit = max_bytes(column.type)
+    return limit > _LARGE if limit is not None else column_check(column) is None
 
 
 # -- rows to groups of one key set -----------------------------------------------------------
