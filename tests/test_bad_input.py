@@ -206,7 +206,9 @@ def test_values_in_another_form_are_stored_as_the_column_takes_them(
     server: tuple[Engine, str], jobs: Table, capsys: pytest.CaptureFixture[str]
 ) -> None:
     engine, url = server
-    enqueue(engine, jobs, [{"n": "42", "amount": "1.25", "at": "2026-01-02T03:04:05"}])
+    row = {"n": "42", "amount": "1.25", "at": "2026-01-02T03:04:05"}
+    enqueue(engine, jobs, [row])
+    assert row["n"] == "42"  # the caller's row is left as it was
     code, _, err = q4m(
         capsys, "enqueue", jobs.name, "--url", url, stdin=b'{"n": "7", "at": "2026-02-03"}\n'
     )
@@ -433,6 +435,7 @@ def test_commands_that_work_print_no_password(
                 env={**env, "Q4M_STATUS": "always"},
             ),
             run_q4m("worker", "worker_jobs:RecordJob", "--burst", "--url", password_url, env=env),
+            run_q4m("worker", "worker_jobs:RecordJob", "--burst", "--processes", "2", env=env),
         ]
         for result in runs:
             assert "Traceback" not in result.stderr, result.stderr
