@@ -71,6 +71,7 @@ from .runtime import EXIT_OK
 from .runtime import ProcessRuntime
 from .runtime import StatusLine
 from .runtime import WorkerConfig
+from .runtime import _safe_url
 from .signals import on_stop_signals
 from .worker import LOOP_ERRORS
 from .worker import Consumer
@@ -463,7 +464,7 @@ def async_url(url: str | URL) -> URL:
         parsed = make_url(url)
         dialect = parsed.get_dialect()
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise Q4MError(f"bad database URL {url!r}: {err}") from None
+        raise Q4MError(f"bad database URL {_safe_url(str(url))}: {err}") from None
     if dialect.is_async:
         return parsed
     if dialect.name not in ("mysql", "mariadb"):

@@ -21,16 +21,21 @@ from typing import NoReturn
 from typing import TextIO
 
 from sqlalchemy import Connection
+from sqlalchemy import Engine
 from sqlalchemy import Table
 from sqlalchemy import func
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.types import LargeBinary
 from sqlalchemy.types import _Binary
 
+from .checks import check_seconds
 from .ddl import JOB_ID
 from .deadletter import DEAD_LETTER_TABLE
 from .deadletter import count_dead
@@ -39,7 +44,9 @@ from .deadletter import list_dead
 from .deadletter import purge_dead
 from .deadletter import retry_dead
 from .enqueue import enqueue
+from .exc import OptionError
 from .exc import Q4MError
+from .exc import RowError
 from .functions import queue_stats
 from .notify import notify_committed
 from .retry import RUN_AT
@@ -86,21 +93,81 @@ def _positive_int(value: str) -> int:
     return number
 
 
-def _seconds(value: str) -> float:
+def _seconds(value: str, positive: bool = False) -> float:
+    """A number of seconds, checked as the library checks its own (no NaN, infinity or
+    negative)."""
     try:
         number = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if number < 0 or number != number:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, not {value}")
-    return number
+    try:
+        checked = check_seconds("the option", number, positive=positive)
+    except OptionError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("the option ", "")) from None
+    assert checked is not None
+    return checked
 
 
 def _positive_seconds(value: str) -> float:
-    number = _seconds(value)
-    if number == 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 seconds, not {value}")
-    return number
+    return _seconds(value, positive=True)
+
+
+def _choice(choices: Sequence[str]) -> Callable[[str], str]:
+    """argparse checks ``choices`` on the command line only; as a ``type`` the check also
+    applies to a default taken from the environment."""
+
+    def check(value: str) -> str:
+        if value not in choices:
+            raise argparse.ArgumentTypeError(
+                f"invalid choice: {value!r} (choose from {', '.join(choices)})"
+            )
+        return value
+
+    return check
+
+
+def _log_level(value: str) -> str:
+    try:
+        _check_level(value)
+    except Q4MError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _database_url(value: str) -> str:
+    """A MySQL/MariaDB URL whose driver is installed; errors never show its password."""
+    try:
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        raise argparse.ArgumentTypeError(
+            "bad database URL: cannot parse it (dialect+driver://user:password@host/database)"
+        ) from None
+    safe = url.render_as_string(hide_password=True)
+    if url.get_backend_name() not in ("mysql", "mariadb"):
+        raise argparse.ArgumentTypeError(
+            f"bad database URL {safe}: sqlalchemy-q4m needs MySQL or MariaDB"
+        )
+    try:
+        url.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        raise argparse.ArgumentTypeError(
+            f"bad database URL {safe}: unknown driver {url.get_driver_name()!r}"
+        ) from None
+    except ImportError as err:
+        raise argparse.ArgumentTypeError(
+            f"bad database URL {safe}: its driver is not installed ({err})"
+        ) from None
+    charset = url.query.get("charset")
+    if charset is not None and not _known_charset(charset):
+        raise argparse.ArgumentTypeError(f"bad database URL {safe}: unknown charset {charset!r}")
+    return value
+
+
+def _known_charset(name: Any) -> bool:
+    """Whether MySQL knows character set ``name`` (PyMySQL's table of them)."""
+    from pymysql.charset import charset_by_name
+
+    return isinstance(name, str) and charset_by_name(name) is not None
 
 
 def _option(
@@ -115,7 +182,9 @@ def _option(
 ) -> None:
     """An option whose default comes from ``env`` (named in the help text)."""
     text = f"{help} [env {env}" + (f"; default {default}]" if default is not None else "]")
-    if type is not None:
+    if type is None and "choices" in kw:
+        type = _choice(kw["choices"])
+    if type is not None:  # argparse applies it to a string default (the environment's) too
         kw["type"] = type
     parser.add_argument(flag, default=_env(env, default), help=text, **kw)
 
@@ -136,7 +205,7 @@ def _switch(parser: argparse.ArgumentParser, flag: str, env: str, help: str) -> 
 
 
 def _url_option(parser: argparse.ArgumentParser) -> None:
-    _option(parser, "--url", "Q4M_URL", "database URL", default=DEFAULT_URL)
+    _option(parser, "--url", "Q4M_URL", "database URL", default=DEFAULT_URL, type=_database_url)
 
 
 def _dead_table_option(parser: argparse.ArgumentParser) -> None:
@@ -251,7 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "native", "portable"],
     )
-    _option(worker, "--log-level", "Q4M_LOG_LEVEL", "log level (default INFO, WARNING on a TTY)")
+    _option(
+        worker,
+        "--log-level",
+        "Q4M_LOG_LEVEL",
+        "log level (default INFO, WARNING on a TTY)",
+        type=_log_level,
+    )
     _option(
         worker,
         "--status",
@@ -391,8 +466,34 @@ def cmd_worker(args: argparse.Namespace) -> int:
         status=status,
         sys_path=tuple(sys.path[:1]),
     )
+    _probe(args.url)
     result = run_workers(config, status_stream=sys.stderr if status else None)
     return result.code
+
+
+def _connect(engine: Engine) -> Connection:
+    """``engine.connect()``; a driver's own complaint about the URL's parameters (a
+    ``TypeError`` for an unknown one, a ``ValueError`` for a bad value: not database errors)
+    becomes a one-line :class:`Q4MError`."""
+    try:
+        return engine.connect()
+    except SQLAlchemyError:
+        raise
+    except (TypeError, ValueError, AttributeError, LookupError) as err:
+        safe = engine.url.render_as_string(hide_password=True)
+        raise Q4MError(f"cannot connect to {safe}: {type(err).__name__}: {err}") from None
+
+
+def _probe(url: str) -> None:
+    """Connect once as :func:`_connect` does, so that a driver's complaint about the URL is
+    one line before workers start; database errors are left to the command's own checks."""
+    engine = make_engine(url)
+    try:
+        _connect(engine).close()
+    except SQLAlchemyError:
+        pass
+    finally:
+        engine.dispose()
 
 
 def _check_level(level: str) -> None:
@@ -400,19 +501,34 @@ def _check_level(level: str) -> None:
         raise Q4MError(f"unknown log level {level!r}")
 
 
-def parse_json_rows(lines: Iterable[str], where: str = "stdin") -> list[dict[str, Any]]:
+def parse_json_rows(lines: Iterable[str | bytes], where: str = "stdin") -> list[dict[str, Any]]:
     """One JSON object per non-blank line; raises :class:`Q4MError` naming the bad line."""
-    rows: list[dict[str, Any]] = []
+    return [row for _, row in _numbered_json_rows(lines, where)]
+
+
+def _numbered_json_rows(
+    lines: Iterable[str | bytes], where: str
+) -> list[tuple[str, dict[str, Any]]]:
+    """(``"<where> line N"``, object) for each non-blank line; lines may be UTF-8 bytes."""
+    rows: list[tuple[str, dict[str, Any]]] = []
     for number, line in enumerate(lines, 1):
+        label = f"{where} line {number}"
+        if isinstance(line, bytes):
+            try:
+                line = line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise Q4MError(f"{label}: not UTF-8 ({err.reason} at byte {err.start})") from None
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as err:
-            raise Q4MError(f"{where} line {number}: invalid JSON ({err.msg})") from None
+            raise Q4MError(f"{label}: invalid JSON ({err.msg})") from None
+        except RecursionError:
+            raise Q4MError(f"{label}: JSON nested too deeply") from None
         if not isinstance(value, dict):
-            raise Q4MError(f"{where} line {number}: a job is a JSON object, not {value!r:.40}")
-        rows.append(value)
+            raise Q4MError(f"{label}: a job is a JSON object, not {value!r:.40}")
+        rows.append((label, value))
     return rows
 
 
@@ -423,60 +539,77 @@ def enqueue_rows(
     *,
     delay: float | None = None,
     batch_size: int = 1000,
+    labels: Sequence[str] | None = None,
 ) -> int:
     """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`;
-    returns how many.  On a connection outside a transaction each batch is committed, then
-    workers that listen are woken; in the caller's transaction nothing is committed (nor
-    woken: that is for after the caller's commit).  JSON text for a binary column is UTF-8
-    encoded; with ``delay``, a row's own ``run_at`` is replaced."""
+    returns how many.  Every row is checked before the first is sent (a bad one raises
+    :class:`~sqlalchemy_q4m.exc.RowError` named by its ``labels`` entry, else ``job N``, and
+    nothing is enqueued).  On a connection outside a transaction the rows are committed
+    together, then workers that listen are woken; in the caller's transaction nothing is
+    committed (nor woken: that is for after the caller's commit).  JSON text for a binary
+    column is UTF-8 encoded; with ``delay``, a row's own ``run_at`` is replaced."""
+
+    def where(number: int) -> str:
+        return labels[number - 1] if labels is not None else f"job {number}"
+
     columns = {c.name for c in table.columns}
     binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
     if delay is not None and RUN_AT not in columns:
         raise Q4MError(f"--delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
-    # Every row is checked before the first batch commits (enqueue() checks one batch), so
-    # bad input enqueues nothing; the messages speak of the command's JSON "jobs".
     prepared: list[dict[str, Any]] = []
     for number, row in enumerate(rows, 1):
-        unknown = sorted(set(row) - columns)
-        if unknown:
-            raise Q4MError(f"job {number}: {table.name!r} has no column {', '.join(unknown)}")
-        if JOB_ID in row:
-            raise Q4MError(f"job {number}: {JOB_ID!r} is the job id, made by the client")
-        values = {
-            k: (v.encode() if k in binary and isinstance(v, str) else v) for k, v in row.items()
-        }
-        for key, value in values.items():
-            if isinstance(value, dict | list):
-                raise Q4MError(f"job {number}: column {key!r} takes a scalar, not {value!r:.40}")
+        values = dict(row)
+        for key in binary.intersection(values):
+            if isinstance(values[key], str):
+                try:
+                    values[key] = values[key].encode("utf-8")
+                except UnicodeEncodeError as err:
+                    raise RowError(
+                        f"{key!r} takes valid Unicode, not a string with {err.reason}",
+                        row=number,
+                        column=key,
+                        where=where(number),
+                    ) from None
         if delay is not None:
             values.pop(RUN_AT, None)
         prepared.append(values)
     own = not conn.in_transaction()
-    for start in range(0, len(prepared), batch_size):
-        batch = prepared[start : start + batch_size]
-        enqueue(conn, table, batch, delay=delay, chunk_size=batch_size)
-        if not own:
-            continue
+    try:
+        enqueue(conn, table, prepared, delay=delay, chunk_size=batch_size, notify=False)
+    except RowError as err:  # raised before anything was sent
+        if own:
+            conn.rollback()
+        raise RowError(err.reason, row=err.row, column=err.column, where=where(err.row)) from None
+    if own:
         conn.commit()
-        if delay is None:
-            notify_committed(conn, table, jobs=len(batch))  # wakes workers with --listen
+        if delay is None and prepared:
+            notify_committed(conn, table, jobs=len(prepared))  # wakes workers with --listen
     return len(prepared)
 
 
 def cmd_enqueue(args: argparse.Namespace) -> int:
     if args.json_text is not None:
-        rows = parse_json_rows([args.json_text], where="--json")
-        if not rows:
+        numbered = _numbered_json_rows([args.json_text], where="--json")
+        if not numbered:
             raise Q4MError("--json: empty")
     else:
         if sys.stdin.isatty():
             raise Q4MError("give --json '{...}' or pipe one JSON object per line into stdin")
-        rows = parse_json_rows(sys.stdin)
+        numbered = _numbered_json_rows(getattr(sys.stdin, "buffer", sys.stdin), where="stdin")
+    labels = [label for label, _ in numbered]
+    rows = [row for _, row in numbered]
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             table = reflect_queue_table(conn, args.table)
-            count = enqueue_rows(conn, table, rows, delay=args.delay, batch_size=args.batch_size)
+            count = enqueue_rows(
+                conn,
+                table,
+                rows,
+                delay=args.delay,
+                batch_size=args.batch_size,
+                labels=labels,
+            )
     finally:
         engine.dispose()
     print(f"enqueued {count} job(s) into {args.table}")
@@ -555,7 +688,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     as_json = bool(args.json) or _flag_env("Q4M_JSON")
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             conn.execution_options(isolation_level="READ COMMITTED")
             names = list(args.tables) or _queue_tables(conn, args.dead_table)
             results = [
@@ -586,7 +719,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     dead = dead_letter_table(args.dead_table)
     engine = make_engine(args.url)
     try:
-        with engine.connect() as conn:
+        with _connect(engine) as conn:
             table_name = getattr(args, "table", None)
             if (
                 table_name is not None
@@ -635,6 +768,7 @@ def _print_dead(conn: Connection, dead: Table, queue: str | None, args: argparse
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
+    _probe(args.url)
     return run_demo(
         url=args.url,
         jobs=args.jobs,
@@ -657,6 +791,7 @@ def _one_line(err: BaseException) -> str:
         seen.add(id(current))
         if isinstance(current, DBAPIError) and current.orig is not None:
             message = f"database error: {current.orig}"
+            seen.add(id(current.orig))  # said already: not again as the cause
         else:
             message = str(current).strip() or type(current).__name__
         parts.append(" ".join(message.split()))
@@ -664,14 +799,26 @@ def _one_line(err: BaseException) -> str:
     return " (caused by: ".join(parts) + ")" * (len(parts) - 1)
 
 
+def _hide_password(message: str, url: str | None) -> str:
+    """``message`` without the password of ``url``, should any layer have quoted it."""
+    try:
+        password = make_url(url).password if url else None
+    except (ArgumentError, ValueError):
+        password = None
+    return message.replace(password, "***") if password else message
+
+
 def main(argv: Sequence[str] | None = None, stdout: TextIO | None = None) -> int:
     """Run ``q4m``; returns the exit code (2 for bad input, with a one-line message)."""
+    args: argparse.Namespace | None = None
     try:
         args = build_parser().parse_args(argv)
         code: int = args.func(args)
         return code
     except (Q4MError, SQLAlchemyError, OSError) as err:
-        sys.stderr.write(f"q4m: error: {_one_line(err)}\n")
+        message = _hide_password(_one_line(err), getattr(args, "url", None))
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+        sys.stderr.write(f"q4m: error: {message}\n")
         return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write("q4m: interrupted\n")

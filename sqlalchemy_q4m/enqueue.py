@@ -14,7 +14,6 @@ the chunk goes through :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, s
 
 from __future__ import annotations
 
-import numbers
 import re
 import time
 import uuid
@@ -33,13 +32,21 @@ from sqlalchemy import Table
 from sqlalchemy import bindparam
 from sqlalchemy import insert
 from sqlalchemy import inspect
+from sqlalchemy import literal_column
+from sqlalchemy import select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
+from .checks import ColumnCheck
+from .checks import check_seconds
+from .checks import column_check
+from .checks import max_bytes
 from .ddl import JOB_ID_INFO_KEY
+from .exc import OptionError
 from .exc import Q4MError
+from .exc import RowError
 from .functions import subscriptions
 from .loading import DriverSQL
 from .notify import notify_committed
@@ -80,6 +87,12 @@ def enqueue(
     :class:`~sqlalchemy.orm.Session` they are inserted in its transaction (begun if none is)
     and **the caller commits** (or rolls back: then no job was enqueued), then calls
     :func:`~sqlalchemy_q4m.notify.notify` itself if consumers listen.
+
+    Every row is checked before the first ``INSERT`` (on Q4M an inserted row stays, whatever
+    the transaction does): each value against its column's type
+    (:func:`~sqlalchemy_q4m.checks.column_check`), its size against the server's
+    ``max_allowed_packet``; a bad one raises :class:`~sqlalchemy_q4m.exc.RowError` naming the
+    row and column, and nothing is enqueued.
     """
     (sub,) = subscriptions([target])
     shape = _shape_for(target, sub.table)
@@ -89,8 +102,7 @@ def enqueue(
                 f"delay needs a {RUN_AT!r} column (ScheduledMixin or RetryMixin), "
                 f"which {sub.table.name!r} lacks"
             )
-        if not isinstance(delay, numbers.Real) or isinstance(delay, bool):
-            raise Q4MError(f"delay is a number of seconds, not {delay!r}")
+        delay = check_seconds("delay", delay)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise Q4MError(f"chunk_size must be an integer >= 1, not {chunk_size!r}")
     if not isinstance(bind, Engine | Connection | Session):
@@ -98,9 +110,10 @@ def enqueue(
     groups = _groups(shape, rows, delay is not None)
     if not groups:
         return []
-    run_at = None if delay is None else int(time.time() + delay)
+    run_at = None if delay is None else _run_at(shape, delay)
     if isinstance(bind, Engine):
         with bind.begin() as conn:
+            _check_sizes(conn, groups)
             ids = _send(conn, shape, groups, run_at, chunk_size)
         if notify and delay is None and ids:  # after the commit: a wake before it is lost
             notify_committed(bind, target, jobs=len(ids))
@@ -110,8 +123,20 @@ def enqueue(
             conn = bind.connection(bind_arguments={"mapper": shape.mapper})
         else:
             conn = bind.connection(bind_arguments={"clause": insert(shape.table)})
+        _check_sizes(conn, groups)
         return _send(conn, shape, groups, run_at, chunk_size)
+    _check_sizes(bind, groups)
     return _send(bind, shape, groups, run_at, chunk_size)
+
+
+def _run_at(shape: _Shape, delay: float | None) -> int:
+    """now + ``delay`` as whole seconds, when the ``run_at`` column holds it."""
+    run_at = int(time.time() + (delay or 0))
+    assert shape.run_at is not None
+    check = shape.checks.get(shape.run_at)
+    if check is not None and isinstance(check.check([run_at]), tuple):
+        raise OptionError(f"delay {delay!r} is too long for {RUN_AT!r}: {run_at} out of range")
+    return run_at
 
 
 # -- what a target accepts ---------------------------------------------------------------------
@@ -127,6 +152,8 @@ class _Shape:
     id_key: str  # the row key of the job id column
     run_at: str | None  # the row key of run_at, when the table has one
     defaults: dict[str, Any]  # column key -> value the mapper implies (polymorphic identity)
+    checks: dict[str, ColumnCheck | None]  # by row key: how its values are checked
+    sized: frozenset[str]  # row keys whose values may be large (long text, blobs, unknown)
 
 
 _SHAPES: dict[Any, _Shape] = {}
@@ -158,11 +185,20 @@ def _shape_for(target: Any, table: Table) -> _Shape:
     if len(ids) != 1:
         raise Q4MError(f"queue table {table.name!r} has no job id column made by the library")
     run_at = next((k for k, c in columns.items() if c.name == RUN_AT), None)
-    shape = _Shape(table, mapper, columns, ids[0], run_at, defaults)
+    checks = {k: column_check(c) for k, c in columns.items()}
+    sized = frozenset(k for k, c in columns.items() if _may_be_large(c))
+    shape = _Shape(table, mapper, columns, ids[0], run_at, defaults, checks, sized)
     if len(_SHAPES) >= 256:
         _SHAPES.clear()
     _SHAPES[target] = shape
     return shape
+
+
+def _may_be_large(column: Column[Any]) -> bool:
+    """Whether one value of ``column`` may approach a server's ``max_allowed_packet``:
+    MEDIUMTEXT, LONGBLOB and the like, and types this library does not know."""
+    limit = max_bytes(column.type)
+    return limit > _LARGE if limit is not None else column_check(column) is None
 
 
 # -- rows to groups of one key set -----------------------------------------------------------
@@ -175,6 +211,7 @@ class _Group:
     keys: frozenset[str]
     first: int  # 1-based number of its first row, for error messages
     rows: list[Mapping[str, Any]]
+    large: dict[int, int] | None = None  # row index -> bytes, for rows of more than _LARGE
 
 
 def _groups(shape: _Shape, rows: Iterable[Any], delayed: bool) -> list[_Group]:
@@ -190,11 +227,15 @@ def _groups(shape: _Shape, rows: Iterable[Any], delayed: bool) -> list[_Group]:
                 raise Q4MError(f"row {number}: a job is {what}, not {row!r:.60}")
             row = _instance_values(shape, row)
         if keys is None or row.keys() != keys:
+            if groups:
+                _check_values(shape, groups[-1])
             keys = frozenset(row.keys())
             _check_keys(shape, keys, number, delayed)
             current = []
             groups.append(_Group(keys, number, current))
         current.append(row)
+    if groups:
+        _check_values(shape, groups[-1])
     return groups
 
 
@@ -206,13 +247,17 @@ def _instance_values(shape: _Shape, obj: Any) -> dict[str, Any]:
 def _check_keys(shape: _Shape, keys: frozenset[str], number: int, delayed: bool) -> None:
     unknown = sorted(k for k in keys if k not in shape.columns)
     if unknown:
-        raise Q4MError(
-            f"row {number}: {shape.table.name!r} has no column {', '.join(map(repr, unknown))}"
+        raise RowError(
+            f"{shape.table.name!r} has no column {', '.join(map(repr, unknown))}",
+            row=number,
+            column=unknown[0],
         )
     if shape.id_key in keys:
-        raise Q4MError(f"row {number}: {shape.id_key!r} is the job id, made by the library")
+        raise RowError(
+            f"{shape.id_key!r} is the job id, made by the library", row=number, column=shape.id_key
+        )
     if delayed and shape.run_at in keys:
-        raise Q4MError(f"row {number}: give {shape.run_at!r} or delay, not both")
+        raise RowError(f"give {shape.run_at!r} or delay, not both", row=number, column=RUN_AT)
     given = {shape.columns[k] for k in keys}
     table = shape.table
     for column in table.columns:
@@ -222,9 +267,87 @@ def _check_keys(shape: _Shape, keys: frozenset[str], number: int, delayed: bool)
             continue
         if column is table.autoincrement_column or (delayed and column.name == RUN_AT):
             continue
-        raise Q4MError(
-            f"row {number}: no value for {column.name!r}, which is NOT NULL without a default"
+        raise RowError(
+            f"no value for {column.name!r}, which is NOT NULL without a default",
+            row=number,
+            column=column.name,
         )
+
+
+def _check_values(shape: _Shape, group: _Group) -> None:
+    """Every value of ``group`` against its column (first bad row wins); values a column
+    takes in another form (``"42"`` for an integer) are replaced in copies of their rows."""
+    rows = group.rows
+    bad: tuple[int, str, str] | None = None
+    changes: list[tuple[str, dict[int, Any]]] = []
+    for key in group.keys:
+        values = list(map(itemgetter(key), rows))
+        check = shape.checks[key]
+        if check is not None:
+            result = check.check(values)
+            if isinstance(result, tuple):
+                if bad is None or result[0] < bad[0]:
+                    bad = (result[0], result[1], shape.columns[key].name)
+                continue
+            if result:
+                changes.append((key, result))
+        if key in shape.sized:
+            _note_large(group, values)
+    if bad is not None:
+        index, reason, name = bad
+        raise RowError(reason, row=group.first + index, column=name)
+    copies: dict[int, dict[str, Any]] = {}
+    for key, changed in changes:
+        for index, value in changed.items():
+            copy = copies.get(index)
+            if copy is None:
+                copy = copies[index] = dict(rows[index])
+                rows[index] = copy
+            copy[key] = value
+
+
+#: Rows whose text and bytes exceed this many bytes are measured against the server's
+#: ``max_allowed_packet`` (at least 1 MiB on MariaDB and MySQL; 16 MiB or 64 MiB by default).
+_LARGE = 512 * 1024
+
+
+def _note_large(group: _Group, values: list[Any]) -> None:
+    for index, value in enumerate(values):
+        if value.__class__ in (str, bytes, bytearray) and len(value) > _LARGE // 4:
+            size = len(value.encode("utf-8", "replace")) if isinstance(value, str) else len(value)
+            if group.large is None:
+                group.large = {}
+            group.large[index] = group.large.get(index, 0) + size
+
+
+def _check_sizes(conn: Connection, groups: list[_Group]) -> None:
+    """A row the server would refuse as too large (it drops the connection: "server has gone
+    away") is a :class:`RowError` naming ``max_allowed_packet``, before anything is sent."""
+    large = [(g.first + i, size) for g in groups if g.large for i, size in g.large.items()]
+    large = [(number, size) for number, size in large if size > _LARGE]
+    if not large:
+        return
+    limit = _max_allowed_packet(conn)
+    for number, size in sorted(large):
+        if size + _STATEMENT_SLACK > limit:
+            raise RowError(
+                f"about {size} bytes, more than the server's max_allowed_packet "
+                f"({limit} bytes): send less per job, or raise max_allowed_packet",
+                row=number,
+            )
+
+
+#: Bytes of a one-row INSERT besides its values (the statement text, quoting, escapes).
+_STATEMENT_SLACK = 4096
+
+
+def _max_allowed_packet(conn: Connection) -> int:
+    value = conn.info.get("q4m_max_allowed_packet")
+    if value is None:
+        value = conn.info["q4m_max_allowed_packet"] = int(
+            conn.scalar(select(literal_column("@@max_allowed_packet"))) or 0
+        )
+    return int(value)
 
 
 # -- one compiled INSERT per table, column set and dialect -----------------------------------
@@ -369,20 +492,28 @@ def _send(
     chunk_size: int,
 ) -> list[uuid.UUID]:
     ids: list[uuid.UUID] = []
-    for group in groups:
+    chunks: list[tuple[_Plan, list[Any]]] = []
+    for group in groups:  # every row's parameters first: a failing default sends nothing
         plan = _plan_for(shape, group, run_at is not None, conn.dialect)
         rows = group.rows
         for start in range(0, len(rows), chunk_size):
-            params = _params(plan, rows[start : start + chunk_size], run_at, ids)
-            plan.sql.run_many(conn, params)
+            chunk = rows[start : start + chunk_size]
+            chunks.append((plan, _params(plan, chunk, run_at, ids, group.first + start)))
+    for plan, params in chunks:
+        plan.sql.run_many(conn, params)
     return ids
 
 
 def _params(
-    plan: _Plan, rows: list[Mapping[str, Any]], run_at: int | None, ids: list[uuid.UUID]
+    plan: _Plan,
+    rows: list[Mapping[str, Any]],
+    run_at: int | None,
+    ids: list[uuid.UUID],
+    first: int = 1,
 ) -> list[Any]:
-    """The driver's parameters for ``rows``, in the statement's paramstyle; the new job
-    ids are appended to ``ids``."""
+    """The driver's parameters for ``rows`` (the first is row number ``first``), in the
+    statement's paramstyle; the new job ids are appended to ``ids``.  A value a bind
+    processor or a column default refuses is a :class:`RowError`."""
     positions = plan.sql.positions
     if plan.plain and positions is not None and run_at is None:
         return _plain_params(plan, positions, rows, ids)
@@ -401,22 +532,28 @@ def _params(
     add_id = ids.append
     pick = None if positions is None else _picker(positions)
     out: list[Any] = []
-    for row in rows:
-        if renames is not None:
-            row = {renames.get(k, k): v for k, v in row.items()}
-        params = {**constants, **row}
-        for key, processor in processors:
-            params[key] = processor(params[key])
-        if context is not None:
-            raw = context.current_parameters = {**raw_constants, **row}
-            for key, column, call, processor in calls:
-                context.current_column = column
-                value = raw[key] = call(context)
-                params[key] = value if processor is None else processor(value)
-        job_id = new_id()
-        add_id(job_id)
-        params[id_key] = job_id if id_bind is None else id_bind(job_id)
-        out.append(params if pick is None else pick(params))
+    key = ""
+    try:
+        for row in rows:
+            if renames is not None:
+                row = {renames.get(k, k): v for k, v in row.items()}
+            params = {**constants, **row}
+            for key, processor in processors:
+                params[key] = processor(params[key])
+            if context is not None:
+                raw = context.current_parameters = {**raw_constants, **row}
+                for key, column, call, processor in calls:
+                    context.current_column = column
+                    value = raw[key] = call(context)
+                    params[key] = value if processor is None else processor(value)
+            job_id = new_id()
+            add_id(job_id)
+            params[id_key] = job_id if id_bind is None else id_bind(job_id)
+            out.append(params if pick is None else pick(params))
+    except Exception as err:
+        raise RowError(
+            f"{key!r}: {type(err).__name__}: {err}", row=first + len(out), column=key or None
+        ) from err
     return out
 
 

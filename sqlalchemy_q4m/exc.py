@@ -12,10 +12,12 @@ __all__ = [
     "CompletionFailed",
     "ConnectionLost",
     "NotOwner",
+    "OptionError",
     "Q4MError",
     "QueueAbort",
     "QueueTableError",
     "QueueWaitError",
+    "RowError",
     "SubscriptionError",
     "UnsupportedServer",
 ]
@@ -42,6 +44,29 @@ class UnsupportedServer(Q4MError):
 
 class BackendError(Q4MError, ValueError):
     """Unknown or unusable queue backend."""
+
+
+class OptionError(Q4MError, ValueError):
+    """An option or argument has an unusable value (a number that is NaN, infinite, negative
+    or out of range, or a value of the wrong kind)."""
+
+
+class RowError(Q4MError, ValueError):
+    """A job cannot be enqueued: a value does not fit its column, or a column is unknown.
+
+    Raised before anything is sent, so none of the rows was enqueued.  ``row`` is the row's
+    1-based number (``enqueue()``'s rows; the command line names its input line instead),
+    ``column`` the column's name when one is at fault, ``reason`` the message without its
+    ``row N:`` prefix.
+    """
+
+    def __init__(
+        self, reason: str, *, row: int, column: str | None = None, where: str | None = None
+    ) -> None:
+        super().__init__(f"{where or f'row {row}'}: {reason}")
+        self.reason = reason
+        self.row = row
+        self.column = column
 
 
 class QueueWaitError(Q4MError):

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
+from .checks import check_seconds
 from .exc import Q4MError
 
 __all__ = [
@@ -134,8 +135,8 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise Q4MError(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
-        if self.base < 0 or self.cap < 0:
-            raise Q4MError("retry base and cap must be >= 0")
+        check_seconds("retry base", self.base)
+        check_seconds("retry cap", self.cap)
         if not 0 <= self.jitter <= 1:
             raise Q4MError(f"jitter must be between 0 and 1, not {self.jitter!r}")
 

@@ -133,7 +133,7 @@ def make_engine(url: str, concurrency: int = 1) -> Engine:
             pool_recycle=3600,
         )
     except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise Q4MError(f"bad database URL {url!r}: {err}") from None
+        raise Q4MError(f"bad database URL {_safe_url(url)}: {err}") from None
 
 
 def setup_logging(level: str, stream: TextIO | None = None, *, clear_line: bool = False) -> None:

@@ -47,6 +47,7 @@ from .backends import get_backend
 from .backends.base import RETRYABLE
 from .backends.base import error_code
 from .backends.base import translate_errors
+from .checks import check_seconds
 from .exc import CompletionFailed
 from .exc import NotOwner
 from .exc import Q4MError
@@ -79,14 +80,11 @@ POLL_INTERVAL = 0.05
 def check_wait_options(
     timeout: float | None, poll_interval: float, listen: float | None = None
 ) -> None:
-    """Refuse a negative ``timeout``, a non-positive ``poll_interval`` or ``listen`` with a
-    Q4MError."""
-    if timeout is not None and timeout < 0:
-        raise Q4MError(f"timeout must be >= 0 or None, not {timeout!r}")
-    if poll_interval <= 0:
-        raise Q4MError(f"poll_interval must be > 0, not {poll_interval!r}")
-    if listen is not None and not listen > 0:
-        raise Q4MError(f"listen must be > 0 or None, not {listen!r}")
+    """Refuse a negative ``timeout``, a non-positive ``poll_interval`` or ``listen``, and NaN
+    or infinity in any, with an :class:`~sqlalchemy_q4m.exc.OptionError`."""
+    check_seconds("timeout", timeout, optional=True)
+    check_seconds("poll_interval", poll_interval, positive=True)
+    check_seconds("listen", listen, positive=True, optional=True)
 
 
 class QueueSession(Generic[T]):

@@ -77,6 +77,7 @@ from .backends import get_backend
 from .backends.base import Backend
 from .batch import MAX_SIZE as MAX_BATCH_SIZE
 from .batch import QueueBatch
+from .checks import check_seconds
 from .ddl import JOB_ID
 from .ddl import QUEUE_INFO_KEY
 from .ddl import job_id_column
@@ -105,6 +106,7 @@ from .retry import due_condition
 from .server import BackendName
 from .server import detect_backend
 from .session import QueueSession
+from .session import check_wait_options
 from .types import new_job_id
 
 __all__ = [
@@ -276,10 +278,9 @@ class Job:
             setattr(self, name, value)
         for name in self.table_names():
             validate_name(name)
-        if self.wait_timeout <= 0:
-            raise Q4MError(f"wait_timeout must be > 0, not {self.wait_timeout!r}")
-        if self.listen is not None and not self.listen > 0:
-            raise Q4MError(f"listen must be > 0 or None, not {self.listen!r}")
+        check_seconds("wait_timeout", self.wait_timeout, positive=True)
+        check_wait_options(None, self.poll_interval, self.listen)
+        check_seconds("reconnect_max", self.reconnect_max)
         if self.recycle_after is not None and self.recycle_after < 1:
             raise Q4MError(f"recycle_after must be >= 1, not {self.recycle_after!r}")
         size = self.batch_size

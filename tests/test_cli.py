@@ -138,9 +138,9 @@ def test_enqueue_json_and_stdin_then_stats(
     [
         (["enqueue", TABLE, "--json", "{bad"], None, ["--json line 1: invalid JSON"]),
         (["enqueue", TABLE, "--json", "[1, 2]"], None, ["a job is a JSON object"]),
-        (["enqueue", TABLE, "--json", '{"nope": 1}'], None, ["has no column nope"]),
+        (["enqueue", TABLE, "--json", '{"nope": 1}'], None, ["has no column 'nope'"]),
         (["enqueue", TABLE, "--json", '{"id": "x", "n": 1}'], None, ["job id"]),
-        (["enqueue", TABLE, "--json", '{"n": [1]}'], None, ["takes a scalar"]),
+        (["enqueue", TABLE, "--json", '{"n": [1]}'], None, ["takes an integer"]),
         (["enqueue", TABLE], '{"n": 1}\n{"n": 2\n', ["stdin line 2: invalid JSON"]),
         (["enqueue", "missing_table", "--json", "{}"], None, ["'missing_table' does not exist"]),
         (["enqueue", "bad name!", "--json", "{}"], None, ["invalid table name"]),
