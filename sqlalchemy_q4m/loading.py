@@ -20,7 +20,6 @@ claim with a condition is executed from its statement (the condition's values ch
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,7 +48,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from .exc import QueueTableError
 from .functions import Subscription
 
-__all__ = ["Loader", "claim_statement", "loader_for"]
+__all__ = ["Loader", "claim_statement", "dialect_cache", "loader_for"]
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
@@ -382,14 +381,25 @@ class Loader:
         ]
 
 
-_LOADERS: weakref.WeakKeyDictionary[Dialect, dict[Any, Loader]] = weakref.WeakKeyDictionary()
+_CACHES = "_q4m_caches"
+
+
+def dialect_cache(dialect: Dialect, name: str) -> dict[Any, Any]:
+    """The cache ``name`` of ``dialect``, which lives as long as the dialect (its engine's).
+
+    It is kept on the dialect object itself: what is cached (compiled SQL, type processors,
+    a ``TypeDecorator``'s closing over the dialect) refers back to the dialect, so a
+    module-level mapping keyed by it, even a weak one, would keep every engine's dialect alive.
+    """
+    caches: dict[str, dict[Any, Any]] | None = vars(dialect).get(_CACHES)
+    if caches is None:
+        caches = vars(dialect).setdefault(_CACHES, {})
+    return caches.setdefault(name, {})
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:
     """The :class:`Loader` of ``sub``'s target on ``dialect`` (one per engine and target)."""
-    per_dialect = _LOADERS.get(dialect)
-    if per_dialect is None:
-        per_dialect = _LOADERS[dialect] = {}
+    per_dialect = dialect_cache(dialect, "loaders")
     loader = per_dialect.get(sub.target)
     if loader is None or loader.table is not sub.table:
         loader = per_dialect[sub.target] = Loader(sub.target, sub.table, dialect)
