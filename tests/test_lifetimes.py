@@ -119,11 +119,13 @@ def still_open(url: URL, ids: set[int], within: float = 5.0) -> set[int]:
 
 def test_disposed_engines_are_collected_and_their_anchors_closed(db_url: URL, tables: None) -> None:
     refs: list[weakref.ref[Engine]] = []
+    dialects: list[weakref.ref[Any]] = []  # what the per-engine caches are kept on
     anchors: set[int] = set()
     for _ in range(ENGINES):
         eng = create_engine(db_url, pool_size=2)
         anchors.add(use(eng))
         refs.append(weakref.ref(eng))
+        dialects.append(weakref.ref(eng.dialect))
         eng.dispose()
         del eng
     assert len(anchors) == ENGINES, "one anchor per engine"
@@ -132,6 +134,8 @@ def test_disposed_engines_are_collected_and_their_anchors_closed(db_url: URL, ta
     gc.collect()
     survivors = [r for r in refs if r() is not None]
     assert not survivors, f"{len(survivors)} of {ENGINES} disposed engines stayed in memory"
+    kept = [r for r in dialects if r() is not None]
+    assert not kept, f"{len(kept)} of {ENGINES} disposed engines' dialects stayed in memory"
 
 
 def test_dispose_closes_the_anchor_and_the_engine_listens_again(db_url: URL, tables: None) -> None:
