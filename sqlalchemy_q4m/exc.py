@@ -11,6 +11,7 @@ __all__ = [
     "BackendError",
     "CompletionFailed",
     "ConnectionLost",
+    "JobInUse",
     "NotOwner",
     "Q4MError",
     "QueueAbort",
@@ -62,3 +63,7 @@ class CompletionFailed(Q4MError):
 
 class QueueAbort(Exception):
     """Raise inside a queue session to return the job to the queue; the session swallows it."""
+
+
+class JobInUse(Q4MError, RuntimeError):
+    """This Job object is running already (in another thread): use one Job object per thread."""
