@@ -45,6 +45,7 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 
+from .ddl import claim_order
 from .exc import QueueTableError
 from .functions import Subscription
 
@@ -70,8 +71,8 @@ def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | 
 
 
 def _order(table: Table) -> list[ColumnElement[Any]]:
-    first = [c.desc() for c in table.columns if c.info.get("q4m_priority")]
-    return [*first, *table.primary_key.columns]
+    # the order the portable layout's claim index (ddl.CLAIM_INDEX) is kept in
+    return [c.desc() if desc else c for c, desc in claim_order(table)]
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ def _render_create_queue_table(autogen_context: AutogenContext, op: CreateQueueT
     text = f"{_prefix(autogen_context)}create_queue_table(" + text[len(head) :]
     if not op.job_id:
         text = text[: -len("\n)")] + ",\njob_id=False\n)"
+    if op.priority is not None:
+        text = text[: -len("\n)")] + f",\npriority={op.priority!r}\n)"
     return text
 
 
