@@ -286,3 +286,34 @@ def test_alembic_on_q4m_no_index_no_diff_and_a_portable_table_converts(
             command.downgrade(config, "base")
         finally:
             engine.dispose()
+
+
+@pytest.mark.integration
+def test_alembic_converting_to_the_portable_layout_adds_the_index(
+    tmp_path: Path, db_url: URL
+) -> None:
+    """A priority queue moved from Q4M (no key, no index; here as InnoDB) to a stock server."""
+    with fresh_database(db_url) as url:
+        engine = create_engine(url, poolclass=NullPool)
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "CREATE TABLE pa_jobs (id BINARY(16) NOT NULL, command TEXT, "
+                        "priority INT NOT NULL DEFAULT 0) ENGINE=InnoDB"
+                    )
+                )
+            config = make_config(tmp_path, url, priority_models())
+            source = revision(config, "0001", "to the portable layout")
+            expected = "op.convert_queue_table('pa_jobs', queue=True, primary_key=['id'], "
+            assert expected + "priority='priority')" in upgrade_section(source)
+            command.upgrade(config, "head")
+            insp = inspect(engine)
+            assert insp.get_pk_constraint("pa_jobs")["constrained_columns"] == ["id"]
+            indexes = insp.get_indexes("pa_jobs")
+            assert [(i["name"], i["column_names"]) for i in indexes] == [
+                (CLAIM_INDEX, ["priority", "id"])
+            ]
+            command.check(config)
+        finally:
+            engine.dispose()

@@ -35,6 +35,7 @@ from .ops import ConvertQueueTableOp
 from .ops import CreateQueueTableOp
 from .ops import DropQueueTableOp
 from .ops import migration_backend
+from .ops import priority_of
 from .render import IMPORT_LINE
 
 __all__ = ["has_portable_queue_layout", "reflected_engine", "uses_q4m_types"]
@@ -99,7 +100,13 @@ def _compare_queue_engine(
         drifted = engine != "QUEUE" if backend == "native" else key != [JOB_ID]
         if drifted:
             modify_table_ops.ops.append(
-                ConvertQueueTableOp(tname, queue=True, primary_key=key or [JOB_ID], schema=schema)
+                ConvertQueueTableOp(
+                    tname,
+                    queue=True,
+                    primary_key=key or [JOB_ID],
+                    schema=schema,
+                    priority=priority_of(metadata_table) if backend == "portable" else None,
+                )
             )
     elif engine == "QUEUE":
         model_key = [c.name for c in metadata_table.primary_key.columns]

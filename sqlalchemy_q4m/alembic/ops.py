@@ -292,8 +292,9 @@ class ConvertQueueTableOp(ops.MigrateOperation):
     ``primary_key``.
 
     Autogenerate emits it when a table's engine drifted from its model, e.g. a queue model
-    whose table is InnoDB on a Q4M server.  Native layout: ``DROP PRIMARY KEY, ENGINE=QUEUE``;
-    portable layout: ``ENGINE=InnoDB`` keyed on the job id.
+    whose table is InnoDB on a Q4M server.  Native layout: ``DROP PRIMARY KEY, ENGINE=QUEUE``
+    (and the claim index dropped, online); portable layout: ``ENGINE=InnoDB`` keyed on the job
+    id, with the claim index on ``priority`` when given (a ``PriorityMixin`` queue).
     """
 
     def __init__(
@@ -303,11 +304,13 @@ class ConvertQueueTableOp(ops.MigrateOperation):
         queue: bool = True,
         primary_key: Sequence[str] = (JOB_ID,),
         schema: str | None = None,
+        priority: str | None = None,
     ) -> None:
         self.table_name = validate_name(table_name)
         self.queue = queue
         self.primary_key = [validate_name(c, "column") for c in primary_key]
         self.schema = schema
+        self.priority = None if priority is None else validate_name(priority, "column")
 
     def reverse(self) -> ConvertQueueTableOp:
         return ConvertQueueTableOp(
@@ -315,6 +318,7 @@ class ConvertQueueTableOp(ops.MigrateOperation):
             queue=not self.queue,
             primary_key=self.primary_key,
             schema=self.schema,
+            priority=self.priority,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -343,10 +347,14 @@ class ConvertQueueTableOp(ops.MigrateOperation):
         queue: bool = True,
         primary_key: Sequence[str] = (JOB_ID,),
         schema: str | None = None,
+        priority: str | None = None,
     ) -> None:
         """Convert ``table_name`` to a queue table of this server's layout (``queue=False``:
-        back to an ordinary InnoDB table keyed on ``primary_key``)."""
-        operations.invoke(cls(table_name, queue=queue, primary_key=primary_key, schema=schema))
+        back to an ordinary InnoDB table keyed on ``primary_key``); ``priority`` names the
+        column the portable claim orders by (its layout gets the claim index)."""
+        operations.invoke(
+            cls(table_name, queue=queue, primary_key=primary_key, schema=schema, priority=priority)
+        )
 
 
 class AlterQueueEngine(ExecutableDDLElement):
@@ -364,16 +372,21 @@ class AlterQueueEngine(ExecutableDDLElement):
         drop_primary_key: bool = False,
         add_primary_key: Sequence[str] = (),
         drop_indexes: Sequence[str] = (),
+        add_claim_index: Sequence[str] = (),
     ) -> None:
         if engine not in ("QUEUE", "InnoDB"):
             raise QueueTableError(f"unknown engine {engine!r}: use 'QUEUE' or 'InnoDB'")
-        if engine == "QUEUE" and add_primary_key:
-            raise QueueTableError(f"queue table {table.name!r} cannot hold a primary key")
+        if engine == "QUEUE" and (add_primary_key or add_claim_index):
+            raise QueueTableError(
+                f"queue table {table.name!r} cannot hold a primary key or an index"
+            )
         self.table = table
         self.engine = engine
         self.drop_primary_key = drop_primary_key
         self.add_primary_key = [validate_name(c, "column") for c in add_primary_key]
         self.drop_indexes = [validate_name(i, "index") for i in drop_indexes]
+        #: (priority, job id): the claim index added, descending on the first column
+        self.add_claim_index = [validate_name(c, "column") for c in add_claim_index]
 
 
 @compiles(AlterQueueEngine, *_DIALECTS)
@@ -387,6 +400,10 @@ def _compile_alter_engine(element: AlterQueueEngine, compiler: DDLCompiler, **kw
     if element.add_primary_key:
         columns = ", ".join(preparer.quote(c) for c in element.add_primary_key)
         parts.append(f"ADD PRIMARY KEY ({columns})")
+    if element.add_claim_index:
+        first, *rest = element.add_claim_index
+        columns = ", ".join([f"{preparer.quote(first)} DESC", *map(preparer.quote, rest)])
+        parts.append(f"ADD INDEX {preparer.quote(CLAIM_INDEX)} ({columns})")
     return f"ALTER TABLE {preparer.format_table(element.table)} {', '.join(parts)}"
 
 
@@ -419,13 +436,16 @@ def _convert_queue_table(operations: Operations, operation: ConvertQueueTableOp)
     engine, key = operation.target(backend)
     connection = context.connection
     drop_indexes: list[str] = []
+    claim_index = bool(operation.queue and engine == "InnoDB" and operation.priority)
     if not context.as_sql and isinstance(connection, Connection):
         insp = inspect(connection)
         current = insp.get_pk_constraint(operation.table_name, schema=operation.schema)
         current_key = list(current.get("constrained_columns") or [])
-        if engine == "QUEUE":  # the portable layout's claim index: Q4M holds no index
-            indexes = insp.get_indexes(operation.table_name, schema=operation.schema)
-            drop_indexes = [i["name"] for i in indexes if i["name"] == CLAIM_INDEX]
+        indexes = insp.get_indexes(operation.table_name, schema=operation.schema)
+        has_claim_index = any(i["name"] == CLAIM_INDEX for i in indexes)
+        if engine == "QUEUE" and has_claim_index:  # Q4M holds no index (error 1069)
+            drop_indexes = [CLAIM_INDEX]
+        claim_index = claim_index and not has_claim_index
     else:
         current_key = operation.assumed_primary_key(backend)
     same_key = current_key == key
@@ -437,5 +457,8 @@ def _convert_queue_table(operations: Operations, operation: ConvertQueueTableOp)
             drop_primary_key=bool(current_key) and not same_key,
             add_primary_key=[] if same_key else key,
             drop_indexes=drop_indexes,
+            add_claim_index=[operation.priority, JOB_ID]
+            if claim_index and operation.priority
+            else [],
         )
     )

@@ -61,5 +61,6 @@ def _render_convert_queue_table(autogen_context: AutogenContext, op: ConvertQueu
     autogen_context.imports.add(IMPORT_LINE)
     return (
         f"{_prefix(autogen_context)}convert_queue_table({op.table_name!r}, "
-        f"queue={op.queue!r}, primary_key={op.primary_key!r}{_schema(op.schema)})"
+        f"queue={op.queue!r}, primary_key={op.primary_key!r}{_schema(op.schema)}"
+        + (f", priority={op.priority!r})" if op.priority is not None else ")")
     )
