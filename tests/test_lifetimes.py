@@ -8,6 +8,7 @@ close the anchor connection on the server.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 import weakref
@@ -152,3 +153,20 @@ def test_dispose_closes_the_anchor_and_the_engine_listens_again(db_url: URL, tab
     finally:
         eng.dispose()
     assert not still_open(db_url, {second})
+
+
+@pytest.mark.parametrize("driver", ["aiomysql", "asyncmy"])
+def test_an_async_engines_dispose_closes_its_anchor(db_url: URL, tables: None, driver: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def main() -> int:
+        eng = create_async_engine(db_url.set(drivername=f"mysql+{driver}"))
+        try:
+            async with queue_session(lt_core, bind=eng, timeout=0.2, listen=0.1) as none:
+                assert none is None
+            return anchor_for(eng.sync_engine).thread_id
+        finally:
+            await eng.dispose()
+
+    anchor = asyncio.run(main())
+    assert not still_open(db_url, {anchor})
