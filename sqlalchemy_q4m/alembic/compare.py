@@ -88,7 +88,9 @@ def _compare_queue_engine(
     conn_table: Table | None,
     metadata_table: Table | None,
 ) -> None:
-    """Report a table whose engine does not match its model as ``convert_queue_table``."""
+    """Report a table whose engine does not match its model as ``convert_queue_table`` (on
+    the portable backend also a priority queue without its claim index, as tables made before
+    the index was part of the layout are)."""
     if conn_table is None or metadata_table is None:
         return
     if autogen_context.dialect is None or autogen_context.dialect.name not in _DIALECTS:
@@ -98,6 +100,10 @@ def _compare_queue_engine(
     key = [c.name for c in conn_table.primary_key.columns]
     if is_queue_table(metadata_table):
         drifted = engine != "QUEUE" if backend == "native" else key != [JOB_ID]
+        priority = priority_of(metadata_table) if backend == "portable" else None
+        if not drifted and priority is not None:
+            indexes = autogen_context.inspector.get_indexes(tname, schema=schema)
+            drifted = all(index["name"] != CLAIM_INDEX for index in indexes)
         if drifted:
             modify_table_ops.ops.append(
                 ConvertQueueTableOp(
@@ -105,7 +111,7 @@ def _compare_queue_engine(
                     queue=True,
                     primary_key=key or [JOB_ID],
                     schema=schema,
-                    priority=priority_of(metadata_table) if backend == "portable" else None,
+                    priority=priority,
                 )
             )
     elif engine == "QUEUE":
