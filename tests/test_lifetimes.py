@@ -30,6 +30,7 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.pool import NullPool
 from sqlalchemy.types import TypeDecorator
 
+from sqlalchemy_q4m import Job
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import notify
@@ -65,6 +66,13 @@ class LtJob(QueueMixin, Base):
     word: Mapped[str] = mapped_column(Upper)
 
 
+class LtWorker(Job):
+    model = LtJob
+
+    def execute(self, job: Any) -> None:
+        assert job.word == "C"
+
+
 meta = MetaData()
 lt_core = queue_table("lt_core", meta, Column("n", Integer))
 
@@ -94,6 +102,10 @@ def use(eng: Engine) -> int:
         for item in batch:
             with batch.handle(item):
                 pass
+    enqueue(eng, LtJob, [{"word": "c"}])
+    worker = LtWorker(eng)
+    assert worker.run_once(5)
+    worker.close()
     # An idle listening consumer makes the anchor; notify finds nobody waiting.
     with queue_session(lt_core, bind=eng, timeout=0.2, listen=0.1) as none:
         assert none is None
