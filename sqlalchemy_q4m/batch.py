@@ -417,22 +417,27 @@ class QueueBatch(Generic[T]):
 
 
 #: Completion statements by table: keys arrive as the driver sends them, so the IN list is
-#: bound untyped (no second bind processing).
+#: bound untyped (no second bind processing).  Bounded: tables made at run time come and go.
 _DELETES: dict[Any, Delete | None] = {}
+_DELETES_SIZE = 256
 
 
 def _delete_statement(sub: Subscription) -> Delete | None:
     """``DELETE FROM t WHERE id IN (:keys)`` (expanding), built once per table; None for a
     composite key."""
-    if sub.table not in _DELETES:
-        columns = list(sub.table.primary_key.columns)
-        if not columns:
-            raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-        keys = bindparam("keys", expanding=True, type_=NullType())
-        _DELETES[sub.table] = (
-            delete(sub.table).where(columns[0].in_(keys)) if len(columns) == 1 else None
-        )
-    return _DELETES[sub.table]
+    try:
+        return _DELETES[sub.table]
+    except KeyError:  # not built yet (or the cache was just emptied)
+        pass
+    columns = list(sub.table.primary_key.columns)
+    if not columns:
+        raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
+    keys = bindparam("keys", expanding=True, type_=NullType())
+    stmt = delete(sub.table).where(columns[0].in_(keys)) if len(columns) == 1 else None
+    if len(_DELETES) >= _DELETES_SIZE:
+        _DELETES.clear()
+    _DELETES[sub.table] = stmt
+    return stmt
 
 
 class _Handling(Generic[T]):

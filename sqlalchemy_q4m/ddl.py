@@ -5,11 +5,14 @@ A queue table is a table marked ``info["q4m_queue"]`` (what :class:`QueueMixin` 
 Its layout depends on the backend chosen for the engine (:mod:`sqlalchemy_q4m.server`):
 
 * native: ``ENGINE=QUEUE`` with no key at all (the job id is a plain column);
-* portable: ``ENGINE=InnoDB`` with the job id as primary key (FIFO order by key).
+* portable: ``ENGINE=InnoDB`` with the job id as primary key (FIFO order by key); a queue
+  with a priority column (``PriorityMixin``) also gets the index its claim reads,
+  ``INDEX q4m_claim (priority DESC, id)`` (without it the claim sorts the whole table and
+  locks every row it sorts, so a second consumer finds nothing while one job is held).
 
 Both layouts are rendered by SQLAlchemy's own MySQL DDL compiler; the hook below only removes
-the key Q4M cannot hold, picks the engine, and refuses declarations Q4M cannot hold, on both
-backends alike so a model can move between them.
+the key Q4M cannot hold (and adds the claim index where InnoDB needs it), picks the engine, and
+refuses declarations Q4M cannot hold, on both backends alike so a model can move between them.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 from sqlalchemy.schema import CheckConstraint
+from sqlalchemy.schema import ColumnCollectionConstraint
 from sqlalchemy.schema import CreateIndex
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.schema import PrimaryKeyConstraint
@@ -38,6 +42,7 @@ from sqlalchemy.schema import UniqueConstraint
 from sqlalchemy.sql.compiler import DDLCompiler
 
 from .exc import QueueTableError
+from .retry import PRIORITY_INFO_KEY
 from .server import BackendName
 from .server import backend_for_dialect
 from .server import detect_backend
@@ -45,8 +50,10 @@ from .types import JobId
 from .types import new_job_id
 
 __all__ = [
+    "CLAIM_INDEX",
     "JOB_ID",
     "QueueMixin",
+    "claim_order",
     "is_queue_table",
     "job_id_column",
     "queue_table",
@@ -58,6 +65,8 @@ __all__ = [
 JOB_ID = "id"
 QUEUE_INFO_KEY = "q4m_queue"
 JOB_ID_INFO_KEY = "q4m_job_id"
+#: The index the portable layout of a priority queue carries for its claim (see below).
+CLAIM_INDEX = "q4m_claim"
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,63}$")
 _DIALECTS = ("mysql", "mariadb")
 
@@ -198,6 +207,39 @@ def _validate(table: Table) -> None:
         )
 
 
+def claim_order(table: Table) -> list[tuple[Column[Any], bool]]:
+    """The portable claim's ``ORDER BY``: (column, descending) pairs, a priority column
+    (``info["q4m_priority"]``, ``PriorityMixin``) first, highest first, then the job id."""
+    first = [(c, True) for c in table.columns if c.info.get(PRIORITY_INFO_KEY)]
+    return [*first, *((c, False) for c in table.primary_key.columns)]
+
+
+class ClaimIndex(ColumnCollectionConstraint):
+    """``INDEX q4m_claim (priority DESC, id)`` inside a portable ``CREATE TABLE``: the claim
+    reads it in order and stops at the first free row, locking only that one."""
+
+    __visit_name__ = "q4m_claim_index"
+
+    def __init__(self, table: Table) -> None:
+        self.descending = {c.key for c, desc in claim_order(table) if desc}
+        super().__init__(*(c for c, _ in claim_order(table)), name=CLAIM_INDEX)
+
+
+def needs_claim_index(table: Table) -> bool:
+    """True when the portable layout of ``table`` carries :data:`CLAIM_INDEX`: its claim
+    orders by more than the primary key."""
+    return bool(table.primary_key.columns) and any(desc for _, desc in claim_order(table))
+
+
+@compiles(ClaimIndex, *_DIALECTS)
+def _compile_claim_index(index: ClaimIndex, compiler: DDLCompiler, **kw: Any) -> str:
+    quote = compiler.preparer.quote
+    columns = ", ".join(
+        quote(c.name) + (" DESC" if c.key in index.descending else "") for c in index.columns
+    )
+    return f"INDEX {quote(CLAIM_INDEX)} ({columns})"
+
+
 def backend_for_ddl(dialect: Dialect) -> BackendName:
     """The layout to compile for ``dialect``: the detected or chosen backend, else native."""
     return backend_for_dialect(dialect) or "native"
@@ -221,6 +263,8 @@ def _compile_create_table(create: CreateTable, compiler: DDLCompiler, **kw: Any)
             f"queue table {table.name!r} has no job id: the portable backend needs a key; "
             "declare it with QueueMixin or queue_table()"
         )
+    if backend == "portable" and needs_claim_index(copy):
+        copy.append_constraint(ClaimIndex(copy))
     rendered = compiler.visit_create_table(  # type: ignore[no-untyped-call]
         CreateTable(copy, if_not_exists=create.if_not_exists)
     )

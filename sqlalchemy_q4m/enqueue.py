@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import time
 import uuid
-import weakref
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
@@ -49,6 +48,7 @@ from .exc import Q4MError
 from .exc import RowError
 from .functions import subscriptions
 from .loading import DriverSQL
+from .loading import dialect_cache
 from .notify import notify_committed
 from .retry import RUN_AT
 from .types import new_job_id
@@ -387,13 +387,8 @@ class _Plan:
     plain: bool  # the rows give every other column, as the driver takes them
 
 
-_PLANS: weakref.WeakKeyDictionary[Dialect, dict[Any, _Plan]] = weakref.WeakKeyDictionary()
-
-
 def _plan_for(shape: _Shape, group: _Group, delayed: bool, dialect: Dialect) -> _Plan:
-    per_dialect = _PLANS.get(dialect)
-    if per_dialect is None:
-        per_dialect = _PLANS[dialect] = {}
+    per_dialect: dict[Any, _Plan] = dialect_cache(dialect, "plans")
     cache_key = (shape, group.keys, delayed)
     plan = per_dialect.get(cache_key)
     if plan is None:

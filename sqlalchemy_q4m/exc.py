@@ -11,6 +11,7 @@ __all__ = [
     "BackendError",
     "CompletionFailed",
     "ConnectionLost",
+    "JobInUse",
     "NotOwner",
     "OptionError",
     "Q4MError",
@@ -87,3 +88,7 @@ class CompletionFailed(Q4MError):
 
 class QueueAbort(Exception):
     """Raise inside a queue session to return the job to the queue; the session swallows it."""
+
+
+class JobInUse(Q4MError, RuntimeError):
+    """This Job object is running already (in another thread): use one Job object per thread."""

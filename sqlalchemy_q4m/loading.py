@@ -20,7 +20,6 @@ claim with a condition is executed from its statement (the condition's values ch
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -46,10 +45,11 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 
+from .ddl import claim_order
 from .exc import QueueTableError
 from .functions import Subscription
 
-__all__ = ["Loader", "claim_statement", "loader_for"]
+__all__ = ["Loader", "claim_statement", "dialect_cache", "loader_for"]
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
@@ -71,8 +71,8 @@ def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | 
 
 
 def _order(table: Table) -> list[ColumnElement[Any]]:
-    first = [c.desc() for c in table.columns if c.info.get("q4m_priority")]
-    return [*first, *table.primary_key.columns]
+    # the order the portable layout's claim index (ddl.CLAIM_INDEX) is kept in
+    return [c.desc() if desc else c for c, desc in claim_order(table)]
 
 
 @dataclass(frozen=True)
@@ -382,14 +382,25 @@ class Loader:
         ]
 
 
-_LOADERS: weakref.WeakKeyDictionary[Dialect, dict[Any, Loader]] = weakref.WeakKeyDictionary()
+_CACHES = "_q4m_caches"
+
+
+def dialect_cache(dialect: Dialect, name: str) -> dict[Any, Any]:
+    """The cache ``name`` of ``dialect``, which lives as long as the dialect (its engine's).
+
+    It is kept on the dialect object itself: what is cached (compiled SQL, type processors,
+    a ``TypeDecorator``'s closing over the dialect) refers back to the dialect, so a
+    module-level mapping keyed by it, even a weak one, would keep every engine's dialect alive.
+    """
+    caches: dict[str, dict[Any, Any]] | None = vars(dialect).get(_CACHES)
+    if caches is None:
+        caches = vars(dialect).setdefault(_CACHES, {})
+    return caches.setdefault(name, {})
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:
     """The :class:`Loader` of ``sub``'s target on ``dialect`` (one per engine and target)."""
-    per_dialect = _LOADERS.get(dialect)
-    if per_dialect is None:
-        per_dialect = _LOADERS[dialect] = {}
+    per_dialect = dialect_cache(dialect, "loaders")
     loader = per_dialect.get(sub.target)
     if loader is None or loader.table is not sub.table:
         loader = per_dialect[sub.target] = Loader(sub.target, sub.table, dialect)

@@ -34,8 +34,9 @@ the transaction the queue session began) runs::
 
 Failure modes: a producer connected as another database user sees no waiters without the
 ``PROCESS`` privilege and cannot kill them without ``CONNECTION ADMIN`` (or ``SUPER``): wakes
-then do nothing and pickup falls back to ``T``.  The anchor is one connection per engine URL
-and process (fork-safe: a child makes its own); the wait does not go to the slow query log.
+then do nothing and pickup falls back to ``T``.  The anchor is one connection per engine and
+process (fork-safe: a child makes its own), closed by ``engine.dispose()``; the wait does not
+go to the slow query log.
 A queue session joined to a transaction the caller began (the guard would lock rows in it)
 keeps polling every ``poll_interval``.  The asyncio queue session awaits the wait like any
 query (an async driver's anchor belongs to the event loop that made it; once that loop has
@@ -52,6 +53,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +63,7 @@ from sqlalchemy import Select
 from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import column
+from sqlalchemy import event
 from sqlalchemy import exists
 from sqlalchemy import func
 from sqlalchemy import literal_column
@@ -68,13 +71,11 @@ from sqlalchemy import or_
 from sqlalchemy import select
 from sqlalchemy import table
 from sqlalchemy import text
-from sqlalchemy.engine import URL
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
@@ -86,6 +87,7 @@ from .exc import Q4MError
 from .functions import Subscription
 from .functions import subscriptions
 from .loading import claim_statement
+from .loading import dialect_cache
 from .server import backend_for_dialect
 
 __all__ = ["listen_wait", "listening_supported", "notify", "notify_committed", "wait_statement"]
@@ -198,26 +200,36 @@ def wait_statement(
 
 
 class Anchor:
-    """One connection outside the engine's pool holding the named lock waiters block on."""
+    """One connection outside the engine's pool holding the named lock waiters block on.
+
+    It keeps only the driver's connection (nothing that refers back to the engine), so it
+    never keeps an engine alive; it is closed on ``engine.dispose()`` and when the engine's
+    dialect is collected."""
 
     def __init__(self, engine: Engine) -> None:
         self.name = f"q4m_anchor_{os.getpid()}_{uuid.uuid4().hex[:16]}"
-        # A pool like the engine's (same creator, connect events), so no pool slot is taken.
-        self._pool = engine.pool.recreate()
-        self._conn: PoolProxiedConnection | None = None
+        self.pid = os.getpid()
+        self._conn: Any = None
+        # A pool like the engine's (same creator, connect events), so no pool slot is taken;
+        # its connection is detached from it and kept alone.
+        pool = engine.pool.recreate()
         try:
-            self._conn = self._pool.connect()
+            fairy = pool.connect()
+            fairy.detach()
+            self._conn = fairy.dbapi_connection
             take = f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)"
             self.thread_id = int(self._run(take)[0])
         except BaseException:
             self.close()
             raise
+        finally:
+            pool.dispose()
         self.pinged = time.monotonic()
 
     def _run(self, sql: str) -> Any:
         # sql holds only our own validated name: no parameters, whatever the paramstyle.
         assert self._conn is not None and _ANCHOR_NAME.search(self.name)
-        cursor = self._conn.dbapi_connection.cursor()  # type: ignore[union-attr]
+        cursor = self._conn.cursor()
         try:
             cursor.execute(sql)
             row = cursor.fetchone()
@@ -240,20 +252,27 @@ class Anchor:
         return True
 
     def close(self) -> None:
+        """Close the connection (the server releases the lock); in this process only."""
         conn, self._conn = self._conn, None
+        if conn is None or self.pid != os.getpid():
+            return  # a parent's connection: never touch its socket
         with contextlib.suppress(Exception):  # already gone (or its event loop is)
-            if conn is not None:
-                conn.invalidate()  # closes it: the server releases the lock
-            self._pool.dispose()
+            # an asyncio driver's adapted connection is closed without awaiting
+            terminate = getattr(conn, "terminate", None)
+            if callable(terminate):
+                terminate()
+            else:
+                conn.close()
 
 
-_anchors: dict[tuple[URL, int], Anchor] = {}
+#: The anchors of one engine (kept on its dialect, see ``dialect_cache``), by process id.
+_ANCHORS = "anchors"
 _anchors_lock = threading.Lock()
 
 
 def _after_fork() -> None:
-    # A child never touches its parent's anchors (they stay in the dict, unused: dropping them
-    # could send a ROLLBACK on the parent's socket); it makes its own under a fresh lock.
+    # A child never touches its parent's anchors (they stay, unused: closing them would end the
+    # parent's connections); it makes its own under a fresh lock.
     global _anchors_lock
     _anchors_lock = threading.Lock()
 
@@ -261,11 +280,45 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def anchor_for(engine: Engine) -> Anchor:
-    """The anchor of ``engine``'s server in this process (made, or re-made if dead)."""
-    key = (engine.url, os.getpid())
+def _base_engine(engine: Engine) -> Engine:
+    """The engine ``engine.execution_options()`` copies were made from: its
+    ``engine_disposed`` listeners also hear the copies' ``dispose()``."""
+    while isinstance(getattr(engine, "_proxied", None), Engine):
+        engine = engine._proxied  # type: ignore[attr-defined]
+    return engine
+
+
+def _anchors_of(engine: Engine) -> dict[int, Anchor]:
+    """The anchors of ``engine`` by process id; on first use, closed on ``dispose()`` and
+    when the dialect (the engine) is collected.  Called with the lock held."""
+    dialect = engine.dialect
+    anchors: dict[int, Anchor] = dialect_cache(dialect, _ANCHORS)
+    if not vars(dialect).get("_q4m_anchor_hooks"):
+        vars(dialect)["_q4m_anchor_hooks"] = True
+        event.listen(_base_engine(engine), "engine_disposed", _engine_disposed)
+        weakref.finalize(dialect, _close_anchors, anchors)
+    return anchors
+
+
+def _close_anchors(anchors: dict[int, Anchor]) -> None:
+    """Close this process's anchor in ``anchors`` (another process's is left alone)."""
+    anchor = anchors.pop(os.getpid(), None)
+    if anchor is not None:
+        anchor.close()
+
+
+def _engine_disposed(engine: Engine) -> None:
+    """``engine.dispose()``: its anchor connection is closed (the next waiter makes one)."""
     with _anchors_lock:
-        anchor = _anchors.get(key)
+        _close_anchors(dialect_cache(engine.dialect, _ANCHORS))
+
+
+def anchor_for(engine: Engine) -> Anchor:
+    """The anchor of ``engine`` in this process (made, or re-made if dead)."""
+    pid = os.getpid()
+    with _anchors_lock:
+        anchors = _anchors_of(engine)
+        anchor = anchors.get(pid)
         if anchor is not None and not anchor.alive():
             anchor.close()
             anchor = None
@@ -277,17 +330,17 @@ def anchor_for(engine: Engine) -> Anchor:
                 raise DBAPIError.instance(
                     "GET_LOCK(<anchor>, 0)", None, err, dbapi.Error, dialect=engine.dialect
                 ) from err
-            _anchors[key] = anchor
+            anchors[pid] = anchor
         return anchor
 
 
 def _anchor_lost(engine: Engine, name: str) -> None:
     """A waiter got the anchor lock ``name``: its connection died.  Replace it (once)."""
-    key = (engine.url, os.getpid())
     with _anchors_lock:
-        anchor = _anchors.get(key)
+        anchors = _anchors_of(engine)
+        anchor = anchors.get(os.getpid())
         if anchor is not None and anchor.name == name:
-            del _anchors[key]
+            del anchors[os.getpid()]
             anchor.close()
     logger.info("the listen anchor connection was lost; a new one is made")
 

@@ -38,6 +38,7 @@ committed before the job runs) and in the asyncio worker the consumer takes one 
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import logging
 import random
@@ -89,6 +90,7 @@ from .deadletter import ensure_dead_letter_table
 from .deadletter import payload_of
 from .exc import CompletionFailed
 from .exc import ConnectionLost
+from .exc import JobInUse
 from .exc import Q4MError
 from .exc import QueueAbort
 from .exc import QueueTableError
@@ -302,6 +304,10 @@ class Job:
         self._run: _Run | None = None  # the job in hand
         self._abort_requested = False
         self._consumer: Consumer | None = None
+        #: Held while run/run_once/close use the consumer: its one pinned connection serves
+        #: one thread at a time (a second wait on it would end the job in hand on Q4M).
+        self._in_use = threading.Lock()
+        self._user = ""  # the thread holding it, for the error message
 
     # -- what subclasses write ------------------------------------------------------------
 
@@ -329,12 +335,14 @@ class Job:
         """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job (with
         ``batch_size`` > 1 on the portable backend: one batch) and handle it; True if a job
         was handled.  Database errors are raised."""
-        return self._get_consumer().run_once(timeout)
+        with self._using():
+            return self._get_consumer().run_once(timeout)
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:
         """Handle jobs until :meth:`stop` (or, with ``burst``, until the queue is empty, or
         after ``max_jobs``); survives a lost database by reconnecting."""
-        self._get_consumer().run(burst=burst, max_jobs=max_jobs)
+        with self._using():
+            self._get_consumer().run(burst=burst, max_jobs=max_jobs)
 
     def stop(self) -> None:
         """Finish the job in hand, take no new one (thread-safe)."""
@@ -344,7 +352,24 @@ class Job:
     def close(self) -> None:
         """Release the connection this job object checked out."""
         if self._consumer is not None:
-            self._consumer.close()
+            with self._using():
+                self._consumer.close()
+
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold the object for this thread, or raise :class:`JobInUse` if another thread
+        (or this one, re-entering from ``execute``) holds it: its consumer's connection
+        serves one thread at a time.  Another thread may use it once this one is done."""
+        if not self._in_use.acquire(blocking=False):
+            raise JobInUse(
+                f"this {type(self).__name__} object is running in thread {self._user!r}: "
+                "one Job object serves one thread at a time; make one per thread"
+            )
+        self._user = threading.current_thread().name
+        try:
+            yield
+        finally:
+            self._in_use.release()
 
     def _renewed(self) -> Job:
         """A fresh job object with the same bind, logger and options (``recycle_after``)."""

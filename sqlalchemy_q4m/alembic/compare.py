@@ -9,8 +9,10 @@ Alembic's own table comparison runs first and applies the user's ``include_name`
   ``create_queue_table`` / ``drop_queue_table`` and lifts the conversions out of the per-table
   group so they render as top-level ``op.`` calls (also with ``render_as_batch``).
 
-The portable layout (InnoDB, primary key on the job id) on a stock server is what the model
-compiles to there, so it is never reported.
+The portable layout (InnoDB, primary key on the job id, and for a priority queue the claim
+index ``q4m_claim``) on a stock server is what the model compiles to there, so it is never
+reported: the claim index is no ``Index`` of the model, and Alembic's ``remove_index`` for it
+is dropped here.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from sqlalchemy import BINARY
 from sqlalchemy import Column
 from sqlalchemy import Table
 
+from ..ddl import CLAIM_INDEX
 from ..ddl import JOB_ID
 from ..ddl import is_queue_table
 from ..server import BackendName
@@ -32,6 +35,7 @@ from .ops import ConvertQueueTableOp
 from .ops import CreateQueueTableOp
 from .ops import DropQueueTableOp
 from .ops import migration_backend
+from .ops import priority_of
 from .render import IMPORT_LINE
 
 __all__ = ["has_portable_queue_layout", "reflected_engine", "uses_q4m_types"]
@@ -50,7 +54,8 @@ def reflected_engine(table: Table) -> str:
 
 def has_portable_queue_layout(table: Table) -> bool:
     """True when a reflected table has the portable queue layout: InnoDB, keyed on a
-    ``BINARY(16)`` job id and nothing else (no foreign key or other constraint)."""
+    ``BINARY(16)`` job id and nothing else (no foreign key, other constraint, or index but
+    the claim index)."""
     if reflected_engine(table) != "INNODB":
         return False
     key = [c.name for c in table.primary_key.columns]
@@ -59,7 +64,8 @@ def has_portable_queue_layout(table: Table) -> bool:
     job_id = table.c[JOB_ID].type
     if not isinstance(job_id, BINARY) or job_id.length != 16:
         return False
-    return not table.indexes and not table.foreign_keys and len(table.constraints) == 1
+    indexes = {index.name for index in table.indexes}
+    return indexes <= {CLAIM_INDEX} and not table.foreign_keys and len(table.constraints) == 1
 
 
 def _is_reflected_queue(
@@ -69,7 +75,8 @@ def _is_reflected_queue(
         return True
     if backend != "portable" or not has_portable_queue_layout(table):
         return False
-    return not autogen_context.inspector.get_indexes(table.name, schema=table.schema)
+    indexes = autogen_context.inspector.get_indexes(table.name, schema=table.schema)
+    return {index["name"] for index in indexes} <= {CLAIM_INDEX}
 
 
 @comparators.dispatch_for("table")
@@ -81,7 +88,9 @@ def _compare_queue_engine(
     conn_table: Table | None,
     metadata_table: Table | None,
 ) -> None:
-    """Report a table whose engine does not match its model as ``convert_queue_table``."""
+    """Report a table whose engine does not match its model as ``convert_queue_table`` (on
+    the portable backend also a priority queue without its claim index, as tables made before
+    the index was part of the layout are)."""
     if conn_table is None or metadata_table is None:
         return
     if autogen_context.dialect is None or autogen_context.dialect.name not in _DIALECTS:
@@ -91,9 +100,19 @@ def _compare_queue_engine(
     key = [c.name for c in conn_table.primary_key.columns]
     if is_queue_table(metadata_table):
         drifted = engine != "QUEUE" if backend == "native" else key != [JOB_ID]
+        priority = priority_of(metadata_table) if backend == "portable" else None
+        if not drifted and priority is not None:
+            indexes = autogen_context.inspector.get_indexes(tname, schema=schema)
+            drifted = all(index["name"] != CLAIM_INDEX for index in indexes)
         if drifted:
             modify_table_ops.ops.append(
-                ConvertQueueTableOp(tname, queue=True, primary_key=key or [JOB_ID], schema=schema)
+                ConvertQueueTableOp(
+                    tname,
+                    queue=True,
+                    primary_key=key or [JOB_ID],
+                    schema=schema,
+                    priority=priority,
+                )
             )
     elif engine == "QUEUE":
         model_key = [c.name for c in metadata_table.primary_key.columns]
@@ -119,13 +138,48 @@ def _queue_ops(
     elif type(op) is ops.DropTableOp:
         table = op.to_table()
         if _is_reflected_queue(autogen_context, table, backend):
-            return [DropQueueTableOp.from_table(table)]
+            drop = DropQueueTableOp.from_table(table)
+            if drop.create_op is not None and drop.create_op.priority is None:
+                drop.create_op.priority = _claim_priority(autogen_context, table)
+            return [drop]
     elif isinstance(op, ops.ModifyTableOps):
         converts = [o for o in op.ops if isinstance(o, ConvertQueueTableOp)]
         if converts:
             op.ops = [o for o in op.ops if not isinstance(o, ConvertQueueTableOp)]
             return ([op] if op.ops else []) + converts
     return [op]
+
+
+def _claim_priority(autogen_context: AutogenContext, table: Table) -> str | None:
+    """The priority column of a reflected portable queue: the first of its claim index."""
+    if reflected_engine(table) == "QUEUE":
+        return None
+    for index in autogen_context.inspector.get_indexes(table.name, schema=table.schema):
+        columns = index["column_names"]
+        if index["name"] == CLAIM_INDEX and len(columns) > 1 and columns[0] is not None:
+            return columns[0]
+    return None
+
+
+def _only_claim_index_drops(
+    autogen_context: AutogenContext, op: Any, dropped: set[tuple[str | None, str]]
+) -> bool:
+    """Drop Alembic's ``remove_index`` of the claim index from ``op`` (the changes of one
+    table) when the table is a queue, modelled or being dropped; True if nothing is left."""
+    if not isinstance(op, ops.ModifyTableOps):
+        return False
+    key = f"{op.schema}.{op.table_name}" if op.schema else op.table_name
+    table = autogen_context.table_key_to_table.get(key)
+    queue = table is not None and is_queue_table(table)
+    if not (queue or (op.schema, op.table_name) in dropped):
+        return False
+    op.ops = [o for o in op.ops if not _is_claim_index_drop(o)]
+    return not op.ops
+
+
+def _is_claim_index_drop(op: ops.MigrateOperation) -> bool:
+    """Alembic's ``remove_index`` of the portable layout's claim index (not in the model)."""
+    return isinstance(op, ops.DropIndexOp) and op.index_name == CLAIM_INDEX
 
 
 def _is_ours(type_: Any) -> bool:
@@ -157,6 +211,9 @@ def _queue_table_ops(
     replaced: list[Any] = []
     for op in upgrade_ops.ops:
         replaced.extend(_queue_ops(autogen_context, op, backend))
-    upgrade_ops.ops = replaced
+    dropped = {(o.schema, o.table_name) for o in replaced if isinstance(o, DropQueueTableOp)}
+    upgrade_ops.ops = [
+        o for o in replaced if not _only_claim_index_drops(autogen_context, o, dropped)
+    ]
     if uses_q4m_types(upgrade_ops):
         autogen_context.imports.add(IMPORT_LINE)

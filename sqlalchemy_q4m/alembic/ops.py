@@ -27,12 +27,14 @@ from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.schema import SchemaItem
 from sqlalchemy.sql.compiler import DDLCompiler
 
+from ..ddl import CLAIM_INDEX
 from ..ddl import JOB_ID
 from ..ddl import JOB_ID_INFO_KEY
 from ..ddl import QUEUE_INFO_KEY
 from ..ddl import job_id_column
 from ..ddl import validate_name
 from ..exc import QueueTableError
+from ..retry import PRIORITY_INFO_KEY
 from ..server import BackendName
 from ..server import backend_for_dialect
 from ..server import detect_backend
@@ -91,6 +93,18 @@ def table_kwargs(table: Table) -> dict[str, Any]:
     return {k: v for k, v in table.kwargs.items() if k not in _ENGINE_KEYS}
 
 
+def priority_of(table: Table) -> str | None:
+    """The column ``table``'s portable claim orders by: one marked ``info["q4m_priority"]``
+    (``PriorityMixin``), or on a reflected table the first column of its claim index."""
+    for column in table.columns:
+        if column.info.get(PRIORITY_INFO_KEY):
+            return column.name
+    for index in table.indexes:
+        if index.name == CLAIM_INDEX and len(index.columns) > 1:
+            return next(iter(index.columns)).name
+    return None
+
+
 def payload_items(table: Table) -> tuple[list[SchemaItem], bool]:
     """The columns and constraints of ``table`` a ``create_queue_table()`` call spells out.
 
@@ -115,7 +129,9 @@ class CreateQueueTableOp(ops.CreateTableOp):
 
     The job id column is added as ``queue_table()`` adds it (``job_id=False`` leaves it out,
     for a keyless Q4M-only table); ``ENGINE=QUEUE`` on a Q4M server, the portable InnoDB layout
-    elsewhere, with the same validation as ``create_all``.
+    elsewhere, with the same validation as ``create_all``.  ``priority="priority"`` names the
+    column the portable claim orders by (``PriorityMixin``): that layout then gets the claim
+    index (:data:`~sqlalchemy_q4m.ddl.CLAIM_INDEX`), as ``create_all`` gives it.
     """
 
     def __init__(
@@ -126,6 +142,7 @@ class CreateQueueTableOp(ops.CreateTableOp):
         schema: str | None = None,
         if_not_exists: bool | None = None,
         job_id: bool = True,
+        priority: str | None = None,
         **kw: Any,
     ) -> None:
         validate_name(table_name)
@@ -133,6 +150,7 @@ class CreateQueueTableOp(ops.CreateTableOp):
             kw.pop(engine_key, None)
         super().__init__(table_name, columns, schema=schema, if_not_exists=if_not_exists, **kw)
         self.job_id = job_id
+        self.priority = None if priority is None else validate_name(priority, "column")
 
     @classmethod
     def from_table(
@@ -146,6 +164,7 @@ class CreateQueueTableOp(ops.CreateTableOp):
             items,
             schema=table.schema,
             job_id=job_id,
+            priority=priority_of(table),
             comment=table.comment,
             info=info,
             prefixes=list(table._prefixes),
@@ -166,7 +185,14 @@ class CreateQueueTableOp(ops.CreateTableOp):
             prefixes=self.prefixes,
             **kw,
         )
-        return plain.to_table(migration_context)
+        table = plain.to_table(migration_context)
+        if self.priority is not None:
+            if self.priority not in table.c:
+                raise QueueTableError(
+                    f"queue table {self.table_name!r} has no priority column {self.priority!r}"
+                )
+            table.c[self.priority].info[PRIORITY_INFO_KEY] = True
+        return table
 
     def reverse(self) -> DropQueueTableOp:
         return DropQueueTableOp.from_table(self.to_table())
@@ -190,6 +216,7 @@ class CreateQueueTableOp(ops.CreateTableOp):
         table_name: str,
         *columns: SchemaItem,
         job_id: bool = True,
+        priority: str | None = None,
         if_not_exists: bool | None = None,
         **kw: Any,
     ) -> Table:
@@ -198,7 +225,14 @@ class CreateQueueTableOp(ops.CreateTableOp):
         ``op.create_queue_table("shell_jobs", sa.Column("command", sa.Text()))`` is the
         migration spelling of ``queue_table("shell_jobs", metadata, Column("command", Text))``.
         """
-        op = cls(table_name, columns, job_id=job_id, if_not_exists=if_not_exists, **kw)
+        op = cls(
+            table_name,
+            columns,
+            job_id=job_id,
+            priority=priority,
+            if_not_exists=if_not_exists,
+            **kw,
+        )
         table: Table = operations.invoke(op)
         return table
 
@@ -258,8 +292,9 @@ class ConvertQueueTableOp(ops.MigrateOperation):
     ``primary_key``.
 
     Autogenerate emits it when a table's engine drifted from its model, e.g. a queue model
-    whose table is InnoDB on a Q4M server.  Native layout: ``DROP PRIMARY KEY, ENGINE=QUEUE``;
-    portable layout: ``ENGINE=InnoDB`` keyed on the job id.
+    whose table is InnoDB on a Q4M server.  Native layout: ``DROP PRIMARY KEY, ENGINE=QUEUE``
+    (and the claim index dropped, online); portable layout: ``ENGINE=InnoDB`` keyed on the job
+    id, with the claim index on ``priority`` when given (a ``PriorityMixin`` queue).
     """
 
     def __init__(
@@ -269,11 +304,13 @@ class ConvertQueueTableOp(ops.MigrateOperation):
         queue: bool = True,
         primary_key: Sequence[str] = (JOB_ID,),
         schema: str | None = None,
+        priority: str | None = None,
     ) -> None:
         self.table_name = validate_name(table_name)
         self.queue = queue
         self.primary_key = [validate_name(c, "column") for c in primary_key]
         self.schema = schema
+        self.priority = None if priority is None else validate_name(priority, "column")
 
     def reverse(self) -> ConvertQueueTableOp:
         return ConvertQueueTableOp(
@@ -281,6 +318,7 @@ class ConvertQueueTableOp(ops.MigrateOperation):
             queue=not self.queue,
             primary_key=self.primary_key,
             schema=self.schema,
+            priority=self.priority,
         )
 
     def to_diff_tuple(self) -> tuple[Any, ...]:
@@ -309,15 +347,20 @@ class ConvertQueueTableOp(ops.MigrateOperation):
         queue: bool = True,
         primary_key: Sequence[str] = (JOB_ID,),
         schema: str | None = None,
+        priority: str | None = None,
     ) -> None:
         """Convert ``table_name`` to a queue table of this server's layout (``queue=False``:
-        back to an ordinary InnoDB table keyed on ``primary_key``)."""
-        operations.invoke(cls(table_name, queue=queue, primary_key=primary_key, schema=schema))
+        back to an ordinary InnoDB table keyed on ``primary_key``); ``priority`` names the
+        column the portable claim orders by (its layout gets the claim index)."""
+        operations.invoke(
+            cls(table_name, queue=queue, primary_key=primary_key, schema=schema, priority=priority)
+        )
 
 
 class AlterQueueEngine(ExecutableDDLElement):
-    """``ALTER TABLE t [DROP PRIMARY KEY,] ENGINE=x [, ADD PRIMARY KEY (...)]`` in one statement
-    (Q4M refuses a table with a key, so the key goes in the same statement as the engine)."""
+    """``ALTER TABLE t [DROP PRIMARY KEY,] [DROP INDEX i,] ENGINE=x [, ADD PRIMARY KEY (...)]``
+    in one statement (Q4M refuses a table with a key or an index, error 1069, so they go in
+    the same statement as the engine)."""
 
     inherit_cache = False
 
@@ -328,15 +371,22 @@ class AlterQueueEngine(ExecutableDDLElement):
         *,
         drop_primary_key: bool = False,
         add_primary_key: Sequence[str] = (),
+        drop_indexes: Sequence[str] = (),
+        add_claim_index: Sequence[str] = (),
     ) -> None:
         if engine not in ("QUEUE", "InnoDB"):
             raise QueueTableError(f"unknown engine {engine!r}: use 'QUEUE' or 'InnoDB'")
-        if engine == "QUEUE" and add_primary_key:
-            raise QueueTableError(f"queue table {table.name!r} cannot hold a primary key")
+        if engine == "QUEUE" and (add_primary_key or add_claim_index):
+            raise QueueTableError(
+                f"queue table {table.name!r} cannot hold a primary key or an index"
+            )
         self.table = table
         self.engine = engine
         self.drop_primary_key = drop_primary_key
         self.add_primary_key = [validate_name(c, "column") for c in add_primary_key]
+        self.drop_indexes = [validate_name(i, "index") for i in drop_indexes]
+        #: (priority, job id): the claim index added, descending on the first column
+        self.add_claim_index = [validate_name(c, "column") for c in add_claim_index]
 
 
 @compiles(AlterQueueEngine, *_DIALECTS)
@@ -345,10 +395,15 @@ def _compile_alter_engine(element: AlterQueueEngine, compiler: DDLCompiler, **kw
     parts = []
     if element.drop_primary_key:
         parts.append("DROP PRIMARY KEY")
+    parts.extend(f"DROP INDEX {preparer.quote(name)}" for name in element.drop_indexes)
     parts.append(f"ENGINE={element.engine}")
     if element.add_primary_key:
         columns = ", ".join(preparer.quote(c) for c in element.add_primary_key)
         parts.append(f"ADD PRIMARY KEY ({columns})")
+    if element.add_claim_index:
+        first, *rest = element.add_claim_index
+        columns = ", ".join([f"{preparer.quote(first)} DESC", *map(preparer.quote, rest)])
+        parts.append(f"ADD INDEX {preparer.quote(CLAIM_INDEX)} ({columns})")
     return f"ALTER TABLE {preparer.format_table(element.table)} {', '.join(parts)}"
 
 
@@ -380,11 +435,17 @@ def _convert_queue_table(operations: Operations, operation: ConvertQueueTableOp)
     backend = migration_backend(context)
     engine, key = operation.target(backend)
     connection = context.connection
+    drop_indexes: list[str] = []
+    claim_index = bool(operation.queue and engine == "InnoDB" and operation.priority)
     if not context.as_sql and isinstance(connection, Connection):
-        current = inspect(connection).get_pk_constraint(
-            operation.table_name, schema=operation.schema
-        )
+        insp = inspect(connection)
+        current = insp.get_pk_constraint(operation.table_name, schema=operation.schema)
         current_key = list(current.get("constrained_columns") or [])
+        indexes = insp.get_indexes(operation.table_name, schema=operation.schema)
+        has_claim_index = any(i["name"] == CLAIM_INDEX for i in indexes)
+        if engine == "QUEUE" and has_claim_index:  # Q4M holds no index (error 1069)
+            drop_indexes = [CLAIM_INDEX]
+        claim_index = claim_index and not has_claim_index
     else:
         current_key = operation.assumed_primary_key(backend)
     same_key = current_key == key
@@ -395,5 +456,9 @@ def _convert_queue_table(operations: Operations, operation: ConvertQueueTableOp)
             engine,
             drop_primary_key=bool(current_key) and not same_key,
             add_primary_key=[] if same_key else key,
+            drop_indexes=drop_indexes,
+            add_claim_index=[operation.priority, JOB_ID]
+            if claim_index and operation.priority
+            else [],
         )
     )

@@ -42,6 +42,8 @@ def _render_create_queue_table(autogen_context: AutogenContext, op: CreateQueueT
     text = f"{_prefix(autogen_context)}create_queue_table(" + text[len(head) :]
     if not op.job_id:
         text = text[: -len("\n)")] + ",\njob_id=False\n)"
+    if op.priority is not None:
+        text = text[: -len("\n)")] + f",\npriority={op.priority!r}\n)"
     return text
 
 
@@ -59,5 +61,6 @@ def _render_convert_queue_table(autogen_context: AutogenContext, op: ConvertQueu
     autogen_context.imports.add(IMPORT_LINE)
     return (
         f"{_prefix(autogen_context)}convert_queue_table({op.table_name!r}, "
-        f"queue={op.queue!r}, primary_key={op.primary_key!r}{_schema(op.schema)})"
+        f"queue={op.queue!r}, primary_key={op.primary_key!r}{_schema(op.schema)}"
+        + (f", priority={op.priority!r})" if op.priority is not None else ")")
     )
