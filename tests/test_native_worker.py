@@ -10,12 +10,14 @@ out by the ``run_at`` condition of ``queue_wait``, and an abort is ``queue_abort
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import test_worker as portable
 from native_support import private_database
 from sqlalchemy import Engine
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy.engine import URL
 
 from sqlalchemy_q4m import detect_backend
@@ -73,3 +75,45 @@ def engine(db_url: URL) -> Iterator[Engine]:
         assert detect_backend(conn) == "native"
     yield eng
     eng.dispose()
+
+
+def test_a_retry_and_a_dead_letter_are_committed_before_queue_end(
+    engine: Engine, tables: None
+) -> None:
+    """The order ``test_worker_native.py`` checks on the fake, seen on the real engine: Q4M has
+    no transaction around the job, so the copy (or the dead letter) must be durable first."""
+    portable.put(engine, portable.rows, {"command": "x", "n": 1})
+    steps: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def statement(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        words = sql.split()
+        if words[:2] == ["SELECT", "queue_end()"] or words[:1] == ["INSERT"]:
+            steps.append(" ".join(words[:3]))
+
+    @event.listens_for(engine, "commit")
+    def commit(conn: Any) -> None:
+        steps.append("COMMIT")
+
+    class Failing(portable.Recorder):
+        def execute(self, job: Any) -> None:
+            raise RuntimeError("scripted failure")
+
+    job = Failing(engine, max_attempts=2)
+    try:
+        assert job.run_once(timeout=2)
+        assert steps == ["INSERT INTO tw_rows", "COMMIT", "SELECT queue_end() AS", "COMMIT"]
+        steps.clear()
+        assert job.run_once(timeout=2)
+        assert steps == [
+            "INSERT INTO tw_dead_letters",
+            "COMMIT",
+            "SELECT queue_end() AS",
+            "COMMIT",
+        ]
+    finally:
+        event.remove(engine, "before_cursor_execute", statement)
+        event.remove(engine, "commit", commit)
+        job.close()
+    assert portable.count(engine, portable.rows) == 0
+    assert [d.attempts for d in portable.dead_rows(engine)] == [2]
