@@ -46,6 +46,7 @@ from .deadletter import retry_dead
 from .enqueue import enqueue
 from .exc import OptionError
 from .exc import Q4MError
+from .exc import QueueTableError
 from .exc import RowError
 from .functions import queue_stats
 from .notify import notify_committed
@@ -667,13 +668,17 @@ def queue_counts(conn: Connection, table: Table, dead_name: str) -> dict[str, An
     }
     if backend == "native":
         raw = conn.execute(select(queue_stats(table.name))).scalar()
-        counts["q4m"] = _parse_q4m_stats(str(raw or ""))
+        counts["q4m"] = {
+            key: int(value) if value.isdigit() else value
+            for key, value in _parse_q4m_stats(raw or "").items()
+        }
     conn.rollback()
     return counts
 
 
 def _parse_q4m_stats(raw: str) -> dict[str, str]:
-    """``queue_stats()`` text (``key=value`` per line) as a dict; kept raw if unparsable."""
+    """``queue_stats()`` text (``name: value`` per line on Q4M) as a dict; kept raw if
+    unparsable."""
     stats: dict[str, str] = {}
     for line in raw.replace(",", "\n").splitlines():
         key, sep, value = line.partition("=")
@@ -690,11 +695,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         with _connect(engine) as conn:
             conn.execution_options(isolation_level="READ COMMITTED")
-            names = list(args.tables) or _queue_tables(conn, args.dead_table)
-            results = [
-                queue_counts(conn, reflect_queue_table(conn, name), args.dead_table)
-                for name in names
-            ]
+            named = list(args.tables)
+            results = []
+            for name in named or _queue_tables(conn, args.dead_table):
+                try:
+                    table = reflect_queue_table(conn, name)
+                except QueueTableError as err:
+                    if named:  # asked for by name: an error
+                        raise
+                    # found by looking (ENGINE=QUEUE), but not ours: the others still count
+                    sys.stderr.write(f"q4m stats: skipped {name}: {err}\n")
+                    continue
+                results.append(queue_counts(conn, table, args.dead_table))
     finally:
         engine.dispose()
     if as_json:
@@ -710,8 +722,10 @@ def cmd_stats(args: argparse.Namespace) -> int:
             f"{r['table']:<{width}}  {r['queued']:>8}  {r['delayed']:>8}  {r['owned']:>6}  "
             f"{r['dead']:>6}  {r['backend']}"
         )
-        for key, value in r.get("q4m", {}).items():
-            print(f"{'':<{width}}  {key} {value}")
+        counters = r.get("q4m", {})
+        label = max((len(key) for key in counters), default=0)
+        for key, value in counters.items():  # the engine's own counters, one a line
+            print(f"{'':<{width}}  {key:<{label}}  {value:>8}")
     return 0
 
 

@@ -27,6 +27,7 @@ from sqlalchemy import Integer
 from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import inspect
+from sqlalchemy.engine import Dialect
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import AsBoolean
 from sqlalchemy.sql.elements import BinaryExpression
@@ -105,10 +106,22 @@ class queue_compact(GenericFunction[int]):
     inherit_cache = True
 
 
-class queue_stats(GenericFunction[str]):
-    """``queue_stats('tbl')``: the table's counters as text (rows_written, rows_removed, ...)."""
+class UdfText(Text):
+    """Text returned by a Q4M function: the server sends it in the binary character set, so
+    drivers hand back ``bytes``; this decodes them (the counters are ASCII)."""
 
-    type = Text()
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any]:
+        def process(value: Any) -> Any:
+            return value.decode("utf-8") if isinstance(value, bytes) else value
+
+        return process
+
+
+class queue_stats(GenericFunction[str]):
+    """``queue_stats('tbl')``: the table's counters as text, one ``name: value`` a line
+    (rows_written, rows_removed, wait_immediate, ...)."""
+
+    type = UdfText()
     inherit_cache = True
 
 

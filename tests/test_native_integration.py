@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from native_support import private_database
 from sqlalchemy import Column
 from sqlalchemy import Engine
 from sqlalchemy import Index
@@ -96,11 +97,19 @@ def owner_mode(dbapi_conn: Any) -> bool:
 
 
 @pytest.fixture(scope="module")
-def q4m(q4m_url: URL) -> Iterator[tuple[Engine, list[str]]]:
+def db_url(q4m_url: URL) -> Iterator[URL]:
+    """A database of this module's own on the Q4M server: the server is shared, and another
+    run of these tests at the same time must not see (drop, clean, consume) these tables."""
+    with private_database(q4m_url, "q4m_native_integration") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def q4m(db_url: URL) -> Iterator[tuple[Engine, list[str]]]:
     """An engine on the Q4M server with this module's tables, and a list of the connections
     its pool got back in owner mode (must stay empty)."""
     problems: list[str] = []
-    eng = create_engine(q4m_url, pool_size=10, max_overflow=10)
+    eng = create_engine(db_url, pool_size=10, max_overflow=10)
 
     @event.listens_for(eng, "reset")
     def _reset(dbapi_conn: Any, record: Any, state: Any) -> None:
@@ -349,11 +358,11 @@ with queue_session(jobs, bind=create_engine(sys.argv[1]), timeout=10) as row:
 """
 
 
-def test_sigkilled_owner_hands_its_job_to_another_consumer(db: Engine, q4m_url: URL) -> None:
+def test_sigkilled_owner_hands_its_job_to_another_consumer(db: Engine, db_url: URL) -> None:
     with db.begin() as conn:
         conn.execute(insert(core_jobs), [{"n": 7}])
     owner = subprocess.Popen(
-        [sys.executable, "-c", OWNER, q4m_url.render_as_string(hide_password=False)],
+        [sys.executable, "-c", OWNER, db_url.render_as_string(hide_password=False)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -3,7 +3,8 @@
 What must hold on Q4M, which has no transactions and no UPDATE: a retry is an INSERT of a copy,
 committed, then ``queue_end()``; a dead letter is committed before ``queue_end()``; an abort is
 ``queue_abort()``; the subscription tests ``run_at <= now``; ``queue_wait`` is never called
-while owning.
+while owning.  The same scenarios run on a real Q4M server in ``test_native_worker.py`` (and
+through worker processes in ``test_native_worker_processes.py`` and ``test_native_cli.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,29 @@
+"""Helpers for native tests: a private database on the Q4M server (``Q4M_TEST_URL``)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import create_engine
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+
+@contextmanager
+def private_database(server: URL, prefix: str) -> Iterator[URL]:
+    """A new database ``<prefix>_<random>`` on ``server`` (a Q4M server), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server, poolclass=NullPool)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE `{name}`"))
+        try:
+            yield server.set(database=name)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+    finally:
+        admin.dispose()

@@ -1,0 +1,64 @@
+"""``queue_session`` on a real Q4M server: the scenarios of ``test_session.py`` that hold on
+both backends, run again with a database of this module's own on the Q4M server (fixtures
+``db_url`` and ``engine`` below).  Not repeated: what only InnoDB does (a caller's transaction
+holding the claim, sub-second timeouts, lock-wait and deadlock retries while claiming, the
+SKIP LOCKED pool watch); ``test_native_integration.py`` has the Q4M side of those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import test_session as portable
+from native_support import private_database
+from sqlalchemy import Engine
+from sqlalchemy import create_engine
+from sqlalchemy.engine import URL
+
+from sqlalchemy_q4m import detect_backend
+
+# The portable module's scenarios, collected here again with this module's fixtures.
+tables = portable.tables
+db = portable.db
+watched = portable.watched
+short_waits = portable.short_waits
+test_a_job_arriving_during_the_wait_is_taken = portable.test_a_job_arriving_during_the_wait_is_taken
+test_connection_bind = portable.test_connection_bind
+test_core_table_yields_a_row = portable.test_core_table_yields_a_row
+test_end_removes_the_job = portable.test_end_removes_the_job
+test_exception_aborts_and_reraises = portable.test_exception_aborts_and_reraises
+test_explicit_api = portable.test_explicit_api
+test_fifo_order = portable.test_fifo_order
+test_killed_owner_connection_returns_the_job = portable.test_killed_owner_connection_returns_the_job
+test_lock_wait_timeout_at_completion_returns_the_job = (
+    portable.test_lock_wait_timeout_at_completion_returns_the_job
+)
+test_pool_never_receives_an_owning_connection = (
+    portable.test_pool_never_receives_an_owning_connection
+)
+test_queue_abort_is_swallowed = portable.test_queue_abort_is_swallowed
+test_session_bind_is_atomic = portable.test_session_bind_is_atomic
+test_session_bind_write_failing_at_end_returns_the_job = (
+    portable.test_session_bind_write_failing_at_end_returns_the_job
+)
+test_several_models_earlier_wins = portable.test_several_models_earlier_wins
+test_where = portable.test_where
+test_where_per_model = portable.test_where_per_model
+
+pytestmark = [pytest.mark.native, pytest.mark.integration]
+
+
+@pytest.fixture(scope="module")
+def db_url(q4m_url: URL) -> Iterator[URL]:
+    with private_database(q4m_url, "q4m_native_session") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def engine(db_url: URL) -> Iterator[Engine]:
+    eng = create_engine(db_url, pool_size=20, max_overflow=20, pool_pre_ping=True)
+    with eng.connect() as conn:
+        assert detect_backend(conn) == "native"
+    yield eng
+    eng.dispose()
