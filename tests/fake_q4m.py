@@ -1,18 +1,26 @@
-"""A fake DBAPI module that answers like a MySQL 8.0 server with the Q4M engine.
+"""A fake DBAPI module that answers like a MariaDB server with the Q4M engine.
 
-It behaves as the "Observed answers" table of ``docs/q4m.md`` says, closely enough to drive the
-real :func:`sqlalchemy_q4m.queue_session` through ``create_engine("mysql+pymysql://...",
+It answers as the real engine does; ``tests/test_q4m_contract.py`` runs the same tests against
+both, so the two cannot drift.  It is close enough to drive the real
+:func:`sqlalchemy_q4m.queue_session` through ``create_engine("mysql+pymysql://...",
 module=FakeQ4M())`` and to check the native call sequence without a server:
 
 * ``queue_wait('t1'[, 't2:cond' ...][, timeout])`` returns the 1-based index of the table a row
-  came from, 0 on timeout (owner mode is entered all the same), NULL for an unknown or non-QUEUE
-  table, a bad condition or a condition on a non-integer column; it blocks up to ``timeout``;
-* the owner sees only its row (other queue tables look empty); others see unowned rows, and
-  ``COUNT(*)`` counts every row;
+  came from, 0 on timeout (owner mode is entered all the same), NULL for an unknown, non-QUEUE
+  or other database's table (``'db.t'`` works for the current database ``test`` only), a bad
+  condition or a condition on a column the engine cannot read; it blocks up to ``timeout``;
+* conditions follow the engine's grammar and arithmetic (:class:`_Parser`): a backquoted column
+  is matched by prefix, ``div``/``mod`` only in lower case, no ``/``, C's ``%`` and ``div``,
+  SQL's NULLs except that ``NULL AND TRUE`` is 0; integer and DATE columns only;
+* the owner sees only its row (other queue tables look empty); others see unowned rows, a plain
+  ``COUNT(*)`` counts every row and one with ``WHERE`` only the unowned ones; the owner may
+  ``DELETE`` its row (and a ``queue_end()`` after that removes the next row, as the engine does);
 * ``queue_wait`` while owning deletes the owned row first; ``queue_end()`` deletes it and leaves
   owner mode; ``queue_abort()`` returns it and is error 1123 when not in owner mode;
-* a closed connection returns its row; COMMIT/ROLLBACK change nothing (no transactions);
-* keys, indexes and AUTO_INCREMENT in ``CREATE TABLE ... ENGINE=QUEUE`` fail with 1069 / 1164.
+* a closed connection returns its row; COMMIT/ROLLBACK act on non-QUEUE tables only;
+* keys, indexes and AUTO_INCREMENT in ``CREATE TABLE ... ENGINE=QUEUE`` fail with 1069 / 1164,
+  UPDATE with 1031; ``queue_rowid`` rises per table; ``queue_stats``, ``queue_compact`` and
+  ``queue_set_srcid`` (``'a'`` drops a relayed row seen before, ``'w'`` resets) exist.
 
 Every statement is recorded in :attr:`FakeQ4M.log`; what the spec says a client must never do
 (``queue_wait`` while owning, anything but leaving owner mode after a timeout) is recorded in

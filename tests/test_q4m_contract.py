@@ -21,7 +21,29 @@ from typing import Any
 import pymysql
 import pytest
 from fake_q4m import FakeQ4M
+from sqlalchemy import BigInteger
+from sqlalchemy import Column
+from sqlalchemy import Engine
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import Table
+from sqlalchemy import and_
+from sqlalchemy import create_engine
+from sqlalchemy import delete
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import or_
+from sqlalchemy import select
+from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import ColumnElement
+
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.exc import QueueTableError
+from sqlalchemy_q4m.exc import SubscriptionError
+from sqlalchemy_q4m.retry import due_condition
 
 
 @dataclass
@@ -377,3 +399,146 @@ def test_condition(
             assert tuple(str(v) if isinstance(v, dt.date) else v for v in row) == owned
     finally:
         run(conn, "SELECT queue_abort()")
+
+
+# -- where= through the library, on both backends -------------------------------------------
+
+where_md = MetaData()
+where_jobs = queue_table(
+    f"ct_where_{uuid.uuid4().hex[:8]}",
+    where_md,
+    Column("tag", Integer, nullable=False),
+    Column("x", Integer),
+    Column("y", Integer),
+)
+X, Y = where_jobs.c.x, where_jobs.c.y
+#: tag -> (x, y): negative values and NULLs, where C and SQL, Q4M and MariaDB could differ
+ROWS = {1: (-7, 1), 2: (-6, None), 3: (-5, 0), 4: (None, 1), 5: (1, None), 6: (1, 1)}
+ROWS |= {7: (4, 2), 8: (5, 3), 9: (7, -1)}
+
+#: condition -> the tags SQL selects (checked against MariaDB itself as well)
+WHERE: list[tuple[str, ColumnElement[bool], set[int]]] = [
+    ("floordiv", X // 2 == -3, {2, 3}),  # FLOOR(-7 / 2) is -4; C's -7 div 2 is -3
+    ("floordiv-ge", X // 2 >= 2, {7, 8, 9}),
+    ("floordiv-negative", X // -2 == 3, {1, 2}),
+    ("floordiv-column", X // Y == -7, {1, 9}),  # y = 0 or NULL: NULL
+    ("mod", X % 2 == -1, {1, 3}),
+    ("ne-null", X != 5, {1, 2, 3, 5, 6, 7, 9}),
+    ("not-and-null", ~and_(X == 1, Y == 1), {1, 2, 3, 7, 8, 9}),  # NULL AND TRUE is NULL
+    ("not-in", X.not_in([1, 5]), {1, 2, 3, 7, 9}),
+    ("and-is-null", and_(X == 1, Y == 1).is_(None), {4, 5}),
+    ("or-null", or_(X > 4, Y < 0), {8, 9}),
+    ("arithmetic", X * 2 + Y > 5, {7, 8, 9}),
+    ("mask", X.bitwise_and(4) != 0, {7, 8, 9}),
+    ("is-null", X.is_(None), {4}),
+    ("negated", ~(Y == 1), {3, 7, 8, 9}),
+]
+
+
+@pytest.fixture(scope="module")
+def both_backends(q4m_url: URL, db_url: URL) -> Iterator[dict[str, Engine]]:
+    engines = {
+        "native": create_engine(q4m_url, poolclass=NullPool),
+        "portable": create_engine(db_url, poolclass=NullPool),
+    }
+    for eng in engines.values():
+        where_md.create_all(eng)
+    yield engines
+    for eng in engines.values():
+        where_md.drop_all(eng)
+        eng.dispose()
+
+
+def refill(eng: Engine) -> None:
+    with eng.begin() as conn:
+        conn.execute(delete(where_jobs))
+        conn.execute(insert(where_jobs), [{"tag": t, "x": x, "y": y} for t, (x, y) in ROWS.items()])
+
+
+def claim_all(eng: Engine, backend: str, where: Any) -> set[int]:
+    refill(eng)
+    tags: set[int] = set()
+    for _ in ROWS:
+        with queue_session(where_jobs, where=where, bind=eng, timeout=0, backend=backend) as job:
+            if job is None:
+                break
+            assert job.tag not in tags
+            tags.add(job.tag)
+    return tags
+
+
+@pytest.mark.native
+@pytest.mark.integration
+@pytest.mark.parametrize(("where", "expected"), [w[1:] for w in WHERE], ids=[w[0] for w in WHERE])
+def test_where_owns_the_same_rows_on_both_backends(
+    both_backends: dict[str, Engine], where: ColumnElement[bool], expected: set[int]
+) -> None:
+    refill(both_backends["portable"])
+    with both_backends["portable"].connect() as conn:  # the oracle: MariaDB's own WHERE
+        assert set(conn.scalars(select(where_jobs.c.tag).where(where))) == expected
+    assert claim_all(both_backends["portable"], "portable", where) == expected
+    assert claim_all(both_backends["native"], "native", where) == expected
+
+
+@pytest.fixture
+def q4m(q4m_url: URL) -> Iterator[Engine]:
+    eng = create_engine(q4m_url, poolclass=NullPool)
+    yield eng
+    eng.dispose()
+
+
+def raw_queue_table(eng: Engine, columns: str) -> Table:
+    """A QUEUE table made outside the library (or before this release), and its Table."""
+    name = f"ct_raw_{uuid.uuid4().hex[:8]}"
+    with eng.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {name} ({columns}) ENGINE=QUEUE"))
+    return Table(name, MetaData(), autoload_with=eng, mysql_engine="QUEUE")
+
+
+@pytest.mark.native
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("columns", "rows", "condition"),
+    [
+        ("nx INT, n INT", [(7, 1), (1, 9)], lambda t: t.c.n >= 5),
+        ("priority_boost INT, priority INT", [(9, 1), (0, 7)], lambda t: t.c.priority >= 5),
+        ("run_at_ms BIGINT, run_at BIGINT", [(2**42, 0)], lambda t: due_condition(t)),
+    ],
+    ids=["n-reads-nx", "priority-reads-priority_boost", "run_at-reads-run_at_ms"],
+)
+def test_a_prefix_shadowed_condition_is_refused_on_the_engine(
+    q4m: Engine, columns: str, rows: list[tuple[int, int]], condition: Any
+) -> None:
+    """The engine resolves `n` to the earlier `nx`: without the check the session owned the
+    row where nx >= 5 (and a worker's run_at <= now read run_at_ms, so due jobs never ran)."""
+    table = raw_queue_table(q4m, columns)
+    try:
+        first, second = (c.name for c in table.columns)
+        with q4m.begin() as conn:
+            conn.execute(insert(table), [{first: a, second: b} for a, b in rows])
+        with (
+            pytest.raises(SubscriptionError, match=f"reads '{first}'"),
+            queue_session(table, where=condition(table), bind=q4m, timeout=0) as job,
+        ):
+            pytest.fail(f"owned {job!r}")
+        with q4m.connect() as conn:  # nothing was taken
+            assert conn.scalar(select(func.count()).select_from(table)) == len(rows)
+    finally:
+        table.drop(q4m)
+
+
+@pytest.mark.native
+@pytest.mark.integration
+def test_a_table_shadowing_a_library_column_is_not_created(q4m: Engine) -> None:
+    md = MetaData()
+    Table(
+        f"ct_shadow_{uuid.uuid4().hex[:8]}",
+        md,
+        Column("run_at_ms", BigInteger),
+        Column("run_at", BigInteger),
+        mysql_engine="QUEUE",
+    )
+    with pytest.raises(QueueTableError, match="'run_at_ms' shadows 'run_at'"):
+        md.create_all(q4m)
+    with q4m.connect() as conn:
+        assert not conn.dialect.has_table(conn, next(iter(md.tables)))
