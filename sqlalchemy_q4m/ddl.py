@@ -22,11 +22,16 @@ import uuid
 from typing import Any
 from typing import ClassVar
 
+from sqlalchemy import Boolean
 from sqlalchemy import Column
 from sqlalchemy import Connection
+from sqlalchemy import Date
+from sqlalchemy import DateTime
 from sqlalchemy import ForeignKeyConstraint
+from sqlalchemy import Integer
 from sqlalchemy import MetaData
 from sqlalchemy import Table
+from sqlalchemy import Time
 from sqlalchemy import event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.compiler import compiles
@@ -42,7 +47,10 @@ from sqlalchemy.schema import UniqueConstraint
 from sqlalchemy.sql.compiler import DDLCompiler
 
 from .exc import QueueTableError
+from .retry import ATTEMPTS
+from .retry import PRIORITY
 from .retry import PRIORITY_INFO_KEY
+from .retry import RUN_AT
 from .server import BackendName
 from .server import backend_for_dialect
 from .server import detect_backend
@@ -58,6 +66,7 @@ __all__ = [
     "job_id_column",
     "queue_table",
     "queue_table_problems",
+    "shadowing_columns",
     "validate_name",
 ]
 
@@ -83,6 +92,40 @@ def validate_name(name: str, what: str = "table") -> str:
             "not starting with a digit, at most 64 characters"
         )
     return name
+
+
+def shadowing_columns(table: Table, name: str) -> list[Column[Any]]:
+    """The other columns of ``table`` a Q4M condition on ``name`` could read instead.
+
+    Q4M resolves a condition column by comparing only ``len(name)`` characters,
+    case-insensitively, with the table's condition-capable columns (integers, and DATE or
+    old-format date/time columns) in the server's column order, so ``n`` reads an ``nx``
+    placed before it.  The model's order need not be the server's (``ALTER TABLE ADD COLUMN``
+    appends), so every longer such column counts, wherever it is declared.
+    """
+    prefix = name.lower()
+    return [
+        column
+        for column in table.columns
+        if column.name.lower() != prefix
+        and column.name.lower().startswith(prefix)
+        and isinstance(
+            getattr(column.type, "impl_instance", column.type),
+            Integer | Boolean | Date | DateTime | Time,
+        )
+    ]
+
+
+def _library_column_problems(table: Table) -> list[str]:
+    """The library's condition columns (``run_at``, ...) a user's column would shadow."""
+    return [
+        f"column {other.name!r} shadows {name!r} in Q4M conditions (Q4M matches condition "
+        f"columns by prefix, so a condition on {name!r} would read {other.name!r}): rename "
+        f"{other.name!r} so that it does not start with {name!r}"
+        for name in (RUN_AT, ATTEMPTS, PRIORITY)
+        if name in table.columns
+        for other in shadowing_columns(table, name)
+    ]
 
 
 def job_id_column(name: str = JOB_ID) -> Column[uuid.UUID]:
@@ -123,6 +166,7 @@ def queue_table(name: str, metadata: MetaData, *args: SchemaItem, **kw: Any) -> 
     validate_name(name)
     table = Table(name, metadata, job_id_column(), *args, **kw)
     _mark(table)
+    _refuse_shadowed(table)
     return table
 
 
@@ -150,6 +194,13 @@ class QueueMixin:
         if isinstance(table, Table):
             validate_name(table.name)
             _mark(table)
+            _refuse_shadowed(table)
+
+
+def _refuse_shadowed(table: Table) -> None:
+    problems = _library_column_problems(table)
+    if problems:
+        raise QueueTableError(f"queue table {table.name!r}: " + "; ".join(problems))
 
 
 def _describe(item: SchemaItem) -> str:
@@ -186,6 +237,7 @@ def queue_table_problems(table: Table) -> list[str]:
             problems.append(f"AUTO_INCREMENT column {column.name!r}")
         if column.foreign_keys:
             problems.append(f"foreign key on column {column.name!r}")
+    problems.extend(_library_column_problems(table))
     for index in table.indexes:
         problems.append(f"index {index.name!r} (Q4M tables hold no indexes)")
     for constraint in table.constraints:

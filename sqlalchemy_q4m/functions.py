@@ -45,6 +45,7 @@ from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.functions import GenericFunction
 
 from .ddl import is_queue_table
+from .ddl import shadowing_columns
 from .ddl import validate_name
 from .exc import QueueTableError
 from .exc import SubscriptionError
@@ -135,64 +136,67 @@ _BINARY_OPS: dict[Callable[..., Any], str] = {
     operators.add: "+",
     operators.sub: "-",
     operators.mul: "*",
-    operators.truediv: "/",
-    operators.floordiv: "DIV",
     operators.mod: "%",
     operators.bitwise_and_op: "&",
-    operators.bitwise_or_op: "|",
-    operators.bitwise_xor_op: "^",
-    operators.bitwise_lshift_op: "<<",
-    operators.bitwise_rshift_op: ">>",
     operators.and_: "AND",
     operators.or_: "OR",
 }
 _IS_OPS: dict[Callable[..., Any], str] = {operators.is_: "IS", operators.is_not: "IS NOT"}
-_UNARY_OPS: dict[Callable[..., Any], str] = {
-    operators.neg: "-",
-    operators.inv: "NOT ",
-    operators.bitwise_not_op: "~",
+#: What both backends cannot agree on, refused with the reason.  MariaDB computes bitwise
+#: operators as UNSIGNED BIGINT and Q4M as signed C integers, so on negative values they
+#: disagree (``-8 >> 1``, ``~7``, ``-1 | 0``); ``&`` with a non-negative mask is safe.
+_UNSIGNED = (
+    "bitwise {op} is computed as UNSIGNED BIGINT by MariaDB but signed by Q4M, so the two "
+    "backends would disagree on negative values; test bits with "
+    "col.bitwise_and(<non-negative mask>)"
+)
+_REFUSED: dict[Callable[..., Any], str] = {
+    operators.truediv: "true division '/' does not exist in Q4M conditions; use '//' (floor "
+    "division) or compare multiplied values",
+    operators.bitwise_or_op: _UNSIGNED,
+    operators.bitwise_xor_op: _UNSIGNED,
+    operators.bitwise_lshift_op: _UNSIGNED,
+    operators.bitwise_rshift_op: _UNSIGNED,
+    operators.bitwise_not_op: _UNSIGNED,
 }
-_INT_LIMIT = 2**63
-_SAFE = re.compile(r"^[A-Za-z0-9_$`=!<>&|^~%+*/() -]*$")
+_UNARY_OPS: dict[Callable[..., Any], str] = {operators.neg: "-", operators.inv: "NOT "}
+#: Q4M parses a literal as an unsigned 64-bit number and negates it, so -2**63 is not one.
+_INT_LIMIT = 2**63 - 1
+_SAFE = re.compile(r"^[A-Za-z0-9_$`=!<>&|^~%+*() -]*$")
 
 
 def _fail(table: Table, message: str) -> SubscriptionError:
     return SubscriptionError(f"subscription on {table.name!r}: {message}")
 
 
-def _render(element: ClauseElement, table: Table) -> str:
+def _render(element: ClauseElement, table: Table, truth: bool = False) -> str:
+    """Render ``element``; ``truth`` is True where only its truth matters (the whole
+    condition, and AND/OR operands there), False where NULL and FALSE must stay apart."""
     if isinstance(element, Grouping):
-        return "(" + _render(element.element, table) + ")"  # type: ignore[arg-type]
+        return "(" + _render(element.element, table, truth) + ")"  # type: ignore[arg-type]
     if isinstance(element, BooleanClauseList | ClauseList):
         op = _BINARY_OPS.get(element.operator) if element.operator else None
         if op not in ("AND", "OR"):
             raise _fail(table, f"unsupported list operator {element.operator!r}")
-        parts = [_render(clause, table) for clause in element.clauses]
+        parts = [_render(clause, table, truth) for clause in element.clauses]
         if not parts:
             raise _fail(table, "empty AND/OR")
+        if op == "AND" and not truth:
+            return _and_3vl(parts)
         return "(" + f" {op} ".join(parts) + ")"
     if isinstance(element, BinaryExpression):
-        if element.operator in _IS_OPS:
-            right = element.right
-            word = {Null: "NULL", True_: "TRUE", False_: "FALSE"}.get(type(right))
-            if word is None:
-                raise _fail(table, "IS / IS NOT takes only NULL, TRUE or FALSE")
-            return f"{_render(element.left, table)} {_IS_OPS[element.operator]} {word}"
-        if element.operator in (operators.in_op, operators.not_in_op):
-            return _render_in(element, table)
-        op = _BINARY_OPS.get(element.operator)
-        if op is None:
-            name = getattr(element.operator, "__name__", repr(element.operator))
-            raise _fail(table, f"operator {name!r} is not available in Q4M conditions")
-        return f"({_render(element.left, table)} {op} {_render(element.right, table)})"
+        return _render_binary(element, table)
     if isinstance(element, AsBoolean):  # a Boolean column used as a condition, or its NOT
         inner = _render(element.element, table)
-        return inner if element.operator is operators.is_true else f"NOT ({inner})"
+        return inner if element.operator is operators.is_true else _not(inner, truth)
     if isinstance(element, UnaryExpression):
+        if element.operator in _REFUSED:
+            raise _fail(table, _REFUSED[element.operator].format(op="'~'"))
         op = _UNARY_OPS.get(element.operator) if element.operator else None
         if op is None or element.modifier is not None:
             raise _fail(table, f"unsupported unary construct {element!s}")
-        return f"{op}({_render(element.element, table)})"
+        inner = _render(element.element, table)
+        return _not(inner, truth) if op == "NOT " else f"{op}({inner})"
     if isinstance(element, BindParameter):
         if element.required:  # bindparam("x") without a value would silently become NULL
             raise _fail(table, f"parameter {element.key!r} has no value")
@@ -212,15 +216,75 @@ def _render(element: ClauseElement, table: Table) -> str:
     )
 
 
+def _not(inner: str, truth: bool) -> str:
+    # Q4M's grammar takes NOT only before a comparison, not as an operand: wrap it there.
+    return f"NOT ({inner})" if truth else f"(NOT ({inner}))"
+
+
+def _and_3vl(parts: list[str]) -> str:
+    """``a AND b`` where its NULL matters: Q4M's AND answers 0 for ``NULL AND TRUE`` (SQL: NULL),
+    so ``NOT (a AND b)`` would own rows MariaDB does not; NOT and OR follow SQL, so spell it
+    ``NOT (NOT a OR NOT b)``."""
+    return "(NOT (" + " OR ".join(f"NOT ({p})" for p in parts) + "))"
+
+
+def _render_binary(element: BinaryExpression[Any], table: Table) -> str:
+    operator = element.operator
+    if operator in _IS_OPS:
+        word = {Null: "NULL", True_: "TRUE", False_: "FALSE"}.get(type(element.right))
+        if word is None:
+            raise _fail(table, "IS / IS NOT takes only NULL, TRUE or FALSE")
+        return f"{_render(element.left, table)} {_IS_OPS[operator]} {word}"
+    if operator in (operators.in_op, operators.not_in_op):
+        return _render_in(element, table)
+    if operator in _REFUSED:
+        symbol = {operators.bitwise_or_op: "'|'", operators.bitwise_xor_op: "'^'"}.get(
+            operator, "shift"
+        )
+        raise _fail(table, _REFUSED[operator].format(op=symbol))
+    op = "div" if operator is operators.floordiv else _BINARY_OPS.get(operator)
+    if op is None:
+        name = getattr(operator, "__name__", repr(operator))
+        raise _fail(table, f"operator {name!r} is not available in Q4M conditions")
+    left, right = _render(element.left, table), _render(element.right, table)
+    if op == "div":
+        return _floordiv(left, right, element.right)
+    if operator is operators.bitwise_and_op and not (
+        _non_negative_literal(element.left) or _non_negative_literal(element.right)
+    ):
+        raise _fail(table, _REFUSED[operators.bitwise_or_op].format(op="'&' of two columns"))
+    return f"({left} {op} {right})"
+
+
+def _non_negative_literal(element: Any) -> bool:
+    value = element.effective_value if isinstance(element, BindParameter) else None
+    return isinstance(value, int) and value >= 0
+
+
+def _floordiv(left: str, right: str, divisor: Any) -> str:
+    """``a // b`` as MariaDB computes it for the portable backend (``FLOOR(a / b)``), with
+    Q4M's ``div`` (lower case: ``DIV`` is not Q4M syntax), which truncates like C: subtract 1
+    when the remainder is non-zero and its sign differs from the divisor's."""
+    base = f"({left} div {right})"
+    value = divisor.effective_value if isinstance(divisor, BindParameter) else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value == 0:
+            return base  # NULL, as FLOOR(a / 0) is
+        sign = "<" if value > 0 else ">"
+        return f"({base} - (({left} % {right}) {sign} 0))"
+    return f"({base} - ((({left} % {right}) != 0) * ((({left} % {right}) < 0) != ({right} < 0))))"
+
+
 def _render_in(element: BinaryExpression[Any], table: Table) -> str:
     right = element.right
     values = right.effective_value if isinstance(right, BindParameter) else None
     if not isinstance(values, list | tuple) or not values:
         raise _fail(table, "IN takes a non-empty list of integers")
     left = _render(element.left, table)
+    alternatives = "(" + " OR ".join(f"{left} = {_render_value(v, table)}" for v in values) + ")"
     if element.operator is operators.in_op:
-        return "(" + " OR ".join(f"{left} = {_render_value(v, table)}" for v in values) + ")"
-    return "(" + " AND ".join(f"{left} != {_render_value(v, table)}" for v in values) + ")"
+        return alternatives
+    return f"(NOT {alternatives})"  # NOT and OR keep SQL's NULLs on Q4M; AND does not
 
 
 def _render_value(value: Any, table: Table) -> str:
@@ -228,9 +292,13 @@ def _render_value(value: Any, table: Table) -> str:
         return "NULL"
     if isinstance(value, bool):
         return "1" if value else "0"
-    if isinstance(value, int) and -_INT_LIMIT <= value < _INT_LIMIT:
+    if isinstance(value, int) and -_INT_LIMIT <= value <= _INT_LIMIT:
         return str(value)
-    raise _fail(table, f"literal {value!r} is not a 64-bit integer (Q4M compares integers only)")
+    raise _fail(
+        table,
+        f"literal {value!r} is not an integer between -(2**63 - 1) and 2**63 - 1 (Q4M compares "
+        "64-bit integers only)",
+    )
 
 
 def _render_column(column: ColumnClause[Any], table: Table) -> str:
@@ -248,6 +316,15 @@ def _render_column(column: ColumnClause[Any], table: Table) -> str:
             f"column {column.name!r} is {column.type!s}: Q4M conditions can only test "
             "integer columns",
         )
+    shadows = shadowing_columns(table, column.name)
+    if shadows:
+        others = ", ".join(repr(c.name) for c in shadows)
+        raise _fail(
+            table,
+            f"Q4M matches condition columns by prefix: a condition on {column.name!r} reads "
+            f"{others} instead wherever that column comes first in the server's table; rename "
+            f"{others} (or {column.name!r}) so that neither name starts with the other",
+        )
     return f"`{column.name}`"
 
 
@@ -260,7 +337,7 @@ def render_condition(condition: ColumnElement[Any], table: Table) -> str:
     condition = _as_clause(condition)
     if not isinstance(condition, ClauseElement):
         raise _fail(table, f"condition must be a SQLAlchemy expression, not {condition!r}")
-    rendered = _render(condition, table)
+    rendered = _render(condition, table, truth=True)
     if not _SAFE.match(rendered):  # defence in depth: nothing but the grammar above
         raise _fail(table, f"refusing unexpected characters in {rendered!r}")
     return rendered

@@ -1,18 +1,26 @@
-"""A fake DBAPI module that answers like a MySQL 8.0 server with the Q4M engine.
+"""A fake DBAPI module that answers like a MariaDB server with the Q4M engine.
 
-It behaves as the "Observed answers" table of ``docs/q4m.md`` says, closely enough to drive the
-real :func:`sqlalchemy_q4m.queue_session` through ``create_engine("mysql+pymysql://...",
+It answers as the real engine does; ``tests/test_q4m_contract.py`` runs the same tests against
+both, so the two cannot drift.  It is close enough to drive the real
+:func:`sqlalchemy_q4m.queue_session` through ``create_engine("mysql+pymysql://...",
 module=FakeQ4M())`` and to check the native call sequence without a server:
 
 * ``queue_wait('t1'[, 't2:cond' ...][, timeout])`` returns the 1-based index of the table a row
-  came from, 0 on timeout (owner mode is entered all the same), NULL for an unknown or non-QUEUE
-  table, a bad condition or a condition on a non-integer column; it blocks up to ``timeout``;
-* the owner sees only its row (other queue tables look empty); others see unowned rows, and
-  ``COUNT(*)`` counts every row;
+  came from, 0 on timeout (owner mode is entered all the same), NULL for an unknown, non-QUEUE
+  or other database's table (``'db.t'`` works for the current database ``test`` only), a bad
+  condition or a condition on a column the engine cannot read; it blocks up to ``timeout``;
+* conditions follow the engine's grammar and arithmetic (:class:`_Parser`): a backquoted column
+  is matched by prefix, ``div``/``mod`` only in lower case, no ``/``, C's ``%`` and ``div``,
+  SQL's NULLs except that ``NULL AND TRUE`` is 0; integer and DATE columns only;
+* the owner sees only its row (other queue tables look empty); others see unowned rows, a plain
+  ``COUNT(*)`` counts every row and one with ``WHERE`` only the unowned ones; the owner may
+  ``DELETE`` its row (and a ``queue_end()`` after that removes the next row, as the engine does);
 * ``queue_wait`` while owning deletes the owned row first; ``queue_end()`` deletes it and leaves
   owner mode; ``queue_abort()`` returns it and is error 1123 when not in owner mode;
-* a closed connection returns its row; COMMIT/ROLLBACK change nothing (no transactions);
-* keys, indexes and AUTO_INCREMENT in ``CREATE TABLE ... ENGINE=QUEUE`` fail with 1069 / 1164.
+* a closed connection returns its row; COMMIT/ROLLBACK act on non-QUEUE tables only;
+* keys, indexes and AUTO_INCREMENT in ``CREATE TABLE ... ENGINE=QUEUE`` fail with 1069 / 1164,
+  UPDATE with 1031; ``queue_rowid`` rises per table; ``queue_stats``, ``queue_compact`` and
+  ``queue_set_srcid`` (``'a'`` drops a relayed row seen before, ``'w'`` resets) exist.
 
 Every statement is recorded in :attr:`FakeQ4M.log`; what the spec says a client must never do
 (``queue_wait`` while owning, anything but leaving owner mode after a timeout) is recorded in
@@ -21,6 +29,7 @@ Every statement is recorded in :attr:`FakeQ4M.log`; what the spec says a client 
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import re
 import threading
@@ -71,6 +80,9 @@ class NotSupportedError(DatabaseError):
 
 
 _INT_TYPES = ("INT", "INTEGER", "BIGINT", "SMALLINT", "TINYINT", "MEDIUMINT", "BOOL", "BOOLEAN")
+#: What a MariaDB Q4M table can test in a condition: integers and DATE (NEWDATE); DATETIME,
+#: TIMESTAMP and TIME are MariaDB's new binary formats, which the engine cannot read.
+_CONDITION_TYPES = (*_INT_TYPES, "DATE")
 _NAME = r"`?([A-Za-z_][A-Za-z0-9_$]*)`?"
 
 
@@ -78,9 +90,27 @@ _NAME = r"`?([A-Za-z_][A-Za-z0-9_$]*)`?"
 class Table:
     name: str
     columns: list[str]
-    int_columns: set[str]
+    condition_columns: list[str]
     queue: bool
     rows: list[dict[str, Any]] = field(default_factory=list)
+    rowids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    sources: dict[int, int] = field(default_factory=dict)
+    stats: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(
+            (
+                "rows_written",
+                "rows_removed",
+                "wait_immediate",
+                "wait_delayed",
+                "wait_timeout",
+                "restored_by_abort",
+                "restored_by_close",
+                "bytes_total",
+                "bytes_removed",
+            ),
+            0,
+        )
+    )
 
 
 @dataclass
@@ -144,7 +174,7 @@ class FakeQ4M:
             table = Table(
                 name,
                 list(columns),
-                {c for c, t in columns.items() if t.upper().split("(")[0] in _INT_TYPES},
+                [c for c, t in columns.items() if t.upper().split("(")[0] in _CONDITION_TYPES],
                 queue,
             )
             self.tables[name] = table
@@ -185,9 +215,10 @@ class FakeQ4M:
 
     def _insert(self, table: Table, values: dict[str, Any]) -> None:
         row = {c: values.get(c) for c in table.columns}
-        row["_seq"] = next(self._seq)
+        row["_seq"] = next(table.rowids) if table.queue else next(self._seq)
         row["_owner"] = None
         table.rows.append(row)
+        table.stats["rows_written"] += 1
         self.cond.notify_all()
 
     def _record(self, conn: FakeConnection, kind: str, text: str) -> None:
@@ -208,9 +239,10 @@ class FakeQ4M:
                     conn._close_locked()
                 raise error
 
-    def _return_owned(self, conn: FakeConnection) -> None:
+    def _return_owned(self, conn: FakeConnection, why: str = "abort") -> None:
         if conn.owned is not None:
             conn.owned[1]["_owner"] = None
+            conn.owned[0].stats[f"restored_by_{why}"] += 1
             self.cond.notify_all()
         conn.owned = None
         conn.owner_mode = False
@@ -218,7 +250,13 @@ class FakeQ4M:
     def _delete_owned(self, conn: FakeConnection) -> None:
         if conn.owned is not None:
             table, row = conn.owned
-            table.rows.remove(row)
+            if row in table.rows:
+                table.rows.remove(row)
+            else:  # the owner DELETEd it: the engine's queue_end() removes the next row
+                later = [r for r in table.rows if r["_seq"] > row["_seq"] and not r["_owner"]]
+                if later:
+                    table.rows.remove(later[0])
+            table.stats["rows_removed"] += 1
         conn.owned = None
         conn.owner_mode = False
 
@@ -230,6 +268,16 @@ class FakeConnection:
         self.closed = False
         self.owner_mode = False
         self.owned: tuple[Table, dict[str, Any]] | None = None
+        self.autocommit_mode = False
+        #: what ROLLBACK undoes on non-QUEUE tables: ("insert" | "delete", table, row)
+        self.undo: list[tuple[str, Table, dict[str, Any]]] = []
+        self.srcid: tuple[int, str, int] | None = None
+
+    def autocommit(self, value: bool) -> None:
+        self.autocommit_mode = bool(value)
+
+    def get_autocommit(self) -> bool:
+        return self.autocommit_mode
 
     def cursor(self) -> FakeCursor:
         if self.closed:
@@ -240,11 +288,22 @@ class FakeConnection:
         with self.server.cond:
             self._check_open()
             self.server._record(self, "commit", "COMMIT")
+            self.undo.clear()
 
     def rollback(self) -> None:
         with self.server.cond:
             self._check_open()
             self.server._record(self, "rollback", "ROLLBACK")
+            self._rollback_locked()
+
+    def _rollback_locked(self) -> None:
+        """Undo this transaction's writes to non-QUEUE tables (QUEUE rows stay)."""
+        for action, table, row in reversed(self.undo):
+            if action == "insert" and row in table.rows:
+                table.rows.remove(row)
+            elif action == "delete":
+                table.rows.append(row)
+        self.undo.clear()
 
     def close(self) -> None:
         with self.server.cond:
@@ -253,7 +312,8 @@ class FakeConnection:
             self._close_locked()
 
     def _close_locked(self) -> None:
-        self.server._return_owned(self)
+        self._rollback_locked()
+        self.server._return_owned(self, "close")
         self.closed = True
 
     def ping(self, reconnect: bool = False) -> None:
@@ -317,9 +377,9 @@ class FakeCursor:
         server, conn = self.server, self.conn
         self.description, self._rows, self.rowcount = None, [], 0
         upper = sql.upper()
-        m = re.fullmatch(r"SELECT (queue_\w+)\((.*)\) AS (\w+)", sql, re.IGNORECASE)
+        m = re.fullmatch(r"SELECT (queue_\w+)\((.*)\)(?: AS (\w+))?", sql, re.IGNORECASE)
         if m:
-            name, label = m.group(1).lower(), m.group(3)
+            name, label = m.group(1).lower(), m.group(3) or sql[len("SELECT ") :]
             args = _arguments(m.group(2), params)
             text = f"{name}({', '.join(repr(a) for a in args)})"
             value = self._function(name, args, text)
@@ -338,7 +398,7 @@ class FakeCursor:
             self._select(sql)
         elif upper.startswith("CREATE TABLE"):
             self._create(sql)
-        elif re.fullmatch(r"DELETE FROM " + _NAME, sql, re.IGNORECASE):
+        elif re.fullmatch(r"DELETE FROM " + _NAME + r"(?: WHERE .*)?", sql, re.IGNORECASE):
             self._delete(sql)
         elif upper.startswith(("UPDATE", "DELETE")):
             server._record(conn, "other", sql)
@@ -379,7 +439,11 @@ class FakeCursor:
         elif "INFORMATION_SCHEMA.ENGINES" in upper:
             rows = [("YES",)] if self.server.queue_engine else []
             self._result(["SUPPORT"], rows)
-        elif upper.startswith(("SET ", "ROLLBACK", "COMMIT", "BEGIN", "START TRANSACTION")):
+        elif upper.startswith("ROLLBACK"):
+            self.conn._rollback_locked()
+        elif upper.startswith(("COMMIT", "BEGIN", "START TRANSACTION")):
+            self.conn.undo.clear()  # BEGIN commits what was open, as MySQL does
+        elif upper.startswith("SET "):
             pass
         elif upper.startswith("DESCRIBE"):
             m = re.match(r"DESCRIBE (?:`?\w+`?\.)?" + _NAME, sql, re.IGNORECASE)
@@ -419,18 +483,31 @@ class FakeCursor:
         self.server.add_table(name, columns, queue)
 
     def _delete(self, sql: str) -> None:
-        """``DELETE FROM t`` (no WHERE): removes the rows this connection can see."""
-        m = re.fullmatch(r"DELETE FROM " + _NAME, sql, re.IGNORECASE)
+        """``DELETE FROM t [WHERE col <op> n]``: removes the matching rows this connection
+        sees (the owner its own row only; others never an owned row)."""
+        m = re.fullmatch(r"DELETE FROM " + _NAME + r"(?: WHERE (.*))?", sql, re.IGNORECASE)
         assert m is not None
         self.server._record(self.conn, "other", sql)
         table = self.server.tables.get(m.group(1))
         if table is None:
             raise ProgrammingError(1146, f"Table '{m.group(1)}' doesn't exist")
-        gone = [r for r in table.rows if r["_owner"] in (None, self.conn.id)]
-        table.rows = [r for r in table.rows if r not in gone]
-        if self.conn.owned is not None and self.conn.owned[1] in gone:
-            self.conn.owned = None
+        test = _sql_where(m.group(2)) if m.group(2) else (lambda row: True)
+        gone = [r for r in self._visible(table) if test(r)]
+        table.rows = [r for r in table.rows if not any(r is g for g in gone)]
+        if table.queue:
+            table.stats["rows_removed"] += len(gone)
+        elif not self.conn.autocommit_mode:
+            self.conn.undo.extend(("delete", table, r) for r in gone)
         self.rowcount = len(gone)
+
+    def _visible(self, table: Table) -> list[dict[str, Any]]:
+        conn = self.conn
+        if table.queue and conn.owner_mode:
+            owned = conn.owned[1] if conn.owned is not None and conn.owned[0] is table else None
+            return [owned] if owned is not None and owned in table.rows else []
+        if table.queue:
+            return [r for r in table.rows if r["_owner"] is None]
+        return list(table.rows)
 
     def _insert(self, sql: str, params: tuple[Any, ...]) -> None:
         m = re.fullmatch(r"INSERT INTO " + _NAME + r" \((.*?)\) VALUES \((.*)\)", sql, re.I)
@@ -440,11 +517,20 @@ class FakeCursor:
         table = self.server.tables[m.group(1)]
         self.server._record(self.conn, "insert", f"INSERT {table.name}")
         columns = [c.strip().strip("`") for c in m.group(2).split(",")]
+        if table.queue and self.conn.srcid is not None:
+            source, mode, rowid = self.conn.srcid
+            self.conn.srcid = None
+            if mode == "a" and rowid <= table.sources.get(source, 0):
+                self.rowcount = 1  # a relayed row seen before: dropped without a word
+                return
+            table.sources[source] = rowid
         self.server._insert(table, dict(zip(columns, params, strict=True)))
+        if not table.queue and not self.conn.autocommit_mode:
+            self.conn.undo.append(("insert", table, table.rows[-1]))
         self.rowcount = 1
 
     def _select(self, sql: str) -> None:
-        m = re.fullmatch(r"SELECT (.*?) FROM " + _NAME + r"(?: AS \w+)?", sql, re.I)
+        m = re.fullmatch(r"SELECT (.*?) FROM " + _NAME + r"(?: AS \w+)?(?: WHERE (.*))?", sql, re.I)
         if not m or m.group(2) not in self.server.tables:
             self.server._record(self.conn, "other", sql)
             raise ProgrammingError(1146, f"fake Q4M: cannot answer {sql!r}")
@@ -452,14 +538,13 @@ class FakeCursor:
         self.server._record(self.conn, "select", f"SELECT {table.name}")
         items = [i.strip() for i in m.group(1).split(",")]
         conn = self.conn
-        if table.queue and conn.owner_mode:
-            visible = [conn.owned[1]] if conn.owned is not None and conn.owned[0] is table else []
-        elif table.queue:
-            visible = [r for r in table.rows if r["_owner"] is None]
-        else:
-            visible = list(table.rows)
+        visible = self._visible(table)
+        if m.group(3):
+            test = _sql_where(m.group(3))
+            visible = [r for r in visible if test(r)]
         if len(items) == 1 and items[0].lower().startswith("count(*)"):
-            counted = visible if conn.owner_mode else table.rows
+            # a plain COUNT(*) from a non-owner counts owned rows too; with WHERE it does not
+            counted = visible if conn.owner_mode or m.group(3) else table.rows
             label = items[0].split()[-1]
             self._result([label], [(len(counted),)])
             return
@@ -486,6 +571,19 @@ class FakeCursor:
         if name == "queue_end":
             server._delete_owned(conn)
             return 1
+        if name == "queue_compact":
+            return 1 if len(args) == 1 and self._queue_table(args[0]) is not None else None
+        if name == "queue_stats":
+            table = self._queue_table(args[0]) if len(args) == 1 else None
+            if table is None:
+                return None
+            return "".join(f"{k}: {v}\n" for k, v in table.stats.items()).encode()
+        if name == "queue_set_srcid":
+            source, mode, rowid = args
+            if not (0 <= int(source) <= 63 and mode in ("a", "w")):
+                return None
+            conn.srcid = (int(source), mode, int(rowid))
+            return 1
         if name in ("queue_abort", "queue_rowid"):
             if not conn.owner_mode:
                 raise OperationalError(
@@ -496,6 +594,16 @@ class FakeCursor:
             server._return_owned(conn)
             return 1
         raise ProgrammingError(1305, f"FUNCTION {name} does not exist")
+
+    def _queue_table(self, spec: Any) -> Table | None:
+        """``'table'`` or ``'db.table'`` (the current database ``test`` only), if a QUEUE table."""
+        if not isinstance(spec, str):
+            return None
+        database, _, name = spec.rpartition(".")
+        table = self.server.tables.get(name)
+        if database not in ("", "test") or table is None or not table.queue:
+            return None
+        return table
 
     def _wait(self, args: list[Any]) -> int | None:
         server, conn = self.server, self.conn
@@ -511,8 +619,8 @@ class FakeCursor:
             if not isinstance(spec, str):
                 return None
             table_name, _, condition = spec.partition(":")
-            table = server.tables.get(table_name.split(".")[-1])
-            if table is None or not table.queue:
+            table = self._queue_table(table_name)
+            if table is None:
                 return None
             test = _compile_condition(condition, table) if condition else (lambda row: True)
             if test is None:
@@ -560,71 +668,310 @@ def _arguments(text: str, params: tuple[Any, ...]) -> list[Any]:
     return values
 
 
-_TOKEN = re.compile(
-    r"\s*(?:(`[A-Za-z_][A-Za-z0-9_$]*`)|([A-Za-z_][A-Za-z0-9_$]*)|(\d+)|"
-    r"(<=|>=|!=|<>|<<|>>|[=<>+\-*/%&|^~()]))"
-)
-_WORDS = {"AND": " and ", "OR": " or ", "NOT": " not ", "DIV": "//", "MOD": "%", "NULL": "None"}
-_SYMBOLS = {"=": "==", "<>": "!="}
-_IS = {
-    ("NULL",): " is None",
-    ("NOT", "NULL"): " is not None",
-    ("TRUE",): " not in (0, None)",
-    ("NOT", "TRUE"): " in (0, None)",
-    ("FALSE",): " == 0",
-    ("NOT", "FALSE"): " != 0",
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+_RESERVED = ("or", "xor", "and", "not", "is", "true", "false", "null", "div", "mod")
+
+
+def _wrap(value: int) -> int:
+    """A C ``long long``: two's complement, 64 bits."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
+def _truthy(v: int | None) -> bool:
+    return v is not None and v != 0
+
+
+def _c_div(x: int, y: int) -> int:
+    q = abs(x) // abs(y)
+    return _wrap(q if (x < 0) == (y < 0) else -q)
+
+
+def _binary(fn: Any) -> Any:
+    """Q4M's ``binary_op``: NULL if either side is NULL."""
+    return lambda x, y: None if x is None or y is None else fn(x, y)
+
+
+_OPS: dict[str, Any] = {
+    "=": _binary(lambda x, y: int(x == y)),
+    "!=": _binary(lambda x, y: int(x != y)),
+    "<": _binary(lambda x, y: int(x < y)),
+    "<=": _binary(lambda x, y: int(x <= y)),
+    ">": _binary(lambda x, y: int(x > y)),
+    ">=": _binary(lambda x, y: int(x >= y)),
+    "+": _binary(lambda x, y: _wrap(x + y)),
+    "-": _binary(lambda x, y: _wrap(x - y)),
+    "*": _binary(lambda x, y: _wrap(x * y)),
+    "div": _binary(lambda x, y: None if y == 0 else _c_div(x, y)),
+    "%": _binary(lambda x, y: None if y == 0 else _wrap(x - _c_div(x, y) * y)),
+    "|": _binary(lambda x, y: _wrap(x | y)),
+    "&": _binary(lambda x, y: _wrap(x & y)),
+    "^": _binary(lambda x, y: _wrap(x ^ y)),
+    "<<": _binary(lambda x, y: _wrap(x << (y & 63))),
+    ">>": _binary(lambda x, y: x >> (y & 63)),
+    "xor": _binary(lambda x, y: int((x == 0) ^ (y == 0))),
+    # OR follows SQL; AND is NULL only when both sides are (NULL AND 1 is 0, not NULL)
+    "or": lambda x, y: 1 if _truthy(x) or _truthy(y) else (None if None in (x, y) else 0),
+    "and": lambda x, y: None if x is None and y is None else int(_truthy(x) and _truthy(y)),
+    "pow": _binary(lambda x, y: _wrap(int(x**y)) if y >= 0 else 0),
+}
+_UNARY: dict[str, Any] = {
+    "neg": lambda x: None if x is None else _wrap(-x),
+    "inv": lambda x: None if x is None else _wrap(~x),
+    "not": lambda x: None if x is None else int(x == 0),
+    "is true": lambda x: int(_truthy(x)),
+    "is not true": lambda x: int(not _truthy(x)),
+    "is false": lambda x: int(x == 0),
+    "is not false": lambda x: int(x != 0),
+    "is null": lambda x: int(x is None),
+    "is not null": lambda x: int(x is not None),
 }
 
 
-def _compile_condition(condition: str, table: Table) -> Any:
-    """Q4M's condition language as a Python predicate, or None where Q4M answers NULL."""
-    tokens: list[tuple[str, str]] = []
-    pos = 0
-    while pos < len(condition):
-        m = _TOKEN.match(condition, pos)
-        if not m:
-            return None if condition[pos:].strip() else _predicate(tokens, table)
-        kind = ("quoted", "word", "int", "op")[m.lastindex - 1]  # type: ignore[operator]
-        tokens.append((kind, m.group(m.lastindex)))  # type: ignore[arg-type]
-        pos = m.end()
-    return _predicate(tokens, table)
+class _Parser:
+    """Q4M's condition grammar (``queue_cond.cc``): a PEG over characters, keywords with no
+    word boundary, ``div``/``mod`` in lower case only, no ``/``; a backquoted column is the
+    first condition column whose first ``len(name)`` characters equal the name, case-
+    insensitively; a bare one is the longest lower-case column name the text starts with,
+    numbered among the non-reserved names only (as the engine's symbol table does)."""
 
+    def __init__(self, text: str, columns: list[str]) -> None:
+        self.text, self.columns, self.pos = text, columns, 0
+        plain = [c for c in columns if c.lower() not in _RESERVED]
+        self.idents = {name: columns[i] for i, name in enumerate(plain)}
 
-def _predicate(tokens: list[tuple[str, str]], table: Table) -> Any:
-    out: list[str] = []
-    i = 0
-    while i < len(tokens):
-        kind, value = tokens[i]
-        if kind == "word" and value.upper() == "IS":
-            rest = tuple(v.upper() for _, v in tokens[i + 1 : i + 3])
-            for words, python in _IS.items():
-                if rest[: len(words)] == words:
-                    out.append(python)
-                    i += 1 + len(words)
-                    break
+    def parse(self) -> Any:
+        node = self.or_expr()
+        self.skip()
+        return node if node is not None and self.pos == len(self.text) else None
+
+    # -- lexing -----------------------------------------------------------------------------
+
+    def skip(self) -> None:
+        while self.pos < len(self.text) and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def lit(self, word: str, lower: bool = False) -> bool:
+        self.skip()
+        chunk = self.text[self.pos : self.pos + len(word)]
+        if (chunk.lower() if lower else chunk) == word:
+            self.pos += len(word)
+            return True
+        return False
+
+    def attempt(self, fn: Any) -> Any:
+        saved = self.pos
+        result = fn()
+        if result is None:
+            self.pos = saved
+        return result
+
+    # -- grammar ----------------------------------------------------------------------------
+
+    def chain(self, sub: Any, ops: list[tuple[str, bool, str]]) -> Any:
+        left = sub()
+        if left is None:
+            return None
+        while True:
+            for word, lower, op in ops:
+                saved = self.pos
+                if self.lit(word, lower):
+                    right = sub()
+                    if right is not None:
+                        left = ("bin", op, left, right)
+                        break
+                self.pos = saved
             else:
+                return left
+
+    def or_expr(self) -> Any:
+        return self.chain(self.xor_expr, [("||", False, "or"), ("or", True, "or")])
+
+    def xor_expr(self) -> Any:
+        return self.chain(self.and_expr, [("xor", True, "xor")])
+
+    def and_expr(self) -> Any:
+        return self.chain(self.not_expr, [("&&", False, "and"), ("and", True, "and")])
+
+    def not_expr(self) -> Any:
+        def negated() -> Any:
+            if not self.lit("not", True):
                 return None
-            continue
-        if kind == "quoted" or (kind == "word" and value.upper() not in _WORDS):
-            column = value.strip("`")
-            if column not in table.int_columns:
-                return None  # unknown or non-integer column: queue_wait returns NULL
-            out.append(f"_c[{column!r}]")
-        elif kind == "word":
-            out.append(_WORDS[value.upper()])
-        else:
-            out.append(_SYMBOLS.get(value, value))
-        i += 1
-    source = " ".join(out)
-    try:
-        code = compile(source, "<q4m condition>", "eval")
-    except SyntaxError:
+            inner = self.rel_expr()
+            return None if inner is None else ("un", "not", inner)
+
+        return self.attempt(negated) or self.attempt(self.rel_expr)
+
+    def rel_expr(self) -> Any:
+        left = self.bitor_expr()
+        if left is None:
+            return None
+        while True:
+            saved = self.pos
+            for op in ("=", "!=", "<=", "<", ">=", ">"):
+                if self.lit(op):
+                    right = self.bitor_expr()
+                    if right is not None:
+                        left = ("bin", op, left, right)
+                        break
+                self.pos = saved
+            else:
+                test = self.is_test()
+                if test is None:
+                    self.pos = saved
+                    return left
+                left = ("un", test, left)
+
+    def is_test(self) -> str | None:
+        if not self.lit("is", True):
+            return None
+        negate = " not" if self.lit("not", True) else ""
+        for word in ("true", "false", "null"):
+            if self.lit(word, True):
+                return f"is{negate} {word}"
         return None
 
-    def test(row: dict[str, Any]) -> bool:
-        try:
-            return bool(eval(code, {"__builtins__": {}}, {"_c": row}))
-        except (TypeError, ZeroDivisionError):
-            return False
+    def bitor_expr(self) -> Any:
+        return self.chain(self.bitand_expr, [("|", False, "|")])
 
-    return test
+    def bitand_expr(self) -> Any:
+        return self.chain(self.shift_expr, [("&", False, "&")])
+
+    def shift_expr(self) -> Any:
+        return self.chain(self.add_expr, [("<<", False, "<<"), (">>", False, ">>")])
+
+    def add_expr(self) -> Any:
+        return self.chain(self.mul_expr, [("+", False, "+"), ("-", False, "-")])
+
+    def mul_expr(self) -> Any:
+        ops = [("*", False, "*"), ("div", False, "div"), ("%", False, "%"), ("mod", False, "%")]
+        return self.chain(self.bitxor_expr, ops)
+
+    def bitxor_expr(self) -> Any:
+        return self.chain(self.unary_expr, [("^", False, "^")])
+
+    def number(self, prefix: str, digits: str, base: int, most: int) -> Any:
+        if prefix and not self.lit(prefix):
+            return None
+        self.skip()
+        start = self.pos
+        while (
+            self.pos < len(self.text)
+            and self.text[self.pos].lower() in digits
+            and self.pos - start < most
+        ):
+            self.pos += 1
+        if self.pos == start or int(self.text[start : self.pos], base) > _INT_MAX:
+            return None
+        return ("const", int(self.text[start : self.pos], base))
+
+    def unary_expr(self) -> Any:
+        hexdigits, octal, decimal = "0123456789abcdef", "01234567", "0123456789"
+        alternatives = [
+            lambda: self.number("0x", hexdigits, 16, 16),
+            lambda: self.number("0", octal, 8, 22),
+            lambda: self.number("", decimal, 10, 19),
+            lambda: self.prefixed("-", "neg"),
+            lambda: self.prefixed("~", "inv"),
+            self.parenthesised,
+            self.power,
+            lambda: ("const", None) if self.lit("null", True) else None,
+            self.quoted,
+            self.ident,
+        ]
+        for alternative in alternatives:
+            node = self.attempt(alternative)
+            if node is not None:
+                return node
+        return None
+
+    def prefixed(self, sign: str, op: str) -> Any:
+        if not self.lit(sign):
+            return None
+        inner = self.unary_expr()
+        return None if inner is None else ("un", op, inner)
+
+    def parenthesised(self) -> Any:
+        if not self.lit("("):
+            return None
+        inner = self.or_expr()
+        return inner if inner is not None and self.lit(")") else None
+
+    def power(self) -> Any:
+        if not self.lit("pow("):
+            return None
+        base = self.or_expr()
+        if base is None or not self.lit(","):
+            return None
+        exponent = self.or_expr()
+        return ("bin", "pow", base, exponent) if exponent is not None and self.lit(")") else None
+
+    def quoted(self) -> Any:
+        if not self.lit("`"):
+            return None
+        end = self.text.find("`", self.pos)
+        if end < 0:
+            return None
+        name, self.pos = self.text[self.pos : end], end + 1
+        for column in self.columns:
+            if column[: len(name)].lower() == name.lower():
+                return ("col", column)
+        raise _BadCondition(name)  # the engine flags the whole condition as an error
+
+    def ident(self) -> Any:
+        self.skip()
+        rest = self.text[self.pos :].lower()
+        matches = [n for n in self.idents if rest.startswith(n)]
+        if not matches:
+            return None
+        name = max(matches, key=len)
+        self.pos += len(name)
+        return ("col", self.idents[name])
+
+
+class _BadCondition(Exception):
+    pass
+
+
+def _evaluate(node: Any, row: dict[str, Any]) -> int | None:
+    kind = node[0]
+    if kind == "const":
+        return node[1]  # type: ignore[no-any-return]
+    if kind == "col":
+        return row[node[1]]  # type: ignore[no-any-return]
+    if kind == "un":
+        return _UNARY[node[1]](_evaluate(node[2], row))  # type: ignore[no-any-return]
+    return _OPS[node[1]](_evaluate(node[2], row), _evaluate(node[3], row))  # type: ignore[no-any-return]
+
+
+def _compile_condition(condition: str, table: Table) -> Any:
+    """Q4M's condition language as a predicate on a row, or None where Q4M answers NULL."""
+    try:
+        node = _Parser(condition, table.condition_columns).parse()
+    except _BadCondition:
+        return None
+    if node is None:
+        return None
+    return lambda row: _truthy(_evaluate(node, {c: _cond_value(row[c]) for c in row}))
+
+
+def _cond_value(value: Any) -> Any:
+    """What the engine reads: integers as they are, a DATE as MariaDB packs it."""
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\d", value):
+        value = dt.date.fromisoformat(value)
+    if isinstance(value, dt.date):
+        return value.year * 512 + value.month * 32 + value.day
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+_SQL_WHERE = re.compile(r"\s*`?([A-Za-z_][A-Za-z0-9_$]*)`?\s*(=|!=|<>|<=|>=|<|>)\s*(-?\d+)\s*$")
+
+
+def _sql_where(where: str) -> Any:
+    """The ``WHERE col <op> integer`` a test may use, with SQL's NULL (never true)."""
+    m = _SQL_WHERE.match(where)
+    if not m:
+        raise ProgrammingError(1064, f"fake Q4M does not implement WHERE {where!r}")
+    column, op, value = m.group(1), {"<>": "!="}.get(m.group(2), m.group(2)), int(m.group(3))
+    return lambda row: _truthy(_OPS[op](row.get(column), value))

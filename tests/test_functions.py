@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import BigInteger
 from sqlalchemy import Boolean
 from sqlalchemy import Column
+from sqlalchemy import Date
 from sqlalchemy import DateTime
 from sqlalchemy import Engine
 from sqlalchemy import Float
@@ -19,6 +20,7 @@ from sqlalchemy import SmallInteger
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
+from sqlalchemy import and_
 from sqlalchemy import bindparam
 from sqlalchemy import cast
 from sqlalchemy import create_engine
@@ -35,9 +37,12 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
+from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.elements import ColumnElement
 
+from sqlalchemy_q4m import PriorityMixin
 from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import queue_abort
 from sqlalchemy_q4m import queue_compact
 from sqlalchemy_q4m import queue_end
@@ -49,11 +54,15 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m import queue_wait
 from sqlalchemy_q4m.backends.native import wait_arguments
 from sqlalchemy_q4m.backends.portable import claim_statement
+from sqlalchemy_q4m.ddl import queue_table_problems
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import SubscriptionError
 from sqlalchemy_q4m.functions import render_condition
 from sqlalchemy_q4m.functions import subscriptions
+from sqlalchemy_q4m.retry import due_condition
+from sqlalchemy_q4m.retry import retry_columns
+from sqlalchemy_q4m.retry import run_at_column
 
 pytestmark = pytest.mark.unit
 
@@ -160,12 +169,19 @@ ACCEPTED: list[tuple[ColumnElement[Any], str]] = [
     (not_(S.priority > 1), "(`priority` <= 1)"),
     (S.priority != 3, "(`priority` != 3)"),
     ((S.priority + 1) * 2 > S.tries - 3, "((((`priority` + 1)) * 2) > (`tries` - 3))"),
-    (S.priority // 2 > 1, "((`priority` DIV 2) > 1)"),
+    # floor division as MariaDB's FLOOR(a / b): Q4M's lower-case div truncates like C
+    (S.priority // 2 > 1, "(((`priority` div 2) - ((`priority` % 2) < 0)) > 1)"),
+    (S.priority // -2 > 1, "(((`priority` div -2) - ((`priority` % -2) > 0)) > 1)"),
+    (S.priority // 0 > 1, "((`priority` div 0) > 1)"),
+    (
+        S.priority // S.tries > 1,
+        "(((`priority` div `tries`) - (((`priority` % `tries`) != 0) * "
+        "(((`priority` % `tries`) < 0) != (`tries` < 0)))) > 1)",
+    ),
     (S.priority % 3 == 0, "((`priority` % 3) = 0)"),
     (S.priority.bitwise_and(4) != 0, "((`priority` & 4) != 0)"),
-    (S.priority.bitwise_lshift(2) > 1, "((`priority` << 2) > 1)"),
+    (S.priority.bitwise_and(0) == 0, "((`priority` & 0) = 0)"),
     (-S.priority < 0, "(-(`priority`) < 0)"),
-    (S.priority.bitwise_not() < 0, "(~(`priority`) < 0)"),
     (S.priority.is_(None), "`priority` IS NULL"),
     (S.priority == None, "`priority` IS NULL"),  # noqa: E711 - SQLAlchemy's IS NULL spelling
     (S.priority.is_not(None), "`priority` IS NOT NULL"),
@@ -174,9 +190,23 @@ ACCEPTED: list[tuple[ColumnElement[Any], str]] = [
     (~S.urgent, "NOT (`urgent`)"),
     (S.urgent == True, "(`urgent` = 1)"),  # noqa: E712
     (S.priority.in_([1, 2, 3]), "(`priority` = 1 OR `priority` = 2 OR `priority` = 3)"),
-    (S.priority.not_in([1, 2]), "(`priority` != 1 AND `priority` != 2)"),
+    (S.priority.not_in([1, 2]), "(NOT (`priority` = 1 OR `priority` = 2))"),
+    # where NULL and FALSE differ, AND is spelt with NOT and OR (Q4M: NULL AND 1 is 0)
+    (
+        ~and_(S.priority == 1, S.tries == 1),
+        "NOT (((NOT (NOT ((`priority` = 1)) OR NOT ((`tries` = 1))))))",
+    ),
+    (
+        and_(S.priority == 1, S.tries == 1).is_(None),
+        "((NOT (NOT ((`priority` = 1)) OR NOT ((`tries` = 1))))) IS NULL",
+    ),
+    (
+        or_(S.urgent, and_(S.priority == 1, S.tries == 1)),
+        "(`urgent` OR ((`priority` = 1) AND (`tries` = 1)))",
+    ),
+    (~S.urgent == 0, "((NOT (`urgent`)) = 0)"),
     (S.priority > 0x10, "(`priority` > 16)"),
-    (S.priority > -(2**63), f"(`priority` > {-(2**63)})"),
+    (S.priority > -(2**63 - 1), f"(`priority` > {-(2**63 - 1)})"),
     (S.priority > bindparam("p", 7), "(`priority` > 7)"),
     (true(), "1"),
     (S.priority.is_(null()) == 1, "((`priority` IS NULL) = 1)"),
@@ -250,7 +280,16 @@ REJECTED: list[tuple[Any, str]] = [
     (S.priority > 1.5, "literal 1.5"),
     (S.priority == "5", "literal '5'"),
     (S.priority == "1) OR (1=1", "literal"),
-    (S.priority > 2**64, "not a 64-bit integer"),
+    (S.priority > 2**64, "not an integer between"),
+    (S.priority > -(2**63), "not an integer between"),
+    (S.priority / 2 > 1, "true division"),
+    (S.priority.bitwise_or(1) > 0, "bitwise '\\|' is computed as UNSIGNED"),
+    (S.priority.bitwise_xor(1) > 0, "bitwise '\\^'"),
+    (S.priority.bitwise_lshift(2) > 1, "bitwise shift"),
+    (S.priority.bitwise_rshift(2) > 1, "bitwise shift"),
+    (S.priority.bitwise_not() < 0, "bitwise '~'"),
+    (S.priority.bitwise_and(S.tries) != 0, "'&' of two columns"),
+    (S.priority.bitwise_and(-1) != 0, "'&' of two columns"),
     (func.abs(S.priority) > 1, "cannot be expressed"),
     (func.pow(S.priority, 2) > 1, "cannot be expressed"),
     (cast(S.name, Integer) > 1, "cannot be expressed"),
@@ -365,3 +404,72 @@ def test_bad_session_arguments(unreachable: Engine) -> None:
         queue_session(ShellJob, bind=unreachable, poll_interval=0)
     with pytest.raises(Q4MError, match="backend"):
         queue_session(ShellJob, bind=unreachable, backend="innodb")  # type: ignore[arg-type]
+
+
+# -- Q4M matches condition columns by prefix ---------------------------------------------------
+
+
+def test_a_condition_never_reads_a_column_its_name_is_a_prefix_of() -> None:
+    md = MetaData()
+    jobs = queue_table(
+        "fn_prefixed",
+        md,
+        Column("nx", Integer),
+        Column("N", Integer),
+        Column("name", String(10)),  # not condition-capable: no shadow
+        Column("m_at", Date),
+        Column("m", Integer),
+        Column("p", Integer),
+        Column("px_later", Integer),
+    )
+    with pytest.raises(SubscriptionError, match=r"'N' reads 'nx'.*rename 'nx' \(or 'N'\)"):
+        render_condition(jobs.c.N >= 5, jobs)
+    with pytest.raises(SubscriptionError, match="'m' reads 'm_at'"):  # a DATE column counts
+        render_condition(jobs.c.m == 1, jobs)
+    # declared later in the model does not help: ALTER TABLE ADD COLUMN appends on the server
+    with pytest.raises(SubscriptionError, match="'p' reads 'px_later'"):
+        render_condition(jobs.c.p == 1, jobs)
+    assert render_condition(jobs.c.nx >= 5, jobs) == "(`nx` >= 5)"
+
+
+@pytest.mark.parametrize(
+    ("mixins", "column"),
+    [
+        ((RetryMixin,), mapped_column("run_at_ms", BigInteger, default=0)),
+        ((RetryMixin,), mapped_column("attempts2", Integer, default=0)),
+        ((PriorityMixin,), mapped_column("priority_boost", Integer, default=0)),
+        ((PriorityMixin,), mapped_column("Priority_Day", Date, nullable=True)),
+    ],
+)
+def test_a_model_cannot_shadow_the_library_columns(mixins: tuple[type, ...], column: Any) -> None:
+    class LocalBase(DeclarativeBase):
+        pass
+
+    name = column.column.name
+    with pytest.raises(QueueTableError, match=f"column '{name}' shadows"):
+        type("Shadowed", (QueueMixin, *mixins, LocalBase), {"__tablename__": "fn_sh", "x": column})
+
+
+def test_core_tables_cannot_shadow_the_library_columns() -> None:
+    with pytest.raises(QueueTableError, match="'run_at_ms' shadows 'run_at'"):
+        queue_table("fn_sh1", MetaData(), Column("run_at_ms", BigInteger), *retry_columns())
+    # a VARCHAR cannot be read by a condition: no shadow
+    fine = queue_table("fn_sh2", MetaData(), Column("run_at_text", String(9)), *retry_columns())
+    assert queue_table_problems(fine) == []
+    # a table declared with mysql_engine="QUEUE" is checked when it is created
+    plain_queue = Table(
+        "fn_sh3",
+        MetaData(),
+        Column("run_at_ms", BigInteger),
+        run_at_column(),
+        mysql_engine="QUEUE",
+    )
+    assert queue_table_problems(plain_queue) == [
+        "column 'run_at_ms' shadows 'run_at' in Q4M conditions (Q4M matches condition columns "
+        "by prefix, so a condition on 'run_at' would read 'run_at_ms'): rename 'run_at_ms' so "
+        "that it does not start with 'run_at'"
+    ]
+    with pytest.raises(QueueTableError, match="shadows 'run_at'"):
+        str(CreateTable(plain_queue).compile(dialect=dialect("mariadb")))
+    with pytest.raises(SubscriptionError, match="'run_at' reads 'run_at_ms'"):
+        subscriptions([plain_queue], due_condition(plain_queue, now=100))

@@ -44,6 +44,7 @@ from sqlalchemy_q4m.exc import ConnectionLost
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueWaitError
+from sqlalchemy_q4m.exc import SubscriptionError
 from sqlalchemy_q4m.exc import UnsupportedServer
 
 pytestmark = pytest.mark.unit
@@ -295,6 +296,44 @@ def test_where_is_sent_as_a_q4m_condition(
         assert job is None
     assert [r["command"] for r in fake.rows("fq_shell_jobs")] == ["low"]
     assert_clean(fake, checkins)
+
+
+def test_where_floor_division_owns_what_mariadb_would(
+    fake: FakeQ4M, engine: Engine, checkins: list[str]
+) -> None:
+    """``//`` is FLOOR(a / b) on the portable backend; on Q4M it is sent as lower-case ``div``
+    (which truncates) with the rounding fixed, so -7 // 2 is -4 on both."""
+    for priority in (-7, -6, -5, 5):
+        enqueue(engine, ShellJob(command=str(priority), priority=priority))
+    owned = []
+    for _ in range(4):
+        with queue_session(
+            ShellJob, bind=engine, where=ShellJob.priority // 2 == -3, timeout=0
+        ) as job:
+            if job is None:
+                break
+            owned.append(job.command)
+    assert owned == ["-6", "-5"]
+    assert " div 2" in waiter_trace(fake)[0] and "DIV" not in waiter_trace(fake)[0]
+    assert_clean(fake, checkins)
+
+
+def test_prefix_shadowed_condition_never_reaches_the_server(fake: FakeQ4M) -> None:
+    md = MetaData()
+    table = queue_table("fq_prefixed", md, Column("nx", Integer), Column("n", Integer))
+    eng = fake_engine(fake)
+    md.create_all(eng)
+    fake.put("fq_prefixed", nx=7, n=1)
+    with pytest.raises(SubscriptionError, match="'n' reads 'nx'"):
+        queue_session(table, bind=eng, where=table.c.n >= 5, timeout=0)
+    assert fake.waiters() == [] and fake.owner_of("fq_prefixed") == [None]
+    # what the engine (and now the double) would have done with the condition
+    conn = fake.connect()
+    cur = conn.cursor()
+    cur.execute("SELECT queue_wait(%s, %s)", ("fq_prefixed:`n` >= 5", 0))
+    assert cur.fetchall() == [(1,)]
+    conn.close()
+    eng.dispose()
 
 
 def test_several_models_earlier_wins(fake: FakeQ4M, engine: Engine, checkins: list[str]) -> None:
