@@ -424,9 +424,11 @@ def test_a_lock_wait_timeout_claiming_in_the_callers_transaction_is_raised(db: E
             conn.execute(insert(Note), {"id": 9, "text": "the caller's own write"})
             locker.execute(text("LOCK TABLES tb_batch_jobs WRITE"))
             try:
-                with pytest.raises(OperationalError) as caught:
-                    with queue_batch(BatchJob, bind=conn, size=5, timeout=2):
-                        pass
+                with (
+                    pytest.raises(OperationalError) as caught,
+                    queue_batch(BatchJob, bind=conn, size=5, timeout=2),
+                ):
+                    pass
             finally:
                 locker.execute(text("UNLOCK TABLES"))
             assert caught.value.orig.args[0] == 1205
