@@ -91,6 +91,7 @@ from .exc import ConnectionLost
 from .exc import Q4MError
 from .exc import QueueAbort
 from .exc import QueueTableError
+from .exc import QueueWaitError
 from .functions import Subscription
 from .functions import subscriptions
 from .retry import ATTEMPTS
@@ -122,8 +123,10 @@ Outcome = Literal["done", "retried", "dead", "aborted", "lost"]
 OUTCOMES: tuple[Outcome, ...] = ("done", "retried", "dead", "aborted", "lost")
 
 #: What the run loop survives: a lost connection or server (it reconnects with backoff; the
-#: server returns the job in hand), or a completion the server undid (the job runs again).
-LOOP_ERRORS = (ConnectionLost, DBAPIError, CompletionFailed)
+#: server returns the job in hand), a completion the server undid (the job runs again), or a
+#: ``queue_wait`` that returned NULL (a table dropped or replaced under a Q4M worker: it backs
+#: off and waits again, as the portable worker does after its claim's error).
+LOOP_ERRORS = (ConnectionLost, DBAPIError, CompletionFailed, QueueWaitError)
 
 #: Longest single wait while a subscription tests ``run_at <= now`` (rebuilt at each wait).
 DUE_SLICE = 1.0
@@ -422,6 +425,55 @@ class _Target:
         return job_id, int(attempts or 0)
 
 
+#: ``(job class, table name)`` already warned about missing retry columns in this process.
+_NO_RETRY_WARNED: set[tuple[type[Job], str]] = set()
+
+
+def _set_by_user(job: Job, option: str) -> bool:
+    """True when ``option`` was given to the job object or set by a subclass of Job."""
+    if option in job.given_options:
+        return True
+    for klass in type(job).__mro__:
+        if klass is Job:
+            return False
+        if option in vars(klass):
+            return True
+    return False  # pragma: no cover - every job object is a Job
+
+
+def _check_retry_columns(t: _Target) -> None:
+    """At start-up: ``max_attempts`` > 1 on a table without ``attempts``/``run_at`` cannot
+    be honoured (the first failure is dead-lettered).  Set by the user: refused; the default:
+    a warning, once per process, naming what to add."""
+    job = t.job
+    if t.can_retry or job.end_before_execute or job.policy.max_attempts <= 1:
+        return
+    add = (
+        "RetryMixin to the model"
+        if t.orm
+        else "retry_columns() to the table (or RetryMixin to its model)"
+    )
+    name = type(job).__name__
+    if _set_by_user(job, "max_attempts"):
+        raise QueueTableError(
+            f"{name}: max_attempts={job.policy.max_attempts} needs the {ATTEMPTS!r} and "
+            f"{RUN_AT!r} columns, which queue table {t.table.name!r} lacks: add {add}, or set "
+            "max_attempts = 1"
+        )
+    if (type(job), t.table.name) not in _NO_RETRY_WARNED:
+        _NO_RETRY_WARNED.add((type(job), t.table.name))
+        logger.warning(
+            "%s: queue table %r has no %r and %r columns: a failed job is dead-lettered at "
+            "once (max_attempts %d is not used); add %s to retry it",
+            name,
+            t.table.name,
+            ATTEMPTS,
+            RUN_AT,
+            job.policy.max_attempts,
+            add,
+        )
+
+
 def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:
     names = [c.name for c in table.columns if c.name != JOB_ID]
     return collections.namedtuple("JobRow", names, rename=True), names
@@ -704,6 +756,8 @@ class Consumer:
                         row_type, names = _row_type(table)
                         targets.append(_Target(job, table, table, row_type, names))
             subscriptions([t.target for t in targets])  # validates: no table twice, queues
+            for t in targets:
+                _check_retry_columns(t)
             self._targets = targets
             self._models = [t.target for t in targets]
             self._by_table = {t.table: t for t in targets}
@@ -818,6 +872,7 @@ class Consumer:
                 "[%s] %s: claimed a batch of %d job(s)", self.name, self._label(), len(items)
             )
             handled = 0
+            outcomes: list[Outcome] = []  # counted once the batch commits
             try:
                 for item in items:
                     if self.stopping:
@@ -833,16 +888,22 @@ class Consumer:
                         run = self._before_execute(slot, item)
                         with run.executing():
                             run.job.execute(run.arg)
-                        self._count(self._after_execute(slot, run))
+                        outcomes.append(self._after_execute(slot, run))
                     handled += 1
                 batch.close()  # removes the ended jobs, returns the others: one COMMIT
             except BaseException:
+                # rolled back: what the batch's handled jobs did is undone and they run again
+                # (a deadlocked completion, CompletionFailed, included): counted as lost
+                for _ in outcomes:
+                    self.stats.add("lost")
                 self.lost_job = f"a batch of {len(items)} job(s)"
                 try:
                     batch.give_back()
                 except Exception:  # the connection is gone: the server returns the batch
                     logger.debug("returning a batch failed", exc_info=True)
                 raise
+            for outcome in outcomes:
+                self._count(outcome)
             return handled
         return 0
 
@@ -911,18 +972,20 @@ class Consumer:
 
     def _after_execute(self, qs: _Owner, run: _Run) -> Outcome:
         """End, return, retry or bury the job as ``execute`` ended."""
-        log, nested, ended, error = run.log, run.nested, run.ended, run.error
+        log, nested, ended = run.log, run.nested, run.ended
         if not ended and self._connection_lost():
             # execute (or the server) lost the pinned connection: the server has returned the
             # job and the transaction is gone, so there is nothing to end, retry or bury here
+            error = run.error
             cause = f": {_describe(error)}" if error is not None else ""
             raise ConnectionLost(f"connection lost while running the job{cause}") from error
+        if run.error is None and not run.aborted and run.used_session and not ended:
+            self._keep_writes(qs, run)  # a failure here is the job's own
+        error = run.error
         if error is None:
             if nested is not None:
                 if run.aborted:
                     nested.rollback()
-                else:
-                    nested.commit()
             elif run.aborted and not ended and run.used_session:
                 qs.session.rollback()  # Q4M: the job's writes
             if run.aborted:
@@ -936,21 +999,43 @@ class Consumer:
                 qs.end()
             log.info("done in %.3fs", run.elapsed)
             return "done"
-        if nested is not None and nested.is_active:
-            nested.rollback()
-        elif nested is None and not ended and run.used_session:
+        if nested is not None:
+            if qs.session.get_nested_transaction() is nested:  # also after a failed flush
+                nested.rollback()
+        elif not ended and run.used_session:
             qs.session.rollback()  # Q4M: the job's writes
         policy = run.job.policy
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
             run.attempts + 1,
-            policy.max_attempts,
+            policy.max_attempts if run.target.can_retry and not ended else 1,
             run.elapsed,
             _describe(error),
             run.details.rstrip(),
         )
         decision = decide(policy, run.attempts, can_retry=run.target.can_retry and not ended)
         return self._after_failure(qs, run, decision, error)
+
+    def _keep_writes(self, qs: _Owner, run: _Run) -> None:
+        """Flush what ``execute`` wrote through ``self.session`` (on InnoDB: release its
+        savepoint) before the job is ended.  An error there is the job's own failure (a
+        constraint it broke, an UPDATE Q4M refuses, a session its own error handling left
+        unusable): recorded as its error, so it is retried and dead-lettered by the policy
+        instead of being taken for a lost connection and run again forever.  A lost
+        connection is raised."""
+        try:
+            if run.nested is not None:
+                run.nested.commit()
+            else:
+                session = qs.session
+                if session.new or session.dirty or session.deleted:
+                    session.flush()
+        except Exception as err:
+            if self._connection_lost() or (
+                isinstance(err, DBAPIError) and err.connection_invalidated
+            ):
+                raise
+            run.error, run.details = err, "".join(traceback.format_exception(err))
 
     def _after_failure(
         self, qs: _Owner, run: _Run, decision: Retry | Bury, error: BaseException
