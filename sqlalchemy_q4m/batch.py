@@ -57,6 +57,7 @@ from sqlalchemy import Delete
 from sqlalchemy import Engine
 from sqlalchemy import bindparam
 from sqlalchemy import delete
+from sqlalchemy import type_coerce
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -74,6 +75,7 @@ from .exc import QueueAbort
 from .functions import Subscription
 from .functions import subscriptions
 from .loading import Loader
+from .loading import Unloadable
 from .loading import loader_for
 from .notify import listen_wait
 from .notify import listening_supported
@@ -110,6 +112,11 @@ _KEY = "q4m_key"
 class QueueBatch(Generic[T]):
     """Up to ``size`` jobs owned in one transaction on one pinned connection; see the module
     docstring for what end, abort, exceptions and crashes do."""
+
+    #: A row that cannot be loaded raises :class:`~sqlalchemy_q4m.exc.UnloadableJob` (the
+    #: batch goes back to the queue); the worker sets this to hold it as an
+    #: :class:`~sqlalchemy_q4m.loading.Unloadable` and dead-letter it.
+    accept_unloadable: bool = False
 
     def __init__(
         self,
@@ -163,6 +170,8 @@ class QueueBatch(Generic[T]):
             session = Session(bind=self._pinned, expire_on_commit=False, autoflush=True)
             self._session = session
             for job in self.jobs:  # built from their rows, detached: persistent in it
+                if isinstance(job, Unloadable):
+                    continue
                 if self._keys[id(job)][0].is_orm and job not in session:
                     session.add(job)
         return session
@@ -290,6 +299,7 @@ class QueueBatch(Generic[T]):
             backend="native",
             poll_interval=self.poll_interval,
         )
+        single.accept_unloadable = self.accept_unloadable
         job = single.wait()
         if job is None:
             return []
@@ -348,6 +358,8 @@ class QueueBatch(Generic[T]):
                 conn.rollback()  # a deadlock before anything is held: try at the next poll
                 return []
             for job, key in found:
+                if isinstance(job, Unloadable) and not self.accept_unloadable:
+                    raise job.exception() from job.error  # the batch returns to the queue
                 self._keys[id(job)] = (sub, loader, key)
                 self._pending.add(id(job))
                 jobs.append(job)
@@ -440,10 +452,10 @@ def _delete_statement(sub: Subscription) -> Delete | None:
         columns = list(sub.table.primary_key.columns)
         if not columns:
             raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-        key = bindparam(_KEY, type_=NullType())
-        _DELETES[sub.table] = (
-            delete(sub.table).where(columns[0] == key) if len(columns) == 1 else None
-        )
+        # both sides untyped: the key is bound as the driver sends it (a JobId would process
+        # it again, and refuse a malformed id the worker is burying)
+        where = type_coerce(columns[0], NullType()) == bindparam(_KEY, type_=NullType())
+        _DELETES[sub.table] = delete(sub.table).where(where) if len(columns) == 1 else None
     return _DELETES[sub.table]
 
 

@@ -94,6 +94,7 @@ from .exc import QueueTableError
 from .exc import QueueWaitError
 from .functions import Subscription
 from .functions import subscriptions
+from .loading import Unloadable
 from .retry import ATTEMPTS
 from .retry import PRIORITY
 from .retry import PRIORITY_INFO_KEY
@@ -566,6 +567,9 @@ class _Owner(Protocol):
     @property
     def owning(self) -> bool: ...
 
+    @property
+    def connection(self) -> Connection: ...
+
     def end(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -591,6 +595,10 @@ class _BatchSlot:
     @property
     def owning(self) -> bool:
         return self.batch.holds(self.item)
+
+    @property
+    def connection(self) -> Connection:
+        return self.batch.session.connection()
 
     def end(self) -> None:
         self.batch.end(self.item)
@@ -818,11 +826,15 @@ class Consumer:
             return self._handle_batch(conn, size, timeout)
         for targets, options in self._waits(timeout):
             qs: QueueSession[Any] = QueueSession(*targets, bind=conn, **options)
+            qs.accept_unloadable = True
             item = qs.wait()
             if item is None:
                 continue
             try:
                 with self._holding():
+                    if isinstance(item, Unloadable):
+                        self._count(self._bury_unloadable(qs, item))
+                        return 1
                     run = self._before_execute(qs, item)
                     with run.executing():
                         run.job.execute(run.arg)
@@ -865,6 +877,7 @@ class Consumer:
         to the batch, which returns them; an error returns the whole batch."""
         for targets, options in self._waits(timeout):
             batch: QueueBatch[Any] = QueueBatch(*targets, bind=conn, size=size, **options)
+            batch.accept_unloadable = True
             items = batch.wait()
             if not items:
                 continue
@@ -885,10 +898,13 @@ class Consumer:
                         break
                     slot = _BatchSlot(batch, item)
                     with self._holding():
-                        run = self._before_execute(slot, item)
-                        with run.executing():
-                            run.job.execute(run.arg)
-                        outcomes.append(self._after_execute(slot, run))
+                        if isinstance(item, Unloadable):
+                            outcomes.append(self._bury_unloadable(slot, item))
+                        else:
+                            run = self._before_execute(slot, item)
+                            with run.executing():
+                                run.job.execute(run.arg)
+                            outcomes.append(self._after_execute(slot, run))
                     handled += 1
                 batch.close()  # removes the ended jobs, returns the others: one COMMIT
             except BaseException:
@@ -1015,6 +1031,43 @@ class Consumer:
         )
         decision = decide(policy, run.attempts, can_retry=run.target.can_retry and not ended)
         return self._after_failure(qs, run, decision, error)
+
+    def _bury_unloadable(self, qs: _Owner, row: Unloadable) -> Outcome:
+        """A claimed row that cannot be loaded as a job (a malformed id, a value its column
+        type cannot read) can never run: it goes to the dead letters with its values as the
+        driver returned them and is removed, instead of failing every claim of the queue's
+        head.  As for any burial, on Q4M the dead letter is committed before the end."""
+        sub = qs.subscription
+        assert sub is not None
+        t = self._by_table[sub.table]
+        job_id = row.values.get(JOB_ID)
+        log = _JobLog(t.job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
+        try:
+            attempts = int(row.values.get(ATTEMPTS) or 0) + 1
+        except (TypeError, ValueError):
+            attempts = 1
+        dead = dead_letter_table(t.job.dead_letter_table)
+        conn = qs.connection
+        bury(
+            conn,
+            dead,
+            queue=t.table.name,
+            values=row.values,
+            error=f"cannot be loaded: {_describe(row.error)}",
+            traceback=row.details,
+            attempts=attempts,
+        )
+        backend = qs.backend
+        if backend is not None and backend.name == "native":
+            conn.commit()
+        qs.end()
+        log.error(
+            "cannot be loaded (%s): moved to %s with its values as read: %r",
+            _describe(row.error),
+            dead.name,
+            row.values,
+        )
+        return "dead"
 
     def _keep_writes(self, qs: _Owner, run: _Run) -> None:
         """Flush what ``execute`` wrote through ``self.session`` (on InnoDB: release its

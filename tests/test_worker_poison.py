@@ -42,11 +42,14 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy_q4m import Job
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import RetryMixin
+from sqlalchemy_q4m import queue_batch
+from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.asyncio_worker import AsyncConsumer
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.deadletter import dead_letter_table
 from sqlalchemy_q4m.exc import QueueTableError
+from sqlalchemy_q4m.exc import UnloadableJob
 from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker import Consumer
 from sqlalchemy_q4m.worker import Stats
@@ -481,3 +484,191 @@ def test_a_q4m_async_worker_survives_its_table_disappearing(
     with caplog.at_level(logging.INFO, logger="sqlalchemy_q4m.worker"):
         asyncio.run(main())
     assert "database is back" in caplog.text
+
+
+# -- a row that cannot be loaded ------------------------------------------------------------------
+
+RAW = "tpz_raw"
+BAD_ID = b"\x00bad"  # not 16 bytes: not a job id (sorts first: the head of the queue)
+
+
+class RawBase(DeclarativeBase):
+    pass
+
+
+class RawRow(RetryMixin, QueueMixin, RawBase):
+    """Mapped onto a table made by hand whose ``id`` is VARBINARY(16) (see ``raw_table``)."""
+
+    __tablename__ = RAW
+    n: Mapped[int] = mapped_column(Integer)
+
+
+def raw_table(engine: Engine, native: bool) -> None:
+    """``tpz_raw`` with one row whose id is malformed, then two good ones."""
+    key = "" if native else ", PRIMARY KEY (id)"
+    kind = "QUEUE" if native else "InnoDB"
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {RAW}"))
+        conn.execute(
+            text(
+                f"CREATE TABLE {RAW} (id VARBINARY(16) NOT NULL, n INT NOT NULL, "
+                f"attempts INT NOT NULL DEFAULT 0, run_at BIGINT NOT NULL DEFAULT 0{key}) "
+                f"ENGINE={kind}"
+            )
+        )
+        conn.execute(text(f"INSERT INTO {RAW} (id, n) VALUES (:id, 0)"), {"id": BAD_ID})
+        for n in (1, 2):
+            conn.execute(
+                text(f"INSERT INTO {RAW} (id, n) VALUES (:id, :n)"),
+                {"id": new_job_id().bytes, "n": n},
+            )
+
+
+def check_buried(engine: Engine, seen: list[int], stats: Stats) -> None:
+    assert sorted(seen) == [1, 2]  # the good jobs ran once each
+    counts = stats.snapshot()
+    assert (counts["done"], counts["dead"], counts["lost"]) == (2, 1, 0)
+    (dead,) = dead_letters(engine)
+    assert dead.queue == RAW and dead.attempts == 1 and dead.job_id == str(BAD_ID)
+    assert "cannot be loaded" in dead.error and '"n": 0' in dead.payload
+    with engine.connect() as conn:
+        assert conn.execute(text(f"SELECT COUNT(*) FROM {RAW}")).scalar() == 0
+
+
+@pytest.fixture
+def raw_portable(engine: Engine) -> Iterator[Engine]:
+    dead_letter_table(DEAD).drop(engine, checkfirst=True)
+    raw_table(engine, native=False)
+    yield engine
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {RAW}"))
+    dead_letter_table(DEAD).drop(engine, checkfirst=True)
+
+
+def recording(kind: str, seen: list[int]) -> type[Job]:
+    """A job class recording ``n``: on the reflected table, or on ``RawRow``."""
+
+    class Reflected(Job):
+        table_name = RAW
+        dead_letter_table = DEAD
+
+        def execute(self, job: Any) -> None:
+            seen.append(job.n)
+
+    class Declared(Job):
+        model = RawRow
+        dead_letter_table = DEAD
+
+        def execute(self, job: Any) -> None:
+            seen.append(job.n)
+
+    return Reflected if kind == "reflected" else Declared
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["reflected", "model"])
+@pytest.mark.parametrize("batch_size", [1, 4], ids=["one", "batch"])
+def test_a_row_that_cannot_be_loaded_is_dead_lettered_with_its_raw_values(
+    raw_portable: Engine, kind: str, batch_size: int
+) -> None:
+    seen: list[int] = []
+    consumer = Consumer([recording(kind, seen)(raw_portable, batch_size=batch_size)], raw_portable)
+    assert run_in_thread(consumer, 20)
+    check_buried(raw_portable, seen, consumer.stats)
+
+
+@pytest.mark.integration
+def test_queue_session_and_queue_batch_raise_for_a_row_that_cannot_be_loaded(
+    raw_portable: Engine,
+) -> None:
+    with (
+        pytest.raises(UnloadableJob, match="tpz_raw"),
+        queue_session(RawRow, bind=raw_portable, timeout=1),
+    ):
+        pass
+    with (
+        pytest.raises(UnloadableJob, match="cannot be loaded"),
+        queue_batch(RawRow, bind=raw_portable, size=5, timeout=1),
+    ):
+        pass
+    with raw_portable.connect() as conn:  # returned, not lost
+        assert conn.execute(text(f"SELECT COUNT(*) FROM {RAW}")).scalar() == 3
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+def test_an_async_worker_dead_letters_a_row_that_cannot_be_loaded(
+    raw_portable: Engine, db_url: URL, driver: str
+) -> None:
+    seen: list[int] = []
+
+    class AsyncRaw(AsyncJob):
+        model = RawRow
+        dead_letter_table = DEAD
+
+        async def execute(self, job: Any) -> None:
+            seen.append(job.n)
+
+    stats = Stats()
+    asyncio.run(run_async(db_url, driver, AsyncRaw, stats, 20))
+    check_buried(raw_portable, seen, stats)
+
+
+async def run_async(
+    url: URL, driver: str, cls: type[AsyncJob], stats: Stats, seconds: float
+) -> None:
+    aengine = create_async_engine(url.set(drivername=f"mysql+{driver}"))
+    consumer = AsyncConsumer([cls(aengine)], aengine, stats=stats)
+    try:
+        task = asyncio.create_task(consumer.run(burst=True))
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+        if not done:
+            consumer.stop()
+        await task
+        assert done, "still running"
+    finally:
+        await aengine.dispose()
+
+
+@pytest.fixture
+def raw_native(q4m_url: URL) -> Iterator[Engine]:
+    engine = create_engine(q4m_url, pool_size=5, max_overflow=5)
+    dead_letter_table(DEAD).drop(engine, checkfirst=True)
+    raw_table(engine, native=True)
+    yield engine
+    with engine.begin() as conn:
+        conn.execute(text(f"DROP TABLE IF EXISTS {RAW}"))
+    dead_letter_table(DEAD).drop(engine, checkfirst=True)
+    engine.dispose()
+
+
+@pytest.mark.integration
+@pytest.mark.native
+@pytest.mark.parametrize("kind", ["reflected", "model"])
+def test_a_q4m_row_that_cannot_be_loaded_is_dead_lettered_with_its_raw_values(
+    raw_native: Engine, kind: str
+) -> None:
+    seen: list[int] = []
+    consumer = Consumer([recording(kind, seen)(raw_native)], raw_native)
+    assert run_in_thread(consumer, 20)
+    check_buried(raw_native, seen, consumer.stats)
+
+
+@pytest.mark.integration
+@pytest.mark.native
+@pytest.mark.parametrize("driver", ASYNC_DRIVERS)
+def test_a_q4m_async_worker_dead_letters_a_row_that_cannot_be_loaded(
+    raw_native: Engine, q4m_url: URL, driver: str
+) -> None:
+    seen: list[int] = []
+
+    class AsyncRawQ(AsyncJob):
+        table_name = RAW
+        dead_letter_table = DEAD
+
+        async def execute(self, job: Any) -> None:
+            seen.append(job.n)
+
+    stats = Stats()
+    asyncio.run(run_async(q4m_url, driver, AsyncRawQ, stats, 20))
+    check_buried(raw_native, seen, stats)
