@@ -22,12 +22,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import pymysql
 import pytest
 from sqlalchemy import Column
 from sqlalchemy import Engine
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
@@ -672,3 +674,47 @@ def test_a_q4m_async_worker_dead_letters_a_row_that_cannot_be_loaded(
     stats = Stats()
     asyncio.run(run_async(q4m_url, driver, AsyncRawQ, stats, 20))
     check_buried(raw_native, seen, stats)
+
+
+# -- a batch lost to a deadlocked completion -------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_batch_whose_completion_deadlocks_counts_its_jobs_as_lost_not_done(
+    poison_tables: Engine, db_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server rolls the batch back (1213 on the completion DELETE): every job of it runs
+    again.  Its first outcomes were undone, so they are counted as lost, and each job is
+    counted done once, when its batch commits (at least once, reported as it happened)."""
+    engine = create_engine(db_url, pool_size=2, max_overflow=0)
+    failures = [1213]
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def deadlock_once(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.startswith("DELETE") and failures:
+            failures.pop()
+            cursor.connection.rollback()  # a deadlock victim loses its whole transaction
+            raise pymysql.err.OperationalError(1213, "Deadlock found (injected)")
+
+    runs: collections.Counter[int] = collections.Counter()
+
+    class Counting(Job):
+        model = PoisonRow
+        dead_letter_table = DEAD
+        batch_size = 3
+
+        def execute(self, job: PoisonRow) -> None:
+            runs[job.n] += 1
+
+    put(poison_tables, 1, 2, 3)
+    consumer = Consumer([Counting(engine)], engine)
+    try:
+        with caplog.at_level(logging.INFO):
+            assert run_in_thread(consumer, 20)
+    finally:
+        engine.dispose()
+    assert runs == {1: 2, 2: 2, 3: 2}  # the whole batch ran again
+    counts = consumer.stats.snapshot()
+    assert (counts["done"], counts["lost"]) == (3, 3)
+    assert "1213" in caplog.text and "will run again" in caplog.text
+    assert counted(poison_tables, PoisonRow) == 0
