@@ -430,49 +430,29 @@ class _Target:
 _NO_RETRY_WARNED: set[tuple[type[Job], str]] = set()
 
 
-def _set_by_user(job: Job, option: str) -> bool:
-    """True when ``option`` was given to the job object or set by a subclass of Job."""
-    if option in job.given_options:
-        return True
-    for klass in type(job).__mro__:
-        if klass is Job:
-            return False
-        if option in vars(klass):
-            return True
-    return False  # pragma: no cover - every job object is a Job
-
-
 def _check_retry_columns(t: _Target) -> None:
     """At start-up: ``max_attempts`` > 1 on a table without ``attempts``/``run_at`` cannot
-    be honoured (the first failure is dead-lettered).  Set by the user: refused; the default:
-    a warning, once per process, naming what to add."""
+    be honoured (the first failure is dead-lettered): a warning, once per process and table,
+    naming what to add.  Not refused: one job class may serve tables with and without them."""
     job = t.job
     if t.can_retry or job.end_before_execute or job.policy.max_attempts <= 1:
         return
-    add = (
+    key = (type(job), t.table.name)
+    if key in _NO_RETRY_WARNED:
+        return
+    _NO_RETRY_WARNED.add(key)
+    logger.warning(
+        "%s: queue table %r has no %r and %r columns: max_attempts=%d is not used, a failed "
+        "job goes to the dead letters at once; add %s to retry it (or set max_attempts = 1)",
+        type(job).__name__,
+        t.table.name,
+        ATTEMPTS,
+        RUN_AT,
+        job.policy.max_attempts,
         "RetryMixin to the model"
         if t.orm
-        else "retry_columns() to the table (or RetryMixin to its model)"
+        else "retry_columns() to the table (or RetryMixin to its model)",
     )
-    name = type(job).__name__
-    if _set_by_user(job, "max_attempts"):
-        raise QueueTableError(
-            f"{name}: max_attempts={job.policy.max_attempts} needs the {ATTEMPTS!r} and "
-            f"{RUN_AT!r} columns, which queue table {t.table.name!r} lacks: add {add}, or set "
-            "max_attempts = 1"
-        )
-    if (type(job), t.table.name) not in _NO_RETRY_WARNED:
-        _NO_RETRY_WARNED.add((type(job), t.table.name))
-        logger.warning(
-            "%s: queue table %r has no %r and %r columns: a failed job is dead-lettered at "
-            "once (max_attempts %d is not used); add %s to retry it",
-            name,
-            t.table.name,
-            ATTEMPTS,
-            RUN_AT,
-            job.policy.max_attempts,
-            add,
-        )
 
 
 def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:

@@ -50,7 +50,6 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.asyncio_worker import AsyncConsumer
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.deadletter import dead_letter_table
-from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import UnloadableJob
 from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker import Consumer
@@ -250,41 +249,36 @@ class PlainFailing(Job):
 
 
 @pytest.mark.integration
-def test_max_attempts_set_on_a_table_without_retry_columns_is_refused_at_start_up(
-    plain_table: Engine,
+@pytest.mark.parametrize("given", [None, 3], ids=["default", "set"])
+def test_max_attempts_on_a_table_without_retry_columns_is_warned_about_at_start_up(
+    plain_table: Engine, caplog: pytest.LogCaptureFixture, given: int | None
 ) -> None:
-    job = PlainFailing(plain_table, max_attempts=3)
-    with pytest.raises(QueueTableError, match=r"max_attempts=3 .*retry_columns\(\)"):
-        job.run_once(timeout=0.5)
-    job.close()
-
-    class ModelJob(Job):
-        model = plain_jobs
-        dead_letter_table = DEAD
-        max_attempts = 4
-
-    with pytest.raises(QueueTableError, match="tpz_plain"):
-        ModelJob(plain_table).run_once(timeout=0.5)
-    assert counted(plain_table, plain_jobs) == 1  # nothing was claimed
-
-
-@pytest.mark.integration
-def test_the_default_max_attempts_on_a_table_without_retry_columns_is_warned_about(
-    plain_table: Engine, caplog: pytest.LogCaptureFixture
-) -> None:
-    class Warned(PlainFailing):  # a class of its own: warned once per process
+    class Warned(PlainFailing):  # a class of its own: warned once per process and table
         pass
 
+    options = {} if given is None else {"max_attempts": given}
     with caplog.at_level(logging.INFO):
-        job = Warned(plain_table)
+        job = Warned(plain_table, **options)
+        job._get_consumer().connect()  # start-up: before any job is claimed
+        warnings = [r for r in caplog.records if "no 'attempts' and 'run_at'" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+        assert f"max_attempts={given or 5} is not used" in warnings[0].getMessage()
+        assert "add retry_columns() to the table" in warnings[0].getMessage()
         assert job.run_once(timeout=2)
         job.close()
-        again = Warned(plain_table)
+        again = Warned(plain_table, **options)
         again.run_once(timeout=0.2)
         again.close()
+
+        class ModelJob(Job):
+            model = plain_jobs
+            dead_letter_table = DEAD
+            max_attempts = 4
+
+        ModelJob(plain_table).run_once(timeout=0.2)
     warnings = [r for r in caplog.records if "no 'attempts' and 'run_at'" in r.getMessage()]
-    assert len(warnings) == 1 and "add retry_columns()" in warnings[0].getMessage()
-    assert warnings[0].levelno == logging.WARNING
+    assert len(warnings) == 2 and "Warned" in warnings[0].getMessage()
+    assert "ModelJob" in warnings[1].getMessage()
     assert "failed on attempt 1/1" in caplog.text and "1/5" not in caplog.text
     assert [d.attempts for d in dead_letters(plain_table)] == [1]
 
