@@ -16,12 +16,10 @@ from sqlalchemy.engine import URL
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.backends.base import DEADLOCK
-from sqlalchemy_q4m.batch import DELETE_CHUNK
 from sqlalchemy_q4m.batch import queue_batch
 from sqlalchemy_q4m.exc import CompletionFailed
 
 from .common import RAW_CLAIM
-from .common import RAW_DELETE_MANY
 from .common import RAW_DELETE_ONE
 from .common import BenchJob
 from .common import core_jobs
@@ -211,7 +209,8 @@ class BatchRuntimeLoop:
 
 
 class RawBatchLoop:
-    """The batched raw loop: claim ``LIMIT n``, one ``DELETE ... IN``, one ``COMMIT``."""
+    """The batched raw loop: claim ``LIMIT n``, one ``executemany`` of ``DELETE ... WHERE
+    id = %s``, one ``COMMIT``."""
 
     def __init__(self, url: URL, size: int) -> None:
         self.conn, self.size = raw_connect(url), size
@@ -227,8 +226,7 @@ class RawBatchLoop:
                     return done
                 keys = [r[0] for r in rows]
                 try:
-                    for start in range(0, len(keys), DELETE_CHUNK):  # as queue_batch does
-                        cur.execute(RAW_DELETE_MANY, (keys[start : start + DELETE_CHUNK],))
+                    cur.executemany(RAW_DELETE_ONE, [(k,) for k in keys])  # as queue_batch does
                 except pymysql.err.OperationalError as err:
                     if err.args[0] != DEADLOCK:
                         raise

@@ -65,6 +65,7 @@ from .asyncio import AsyncQueueSession
 from .asyncio import _GreenletQueueSession
 from .asyncio import run_to_completion
 from .exc import Q4MError
+from .loading import Unloadable
 from .runtime import EXIT_ERROR
 from .runtime import EXIT_FORCED
 from .runtime import EXIT_OK
@@ -236,12 +237,16 @@ class AsyncConsumer(Consumer):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
                 *targets, bind=self._async_connection(conn), **options
             )
+            aqs._sync.accept_unloadable = True  # dead-lettered, as the thread worker does
             item = await aqs.wait()
             if item is None:
                 continue
             qs = aqs._sync
             try:
                 with self._holding():
+                    if isinstance(item, Unloadable):
+                        self._count(await _to_completion(self._bury_unloadable, qs, item))
+                        return True
                     run = await _to_completion(self._before_execute, qs, item)
                     job = run.job
                     assert isinstance(job, AsyncJob)

@@ -15,8 +15,9 @@ Exact semantics on the portable backend (InnoDB + ``SKIP LOCKED``):
   on one pinned connection.  It waits up to ``timeout`` for at least one job, polling every
   ``poll_interval`` seconds (or, with ``listen``, waiting to be woken by a producer's
   :func:`~sqlalchemy_q4m.notify.notify`); it never waits to fill the batch.
-* **end(job)** marks the job done.  The completed jobs are deleted together, with one
-  ``DELETE ... WHERE id IN (...)`` per table, right before the batch's single COMMIT.
+* **end(job)** marks the job done.  The completed jobs are deleted together right before the
+  batch's single COMMIT, one ``DELETE ... WHERE id = ?`` per job sent in one ``executemany``
+  per table (a primary-key lookup of a row the batch holds: it never scans, never waits).
   Until that COMMIT the rows stay locked by this connection, so no other consumer can see
   them; the result is the same as deleting each one at once, with fewer round trips.
 * **abort(job)** returns the job: its row is simply not deleted.  Its lock is held until the
@@ -56,6 +57,7 @@ from sqlalchemy import Delete
 from sqlalchemy import Engine
 from sqlalchemy import bindparam
 from sqlalchemy import delete
+from sqlalchemy import type_coerce
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -73,6 +75,7 @@ from .exc import QueueAbort
 from .functions import Subscription
 from .functions import subscriptions
 from .loading import Loader
+from .loading import Unloadable
 from .loading import loader_for
 from .notify import listen_wait
 from .notify import listening_supported
@@ -95,15 +98,25 @@ _Key = tuple[Subscription, Loader | None, tuple[Any, ...]]
 #: Largest batch accepted: bigger batches only lengthen the at-least-once window.
 MAX_SIZE = 10_000
 
-#: Keys per completion ``DELETE ... IN``.  Against concurrent batches, long IN lists hit
-#: deadlocks more often on MariaDB 10.11 (measured: 10 per 60,000 jobs with 200 keys, 0-1
-#: with 50); short lists cost a few more round trips but rarely lose a batch to a deadlock.
-DELETE_CHUNK = 50
+#: The completion deletes one row per statement, ``DELETE FROM t WHERE id = ?``, sent with one
+#: ``executemany``: an equality on the whole primary key is always a unique-key lookup of a row
+#: this transaction has locked already, so it waits for nobody and cannot deadlock.  A
+#: ``DELETE ... WHERE id IN (...)`` was cheaper in round trips, but on a small table (below
+#: about 2,000 rows on MariaDB 10.11) the optimizer scans it, locking rows other batches own:
+#: 4 consumers of 200-job batches on a busy 600-row table lost 35% of their batches to
+#: deadlocks there (measured with ``tests/batch_contention.py``), and every job of a lost
+#: batch runs again.
+_KEY = "q4m_key"
 
 
 class QueueBatch(Generic[T]):
     """Up to ``size`` jobs owned in one transaction on one pinned connection; see the module
     docstring for what end, abort, exceptions and crashes do."""
+
+    #: A row that cannot be loaded raises :class:`~sqlalchemy_q4m.exc.UnloadableJob` (the
+    #: batch goes back to the queue); the worker sets this to hold it as an
+    #: :class:`~sqlalchemy_q4m.loading.Unloadable` and dead-letter it.
+    accept_unloadable: bool = False
 
     def __init__(
         self,
@@ -141,6 +154,7 @@ class QueueBatch(Generic[T]):
         self._session: Session | None = None  # made on first use
         self._began = False
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
+        self._intact = False  # a failed claim held nothing: the caller's connection is kept
 
     # -- public API -------------------------------------------------------------------------
 
@@ -156,6 +170,8 @@ class QueueBatch(Generic[T]):
             session = Session(bind=self._pinned, expire_on_commit=False, autoflush=True)
             self._session = session
             for job in self.jobs:  # built from their rows, detached: persistent in it
+                if isinstance(job, Unloadable):
+                    continue
                 if self._keys[id(job)][0].is_orm and job not in session:
                     session.add(job)
         return session
@@ -175,7 +191,7 @@ class QueueBatch(Generic[T]):
             self.backend = name
             jobs = self._wait_native() if name == "native" else self._wait_portable()
         except BaseException:
-            self._release(broken=True)
+            self._release(broken=not self._intact)
             raise
         self.jobs = jobs
         if not jobs:
@@ -283,6 +299,7 @@ class QueueBatch(Generic[T]):
             backend="native",
             poll_interval=self.poll_interval,
         )
+        single.accept_unloadable = self.accept_unloadable
         job = single.wait()
         if job is None:
             return []
@@ -332,9 +349,17 @@ class QueueBatch(Generic[T]):
                 code = error_code(err)
                 if (code not in RETRYABLE and code != QUERY_INTERRUPTED) or jobs:
                     raise
+                if not self._began:
+                    # the caller's transaction: rolling it back would silently undo the
+                    # caller's own writes; raised, as queue_session does, for the caller to
+                    # retry (nothing of the batch is held, so the connection stays usable)
+                    self._intact = True
+                    raise
                 conn.rollback()  # a deadlock before anything is held: try at the next poll
                 return []
             for job, key in found:
+                if isinstance(job, Unloadable) and not self.accept_unloadable:
+                    raise job.exception() from job.error  # the batch returns to the queue
                 self._keys[id(job)] = (sub, loader, key)
                 self._pending.add(id(job))
                 jobs.append(job)
@@ -369,7 +394,8 @@ class QueueBatch(Generic[T]):
             self._release(broken=not ok)
 
     def _complete(self, conn: Connection) -> None:
-        """The batch's own writes, then one ``DELETE ... IN`` per table and chunk of keys."""
+        """The batch's own writes, then one ``executemany`` of ``DELETE ... WHERE id = ?`` per
+        table."""
         by_sub: dict[int, tuple[Subscription, Loader | None, list[tuple[Any, ...]]]] = {}
         for sub, loader, key in self._ended:
             by_sub.setdefault(id(sub), (sub, loader, []))[2].append(key)
@@ -385,10 +411,8 @@ class QueueBatch(Generic[T]):
                         for key in keys:
                             retry_lock_wait(partial(loader.delete, conn, key))
                         continue
-                    values = [k[0] for k in keys]
-                    for start in range(0, len(values), DELETE_CHUNK):
-                        chunk = {"keys": values[start : start + DELETE_CHUNK]}
-                        retry_lock_wait(partial(conn.execute, stmt, chunk))
+                    params = [{_KEY: k[0]} for k in keys]
+                    retry_lock_wait(partial(conn.execute, stmt, params))
         except OperationalError as err:
             code = error_code(err)
             if code not in RETRYABLE:
@@ -416,15 +440,15 @@ class QueueBatch(Generic[T]):
             self._conn = self._pinned = None
 
 
-#: Completion statements by table: keys arrive as the driver sends them, so the IN list is
-#: bound untyped (no second bind processing).  Bounded: tables made at run time come and go.
+#: Completion statements by table: a key arrives as the driver sends it, so it is bound
+#: untyped (no second bind processing).  Bounded: tables made at run time come and go.
 _DELETES: dict[Any, Delete | None] = {}
 _DELETES_SIZE = 256
 
 
 def _delete_statement(sub: Subscription) -> Delete | None:
-    """``DELETE FROM t WHERE id IN (:keys)`` (expanding), built once per table; None for a
-    composite key."""
+    """``DELETE FROM t WHERE id = :q4m_key`` (executed many), built once per table; None for
+    a composite key."""
     try:
         return _DELETES[sub.table]
     except KeyError:  # not built yet (or the cache was just emptied)
@@ -432,8 +456,10 @@ def _delete_statement(sub: Subscription) -> Delete | None:
     columns = list(sub.table.primary_key.columns)
     if not columns:
         raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-    keys = bindparam("keys", expanding=True, type_=NullType())
-    stmt = delete(sub.table).where(columns[0].in_(keys)) if len(columns) == 1 else None
+    # both sides untyped: the key is bound as the driver sends it (a JobId would process
+    # it again, and refuse a malformed id the worker is burying)
+    where = type_coerce(columns[0], NullType()) == bindparam(_KEY, type_=NullType())
+    stmt = delete(sub.table).where(where) if len(columns) == 1 else None
     if len(_DELETES) >= _DELETES_SIZE:
         _DELETES.clear()
     _DELETES[sub.table] = stmt

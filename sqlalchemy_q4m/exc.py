@@ -20,6 +20,7 @@ __all__ = [
     "QueueWaitError",
     "RowError",
     "SubscriptionError",
+    "UnloadableJob",
     "UnsupportedServer",
 ]
 
@@ -84,6 +85,11 @@ class ConnectionLost(Q4MError):
 
 class CompletionFailed(Q4MError):
     """The job could not be marked done; the server returned it to the queue, it will run again."""
+
+
+class UnloadableJob(Q4MError):
+    """A claimed row cannot be loaded as a job (a value its column type cannot read, such as
+    a malformed job id); the row was returned to the queue.  Workers dead-letter such rows."""
 
 
 class QueueAbort(Exception):

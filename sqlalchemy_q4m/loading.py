@@ -20,6 +20,7 @@ claim with a condition is executed from its statement (the condition's values ch
 from __future__ import annotations
 
 import logging
+import traceback
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,9 +48,10 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .ddl import claim_order
 from .exc import QueueTableError
+from .exc import UnloadableJob
 from .functions import Subscription
 
-__all__ = ["Loader", "claim_statement", "dialect_cache", "loader_for"]
+__all__ = ["Loader", "Unloadable", "claim_statement", "dialect_cache", "loader_for"]
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
@@ -179,6 +181,26 @@ def _dbapi_error(
     return wrapped
 
 
+@dataclass
+class Unloadable:
+    """A claimed (or, on Q4M, owned) row that cannot be loaded as a job: a result processor
+    failed on it.  It holds the row as the driver returned it, so the worker can move it to
+    the dead letters and remove it; :class:`~sqlalchemy_q4m.session.QueueSession` and
+    :func:`~sqlalchemy_q4m.queue_batch` raise :class:`~sqlalchemy_q4m.exc.UnloadableJob`."""
+
+    table: Table
+    values: dict[str, Any]
+    key: Key
+    error: BaseException
+    details: str
+
+    def exception(self) -> UnloadableJob:
+        return UnloadableJob(
+            f"a row of {self.table.name!r} cannot be loaded ({type(self.error).__name__}: "
+            f"{self.error}); its values as read: {self.values!r}"
+        )
+
+
 def driver_level(conn: Connection) -> bool:
     """Whether the per-job statements run on the DBAPI cursor of ``conn`` directly.
 
@@ -277,11 +299,14 @@ class Loader:
         )
 
     def _jobs(
-        self, rows: Sequence[Sequence[Any]], raw: Sequence[Sequence[Any]] | None
+        self, rows: Sequence[Sequence[Any] | Unloadable], raw: Sequence[Sequence[Any]] | None
     ) -> list[tuple[Job, Key]]:
         at = self._key_at
         out: list[tuple[Job, Key]] = []
         for i, row in enumerate(rows):
+            if isinstance(row, Unloadable):
+                out.append((row, row.key))
+                continue
             if raw is None:
                 key = self.raw_key([row[j] for j in at])
             elif len(at) == 1:
@@ -312,34 +337,45 @@ class Loader:
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
+        raw_claim = claim_statement(sub, limit, self.columns)  # the same rows, unconverted
         if self.mapper is not None and (in_session or not self.direct):
-            found = orm().execute(claim_statement(sub, limit)).scalars().all()
-            return self._orm_jobs(found)
+            return self._or_unloadable(
+                conn,
+                raw_claim,
+                lambda: self._orm_jobs(orm().execute(claim_statement(sub, limit)).scalars().all()),
+            )
         if sub.where is None and self.direct:
             sql = self._claim_sql
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             raw = self._rows(sql.run(conn, {_LIMIT: limit}))
-            return self._jobs(self._apply(raw), raw)
-        rows = conn.execute(claim_statement(sub, limit, self.columns)).all()
-        return self._jobs(rows, None)
+            return self._jobs(self._convert(raw), raw)
+        return self._or_unloadable(
+            conn, raw_claim, lambda: self._jobs(conn.execute(raw_claim).all(), None)
+        )
 
     def load_owned(
         self, conn: Connection, sub: Subscription, orm: Callable[[], Session]
     ) -> tuple[Job, Key] | None:
         """The one row a Q4M owner sees (``SELECT ... FROM t`` in owner mode)."""
+        owned = select(*self.columns)
         if self.mapper is not None and not self.direct:
-            jobs = orm().execute(select(sub.target)).scalars().all()[:1]
-            found = self._orm_jobs(jobs)
+            found = self._or_unloadable(
+                conn,
+                owned,
+                lambda: self._orm_jobs(orm().execute(select(sub.target)).scalars().all()[:1]),
+            )
         elif self.direct:
             sql = self._owned_sql
             if sql is None:
-                sql = self._owned_sql = DriverSQL.compile(select(*self.columns), self.dialect)
+                sql = self._owned_sql = DriverSQL.compile(owned, self.dialect)
             raw = self._rows(sql.run(conn, {}))[:1]
-            found = self._jobs(self._apply(raw), raw)
+            found = self._jobs(self._convert(raw), raw)
         else:
-            found = self._jobs(conn.execute(select(*self.columns)).all()[:1], None)
+            found = self._or_unloadable(
+                conn, owned, lambda: self._jobs(conn.execute(owned).all()[:1], None)
+            )
         return found[0] if found else None
 
     def delete(self, conn: Connection, key: Key) -> None:
@@ -370,6 +406,53 @@ class Loader:
                 for c, code in zip(self.columns, codes, strict=True)
             ]
         return rows
+
+    def _convert(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
+        """:meth:`_apply`, except that a row a result processor fails on (a malformed job id,
+        a value its column type cannot read) becomes an :class:`Unloadable` holding it as
+        the driver returned it, instead of failing every claim of the queue's head."""
+        try:
+            return list(self._apply(raw))
+        except Exception:
+            pass
+        out: list[Sequence[Any] | Unloadable] = []
+        for row in raw:
+            try:
+                out.append(self._apply([row])[0])
+            except Exception as err:
+                out.append(self._unloadable(row, err))
+        return out
+
+    def _unloadable(self, row: Sequence[Any], err: BaseException) -> Unloadable:
+        key = tuple([row[j] for j in self._key_at])
+        values = {c.name: v for c, v in zip(self.columns, row, strict=True)}
+        details = "".join(traceback.format_exception(err))
+        return Unloadable(self.table, values, key, err, details)
+
+    def _or_unloadable(
+        self, conn: Connection, raw_stmt: Any, load: Callable[[], list[tuple[Job, Key]]]
+    ) -> list[tuple[Job, Key]]:
+        """``load()`` (SQLAlchemy converts the rows); if converting fails, the rows are read
+        again unconverted with ``raw_stmt`` (the same rows: this transaction has locked them,
+        or, on Q4M, this connection owns its row) and the ones that cannot be converted are
+        returned as :class:`Unloadable` (the others stay locked until the transaction ends,
+        then return to the queue)."""
+        try:
+            return load()
+        except StatementError:
+            raise
+        except Exception as err:
+            result = conn.execute(raw_stmt)
+            try:
+                cursor = result.cursor
+                raw = self._rows((cursor.description, cursor.fetchall()))
+            finally:
+                result.close()
+            bad = [r for r in self._convert(raw) if isinstance(r, Unloadable)]
+            if not bad:
+                raise
+            bad[0].error.__context__ = err
+            return [(r, r.key) for r in bad]
 
     def _apply(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
         procs = self._processors

@@ -54,6 +54,7 @@ from .exc import Q4MError
 from .exc import QueueAbort
 from .functions import Subscription
 from .functions import subscriptions
+from .loading import Unloadable
 from .notify import listen_wait
 from .notify import listening_supported
 from .server import BackendName
@@ -93,6 +94,11 @@ class QueueSession(Generic[T]):
     Use it as a context manager (``__enter__`` returns the job or None), or call
     :meth:`wait`, then :meth:`end` or :meth:`abort`, then :meth:`close`.
     """
+
+    #: A row that cannot be loaded raises :class:`UnloadableJob` (and goes back to the
+    #: queue); the worker sets this to own it as a :class:`~sqlalchemy_q4m.loading.Unloadable`
+    #: and dead-letter it.
+    accept_unloadable: bool = False
 
     def __init__(
         self,
@@ -296,10 +302,18 @@ class QueueSession(Generic[T]):
         claim = backend.attempt(self, self.subscriptions, timeout)
         if claim is None:
             return False
+        unloadable = isinstance(claim.job, Unloadable)
+        if unloadable and not self.accept_unloadable:  # returned to the queue by wait()
+            raise claim.job.exception() from claim.job.error
         self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
         self._state = "owning"
         orm = self._orm
-        if orm is not None and claim.subscription.is_orm and claim.job not in orm:
+        if (
+            orm is not None
+            and claim.subscription.is_orm
+            and not unloadable
+            and claim.job not in orm
+        ):
             orm.add(claim.job)  # the caller's session: the job is loaded in it
         return True
 

@@ -94,8 +94,10 @@ from .exc import JobInUse
 from .exc import Q4MError
 from .exc import QueueAbort
 from .exc import QueueTableError
+from .exc import QueueWaitError
 from .functions import Subscription
 from .functions import subscriptions
+from .loading import Unloadable
 from .retry import ATTEMPTS
 from .retry import PRIORITY
 from .retry import PRIORITY_INFO_KEY
@@ -126,8 +128,10 @@ Outcome = Literal["done", "retried", "dead", "aborted", "lost"]
 OUTCOMES: tuple[Outcome, ...] = ("done", "retried", "dead", "aborted", "lost")
 
 #: What the run loop survives: a lost connection or server (it reconnects with backoff; the
-#: server returns the job in hand), or a completion the server undid (the job runs again).
-LOOP_ERRORS = (ConnectionLost, DBAPIError, CompletionFailed)
+#: server returns the job in hand), a completion the server undid (the job runs again), or a
+#: ``queue_wait`` that returned NULL (a table dropped or replaced under a Q4M worker: it backs
+#: off and waits again, as the portable worker does after its claim's error).
+LOOP_ERRORS = (ConnectionLost, DBAPIError, CompletionFailed, QueueWaitError)
 
 #: Longest single wait while a subscription tests ``run_at <= now`` (rebuilt at each wait).
 DUE_SLICE = 1.0
@@ -448,6 +452,35 @@ class _Target:
         return job_id, int(attempts or 0)
 
 
+#: ``(job class, table name)`` already warned about missing retry columns in this process.
+_NO_RETRY_WARNED: set[tuple[type[Job], str]] = set()
+
+
+def _check_retry_columns(t: _Target) -> None:
+    """At start-up: ``max_attempts`` > 1 on a table without ``attempts``/``run_at`` cannot
+    be honoured (the first failure is dead-lettered): a warning, once per process and table,
+    naming what to add.  Not refused: one job class may serve tables with and without them."""
+    job = t.job
+    if t.can_retry or job.end_before_execute or job.policy.max_attempts <= 1:
+        return
+    key = (type(job), t.table.name)
+    if key in _NO_RETRY_WARNED:
+        return
+    _NO_RETRY_WARNED.add(key)
+    logger.warning(
+        "%s: queue table %r has no %r and %r columns: max_attempts=%d is not used, a failed "
+        "job goes to the dead letters at once; add %s to retry it (or set max_attempts = 1)",
+        type(job).__name__,
+        t.table.name,
+        ATTEMPTS,
+        RUN_AT,
+        job.policy.max_attempts,
+        "RetryMixin to the model"
+        if t.orm
+        else "retry_columns() to the table (or RetryMixin to its model)",
+    )
+
+
 def _row_type(table: Table) -> tuple[Callable[..., Any], list[str]]:
     names = [c.name for c in table.columns if c.name != JOB_ID]
     return collections.namedtuple("JobRow", names, rename=True), names
@@ -540,6 +573,9 @@ class _Owner(Protocol):
     @property
     def owning(self) -> bool: ...
 
+    @property
+    def connection(self) -> Connection: ...
+
     def end(self) -> None: ...
 
     def abort(self) -> None: ...
@@ -565,6 +601,10 @@ class _BatchSlot:
     @property
     def owning(self) -> bool:
         return self.batch.holds(self.item)
+
+    @property
+    def connection(self) -> Connection:
+        return self.batch.session.connection()
 
     def end(self) -> None:
         self.batch.end(self.item)
@@ -730,6 +770,8 @@ class Consumer:
                         row_type, names = _row_type(table)
                         targets.append(_Target(job, table, table, row_type, names))
             subscriptions([t.target for t in targets])  # validates: no table twice, queues
+            for t in targets:
+                _check_retry_columns(t)
             self._targets = targets
             self._models = [t.target for t in targets]
             self._by_table = {t.table: t for t in targets}
@@ -790,11 +832,15 @@ class Consumer:
             return self._handle_batch(conn, size, timeout)
         for targets, options in self._waits(timeout):
             qs: QueueSession[Any] = QueueSession(*targets, bind=conn, **options)
+            qs.accept_unloadable = True
             item = qs.wait()
             if item is None:
                 continue
             try:
                 with self._holding():
+                    if isinstance(item, Unloadable):
+                        self._count(self._bury_unloadable(qs, item))
+                        return 1
                     run = self._before_execute(qs, item)
                     with run.executing():
                         run.job.execute(run.arg)
@@ -837,6 +883,7 @@ class Consumer:
         to the batch, which returns them; an error returns the whole batch."""
         for targets, options in self._waits(timeout):
             batch: QueueBatch[Any] = QueueBatch(*targets, bind=conn, size=size, **options)
+            batch.accept_unloadable = True
             items = batch.wait()
             if not items:
                 continue
@@ -844,6 +891,7 @@ class Consumer:
                 "[%s] %s: claimed a batch of %d job(s)", self.name, self._label(), len(items)
             )
             handled = 0
+            outcomes: list[Outcome] = []  # counted once the batch commits
             try:
                 for item in items:
                     if self.stopping:
@@ -856,19 +904,28 @@ class Consumer:
                         break
                     slot = _BatchSlot(batch, item)
                     with self._holding():
-                        run = self._before_execute(slot, item)
-                        with run.executing():
-                            run.job.execute(run.arg)
-                        self._count(self._after_execute(slot, run))
+                        if isinstance(item, Unloadable):
+                            outcomes.append(self._bury_unloadable(slot, item))
+                        else:
+                            run = self._before_execute(slot, item)
+                            with run.executing():
+                                run.job.execute(run.arg)
+                            outcomes.append(self._after_execute(slot, run))
                     handled += 1
                 batch.close()  # removes the ended jobs, returns the others: one COMMIT
             except BaseException:
+                # rolled back: what the batch's handled jobs did is undone and they run again
+                # (a deadlocked completion, CompletionFailed, included): counted as lost
+                for _ in outcomes:
+                    self.stats.add("lost")
                 self.lost_job = f"a batch of {len(items)} job(s)"
                 try:
                     batch.give_back()
                 except Exception:  # the connection is gone: the server returns the batch
                     logger.debug("returning a batch failed", exc_info=True)
                 raise
+            for outcome in outcomes:
+                self._count(outcome)
             return handled
         return 0
 
@@ -937,18 +994,20 @@ class Consumer:
 
     def _after_execute(self, qs: _Owner, run: _Run) -> Outcome:
         """End, return, retry or bury the job as ``execute`` ended."""
-        log, nested, ended, error = run.log, run.nested, run.ended, run.error
+        log, nested, ended = run.log, run.nested, run.ended
         if not ended and self._connection_lost():
             # execute (or the server) lost the pinned connection: the server has returned the
             # job and the transaction is gone, so there is nothing to end, retry or bury here
+            error = run.error
             cause = f": {_describe(error)}" if error is not None else ""
             raise ConnectionLost(f"connection lost while running the job{cause}") from error
+        if run.error is None and not run.aborted and run.used_session and not ended:
+            self._keep_writes(qs, run)  # a failure here is the job's own
+        error = run.error
         if error is None:
             if nested is not None:
                 if run.aborted:
                     nested.rollback()
-                else:
-                    nested.commit()
             elif run.aborted and not ended and run.used_session:
                 qs.session.rollback()  # Q4M: the job's writes
             if run.aborted:
@@ -962,21 +1021,80 @@ class Consumer:
                 qs.end()
             log.info("done in %.3fs", run.elapsed)
             return "done"
-        if nested is not None and nested.is_active:
-            nested.rollback()
-        elif nested is None and not ended and run.used_session:
+        if nested is not None:
+            if qs.session.get_nested_transaction() is nested:  # also after a failed flush
+                nested.rollback()
+        elif not ended and run.used_session:
             qs.session.rollback()  # Q4M: the job's writes
         policy = run.job.policy
         log.error(
             "failed on attempt %d/%d after %.3fs: %s\n%s",
             run.attempts + 1,
-            policy.max_attempts,
+            policy.max_attempts if run.target.can_retry and not ended else 1,
             run.elapsed,
             _describe(error),
             run.details.rstrip(),
         )
         decision = decide(policy, run.attempts, can_retry=run.target.can_retry and not ended)
         return self._after_failure(qs, run, decision, error)
+
+    def _bury_unloadable(self, qs: _Owner, row: Unloadable) -> Outcome:
+        """A claimed row that cannot be loaded as a job (a malformed id, a value its column
+        type cannot read) can never run: it goes to the dead letters with its values as the
+        driver returned them and is removed, instead of failing every claim of the queue's
+        head.  As for any burial, on Q4M the dead letter is committed before the end."""
+        sub = qs.subscription
+        assert sub is not None
+        t = self._by_table[sub.table]
+        job_id = row.values.get(JOB_ID)
+        log = _JobLog(t.job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
+        try:
+            attempts = int(row.values.get(ATTEMPTS) or 0) + 1
+        except (TypeError, ValueError):
+            attempts = 1
+        dead = dead_letter_table(t.job.dead_letter_table)
+        conn = qs.connection
+        bury(
+            conn,
+            dead,
+            queue=t.table.name,
+            values=row.values,
+            error=f"cannot be loaded: {_describe(row.error)}",
+            traceback=row.details,
+            attempts=attempts,
+        )
+        backend = qs.backend
+        if backend is not None and backend.name == "native":
+            conn.commit()
+        qs.end()
+        log.error(
+            "cannot be loaded (%s): moved to %s with its values as read: %r",
+            _describe(row.error),
+            dead.name,
+            row.values,
+        )
+        return "dead"
+
+    def _keep_writes(self, qs: _Owner, run: _Run) -> None:
+        """Flush what ``execute`` wrote through ``self.session`` (on InnoDB: release its
+        savepoint) before the job is ended.  An error there is the job's own failure (a
+        constraint it broke, an UPDATE Q4M refuses, a session its own error handling left
+        unusable): recorded as its error, so it is retried and dead-lettered by the policy
+        instead of being taken for a lost connection and run again forever.  A lost
+        connection is raised."""
+        try:
+            if run.nested is not None:
+                run.nested.commit()
+            else:
+                session = qs.session
+                if session.new or session.dirty or session.deleted:
+                    session.flush()
+        except Exception as err:
+            if self._connection_lost() or (
+                isinstance(err, DBAPIError) and err.connection_invalidated
+            ):
+                raise
+            run.error, run.details = err, "".join(traceback.format_exception(err))
 
     def _after_failure(
         self, qs: _Owner, run: _Run, decision: Retry | Bury, error: BaseException

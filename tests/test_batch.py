@@ -28,6 +28,7 @@ from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import Session
@@ -297,14 +298,16 @@ def test_deadlock_at_completion_returns_the_whole_batch(
 
 
 @pytest.mark.integration
-def test_long_batches_delete_in_chunks(injected: tuple[Engine, list[int], list[str]]) -> None:
+def test_a_batch_deletes_each_job_by_its_key_in_one_executemany(
+    injected: tuple[Engine, list[int], list[str]],
+) -> None:
     eng, _, deletes = injected
     enqueue(eng, 120)
     with queue_batch(BatchJob, bind=eng, size=200, timeout=1) as batch:
         assert len(batch) == 120
         for job in batch:
             batch.end(job)
-    assert len(deletes) == 3  # 50 + 50 + 20 keys
+    assert len(deletes) == 1 and " IN " not in deletes[0]  # WHERE id = %(q4m_key)s, 120 times
     assert numbers(eng) == []
 
 
@@ -406,3 +409,30 @@ def test_native_degrades_to_one_job(
             getattr(batch, finish)(next(iter(batch)))
             assert FakeSingle.calls[-1] == expected  # at once, not at the end of the batch
     assert FakeSingle.calls == ["wait", expected, "close"]
+
+
+@pytest.mark.integration
+def test_a_lock_wait_timeout_claiming_in_the_callers_transaction_is_raised(db: Engine) -> None:
+    """1205 (here: the claim waits for a table lock) undoes only the statement; the batch
+    must not roll back the caller's transaction (its writes) and carry on: it raises."""
+    enqueue(db, 1)
+    with db.connect() as locker, db.connect() as conn:
+        conn = conn.execution_options(isolation_level="READ COMMITTED")
+        conn.execute(text("SET SESSION lock_wait_timeout = 1"))
+        conn.commit()
+        with conn.begin():
+            conn.execute(insert(Note), {"id": 9, "text": "the caller's own write"})
+            locker.execute(text("LOCK TABLES tb_batch_jobs WRITE"))
+            try:
+                with (
+                    pytest.raises(OperationalError) as caught,
+                    queue_batch(BatchJob, bind=conn, size=5, timeout=2),
+                ):
+                    pass
+            finally:
+                locker.execute(text("UNLOCK TABLES"))
+            assert caught.value.orig.args[0] == 1205
+            assert not conn.invalidated  # the caller's connection and transaction go on
+            notes = conn.execute(select(Note.text)).scalars().all()
+            assert notes == ["the caller's own write"]
+            conn.rollback()
