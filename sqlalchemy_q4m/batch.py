@@ -64,6 +64,8 @@ from sqlalchemy.types import NullType
 from .backends.base import QUERY_INTERRUPTED
 from .backends.base import RETRYABLE
 from .backends.base import error_code
+from .backends.base import give_up_connection
+from .backends.base import take_connection
 from .backends.base import translate_errors
 from .backends.portable import retry_lock_wait
 from .exc import CompletionFailed
@@ -141,6 +143,7 @@ class QueueBatch(Generic[T]):
         self._session: Session | None = None  # made on first use
         self._began = False
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
+        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
 
     # -- public API -------------------------------------------------------------------------
 
@@ -298,6 +301,7 @@ class QueueBatch(Generic[T]):
             self._conn = conn
         else:
             conn = bind
+        self._owner_info = take_connection(conn, self)  # refused if it owns a job already
         self._pinned = conn
         self._began = not conn.in_transaction()
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
@@ -400,8 +404,14 @@ class QueueBatch(Generic[T]):
                 "transaction was rolled back, so every job of the batch will run again"
             ) from err
 
+    def released(self, what: str) -> None:
+        """The connection's transaction ended while the batch holds jobs: nothing to stop
+        here (a batch's jobs all come back with it; see the module docstring)."""
+
     def _release(self, *, broken: bool = False) -> None:
         self._state = "done"
+        give_up_connection(self._owner_info, self)
+        self._owner_info = None
         conn, session = self._conn, self._session
         if broken and self._pinned is not None and not self._pinned.invalidated:
             self._pinned.invalidate()  # the server returns every row the batch held

@@ -45,12 +45,19 @@ from .backends import Backend
 from .backends import Claim
 from .backends import get_backend
 from .backends.base import RETRYABLE
+from .backends.base import check_free
 from .backends.base import error_code
+from .backends.base import give_up_connection
+from .backends.base import take_connection
 from .backends.base import translate_errors
+from .backends.portable import begin_read_committed
+from .backends.portable import check_isolation
 from .exc import CompletionFailed
 from .exc import NotOwner
+from .exc import OwnershipReleased
 from .exc import Q4MError
 from .exc import QueueAbort
+from .exc import UnsafeBind
 from .functions import Subscription
 from .functions import subscriptions
 from .notify import listen_wait
@@ -127,6 +134,10 @@ class QueueSession(Generic[T]):
         self._own_orm = False
         self._user_session: Session | None = None  # committed before queue_end (native)
         self._began = False
+        self._read_committed = False  # SET TRANSACTION before each transaction we begin
+        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
+        self._finishing = False  # our own commit/rollback: not the caller releasing the job
+        self._released: str | None = None  # what the caller did to the transaction, if any
         self._state: Literal["new", "owning", "done"] = "new"
 
     # -- public API -------------------------------------------------------------------------
@@ -194,7 +205,9 @@ class QueueSession(Generic[T]):
         claim, backend = self._owned()
         conn = self.connection
         ok = False
+        self._finishing = True
         try:
+            self._check_not_released()
             if self._user_session is not None:
                 self._user_session.commit()
             orm = self._orm
@@ -202,6 +215,11 @@ class QueueSession(Generic[T]):
                 with translate_errors("completing a job"):
                     if orm is not None and (orm.new or orm.dirty or orm.deleted):
                         orm.flush()  # the block's own writes first: they commit with them
+                    if backend.name == "native":
+                        # Q4M: queue_end() is durable at once, outside any transaction, so
+                        # the job's writes commit before it (a crash in between runs the job
+                        # again: at least once, never lost)
+                        self._finish_transaction(commit=True)
                     backend.end(conn, claim)
                     self._finish_transaction(commit=True)
             except OperationalError as err:
@@ -225,12 +243,13 @@ class QueueSession(Generic[T]):
         """Give the job back: it returns to the queue for the next consumer."""
         claim, backend = self._owned()
         ok = False
+        self._finishing = True
         try:
             if self._user_session is not None:
                 self._user_session.rollback()
             backend.abort(self.connection, claim)
             self._finish_transaction(commit=False, returning=True)
-            ok = True
+            ok = self._released is None  # else the transaction's state is unknown: closed
         finally:
             self._state = "done"
             self._release(broken=not ok)
@@ -271,6 +290,33 @@ class QueueSession(Generic[T]):
         if self._state != "owning" or self._claim is None or self.backend is None:
             raise NotOwner()
         return self._claim, self.backend
+
+    def released(self, what: str) -> None:
+        """The caller ``what`` (committed, rolled back) the transaction holding the job, or
+        its connection was returned to the pool, inside the block: raise, so the block fails
+        instead of running on while another consumer may own the job (on the portable
+        backend the commit or rollback is stopped before it reaches the server).  On Q4M a
+        commit or rollback does not touch the owned row."""
+        if self._state != "owning" or self._finishing:
+            return
+        portable = self.backend is not None and self.backend.name == "portable"
+        if not portable and what != "returned to the pool":
+            return
+        self._released = what
+        table = self.subscription.name if self.subscription is not None else "?"
+        raise OwnershipReleased(
+            f"the connection owning a job of {table!r} was {what} inside the queue session: "
+            "that would free the job for another consumer while this block still runs it; the "
+            "job goes back to the queue.  Let the block end (it commits the job's writes with "
+            "the job), or raise QueueAbort"
+        )
+
+    def _check_not_released(self) -> None:
+        if self._released is not None:
+            raise OwnershipReleased(
+                f"the job's transaction was {self._released} inside the block: the job cannot "
+                "be ended; it goes back to the queue"
+            )
 
     def _listening(self) -> bool:
         """Whether idle waits listen (``notify``) rather than poll: ``listen`` is set, the
@@ -318,8 +364,13 @@ class QueueSession(Generic[T]):
         self._finish_transaction(commit=False)
         if self.in_session:  # the caller's Session gave its connection back: take a new one
             assert self._orm is not None
+            give_up_connection(self._owner_info, self)
             options = {"isolation_level": "READ COMMITTED"}
             self._pinned = self._orm.connection(execution_options=options)
+            self._owner_info = take_connection(self._pinned, self)
+        elif self._read_committed:
+            assert self._pinned is not None
+            begin_read_committed(self._pinned)
         return True
 
     def _resolve(self, probe: Engine | Connection) -> BackendName:
@@ -332,36 +383,64 @@ class QueueSession(Generic[T]):
             return detect_backend(conn)
 
     def _setup(self) -> Backend:
+        """Pin the connection: refused (before any statement is sent) when it already owns
+        a job, and on the portable backend when the caller's open transaction would take gap
+        locks; recorded as owned by this queue session."""
         bind = self.bind
         if isinstance(bind, Session):
             sub = self.subscriptions[0]
             engine_or_conn = bind.get_bind(mapper=sub.target if sub.is_orm else None)
+            if isinstance(engine_or_conn, Connection):
+                check_free(engine_or_conn)
             name = self._resolve(engine_or_conn)
             if name == "portable":
+                began = not bind.in_transaction()
+                if began:
+                    conn = bind.connection(execution_options={"isolation_level": "READ COMMITTED"})
+                else:
+                    conn = bind.connection()
+                    check_free(conn)
+                    check_isolation(conn)
                 self.backend = get_backend(name)
-                self._orm = bind
-                self._began = not bind.in_transaction()
-                options = {"isolation_level": "READ COMMITTED"} if self._began else None
-                self._pinned = bind.connection(execution_options=options)
+                self._orm, self._began, self._pinned = bind, began, conn
             else:
                 self._user_session = bind
                 self._pin(engine_or_conn, name)
         else:
+            if isinstance(bind, Connection):
+                check_free(bind)
             self._pin(bind, self._resolve(bind))
-        assert self.backend is not None
+        assert self.backend is not None and self._pinned is not None
+        self._owner_info = take_connection(self._pinned, self)
+        if self._read_committed:
+            begin_read_committed(self._pinned)
         return self.backend
 
     def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
-        self.backend = get_backend(name)
         if isinstance(bind, Engine):
             conn = bind.connect()
-            self._conn = conn
             if name == "portable":
                 conn.execution_options(isolation_level="READ COMMITTED")
+            self._conn = conn
+            began = True
         else:
             conn = bind
+            began = not conn.in_transaction()
+            if not began and name == "native":
+                raise UnsafeBind(
+                    "on Q4M queue_end() cannot be part of the transaction open on this "
+                    "Connection (Q4M has no transactions): the job would be gone before your "
+                    "writes commit, and lost if you crash in between.  Commit before the "
+                    "queue session, or bind an Engine"
+                )
+            if not began:
+                check_isolation(conn)
+            elif name == "portable":
+                level = conn.get_execution_options().get("isolation_level")
+                self._read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
+        self.backend = get_backend(name)
         self._pinned = conn
-        self._began = not conn.in_transaction()
+        self._began = began
 
     def _new_orm_session(self, conn: Connection) -> Session:
         """The ORM session of the job on the pinned connection, made on first use (the
@@ -407,8 +486,10 @@ class QueueSession(Generic[T]):
         connection is invalidated (closed): the server then returns the row, and no pool
         ever holds a connection in owner mode."""
         self._state = "done"
+        give_up_connection(self._owner_info, self)
+        self._owner_info = None
         pinned, orm = self._pinned, self._orm
-        if broken and pinned is not None and not pinned.invalidated:
+        if broken and pinned is not None and not pinned.invalidated and not pinned.closed:
             pinned.invalidate()
         try:
             if orm is not None and not self._own_orm and broken:
