@@ -36,6 +36,7 @@ from typing import overload
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
+from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -138,6 +139,7 @@ class QueueSession(Generic[T]):
         self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
         self._finishing = False  # our own commit/rollback: not the caller releasing the job
         self._released: str | None = None  # what the caller did to the transaction, if any
+        self._guarded: list[Session] = []  # ORM sessions whose commit would free the job
         self._state: Literal["new", "owning", "done"] = "new"
 
     # -- public API -------------------------------------------------------------------------
@@ -158,6 +160,8 @@ class QueueSession(Generic[T]):
                 raise NotOwner("the queue session has not started, or is finished")
             orm = self._orm = self._new_orm_session(self._pinned)
             self._own_orm = True
+            if self.owning:
+                self._guard_session(orm)
             job, sub = self.job, self.subscription
             if job is not None and sub is not None and sub.is_orm and job not in orm:
                 orm.add(job)  # built from the row, detached: now persistent in it
@@ -311,6 +315,17 @@ class QueueSession(Generic[T]):
             "the job), or raise QueueAbort"
         )
 
+    def _guard_session(self, orm: Session) -> None:
+        """Stop a commit of ``orm``'s transaction (not of a savepoint) before it starts while
+        the job is owned in it (portable backend)."""
+        if self.backend is not None and self.backend.name == "portable":
+            event.listen(orm, "before_commit", self._before_commit)
+            self._guarded.append(orm)
+
+    def _before_commit(self, orm: Session) -> None:
+        if orm.get_nested_transaction() is None:  # the transaction, not a savepoint
+            self.released("committed")
+
     def _check_not_released(self) -> None:
         if self._released is not None:
             raise OwnershipReleased(
@@ -347,6 +362,8 @@ class QueueSession(Generic[T]):
         self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
         self._state = "owning"
         orm = self._orm
+        if orm is not None:
+            self._guard_session(orm)
         if orm is not None and claim.subscription.is_orm and claim.job not in orm:
             orm.add(claim.job)  # the caller's session: the job is loaded in it
         return True
@@ -488,6 +505,9 @@ class QueueSession(Generic[T]):
         self._state = "done"
         give_up_connection(self._owner_info, self)
         self._owner_info = None
+        for guarded in self._guarded:
+            event.remove(guarded, "before_commit", self._before_commit)
+        self._guarded.clear()
         pinned, orm = self._pinned, self._orm
         if broken and pinned is not None and not pinned.invalidated and not pinned.closed:
             pinned.invalidate()
