@@ -236,9 +236,10 @@ class QueueSession(Generic[T]):
                     "the transaction was rolled back, so the job is back in the queue and will "
                     "run again"
                 ) from err
-            if orm is not None and not self._own_orm and claim.subscription.is_orm:
-                if claim.job in orm:
-                    orm.expunge(claim.job)  # the caller's session: the row is gone
+            in_orm = orm is not None and claim.subscription.is_orm and claim.job in orm
+            if in_orm and not self._own_orm:
+                assert orm is not None
+                orm.expunge(claim.job)  # the caller's session: the row is gone
             ok = True
         finally:
             self._state = "done"

@@ -17,6 +17,7 @@ database of their own (other test runs share that server's ``test`` database).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -168,14 +169,12 @@ def test_a_second_owner_on_the_connection_is_refused_before_any_statement(
 def test_a_failing_inner_owner_cannot_free_the_outer_job(db: Engine) -> None:
     """Before: the inner claim re-took the outer's row, and its failure rolled back the
     transaction holding the outer's lock.  Now the inner never starts."""
-    (only,) = enqueue(db, 1)
-    with db.connect() as conn:
-        with queue_session(Job, bind=conn, timeout=2) as job:
-            assert job is not None
-            with pytest.raises(AlreadyOwning):
-                with queue_session(Job, bind=conn, timeout=1):
-                    raise RuntimeError("never reached")  # pragma: no cover
-            assert claimable(db) == []  # still locked by the outer
+    enqueue(db, 1)
+    with db.connect() as conn, queue_session(Job, bind=conn, timeout=2) as job:
+        assert job is not None
+        with pytest.raises(AlreadyOwning), queue_session(Job, bind=conn, timeout=1):
+            raise RuntimeError("never reached")  # pragma: no cover
+        assert claimable(db) == []  # still locked by the outer
     assert total(db) == 0
 
 
@@ -211,14 +210,17 @@ def test_owners_one_after_the_other_on_one_connection_are_fine(db: Engine) -> No
 
 def test_committing_the_session_in_a_session_bound_block_fails_it(db: Engine) -> None:
     (job_id,) = enqueue(db, 1)
-    with Session(db) as session:
-        with pytest.raises(OwnershipReleased), queue_session(Job, bind=session, timeout=2):
-            session.add(Effect(n=1))
-            session.flush()
-            with pytest.raises(OwnershipReleased):
-                session.commit()
-            assert claimable(db) == []  # never reached the server: nobody else can own it
-            session.commit()  # still refused (and the block fails)
+    with (
+        Session(db) as session,
+        pytest.raises(OwnershipReleased),
+        queue_session(Job, bind=session, timeout=2),
+    ):
+        session.add(Effect(n=1))
+        session.flush()
+        with pytest.raises(OwnershipReleased):
+            session.commit()
+        assert claimable(db) == []  # never reached the server: nobody else can own it
+        session.commit()  # still refused (and the block fails)
     assert claimable(db) == [job_id]
     assert total(db, Effect) == 0
 
@@ -252,10 +254,8 @@ def test_a_caught_release_still_fails_the_end(db: Engine) -> None:
     qs = queue_session(Job, bind=db, timeout=2)
     with pytest.raises(OwnershipReleased), qs as job:
         assert job is not None
-        try:
+        with contextlib.suppress(OwnershipReleased):  # swallowed: the end refuses anyway
             qs.connection.commit()
-        except OwnershipReleased:
-            pass  # the caller swallows it: the end refuses anyway
     assert claimable(db) == [job_id]
 
 
@@ -298,14 +298,17 @@ def test_two_consumers_never_own_a_job_whose_block_commits_early(db: Engine) -> 
     thread = threading.Thread(target=second)
     thread.start()
     try:
-        with Session(db) as session:
-            with pytest.raises(OwnershipReleased), queue_session(Job, bind=session, timeout=2):
-                owned_by_second.clear()  # ownerships before this block claimed it
-                try:
-                    session.commit()
-                finally:
-                    time.sleep(0.5)  # the second consumer polls meanwhile
-                    assert owned_by_second == []
+        with (
+            Session(db) as session,
+            pytest.raises(OwnershipReleased),
+            queue_session(Job, bind=session, timeout=2),
+        ):
+            owned_by_second.clear()  # ownerships before this block claimed it
+            try:
+                session.commit()
+            finally:
+                time.sleep(0.5)  # the second consumer polls meanwhile
+                assert owned_by_second == []
     finally:
         first_done.set()
         thread.join(10)
@@ -390,9 +393,11 @@ def test_an_open_repeatable_read_transaction_is_refused(db: Engine) -> None:
     (job_id,) = enqueue(db, 1)
     with db.connect() as conn:
         conn.execute(select(1))  # the caller's transaction, at the server default
-        with pytest.raises(UnsafeBind, match="READ COMMITTED"):
-            with queue_session(Job, bind=conn, timeout=1):
-                pass  # pragma: no cover
+        with (
+            pytest.raises(UnsafeBind, match="READ COMMITTED"),
+            queue_session(Job, bind=conn, timeout=1),
+        ):
+            pass  # pragma: no cover
         assert conn.in_transaction() and not conn.invalidated  # untouched
     with Session(db) as session:
         session.execute(select(1))
@@ -441,13 +446,15 @@ def test_native_second_owner_on_one_connection_is_refused(q4m: Engine) -> None:
     failed.  Now the inner is refused and the outer's failure returns its job."""
     with q4m.begin() as conn:
         conn.execute(insert(Job.__table__), [{"id": uuid.uuid4().bytes, "n": n} for n in (1, 2)])
-    with q4m.connect() as conn:
-        with pytest.raises(RuntimeError):
-            with queue_session(Job, bind=conn, timeout=2) as job:
-                assert job is not None and job.n == 1
-                with pytest.raises(AlreadyOwning), queue_session(Job, bind=conn, timeout=1):
-                    pass  # pragma: no cover
-                raise RuntimeError("the outer fails: its job must come back")
+    with (
+        q4m.connect() as conn,
+        pytest.raises(RuntimeError),
+        queue_session(Job, bind=conn, timeout=2) as job,
+    ):
+        assert job is not None and job.n == 1
+        with pytest.raises(AlreadyOwning), queue_session(Job, bind=conn, timeout=1):
+            pass  # pragma: no cover
+        raise RuntimeError("the outer fails: its job must come back")
     assert total(q4m) == 2
     for expected in (1, 2):
         with queue_session(Job, bind=q4m, timeout=2) as job:
@@ -481,9 +488,8 @@ def test_native_connection_closed_inside_the_block_never_reaches_the_pool_owning
         assert job is not None
         qs.connection.close()  # the pool closes it instead of keeping an owner-mode connection
     for _ in range(6):  # every pooled connection is usable and owns nothing
-        with q4m.connect() as conn:
-            with pytest.raises(OperationalError):
-                conn.exec_driver_sql("SELECT queue_rowid()")  # not in owner mode
+        with q4m.connect() as conn, pytest.raises(OperationalError):
+            conn.exec_driver_sql("SELECT queue_rowid()")  # not in owner mode
     with queue_session(Job, bind=q4m, timeout=5) as job:
         assert job is not None and job.n == 1
     assert total(q4m) == 0
