@@ -255,7 +255,9 @@ class QueueSession(Generic[T]):
                 self._user_session.rollback()
             backend.abort(self.connection, claim)
             self._finish_transaction(commit=False, returning=True)
-            ok = self._released is None  # else the transaction's state is unknown: closed
+            if self._released is not None:
+                self._discard_stopped_transaction()
+            ok = True
         finally:
             self._state = "done"
             self._release(broken=not ok)
@@ -327,6 +329,18 @@ class QueueSession(Generic[T]):
     def _before_commit(self, orm: Session) -> None:
         if orm.get_nested_transaction() is None:  # the transaction, not a savepoint
             self.released("committed")
+
+    def _discard_stopped_transaction(self) -> None:
+        """After a commit or rollback the library stopped: SQLAlchemy deactivated its
+        transaction but the server's is still open (holding the row), so it is rolled back on
+        the driver's connection, then SQLAlchemy's state is cleared.  A connection that was
+        closed meanwhile raises here, and is then invalidated."""
+        conn = self.connection
+        if conn.closed or conn.invalidated:
+            raise NotOwner(f"the connection was {self._released}")
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        if conn.get_transaction() is not None:
+            conn.rollback()
 
     def _check_not_released(self) -> None:
         if self._released is not None:
