@@ -59,7 +59,9 @@ effects = Table(
 )
 
 STEPS = ["claimed", "written", "before-end", "ended", "done"]
-BINDS = ["engine", "connection", "session"]
+#: ``worker``: a :class:`~sqlalchemy_q4m.Job` worker's ``run_once`` (its own connection, the
+#: job's writes through ``self.session``).
+BINDS = ["engine", "connection", "session", "worker"]
 
 #: Effects counted after the kill and the drain: 1 = exactly once, 2 = ran again (at least
 #: once), 0 = lost.  Same for every bind.
@@ -75,7 +77,7 @@ import sys, time
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
-from sqlalchemy_q4m import queue_session, queue_table, use_backend
+from sqlalchemy_q4m import Job, queue_session, queue_table, use_backend
 
 url, backend, bind_kind, step, jobs_name, effects_name = sys.argv[1:]
 md = MetaData()
@@ -121,7 +123,22 @@ def run(bind):
     owning = False
     pause("done")
 
-if bind_kind == "engine":
+class EffectJob(Job):
+    table_name = jobs_name
+    backend = backend
+
+    def execute(self, row):
+        global owning
+        owning = True
+        pause("claimed")
+        self.session.execute(insert(effects).values(n=row[0]))
+        pause("written")
+
+if bind_kind == "worker":
+    assert EffectJob(engine).run_once(timeout=10)
+    owning = False
+    pause("done")
+elif bind_kind == "engine":
     run(engine)
 elif bind_kind == "connection":
     with engine.connect() as conn:
