@@ -67,6 +67,8 @@ from .backends.base import error_code
 from .backends.base import give_up_connection
 from .backends.base import take_connection
 from .backends.base import translate_errors
+from .backends.portable import begin_read_committed
+from .backends.portable import check_isolation
 from .backends.portable import retry_lock_wait
 from .exc import CompletionFailed
 from .exc import NotOwner
@@ -302,11 +304,17 @@ class QueueBatch(Generic[T]):
         else:
             conn = bind
         self._owner_info = take_connection(conn, self)  # refused if it owns a job already
-        self._pinned = conn
         self._began = not conn.in_transaction()
+        if not self._began:
+            check_isolation(conn)  # no gap locks: refused in an open REPEATABLE READ one
+        level = conn.get_execution_options().get("isolation_level")
+        read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
+        self._pinned = conn
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             started = time.monotonic()
+            if read_committed and not conn.in_transaction():
+                begin_read_committed(conn)  # the transaction we begin: no gap locks
             jobs = self._claim(conn)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs

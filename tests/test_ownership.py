@@ -345,8 +345,9 @@ def short_lock_waits(db: Engine, db_url: URL) -> Iterator[Engine]:
     eng.dispose()
 
 
+@pytest.mark.parametrize("consumer", ["queue_session", "queue_batch"])
 def test_idle_consumers_on_repeatable_read_connections_do_not_stall_producers(
-    short_lock_waits: Engine,
+    short_lock_waits: Engine, consumer: str
 ) -> None:
     eng = short_lock_waits
     with eng.connect() as probe:
@@ -359,6 +360,14 @@ def test_idle_consumers_on_repeatable_read_connections_do_not_stall_producers(
         try:
             with eng.connect() as conn:
                 while not stop.is_set():
+                    if consumer == "queue_batch":
+                        with queue_batch(
+                            Job, bind=conn, size=3, timeout=0.3, poll_interval=0.01
+                        ) as batch:
+                            for job in batch:
+                                batch.end(job)
+                                taken.append(job.n)
+                        continue
                     with queue_session(Job, bind=conn, timeout=0.3, poll_interval=0.01) as job:
                         if job is not None:
                             taken.append(job.n)
@@ -412,6 +421,11 @@ def test_an_open_repeatable_read_transaction_is_refused(db: Engine) -> None:
         session.execute(select(1))
         with pytest.raises(UnsafeBind), queue_session(Job, bind=session, timeout=1):
             pass  # pragma: no cover
+    with db.connect() as conn:
+        conn.execute(select(1))
+        with pytest.raises(UnsafeBind), queue_batch(Job, bind=conn, size=5, timeout=1):
+            pass  # pragma: no cover
+        assert conn.in_transaction() and not conn.invalidated
     assert claimable(db) == [job_id]
 
 
