@@ -11,14 +11,20 @@ What ``bind`` means:
 
 * an :class:`~sqlalchemy.Engine`: a connection is checked out for this one job and returned
   only once the job is ended or aborted; :attr:`QueueSession.session` is an ORM session on it.
-* a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); an open
-  transaction on it is joined, not committed.
+* a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); a
+  transaction this queue session begins claims in READ COMMITTED (no gap locks), an open one
+  is joined, not committed (refused when it is REPEATABLE READ, and on Q4M at all).
 * an ORM :class:`~sqlalchemy.orm.Session`: on the portable backend the claim happens in the
   session's transaction, so the job's removal commits atomically with the block's writes
   (do not commit it inside the block).  On Q4M, which has no transactions, the job is owned on
   a separate pinned connection; at the end the session is committed first and the job ended
   after it (at least once: a crash in between runs the job again); on abort the session is
   rolled back and the job returned.
+
+On Q4M the job's writes always commit before ``queue_end()``, which is durable at once (a crash
+in between runs the job again, never loses it).  A connection owns one job at a time
+(:class:`~sqlalchemy_q4m.exc.AlreadyOwning`), and ending the transaction that holds a portable
+claim inside the block raises :class:`~sqlalchemy_q4m.exc.OwnershipReleased`.
 """
 
 from __future__ import annotations
