@@ -314,7 +314,8 @@ class QueueBatch(Generic[T]):
         while True:
             started = time.monotonic()
             if read_committed and not conn.in_transaction():
-                begin_read_committed(conn)  # the transaction we begin: no gap locks
+                with translate_errors("beginning a batch claim"):
+                    begin_read_committed(conn)  # the transaction we begin: no gap locks
             jobs = self._claim(conn)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs

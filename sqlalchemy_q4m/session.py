@@ -261,9 +261,7 @@ class QueueSession(Generic[T]):
                 self._user_session.rollback()
             backend.abort(self.connection, claim)
             self._finish_transaction(commit=False, returning=True)
-            if self._released is not None:
-                self._discard_stopped_transaction()
-            ok = True
+            ok = self._released is None or self._discard_stopped_transaction()
         finally:
             self._state = "done"
             self._release(broken=not ok)
@@ -336,17 +334,18 @@ class QueueSession(Generic[T]):
         if orm.get_nested_transaction() is None:  # the transaction, not a savepoint
             self.released("committed")
 
-    def _discard_stopped_transaction(self) -> None:
+    def _discard_stopped_transaction(self) -> bool:
         """After a commit or rollback the library stopped: SQLAlchemy deactivated its
         transaction but the server's is still open (holding the row), so it is rolled back on
-        the driver's connection, then SQLAlchemy's state is cleared.  A connection that was
-        closed meanwhile raises here, and is then invalidated."""
+        the driver's connection, then SQLAlchemy's state is cleared.  False when the
+        connection was closed meanwhile (the pool reset or closed it: the row is free)."""
         conn = self.connection
         if conn.closed or conn.invalidated:
-            raise NotOwner(f"the connection was {self._released}")
+            return False
         conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
         if conn.get_transaction() is not None:
             conn.rollback()
+        return True
 
     def _check_not_released(self) -> None:
         if self._released is not None:
@@ -409,7 +408,8 @@ class QueueSession(Generic[T]):
             self._owner_info = take_connection(self._pinned, self)
         elif self._read_committed:
             assert self._pinned is not None
-            begin_read_committed(self._pinned)
+            with translate_errors("beginning a claim"):
+                begin_read_committed(self._pinned)
         return True
 
     def _resolve(self, probe: Engine | Connection) -> BackendName:
@@ -452,7 +452,12 @@ class QueueSession(Generic[T]):
         assert self.backend is not None and self._pinned is not None
         self._owner_info = take_connection(self._pinned, self)
         if self._read_committed:
-            begin_read_committed(self._pinned)
+            try:
+                with translate_errors("beginning a claim"):
+                    begin_read_committed(self._pinned)
+            except BaseException:
+                self._release(broken=True)
+                raise
         return self.backend
 
     def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
