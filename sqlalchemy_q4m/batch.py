@@ -66,7 +66,11 @@ from sqlalchemy.types import NullType
 from .backends.base import QUERY_INTERRUPTED
 from .backends.base import RETRYABLE
 from .backends.base import error_code
+from .backends.base import give_up_connection
+from .backends.base import take_connection
 from .backends.base import translate_errors
+from .backends.portable import begin_read_committed
+from .backends.portable import check_isolation
 from .backends.portable import retry_lock_wait
 from .exc import CompletionFailed
 from .exc import NotOwner
@@ -155,6 +159,7 @@ class QueueBatch(Generic[T]):
         self._began = False
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
         self._intact = False  # a failed claim held nothing: the caller's connection is kept
+        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
 
     # -- public API -------------------------------------------------------------------------
 
@@ -315,11 +320,19 @@ class QueueBatch(Generic[T]):
             self._conn = conn
         else:
             conn = bind
-        self._pinned = conn
+        self._owner_info = take_connection(conn, self)  # refused if it owns a job already
         self._began = not conn.in_transaction()
+        if not self._began:
+            check_isolation(conn)  # no gap locks: refused in an open REPEATABLE READ one
+        level = conn.get_execution_options().get("isolation_level")
+        read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
+        self._pinned = conn
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             started = time.monotonic()
+            if read_committed and not conn.in_transaction():
+                with translate_errors("beginning a batch claim"):
+                    begin_read_committed(conn)  # the transaction we begin: no gap locks
             jobs = self._claim(conn)
             if jobs or (deadline is not None and time.monotonic() >= deadline):
                 return jobs
@@ -424,8 +437,14 @@ class QueueBatch(Generic[T]):
                 "transaction was rolled back, so every job of the batch will run again"
             ) from err
 
+    def released(self, what: str) -> None:
+        """The connection's transaction ended while the batch holds jobs: nothing to stop
+        here (a batch's jobs all come back with it; see the module docstring)."""
+
     def _release(self, *, broken: bool = False) -> None:
         self._state = "done"
+        give_up_connection(self._owner_info, self)
+        self._owner_info = None
         conn, session = self._conn, self._session
         if broken and self._pinned is not None and not self._pinned.invalidated:
             self._pinned.invalidate()  # the server returns every row the batch held

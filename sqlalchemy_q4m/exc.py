@@ -8,12 +8,14 @@ docstring is its default message.  :class:`QueueAbort` is not an error: raise it
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyOwning",
     "BackendError",
     "CompletionFailed",
     "ConnectionLost",
     "JobInUse",
     "NotOwner",
     "OptionError",
+    "OwnershipReleased",
     "Q4MError",
     "QueueAbort",
     "QueueTableError",
@@ -21,6 +23,7 @@ __all__ = [
     "RowError",
     "SubscriptionError",
     "UnloadableJob",
+    "UnsafeBind",
     "UnsupportedServer",
 ]
 
@@ -77,6 +80,22 @@ class QueueWaitError(Q4MError):
 
 class NotOwner(Q4MError, RuntimeError):
     """This queue session does not own a job (it timed out, or the job was already finished)."""
+
+
+class AlreadyOwning(Q4MError, RuntimeError):
+    """This connection already owns a job (a queue_session or queue_batch on it has not
+    finished): one connection owns one job at a time, so a second owner needs its own
+    connection."""
+
+
+class OwnershipReleased(Q4MError, RuntimeError):
+    """The transaction holding the owned job was committed, rolled back or closed inside the
+    block, which would free the job for another consumer: the block fails and the job goes
+    back to the queue."""
+
+
+class UnsafeBind(Q4MError, ValueError):
+    """This bind cannot own a job safely as it is (see the message for how to fix it)."""
 
 
 class ConnectionLost(Q4MError):

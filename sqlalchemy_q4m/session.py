@@ -11,14 +11,20 @@ What ``bind`` means:
 
 * an :class:`~sqlalchemy.Engine`: a connection is checked out for this one job and returned
   only once the job is ended or aborted; :attr:`QueueSession.session` is an ORM session on it.
-* a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); an open
-  transaction on it is joined, not committed.
+* a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); a
+  transaction this queue session begins claims in READ COMMITTED (no gap locks), an open one
+  is joined, not committed (refused when it is REPEATABLE READ, and on Q4M at all).
 * an ORM :class:`~sqlalchemy.orm.Session`: on the portable backend the claim happens in the
   session's transaction, so the job's removal commits atomically with the block's writes
   (do not commit it inside the block).  On Q4M, which has no transactions, the job is owned on
   a separate pinned connection; at the end the session is committed first and the job ended
   after it (at least once: a crash in between runs the job again); on abort the session is
   rolled back and the job returned.
+
+On Q4M the job's writes always commit before ``queue_end()``, which is durable at once (a crash
+in between runs the job again, never loses it).  A connection owns one job at a time
+(:class:`~sqlalchemy_q4m.exc.AlreadyOwning`), and ending the transaction that holds a portable
+claim inside the block raises :class:`~sqlalchemy_q4m.exc.OwnershipReleased`.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from typing import overload
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
+from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -45,13 +52,20 @@ from .backends import Backend
 from .backends import Claim
 from .backends import get_backend
 from .backends.base import RETRYABLE
+from .backends.base import check_free
 from .backends.base import error_code
+from .backends.base import give_up_connection
+from .backends.base import take_connection
 from .backends.base import translate_errors
+from .backends.portable import begin_read_committed
+from .backends.portable import check_isolation
 from .checks import check_seconds
 from .exc import CompletionFailed
 from .exc import NotOwner
+from .exc import OwnershipReleased
 from .exc import Q4MError
 from .exc import QueueAbort
+from .exc import UnsafeBind
 from .functions import Subscription
 from .functions import subscriptions
 from .loading import Unloadable
@@ -131,6 +145,11 @@ class QueueSession(Generic[T]):
         self._own_orm = False
         self._user_session: Session | None = None  # committed before queue_end (native)
         self._began = False
+        self._read_committed = False  # SET TRANSACTION before each transaction we begin
+        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
+        self._finishing = False  # our own commit/rollback: not the caller releasing the job
+        self._released: str | None = None  # what the caller did to the transaction, if any
+        self._guarded: list[Session] = []  # ORM sessions whose commit would free the job
         self._state: Literal["new", "owning", "done"] = "new"
 
     # -- public API -------------------------------------------------------------------------
@@ -151,6 +170,8 @@ class QueueSession(Generic[T]):
                 raise NotOwner("the queue session has not started, or is finished")
             orm = self._orm = self._new_orm_session(self._pinned)
             self._own_orm = True
+            if self.owning:
+                self._guard_session(orm)
             job, sub = self.job, self.subscription
             if job is not None and sub is not None and sub.is_orm and job not in orm:
                 orm.add(job)  # built from the row, detached: now persistent in it
@@ -198,7 +219,9 @@ class QueueSession(Generic[T]):
         claim, backend = self._owned()
         conn = self.connection
         ok = False
+        self._finishing = True
         try:
+            self._check_not_released()
             if self._user_session is not None:
                 self._user_session.commit()
             orm = self._orm
@@ -206,6 +229,11 @@ class QueueSession(Generic[T]):
                 with translate_errors("completing a job"):
                     if orm is not None and (orm.new or orm.dirty or orm.deleted):
                         orm.flush()  # the block's own writes first: they commit with them
+                    if backend.name == "native":
+                        # Q4M: queue_end() is durable at once, outside any transaction, so
+                        # the job's writes commit before it (a crash in between runs the job
+                        # again: at least once, never lost)
+                        self._finish_transaction(commit=True)
                     backend.end(conn, claim)
                     self._finish_transaction(commit=True)
             except OperationalError as err:
@@ -218,7 +246,9 @@ class QueueSession(Generic[T]):
                     "the transaction was rolled back, so the job is back in the queue and will "
                     "run again"
                 ) from err
-            if orm is not None and not self._own_orm and claim.job in orm:
+            in_orm = orm is not None and claim.subscription.is_orm and claim.job in orm
+            if in_orm and not self._own_orm:
+                assert orm is not None
                 orm.expunge(claim.job)  # the caller's session: the row is gone
             ok = True
         finally:
@@ -229,12 +259,13 @@ class QueueSession(Generic[T]):
         """Give the job back: it returns to the queue for the next consumer."""
         claim, backend = self._owned()
         ok = False
+        self._finishing = True
         try:
             if self._user_session is not None:
                 self._user_session.rollback()
             backend.abort(self.connection, claim)
             self._finish_transaction(commit=False, returning=True)
-            ok = True
+            ok = self._released is None or self._discard_stopped_transaction()
         finally:
             self._state = "done"
             self._release(broken=not ok)
@@ -276,6 +307,57 @@ class QueueSession(Generic[T]):
             raise NotOwner()
         return self._claim, self.backend
 
+    def released(self, what: str) -> None:
+        """The caller ``what`` (committed, rolled back) the transaction holding the job, or
+        its connection was returned to the pool, inside the block: raise, so the block fails
+        instead of running on while another consumer may own the job (on the portable
+        backend the commit or rollback is stopped before it reaches the server).  On Q4M a
+        commit or rollback does not touch the owned row."""
+        if self._state != "owning" or self._finishing:
+            return
+        portable = self.backend is not None and self.backend.name == "portable"
+        if not portable and what != "returned to the pool":
+            return
+        self._released = what
+        table = self.subscription.name if self.subscription is not None else "?"
+        raise OwnershipReleased(
+            f"the connection owning a job of {table!r} was {what} inside the queue session: "
+            "that would free the job for another consumer while this block still runs it; the "
+            "job goes back to the queue.  Let the block end (it commits the job's writes with "
+            "the job), or raise QueueAbort"
+        )
+
+    def _guard_session(self, orm: Session) -> None:
+        """Stop a commit of ``orm``'s transaction (not of a savepoint) before it starts while
+        the job is owned in it (portable backend)."""
+        if self.backend is not None and self.backend.name == "portable":
+            event.listen(orm, "before_commit", self._before_commit)
+            self._guarded.append(orm)
+
+    def _before_commit(self, orm: Session) -> None:
+        if orm.get_nested_transaction() is None:  # the transaction, not a savepoint
+            self.released("committed")
+
+    def _discard_stopped_transaction(self) -> bool:
+        """After a commit or rollback the library stopped: SQLAlchemy deactivated its
+        transaction but the server's is still open (holding the row), so it is rolled back on
+        the driver's connection, then SQLAlchemy's state is cleared.  False when the
+        connection was closed meanwhile (the pool reset or closed it: the row is free)."""
+        conn = self.connection
+        if conn.closed or conn.invalidated:
+            return False
+        conn.connection.dbapi_connection.rollback()  # type: ignore[union-attr]
+        if conn.get_transaction() is not None:
+            conn.rollback()
+        return True
+
+    def _check_not_released(self) -> None:
+        if self._released is not None:
+            raise OwnershipReleased(
+                f"the job's transaction was {self._released} inside the block: the job cannot "
+                "be ended; it goes back to the queue"
+            )
+
     def _listening(self) -> bool:
         """Whether idle waits listen (``notify``) rather than poll: ``listen`` is set, the
         server is MariaDB and the transaction is ours (the wait's guard locks rows in it)."""
@@ -308,6 +390,8 @@ class QueueSession(Generic[T]):
         self._claim, self.job, self.subscription = claim, claim.job, claim.subscription
         self._state = "owning"
         orm = self._orm
+        if orm is not None:
+            self._guard_session(orm)
         if (
             orm is not None
             and claim.subscription.is_orm
@@ -330,8 +414,14 @@ class QueueSession(Generic[T]):
         self._finish_transaction(commit=False)
         if self.in_session:  # the caller's Session gave its connection back: take a new one
             assert self._orm is not None
+            give_up_connection(self._owner_info, self)
             options = {"isolation_level": "READ COMMITTED"}
             self._pinned = self._orm.connection(execution_options=options)
+            self._owner_info = take_connection(self._pinned, self)
+        elif self._read_committed:
+            assert self._pinned is not None
+            with translate_errors("beginning a claim"):
+                begin_read_committed(self._pinned)
         return True
 
     def _resolve(self, probe: Engine | Connection) -> BackendName:
@@ -344,36 +434,69 @@ class QueueSession(Generic[T]):
             return detect_backend(conn)
 
     def _setup(self) -> Backend:
+        """Pin the connection: refused (before any statement is sent) when it already owns
+        a job, and on the portable backend when the caller's open transaction would take gap
+        locks; recorded as owned by this queue session."""
         bind = self.bind
         if isinstance(bind, Session):
             sub = self.subscriptions[0]
             engine_or_conn = bind.get_bind(mapper=sub.target if sub.is_orm else None)
+            if isinstance(engine_or_conn, Connection):
+                check_free(engine_or_conn)
             name = self._resolve(engine_or_conn)
             if name == "portable":
+                began = not bind.in_transaction()
+                if began:
+                    conn = bind.connection(execution_options={"isolation_level": "READ COMMITTED"})
+                else:
+                    conn = bind.connection()
+                    check_free(conn)
+                    check_isolation(conn)
                 self.backend = get_backend(name)
-                self._orm = bind
-                self._began = not bind.in_transaction()
-                options = {"isolation_level": "READ COMMITTED"} if self._began else None
-                self._pinned = bind.connection(execution_options=options)
+                self._orm, self._began, self._pinned = bind, began, conn
             else:
                 self._user_session = bind
                 self._pin(engine_or_conn, name)
         else:
+            if isinstance(bind, Connection):
+                check_free(bind)
             self._pin(bind, self._resolve(bind))
-        assert self.backend is not None
+        assert self.backend is not None and self._pinned is not None
+        self._owner_info = take_connection(self._pinned, self)
+        if self._read_committed:
+            try:
+                with translate_errors("beginning a claim"):
+                    begin_read_committed(self._pinned)
+            except BaseException:
+                self._release(broken=True)
+                raise
         return self.backend
 
     def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
-        self.backend = get_backend(name)
         if isinstance(bind, Engine):
             conn = bind.connect()
-            self._conn = conn
             if name == "portable":
                 conn.execution_options(isolation_level="READ COMMITTED")
+            self._conn = conn
+            began = True
         else:
             conn = bind
+            began = not conn.in_transaction()
+            if not began and name == "native":
+                raise UnsafeBind(
+                    "on Q4M queue_end() cannot be part of the transaction open on this "
+                    "Connection (Q4M has no transactions): the job would be gone before your "
+                    "writes commit, and lost if you crash in between.  Commit before the "
+                    "queue session, or bind an Engine"
+                )
+            if not began:
+                check_isolation(conn)
+            elif name == "portable":
+                level = conn.get_execution_options().get("isolation_level")
+                self._read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
+        self.backend = get_backend(name)
         self._pinned = conn
-        self._began = not conn.in_transaction()
+        self._began = began
 
     def _new_orm_session(self, conn: Connection) -> Session:
         """The ORM session of the job on the pinned connection, made on first use (the
@@ -419,8 +542,13 @@ class QueueSession(Generic[T]):
         connection is invalidated (closed): the server then returns the row, and no pool
         ever holds a connection in owner mode."""
         self._state = "done"
+        give_up_connection(self._owner_info, self)
+        self._owner_info = None
+        for guarded in self._guarded:
+            event.remove(guarded, "before_commit", self._before_commit)
+        self._guarded.clear()
         pinned, orm = self._pinned, self._orm
-        if broken and pinned is not None and not pinned.invalidated:
+        if broken and pinned is not None and not pinned.invalidated and not pinned.closed:
             pinned.invalidate()
         try:
             if orm is not None and not self._own_orm and broken:

@@ -352,6 +352,7 @@ def test_delay_sets_run_at(db: Engine) -> None:
         run_at = dict(conn.execute(select(EqRetryJob.id, EqRetryJob.run_at)).all())
         assert before + 30 <= run_at[later] <= int(time.time()) + 30
         assert run_at[now] == 0
+        conn.commit()  # the claim begins its own transaction (an open REPEATABLE READ is refused)
         due = due_condition(EqRetryJob.__table__)
         with queue_session(EqRetryJob, bind=conn, where=due, timeout=0.5) as job:
             assert job is not None and job.id == now
@@ -371,6 +372,7 @@ def test_core_table_and_mixed_key_sets_keep_row_order(db: Engine) -> None:
             (ids[2], "c", 1),
             (ids[3], None, 9),
         ]
+        conn.commit()  # each claim begins its own transaction (open REPEATABLE READ: refused)
         taken = []
         for _ in rows:
             with queue_session(core_jobs, bind=conn, timeout=1) as row:

@@ -42,6 +42,7 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.exc import CompletionFailed
 from sqlalchemy_q4m.exc import ConnectionLost
 from sqlalchemy_q4m.exc import NotOwner
+from sqlalchemy_q4m.exc import OwnershipReleased
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import UnsupportedServer
 from sqlalchemy_q4m.server import check_server
@@ -261,7 +262,7 @@ def test_connection_bind(db: Engine) -> None:
 
 def test_connection_bind_joins_the_callers_transaction(db: Engine) -> None:
     (job_id,) = enqueue(db, ShellJob(command="a"))
-    with db.connect() as conn:
+    with db.connect().execution_options(isolation_level="READ COMMITTED") as conn:
         with conn.begin():
             with queue_session(ShellJob, bind=conn, timeout=1) as job:
                 assert job is not None
@@ -290,9 +291,12 @@ def test_session_bind_is_atomic(db: Engine) -> None:
             raise ValueError
         assert count(db) == 1 and count(db, Note) == 1  # rolled back together
         with queue_session(ShellJob, bind=session, timeout=1) as job:
-            session.add(Note(id=1, text="duplicate key"))  # fails at the commit
-            with pytest.raises(IntegrityError):
+            session.add(Note(id=1, text="duplicate key"))
+            # a failed flush rolls the session's transaction back, which would free the job
+            # while the block runs: the rollback is stopped and the block fails instead
+            with pytest.raises(OwnershipReleased) as failed:
                 session.flush()
+            assert isinstance(failed.value.__context__, IntegrityError)
             raise QueueAbort
     assert count(db) == 1 and count(db, Note) == 1
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import weakref
 from abc import ABC
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -12,15 +14,27 @@ from typing import ClassVar
 from typing import Protocol
 
 from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ..exc import AlreadyOwning
 from ..exc import ConnectionLost
 from ..functions import Subscription
 from ..loading import Loader
 from ..server import BackendName
 
-__all__ = ["Backend", "Claim", "error_code", "translate_errors"]
+__all__ = [
+    "Backend",
+    "Claim",
+    "Owner",
+    "check_free",
+    "error_code",
+    "give_up_connection",
+    "take_connection",
+    "translate_errors",
+]
 
 #: MySQL error numbers a claim retries: deadlock, lock wait timeout.
 DEADLOCK = 1213
@@ -76,6 +90,99 @@ def translate_errors(what: str) -> _Translate:
     """A context manager turning a lost connection into :class:`ConnectionLost`; other
     errors pass unchanged."""
     return _Translate(what)
+
+
+# -- one owner per connection ------------------------------------------------------------------
+# A connection owns at most one job (Q4M: one row per connection; InnoDB: a second claim in the
+# same transaction would take the first one's row again, since SKIP LOCKED does not skip the
+# transaction's own locks).  The owner is recorded in the DBAPI connection's ``info`` (shared by
+# every Connection and Session on it), and the engine's ``commit``/``rollback`` events and the
+# pool's ``reset`` event tell the owner when its caller ends the transaction or hands the
+# connection back while it owns a job.
+
+#: Key in a DBAPI connection's ``info``: the queue session or batch owning a job on it.
+OWNER_KEY = "sqlalchemy_q4m.owner"
+
+
+class Owner(Protocol):
+    """What owns a job on a connection (a queue session, a batch)."""
+
+    def released(self, what: str) -> None:
+        """The connection's transaction was ``what`` ("committed", "rolled back") or the
+        connection "returned to the pool" while this owns a job: raise to stop it."""
+
+
+def check_free(conn: Connection, owner: object = None) -> None:
+    """Raise :class:`AlreadyOwning` when ``conn`` owns a job for another owner than
+    ``owner`` (no statement is sent)."""
+    current = conn.info.get(OWNER_KEY)
+    if current is not None and current is not owner:
+        raise AlreadyOwning(
+            f"this connection already owns a job for {current!r}: one connection owns one job "
+            "at a time (a second claim would take the same row again on InnoDB, and end the "
+            "first job on Q4M); finish that job first, or give this owner its own connection "
+            "(bind=engine)"
+        )
+
+
+def take_connection(conn: Connection, owner: Owner) -> dict[Any, Any]:
+    """Record ``owner`` as the owner of ``conn`` (after :func:`check_free`) and watch its
+    engine; returns the ``info`` dict, for :func:`give_up_connection`."""
+    check_free(conn, owner)
+    info = conn.info
+    info[OWNER_KEY] = owner
+    _watch(conn.engine)
+    return info
+
+
+def give_up_connection(info: dict[Any, Any] | None, owner: object) -> None:
+    """Forget ``owner`` as the owner recorded in ``info`` (safe on a dead connection)."""
+    if info is not None and info.get(OWNER_KEY) is owner:
+        del info[OWNER_KEY]
+
+
+_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+_watch_lock = threading.Lock()
+
+
+def _watch(engine: Engine) -> None:
+    """Listen (once per engine) for transactions ended and connections returned while owning."""
+    if engine in _watched:
+        return
+    with _watch_lock:
+        if engine in _watched:
+            return
+        event.listen(engine, "commit", _on_commit)
+        event.listen(engine, "rollback", _on_rollback)
+        event.listen(engine, "reset", _on_reset)
+        _watched.add(engine)
+
+
+def _owner_of(conn: Connection) -> Owner | None:
+    if conn.closed or conn.invalidated:  # info would reconnect (or refuse to)
+        return None
+    owner: Owner | None = conn.info.get(OWNER_KEY)
+    return owner
+
+
+def _on_commit(conn: Connection) -> None:
+    owner = _owner_of(conn)
+    if owner is not None:
+        owner.released("committed")
+
+
+def _on_rollback(conn: Connection) -> None:
+    owner = _owner_of(conn)
+    if owner is not None:
+        owner.released("rolled back")
+
+
+def _on_reset(dbapi_conn: Any, record: Any, state: Any) -> None:
+    """A connection goes back to the pool while it still owns a job: the owner is told (and
+    raises, so the pool closes the connection and the server returns the job)."""
+    owner: Owner | None = record.info.pop(OWNER_KEY, None) if record is not None else None
+    if owner is not None:
+        owner.released("returned to the pool")
 
 
 class Holder(Protocol):

@@ -17,8 +17,10 @@ from typing import ClassVar
 from typing import TypeVar
 
 from sqlalchemy import Connection
+from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
+from ..exc import UnsafeBind
 from ..functions import Subscription
 from ..loading import claim_statement
 from ..loading import loader_for
@@ -32,12 +34,46 @@ from .base import Holder
 from .base import error_code
 from .base import translate_errors
 
-__all__ = ["PortableBackend", "claim_statement", "retry_lock_wait"]
+__all__ = [
+    "PortableBackend",
+    "begin_read_committed",
+    "check_isolation",
+    "claim_statement",
+    "retry_lock_wait",
+]
 
 #: How often a claim or a completion is tried again after a deadlock or lock-wait timeout.
 RETRIES = 5
 
 R = TypeVar("R")
+
+#: Isolation levels whose locking reads take gap locks (InnoDB): an idle consumer's claim would
+#: lock the gap at the end of the table, and every producer's INSERT would wait for it.
+GAP_LOCKING = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+
+_SET_READ_COMMITTED = text("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+
+
+def begin_read_committed(conn: Connection) -> None:
+    """Make the transaction about to begin on ``conn`` READ COMMITTED (``SET TRANSACTION``
+    applies to the next transaction only, so the caller's connection keeps its own level)."""
+    conn.execute(_SET_READ_COMMITTED)
+
+
+def check_isolation(conn: Connection) -> None:
+    """Refuse to claim in the caller's open transaction when its isolation level takes gap
+    locks (:class:`UnsafeBind`, saying how to fix it)."""
+    level = conn.get_execution_options().get("isolation_level")
+    if level is None:
+        level = conn.get_isolation_level()
+    if str(level).upper() in GAP_LOCKING:
+        raise UnsafeBind(
+            f"the transaction open on this connection is {level}: a claim in it would take a "
+            "gap lock at the end of the queue table and stall every producer's INSERT.  Let "
+            "the queue session begin the transaction (commit or roll back first), or open it "
+            'in READ COMMITTED: conn.execution_options(isolation_level="READ COMMITTED") '
+            "before it begins"
+        )
 
 
 def _pause(attempt: int) -> None:
