@@ -10,6 +10,7 @@ that skips, for whatever reason, is reported as a failure instead.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Generator
@@ -115,3 +116,17 @@ def pytest_runtest_makereport(
             f"Q4M_REQUIRE_NATIVE={os.environ.get('Q4M_REQUIRE_NATIVE', '')!r}): {reason}"
         )
     return report
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """An in-process CLI run installs the library's stderr handler on the root logger
+    (``runtime.setup_logging``); take it off afterwards, so later tests do not log to a
+    captured stream pytest has closed."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in list(root.handlers):
+        if getattr(handler, "q4m_handler", False):
+            root.removeHandler(handler)
+    root.setLevel(level)

@@ -76,7 +76,7 @@ def test_a_failing_command_is_logged_in_one_line(
     (line,) = failure_lines(caplog, ShellJob)
     assert "\n" not in line and "Traceback" not in line
     assert re.fullmatch(
-        rf"{TABLE} \S+: failed on attempt 1/3 after [0-9.]+s: "
+        rf"{TABLE} \S+: failed on attempt 1/1 after [0-9.]+s: "
         "CommandFailed: exit status 3: job 7: disk full",
         line,
     ), line
