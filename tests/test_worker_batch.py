@@ -348,7 +348,11 @@ def test_two_batched_processes_run_every_job_exactly_once(
 ) -> None:
     enqueue(db_url, 2000)
     log = tmp_path / "jobs.log"
-    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE="twb_rows", Q4M_BATCH_SIZE="100")
+    # 3 ms a job: the 2,000 jobs take both processes several seconds, so a second process
+    # that starts late on a loaded machine still finds batches to claim
+    env = q4m_env(
+        WORKER_LOG=str(log), WORKER_TABLE="twb_rows", Q4M_BATCH_SIZE="100", WORKER_SLEEP="0.003"
+    )
     result = run_q4m(
         *_worker_args(db_url, "--burst", "--processes", "2", "--log-level", "DEBUG"),
         env=env,
@@ -357,7 +361,7 @@ def test_two_batched_processes_run_every_job_exactly_once(
     assert result.returncode == 0, result.stderr[-3000:]
     assert "claimed a batch of 100 job(s)" in result.stderr
     events = read_log(str(log))
-    runs = collections.Counter(n for _, n, _ in events)
+    runs = collections.Counter(n for e, n, _ in events if e == "done")
     assert set(runs) == set(range(1, 2001))  # none lost; more than once only if rolled back
     assert sum(runs.values()) == 2000 + rolled_back(result.stderr)
     assert len({pid for _, _, pid in events}) == 2
