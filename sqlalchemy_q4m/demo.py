@@ -41,6 +41,7 @@ from .ddl import validate_name
 from .deadletter import dead_letter_table
 from .deadletter import list_dead
 from .exc import Q4MError
+from .ops import enqueue_rows
 from .retry import ATTEMPTS
 from .retry import RUN_AT
 from .retry import retry_columns
@@ -177,8 +178,6 @@ def prepare_table(conn: Connection, name: str) -> tuple[Table, bool]:
 
 
 def _produce(engine: Engine, table: Table, commands: list[str], done: threading.Event) -> None:
-    from .cli import enqueue_rows
-
     try:
         with engine.connect() as conn:
             for start in range(0, len(commands), 20):
