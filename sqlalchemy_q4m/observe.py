@@ -76,7 +76,8 @@ class Observers:
         if getattr(config, "metrics_port", None) is not None:
             from .metrics import WorkerMetrics
 
-            self.metrics = WorkerMetrics.for_process(config)
+            child = getattr(runtime, "parent_pid", None) is not None  # the supervisor serves
+            self.metrics = WorkerMetrics.for_process(config, child=child)
             runtime.stats.hooks.append(self.metrics.observe)
             self.metrics.track_in_hand(lambda: _holdings(runtime))
 

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import time
 import uuid
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
@@ -96,8 +97,8 @@ _OWN_TABLES = frozenset({DEAD_LETTER_TABLE, WORKERS_TABLE, THROUGHPUT_TABLE})
 
 
 def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tuple[str, str, int]]:
-    """(name, engine, estimated rows) of the queue tables of the current database: ENGINE=QUEUE,
-    or a 16-byte binary ``id`` primary key (the portable layout).  One information_schema
+    """(name, engine, estimated rows) of the queue tables of the current database: ENGINE=QUEUE
+    with an ``id`` column, or a 16-byte binary ``id`` primary key (the portable layout).  One information_schema
     query, no table is opened."""
     rows = conn.execute(
         text(
@@ -114,7 +115,7 @@ def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tu
     for name, engine, estimate, column_type, key in rows:
         if name == dead_name or name in _OWN_TABLES:
             continue
-        if str(engine).upper() == "QUEUE" or (
+        if (str(engine).upper() == "QUEUE" and column_type is not None) or (
             str(column_type).lower() == "binary(16)" and key == "PRI"
         ):
             found.append((str(name), str(engine).upper(), int(estimate or 0)))
@@ -250,8 +251,11 @@ def overview(
     workers_name: str = WORKERS_TABLE,
     exact_limit: int = 100_000,
     stale_after: float = DEFAULT_STALE_AFTER,
+    only: str | None = None,
+    reflect: Callable[[Connection, str], Table] | None = None,
 ) -> list[QueueSummary]:
-    """Every queue of the database with its counts, cheap on big tables (module docstring)."""
+    """Every queue of the database (or the one named ``only``) with its counts, cheap on big
+    tables (module docstring); ``reflect`` may cache the reflected tables."""
     dead = dead_counts(conn, dead_name)
     in_hand: dict[str, int] = {}
     for worker in workers(conn, workers_name, stale_after=stale_after):
@@ -260,7 +264,13 @@ def overview(
                 in_hand[held[0]] = in_hand.get(held[0], 0) + 1
     summaries = []
     for name, engine, estimate in _table_rows(conn, dead_name):
-        table = reflect_queue_table(conn, name)
+        if only is not None and name != only:
+            continue
+        try:
+            table = (reflect or reflect_queue_table)(conn, name)
+        except QueueTableError:  # changed since information_schema was read: not a queue
+            conn.rollback()
+            continue
         native = engine == "QUEUE"
         counting = native or estimate <= exact_limit
         if counting:

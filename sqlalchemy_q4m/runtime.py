@@ -550,7 +550,16 @@ def run_workers(config: WorkerConfig, *, status_stream: TextIO | None = None) ->
         totals = runtime.stats.snapshot()
     else:
         supervisor = Supervisor(config)
-        code = supervisor.run(status)
+        served = None
+        if config.metrics_port is not None:  # the children's metrics, added up
+            from .metrics import SupervisorMetrics
+
+            served = SupervisorMetrics(config.metrics_host, config.metrics_port)
+        try:
+            code = supervisor.run(status)
+        finally:
+            if served is not None:
+                served.close()
         totals = supervisor.totals
     status.finish()
     elapsed = time.monotonic() - started

@@ -16,12 +16,12 @@ import pytest
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import Table
-from sqlalchemy import create_engine
 from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.engine import URL
+from web_support import private_database
 from worker_support import number_table
 from worker_support import q4m_env
 from worker_support import run_q4m
@@ -42,21 +42,6 @@ from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker import reflect_queue_table
 
 TABLE = "ops_jobs"
-
-
-def private_database(server: URL, name: str) -> Iterator[Engine]:
-    admin = create_engine(server._replace(database=None))
-    with admin.begin() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine = create_engine(server._replace(database=name))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.begin() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-        admin.dispose()
 
 
 @pytest.fixture(
