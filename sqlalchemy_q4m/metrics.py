@@ -103,11 +103,18 @@ class WorkerMetrics:
         if seconds is not None and outcome != "lost":
             self.duration.labels(queue).observe(max(0.0, seconds))
 
-    def track_in_hand(self, holdings: Callable[[], Sequence[Holding]], every: float = 1.0) -> None:
-        """Keep ``q4m_worker_jobs_in_hand`` up to date from a daemon thread."""
+    def track_in_hand(
+        self,
+        holdings: Callable[[], Sequence[Holding]],
+        queues: Callable[[], Sequence[str]],
+        every: float = 1.0,
+    ) -> None:
+        """Keep ``q4m_worker_jobs_in_hand`` up to date (0 for each queue served) from a
+        daemon thread."""
 
         def loop() -> None:
             while not self._stop.wait(every):
+                self._seen.update(queues())
                 self.update_in_hand(holdings())
 
         self._thread = threading.Thread(target=loop, name="q4m-metrics", daemon=True)

@@ -79,7 +79,7 @@ class Observers:
             child = getattr(runtime, "parent_pid", None) is not None  # the supervisor serves
             self.metrics = WorkerMetrics.for_process(config, child=child)
             runtime.stats.hooks.append(self.metrics.observe)
-            self.metrics.track_in_hand(lambda: _holdings(runtime))
+            self.metrics.track_in_hand(lambda: _holdings(runtime), lambda: _queues(runtime))
 
     def stop(self) -> None:
         if self.heartbeat is not None:
