@@ -97,9 +97,9 @@ _OWN_TABLES = frozenset({DEAD_LETTER_TABLE, WORKERS_TABLE, THROUGHPUT_TABLE})
 
 
 def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tuple[str, str, int]]:
-    """(name, engine, estimated rows) of the queue tables of the current database: ENGINE=QUEUE
-    with an ``id`` column, or a 16-byte binary ``id`` primary key (the portable layout).  One information_schema
-    query, no table is opened."""
+    """(name, engine, estimated rows) of the queue tables of the current database:
+    ENGINE=QUEUE with an ``id`` column, or a 16-byte binary ``id`` primary key (the portable
+    layout).  One information_schema query, no table is opened."""
     rows = conn.execute(
         text(
             "SELECT t.TABLE_NAME, t.ENGINE, t.TABLE_ROWS, c.COLUMN_TYPE, c.COLUMN_KEY "

@@ -8,10 +8,11 @@ clean stop deletes the row; a row whose heartbeat is older than ``stale_after`` 
 worker that died without saying so: it is shown as *lost*, then pruned.
 
 Finished jobs are also added up per queue and per minute in ``q4m_throughput`` (one more
-statement a minute per process), so the dashboard can draw the last hour even after workers
-stop.  Both tables are created like the dead-letter table (``CREATE TABLE IF NOT EXISTS`` on
-first use); pass your ``MetaData`` to :func:`worker_registry_table` and
-:func:`throughput_table` to have Alembic's autogenerate create them in a migration instead.
+statement per process after each minute in which it finished jobs), so the dashboard can draw
+the last hour even after workers stop.  Both tables are created like the dead-letter table
+(``CREATE TABLE IF NOT EXISTS`` on first use); pass your ``MetaData`` to
+:func:`worker_registry_table` and :func:`throughput_table` to have Alembic's autogenerate
+create them in a migration instead.
 A registry that cannot write (no privilege, server gone) logs and lets the worker work.
 """
 
@@ -23,7 +24,6 @@ import logging
 import os
 import socket
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -163,6 +163,12 @@ class _Tally:
                     if key in bucket:
                         bucket[key] += 1
 
+    def finished_minutes(self) -> bool:
+        """Whether a minute that has ended waits to be written."""
+        current = utcnow().replace(second=0)
+        with self.lock:
+            return any(minute < current for minute, _ in self.pending)
+
     def take(self, *, all_minutes: bool) -> dict[tuple[dt.datetime, str], dict[str, int]]:
         """The buckets to write: the finished minutes, or all of them (at the end)."""
         current = utcnow().replace(second=0)
@@ -209,7 +215,6 @@ class Heartbeat:
         self.tally = _Tally()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._flushed_at = time.monotonic()
         self.registered = False
 
     def observe(self, outcome: str, table: str | None, seconds: float | None) -> None:
@@ -270,12 +275,11 @@ class Heartbeat:
             conn.execute(update(self.table).where(self.table.c.id == self.id).values(values))
 
         self._run(work, "heartbeat")
-        if time.monotonic() - self._flushed_at >= 60.0:
+        if self.tally.finished_minutes():
             self.flush(all_minutes=False)
 
     def flush(self, *, all_minutes: bool) -> None:
         """Add the counted minutes to the throughput table (one statement)."""
-        self._flushed_at = time.monotonic()
         buckets = self.tally.take(all_minutes=all_minutes)
         if not buckets:
             return

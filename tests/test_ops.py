@@ -305,3 +305,26 @@ def test_a_clean_stop_removes_the_workers_row(db: Engine, tmp_path: Path) -> Non
         assert _workers(db) == []
     finally:
         stop(worker)
+
+
+@pytest.mark.integration
+def test_registry_tables_in_a_migration_match_the_ones_workers_create(server_url: URL) -> None:
+    """Alembic: the tables in the user's MetaData are what autogenerate adds, and once a worker
+    has created them on first use there is no difference left (``alembic check`` stays clean)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import MetaData
+
+    from sqlalchemy_q4m.registry import ensure_registry_tables
+    from sqlalchemy_q4m.registry import throughput_table
+
+    metadata = MetaData()
+    worker_registry_table(metadata=metadata)
+    throughput_table(metadata=metadata)
+    for engine in private_database(server_url, f"q4m_ops_alembic_{os.getpid()}"):
+        with engine.connect() as conn:
+            diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+            added = sorted(d[1].name for d in diffs if d[0] == "add_table")
+            assert added == ["q4m_throughput", "q4m_workers"]
+            ensure_registry_tables(conn, *metadata.sorted_tables)
+            assert compare_metadata(MigrationContext.configure(conn), metadata) == []
