@@ -328,3 +328,55 @@ def test_registry_tables_in_a_migration_match_the_ones_workers_create(server_url
             assert added == ["q4m_throughput", "q4m_workers"]
             ensure_registry_tables(conn, *metadata.sorted_tables)
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+ASYNC_JOBS = """
+import asyncio
+import os
+
+from sqlalchemy_q4m.asyncio_worker import AsyncJob
+
+
+class HeldJob(AsyncJob):
+    table_name = "ops_async"
+
+    async def execute(self, job):
+        while not os.path.exists(os.environ["OPS_GO"]):
+            await asyncio.sleep(0.05)
+"""
+
+
+@pytest.mark.acceptance
+def test_asyncio_workers_register_with_their_jobs_in_hand(db: Engine, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    table = number_table(db, "ops_async")
+    with db.begin() as conn:
+        conn.execute(insert(table), [{"n": 1}, {"n": 2}])
+    (tmp_path / "ops_async_jobs.py").write_text(ASYNC_JOBS)
+    go = tmp_path / "go"
+    env = q4m_env(OPS_GO=str(go))
+    url = db.url.render_as_string(hide_password=False)
+    command = ["worker", "ops_async_jobs:HeldJob", "--url", url, "--concurrency", "3"]
+    with (tmp_path / "out").open("wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "sqlalchemy_q4m", *command, "--heartbeat", "0.3"],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        (row,) = wait_for(
+            lambda: [w for w in _workers(db) if len(w.in_hand) == 2], 60, "two jobs in hand"
+        )
+        assert (row.kind, row.concurrency, row.pid) == ("asyncio", 3, worker.pid)
+        assert {t for t, _, _ in row.in_hand} == {"ops_async"}
+        go.write_text("")
+        wait_for(lambda: [w for w in _workers(db) if w.counts["done"] == 2], 60, "done")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+        assert _workers(db) == []
+    finally:
+        stop(worker)
