@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from urllib.parse import urlencode
 from urllib.parse import urlsplit
 
@@ -557,7 +558,8 @@ class Dashboard:
         count, problem, names = await run_in_threadpool(work)
         if problem is not None:
             return again(problem, names)
-        return self.redirect(request, f"/queues/{queue}", f"enqueued {count} job(s) into {queue}")
+        where = f"/queues/{quote(queue, safe='')}"
+        return self.redirect(request, where, f"enqueued {count} job(s) into {queue}")
 
     async def login(self, request: Request) -> Response:
         if request.method == "GET":
