@@ -216,6 +216,7 @@ class Heartbeat:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.registered = False
+        self._failing = False
 
     def observe(self, outcome: str, table: str | None, seconds: float | None) -> None:
         """Count one job's outcome (called from any worker thread)."""
@@ -233,9 +234,14 @@ class Heartbeat:
             with self.engine.connect() as conn:
                 work(conn)
                 conn.commit()
+            self._failing = False
             return True
         except Exception as err:
-            logger.warning("worker registry: %s failed: %s", what, err)
+            # said once (then at DEBUG until it works again): a registry it cannot write to
+            # (no privilege, server away) must not fill the worker's log every few seconds
+            level = logging.DEBUG if self._failing else logging.WARNING
+            self._failing = True
+            logger.log(level, "worker registry: %s failed: %s", what, err)
             return False
 
     def register(self) -> None:

@@ -16,6 +16,7 @@ import pytest
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import Table
+from sqlalchemy import create_engine
 from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy import text
@@ -380,3 +381,30 @@ def test_asyncio_workers_register_with_their_jobs_in_hand(db: Engine, tmp_path: 
         assert _workers(db) == []
     finally:
         stop(worker)
+
+
+@pytest.mark.unit
+def test_a_registry_it_cannot_reach_warns_once_and_never_raises(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = create_engine("mysql+pymysql://root@127.0.0.1:1/nowhere")
+    beat = Heartbeat(
+        engine,
+        name="q4m",
+        kind="threads",
+        concurrency=1,
+        processes=1,
+        queues=lambda: [TABLE],
+        in_hand=lambda: [],
+    )
+    with caplog.at_level("DEBUG", logger="sqlalchemy_q4m.registry"):
+        beat.register()
+        beat.observe("done", TABLE, 0.1)
+        beat.beat()
+        beat.stop()  # writes the last minute: fails quietly too
+    engine.dispose()
+    assert not beat.registered
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "registering failed" in warnings[0].getMessage()
+    assert [r.levelname for r in caplog.records].count("DEBUG") >= 2
+    assert beat.tally.pending  # kept for a later try

@@ -108,6 +108,7 @@ def test_pages_show_queues_jobs_dead_letters_and_retry_works(db: Engine) -> None
         job = client.get(f"/queues/{TABLE}/jobs/{job_id}")
         assert job.status_code == 200 and '"n": 99' in html.unescape(job.text)
         assert client.get(f"/queues/{TABLE}?state=ready").text.count("/jobs/") == 3
+        assert "No job in hand." in client.get(f"/queues/{TABLE}?state=in_hand").text
 
         deadpage = client.get("/dead")
         assert deadpage.status_code == 200
