@@ -12,6 +12,7 @@ import logging
 from typing import Any
 from typing import Protocol
 
+from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
 from .registry import Heartbeat
@@ -56,9 +57,11 @@ class Observers:
         config = runtime.config
         interval = float(getattr(config, "heartbeat", 0) or 0)
         if interval > 0:
-            from .runtime import make_engine
-
-            self._engine = make_engine(config.url, 1)
+            # autocommit, no pre-ping: a heartbeat is one UPDATE and nothing else (a failed
+            # one invalidates the connection and the next beat reconnects)
+            self._engine = create_engine(
+                config.url, pool_size=1, pool_recycle=3600, isolation_level="AUTOCOMMIT"
+            )
             self.heartbeat = Heartbeat(
                 self._engine,
                 name=runtime.name,

@@ -408,3 +408,27 @@ def test_a_registry_it_cannot_reach_warns_once_and_never_raises(
     assert len(warnings) == 1 and "registering failed" in warnings[0].getMessage()
     assert [r.levelname for r in caplog.records].count("DEBUG") >= 2
     assert beat.tally.pending  # kept for a later try
+
+
+def test_a_heartbeat_is_one_statement(db: Engine) -> None:
+    from sqlalchemy import event
+
+    beats = create_engine(db.url, isolation_level="AUTOCOMMIT")  # as the worker makes it
+    sent: list[str] = []
+    event.listen(beats, "before_cursor_execute", lambda *a: sent.append(a[2].split()[0]))
+    beat = Heartbeat(
+        beats,
+        name="q4m",
+        kind="threads",
+        concurrency=1,
+        processes=1,
+        queues=lambda: [TABLE],
+        in_hand=lambda: [],
+    )
+    beat.register()
+    sent.clear()
+    for _ in range(3):
+        beat.beat()
+    beat.stop()
+    beats.dispose()
+    assert sent == ["UPDATE"] * 3 + ["DELETE"]
