@@ -5,14 +5,15 @@ into ``q4m_workers`` when it starts: host, pid, layout, queues, start time.  A h
 updates the row every few seconds with one statement (per process, not per thread): the
 counters (done, failed, retried, dead, lost) and the jobs in hand (table, id, since when).  A
 clean stop deletes the row; a row whose heartbeat is older than ``stale_after`` belongs to a
-worker that died without saying so: it is shown as *lost*, then pruned.
+worker that died without saying so: it is shown as *lost*, and pruned after an hour (by the
+next worker that starts, or ``q4m workers``).
 
 Finished jobs are also added up per queue and per minute in ``q4m_throughput`` (one more
 statement per process after each minute in which it finished jobs), so the dashboard can draw
-the last hour even after workers stop.  Both tables are created like the dead-letter table
-(``CREATE TABLE IF NOT EXISTS`` on first use); pass your ``MetaData`` to
-:func:`worker_registry_table` and :func:`throughput_table` to have Alembic's autogenerate
-create them in a migration instead.
+the last hour even after workers stop; a week of minutes is kept.  Both tables are created
+like the dead-letter table (``CREATE TABLE IF NOT EXISTS`` on first use); pass your
+``MetaData`` to :func:`worker_registry_table` and :func:`throughput_table` to have Alembic's
+autogenerate create them in a migration instead.
 A registry that cannot write (no privilege, server gone) logs and lets the worker work.
 """
 
@@ -43,6 +44,7 @@ from sqlalchemy import Table
 from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import insert
+from sqlalchemy import text
 from sqlalchemy import update
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.schema import CreateTable
@@ -71,6 +73,10 @@ THROUGHPUT_TABLE = "q4m_throughput"
 DEFAULT_HEARTBEAT = 5.0
 #: A worker whose last heartbeat is older than this many seconds is lost.
 DEFAULT_STALE_AFTER = 30.0
+#: Rows silent for this many seconds are deleted when a worker starts (and by q4m workers).
+PRUNE_AFTER = 3600
+#: Days of per-minute throughput kept (older minutes are deleted when a worker starts).
+KEEP_THROUGHPUT_DAYS = 7
 #: Counters a worker reports (the worker's outcomes; "failed" = retried + dead).
 COUNTERS = ("done", "failed", "retried", "dead", "aborted", "lost")
 
@@ -249,6 +255,12 @@ class Heartbeat:
 
         def work(conn: Connection) -> None:
             ensure_registry_tables(conn, self.table, self.throughput)
+            stale = func.timestampdiff(
+                text("SECOND"), self.table.c.heartbeat_at, func.utc_timestamp()
+            )
+            conn.execute(delete(self.table).where(stale > PRUNE_AFTER))  # long-lost workers
+            keep = func.utc_timestamp() - text(f"INTERVAL {KEEP_THROUGHPUT_DAYS} DAY")
+            conn.execute(delete(self.throughput).where(self.throughput.c.minute < keep))
             conn.execute(
                 insert(self.table).values(
                     id=self.id,

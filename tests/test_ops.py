@@ -4,6 +4,7 @@ read them."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -38,6 +39,8 @@ from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.registry import Heartbeat
 from sqlalchemy_q4m.registry import Holding
+from sqlalchemy_q4m.registry import throughput_table
+from sqlalchemy_q4m.registry import utcnow
 from sqlalchemy_q4m.registry import worker_registry_table
 from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker import reflect_queue_table
@@ -432,3 +435,41 @@ def test_a_heartbeat_is_one_statement(db: Engine) -> None:
     beat.stop()
     beats.dispose()
     assert sent == ["UPDATE"] * 3 + ["DELETE"]
+
+
+def test_a_starting_worker_prunes_long_lost_ones(db: Engine) -> None:
+    def heartbeat(name: str) -> Heartbeat:
+        return Heartbeat(
+            db,
+            name=name,
+            kind="threads",
+            concurrency=1,
+            processes=1,
+            queues=lambda: [TABLE],
+            in_hand=lambda: [],
+        )
+
+    heartbeat("old").register()
+    heartbeat("recent").register()
+    with db.begin() as conn:
+        registry = worker_registry_table()
+        for name, minutes in (("old", 61), ("recent", 5)):
+            conn.execute(
+                update(registry)
+                .where(registry.c.name == name)
+                .values(heartbeat_at=text(f"UTC_TIMESTAMP() - INTERVAL {minutes} MINUTE"))
+            )
+    minutes = throughput_table()
+    with db.begin() as conn:
+        conn.execute(
+            insert(minutes),
+            [
+                {"minute": utcnow() - dt.timedelta(days=8), "queue": "old", "done": 1},
+                {"minute": utcnow() - dt.timedelta(days=6), "queue": "kept", "done": 1},
+            ],
+        )
+    heartbeat("new").register()
+    found = {w.name: w.lost for w in _workers(db)}
+    assert found == {"recent": True, "new": False}
+    with db.connect() as conn:
+        assert conn.execute(select(minutes.c.queue)).scalars().all() == ["kept"]
