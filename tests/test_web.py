@@ -10,6 +10,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
@@ -22,6 +23,10 @@ from web_support import add_dead_letter
 from web_support import private_database
 from web_support import running
 from worker_support import number_table
+from worker_support import q4m_env
+from worker_support import start_q4m
+from worker_support import stop
+from worker_support import wait_for
 
 from sqlalchemy_q4m import ops
 from sqlalchemy_q4m.exc import Q4MError
@@ -129,7 +134,10 @@ def test_pages_show_queues_jobs_dead_letters_and_retry_works(db: Engine) -> None
         assert retried.status_code == 303
         assert "requeued+1" in retried.headers["location"]
         assert count(db) == before + 1
+        assert "requeued 1 dead letter(s)" in client.get(retried.headers["location"]).text
         assert "No dead letters" in client.get("/dead").text
+        spoofed = client.get("/dead?flash=Your+account+is+locked&sig=0")
+        assert "account is locked" not in spoofed.text
 
 
 def test_changes_need_authentication_and_the_csrf_token(portable_db: Engine) -> None:
@@ -303,3 +311,40 @@ def test_serve_refuses_a_public_address_without_credentials() -> None:
         Auth(token="short")
     with pytest.raises(Q4MError, match="USER:PASSWORD"):
         Auth(basic="nocolon")
+
+
+@pytest.mark.acceptance
+def test_a_killed_worker_is_shown_as_lost(portable_db: Engine, tmp_path: Path) -> None:
+    table = number_table(portable_db, TABLE)
+    with portable_db.begin() as conn:
+        conn.execute(insert(table), [{"n": 1}])
+    worker = start_q4m(
+        "worker",
+        "worker_jobs:RecordJob",
+        "--url",
+        portable_db.url.render_as_string(hide_password=False),
+        "--heartbeat",
+        "0.3",
+        env=q4m_env(WORKER_TABLE=TABLE, WORKER_LOG=str(tmp_path / "log"), WORKER_SLEEP="60"),
+        output=tmp_path / "out",
+    )
+    try:
+        app = dashboard(portable_db, stale_after=2)
+        with running(app) as url, httpx.Client(base_url=url) as client:
+            page = wait_for(
+                lambda: (p := client.get("/workers").text) and "?state=in_hand" in p and p,
+                60,
+                "the worker and its job in hand on the workers page",
+            )
+            assert f">{worker.pid}<" in page and 'class="alive"' in page
+            assert "1 worker process(es) alive" in client.get("/").text
+            worker.kill()  # no clean stop: the row stays and goes silent
+            worker.wait(30)
+            lost = wait_for(
+                lambda: 'class="lost"' in (p := client.get("/workers").text) and p, 30, "lost"
+            )
+            assert f">{worker.pid}<" in lost
+            home = client.get("/").text
+            assert "0 worker process(es) alive" in home and "1 lost" in home
+    finally:
+        stop(worker)

@@ -283,7 +283,7 @@ class Dashboard:
             login_form=bool(self.auth.token),
             refresh=self.refresh,
             path=request.url.path,
-            flash=request.query_params.get("flash", ""),
+            flash=self.flash_of(request),
             **context,
         )
         response = HTMLResponse(page, status_code=status_code)
@@ -298,8 +298,18 @@ class Dashboard:
             )
         return response
 
+    def _sign(self, flash: str) -> str:
+        return hmac.new(self.guard.secret, flash.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def flash_of(self, request: Request) -> str:
+        """The message of the action that redirected here; signed, so that a link made
+        elsewhere cannot put its own words on the page."""
+        flash = request.query_params.get("flash", "")
+        signature = request.query_params.get("sig", "")
+        return flash if flash and _same(signature, self._sign(flash)) else ""
+
     def redirect(self, request: Request, path: str, flash: str = "") -> RedirectResponse:
-        query = f"?{urlencode({'flash': flash})}" if flash else ""
+        query = f"?{urlencode({'flash': flash, 'sig': self._sign(flash)})}" if flash else ""
         return RedirectResponse(f"{self.base(request)}{path}{query}", status_code=303)
 
     def error(self, request: Request, status: int, message: str) -> HTMLResponse:
