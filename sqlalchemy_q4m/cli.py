@@ -39,6 +39,7 @@ from .deadletter import purge_dead
 from .deadletter import retry_dead
 from .exc import OptionError
 from .exc import Q4MError
+from .ops import dead_letter
 from .ops import enqueue_rows
 from .ops import prune_lost_workers
 from .ops import queue_counts
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _switch(stats, "--json", "Q4M_JSON", "print JSON")
     stats.set_defaults(func=cmd_stats)
 
-    dead = sub.add_parser("dead", help="dead letters: list, retry or purge")
+    dead = sub.add_parser("dead", help="dead letters: list, show, retry or purge")
     dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dead_list = dead_sub.add_parser("list", help="show dead letters")
     dead_list.add_argument("table", nargs="?", help="queue table (default: all)")
@@ -416,6 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
             default=_id_list(os.environ.get("Q4M_DEAD_ID", "")),
             help="only this dead letter (repeatable) [env Q4M_DEAD_ID, comma-separated]",
         )
+    dead_show = dead_sub.add_parser("show", help="one dead letter: error, traceback, payload")
+    dead_show.add_argument("id", type=_positive_int, help="the dead letter's number (#N)")
+    _switch(dead_show, "--json", "Q4M_JSON", "print JSON")
     for action in dead_sub.choices.values():
         _url_option(action)
         _dead_table_option(action)
@@ -734,6 +738,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
             conn.rollback()
             if args.action == "list":
                 return _print_dead(conn, dead, table_name, args)
+            if args.action == "show":
+                return _show_dead(conn, args)
             assert table_name is not None  # retry and purge require it
             if args.action == "retry":
                 table = reflect_queue_table(conn, table_name)
@@ -745,6 +751,24 @@ def cmd_dead(args: argparse.Namespace) -> int:
             return 0
     finally:
         engine.dispose()
+
+
+def _show_dead(conn: Connection, args: argparse.Namespace) -> int:
+    letter = dead_letter(conn, args.id, args.dead_table)
+    if letter is None:
+        raise Q4MError(f"no dead letter #{args.id}")
+    record = dict(letter.__dict__)
+    for key in ("enqueued_at", "failed_at"):
+        value = record[key]
+        record[key] = value.isoformat() if value is not None else None
+    if bool(args.json) or _flag_env("Q4M_JSON"):
+        print(json.dumps(record))
+        return 0
+    for key in ("id", "queue", "job_id", "attempts", "enqueued_at", "failed_at", "error"):
+        print(f"{key:<12} {record[key]}")
+    print(f"payload      {letter.payload}")
+    print(letter.traceback.rstrip())
+    return 0
 
 
 def _print_dead(conn: Connection, dead: Table, queue: str | None, args: argparse.Namespace) -> int:

@@ -473,3 +473,29 @@ def test_a_starting_worker_prunes_long_lost_ones(db: Engine) -> None:
     assert found == {"recent": True, "new": False}
     with db.connect() as conn:
         assert conn.execute(select(minutes.c.queue)).scalars().all() == ["kept"]
+
+
+def test_q4m_dead_show(db: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+    from sqlalchemy_q4m.cli import main
+
+    number_table(db, TABLE)
+    with db.begin() as conn:
+        bury(
+            conn,
+            dead(conn),
+            queue=TABLE,
+            values={"id": new_job_id(), "n": 5},
+            error="RuntimeError: boom",
+            traceback="Traceback (most recent call last):\nRuntimeError: boom",
+            attempts=3,
+        )
+    with db.connect() as conn:
+        (letter,) = ops.dead_letters(conn)
+    url = db.url.render_as_string(hide_password=False)
+    assert main(["dead", "show", str(letter.id), "--url", url]) == 0
+    out = capsys.readouterr().out
+    assert "RuntimeError: boom" in out and '{"n": 5}' in out and "Traceback" in out
+    assert main(["dead", "show", str(letter.id), "--url", url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["attempts"] == 3
+    assert main(["dead", "show", "999", "--url", url]) == 2
+    assert "no dead letter #999" in capsys.readouterr().err
