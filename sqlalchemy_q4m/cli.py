@@ -23,40 +23,34 @@ from typing import TextIO
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy import Table
-from sqlalchemy import func
 from sqlalchemy import inspect
-from sqlalchemy import select
-from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.types import LargeBinary
-from sqlalchemy.types import _Binary
 
 from .checks import check_seconds
-from .ddl import JOB_ID
 from .deadletter import DEAD_LETTER_TABLE
 from .deadletter import count_dead
 from .deadletter import dead_letter_table
 from .deadletter import list_dead
 from .deadletter import purge_dead
 from .deadletter import retry_dead
-from .enqueue import enqueue
 from .exc import OptionError
 from .exc import Q4MError
 from .exc import QueueTableError
-from .exc import RowError
-from .functions import queue_stats
-from .notify import notify_committed
-from .retry import RUN_AT
+from .ops import dead_letter
+from .ops import enqueue_rows
+from .ops import prune_lost_workers
+from .ops import queue_counts
+from .ops import queue_table_names
+from .ops import workers
 from .runtime import EXIT_USAGE
 from .runtime import WorkerConfig
 from .runtime import make_engine
 from .runtime import run_workers
 from .runtime import setup_logging
-from .server import detect_backend
 from .worker import reflect_queue_table
 
 __all__ = ["build_parser", "enqueue_rows", "main", "parse_json_rows", "queue_counts"]
@@ -107,6 +101,13 @@ def _seconds(value: str, positive: bool = False) -> float:
         raise argparse.ArgumentTypeError(str(err).replace("the option ", "")) from None
     assert checked is not None
     return checked
+
+
+def _port(value: str) -> int:
+    number = _positive_int(value)
+    if number > 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {number}")
+    return number
 
 
 def _positive_seconds(value: str) -> float:
@@ -336,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         choices=["auto", "always", "never"],
     )
+    _option(
+        worker,
+        "--heartbeat",
+        "Q4M_HEARTBEAT",
+        "seconds between two heartbeats in the worker registry (0: do not register)",
+        default="5",
+        type=_seconds,
+    )
+    _option(
+        worker,
+        "--metrics-port",
+        "Q4M_METRICS_PORT",
+        "serve Prometheus metrics on this port (pip install 'sqlalchemy-q4m[metrics]')",
+        type=_port,
+    )
+    _option(
+        worker,
+        "--metrics-host",
+        "Q4M_METRICS_HOST",
+        "address the metrics are served on",
+        default="127.0.0.1",
+    )
     worker.set_defaults(func=cmd_worker)
 
     enqueue = sub.add_parser(
@@ -368,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     _switch(stats, "--json", "Q4M_JSON", "print JSON")
     stats.set_defaults(func=cmd_stats)
 
-    dead = sub.add_parser("dead", help="dead letters: list, retry or purge")
+    dead = sub.add_parser("dead", help="dead letters: list, show, retry or purge")
     dead_sub = dead.add_subparsers(dest="action", required=True, parser_class=_Parser)
     dead_list = dead_sub.add_parser("list", help="show dead letters")
     dead_list.add_argument("table", nargs="?", help="queue table (default: all)")
@@ -395,10 +418,63 @@ def build_parser() -> argparse.ArgumentParser:
             default=_id_list(os.environ.get("Q4M_DEAD_ID", "")),
             help="only this dead letter (repeatable) [env Q4M_DEAD_ID, comma-separated]",
         )
+    dead_show = dead_sub.add_parser("show", help="one dead letter: error, traceback, payload")
+    dead_show.add_argument("id", type=_positive_int, help="the dead letter's number (#N)")
+    _switch(dead_show, "--json", "Q4M_JSON", "print JSON")
     for action in dead_sub.choices.values():
         _url_option(action)
         _dead_table_option(action)
         action.set_defaults(func=cmd_dead)
+
+    workers = sub.add_parser("workers", help="running workers: host, pid, queues, jobs in hand")
+    _url_option(workers)
+    _option(
+        workers,
+        "--stale-after",
+        "Q4M_STALE_AFTER",
+        "seconds without a heartbeat after which a worker is shown as lost",
+        default="30",
+        type=_positive_seconds,
+    )
+    _option(
+        workers,
+        "--prune-after",
+        "Q4M_PRUNE_AFTER",
+        "delete the rows of workers silent for this many seconds (0: keep them)",
+        default="3600",
+        type=_seconds,
+    )
+    _switch(workers, "--json", "Q4M_JSON", "print JSON")
+    workers.set_defaults(func=cmd_workers)
+
+    web = sub.add_parser(
+        "web",
+        help="the web dashboard (pip install 'sqlalchemy-q4m[web]')",
+        epilog="Retry, purge and enqueue need a token (Bearer or the login form) or HTTP basic "
+        "credentials; without any the dashboard is read-only.  It refuses to listen on an "
+        "address other than loopback without them.",
+    )
+    _url_option(web)
+    _option(web, "--host", "Q4M_WEB_HOST", "address to listen on", default="127.0.0.1")
+    _option(web, "--port", "Q4M_WEB_PORT", "port to listen on", default="8080", type=_port)
+    _option(web, "--token", "Q4M_WEB_TOKEN", "token for the actions that change data")
+    _option(
+        web,
+        "--basic-auth",
+        "Q4M_WEB_BASIC_AUTH",
+        "USER:PASSWORD for HTTP basic authentication (every page)",
+    )
+    _switch(web, "--read-only", "Q4M_WEB_READ_ONLY", "no retry, purge or enqueue")
+    _dead_table_option(web)
+    _option(
+        web,
+        "--refresh",
+        "Q4M_WEB_REFRESH",
+        "seconds between two refreshes of a page (0: none)",
+        default="5",
+        type=_seconds,
+    )
+    web.set_defaults(func=cmd_web)
 
     demo = sub.add_parser("demo", help="the seed scenario: shell jobs, producers, workers")
     _url_option(demo)
@@ -466,6 +542,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         log_level=level,
         status=status,
         sys_path=tuple(sys.path[:1]),
+        heartbeat=args.heartbeat,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
     _probe(args.url)
     result = run_workers(config, status_stream=sys.stderr if status else None)
@@ -533,61 +612,6 @@ def _numbered_json_rows(
     return rows
 
 
-def enqueue_rows(
-    conn: Connection,
-    table: Table,
-    rows: Sequence[dict[str, Any]],
-    *,
-    delay: float | None = None,
-    batch_size: int = 1000,
-    labels: Sequence[str] | None = None,
-) -> int:
-    """Insert ``rows`` (column name -> value) as new jobs with :func:`~sqlalchemy_q4m.enqueue`;
-    returns how many.  Every row is checked before the first is sent (a bad one raises
-    :class:`~sqlalchemy_q4m.exc.RowError` named by its ``labels`` entry, else ``job N``, and
-    nothing is enqueued).  On a connection outside a transaction the rows are committed
-    together, then workers that listen are woken; in the caller's transaction nothing is
-    committed (nor woken: that is for after the caller's commit).  JSON text for a binary
-    column is UTF-8 encoded; with ``delay``, a row's own ``run_at`` is replaced."""
-
-    def where(number: int) -> str:
-        return labels[number - 1] if labels is not None else f"job {number}"
-
-    columns = {c.name for c in table.columns}
-    binary = {c.name for c in table.columns if isinstance(c.type, _Binary | LargeBinary)}
-    if delay is not None and RUN_AT not in columns:
-        raise Q4MError(f"--delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
-    prepared: list[dict[str, Any]] = []
-    for number, row in enumerate(rows, 1):
-        values = dict(row)
-        for key in binary.intersection(values):
-            if isinstance(values[key], str):
-                try:
-                    values[key] = values[key].encode("utf-8")
-                except UnicodeEncodeError as err:
-                    raise RowError(
-                        f"{key!r} takes valid Unicode, not a string with {err.reason}",
-                        row=number,
-                        column=key,
-                        where=where(number),
-                    ) from None
-        if delay is not None:
-            values.pop(RUN_AT, None)
-        prepared.append(values)
-    own = not conn.in_transaction()
-    try:
-        enqueue(conn, table, prepared, delay=delay, chunk_size=batch_size, notify=False)
-    except RowError as err:  # raised before anything was sent
-        if own:
-            conn.rollback()
-        raise RowError(err.reason, row=err.row, column=err.column, where=where(err.row)) from None
-    if own:
-        conn.commit()
-        if delay is None and prepared:
-            notify_committed(conn, table, jobs=len(prepared))  # wakes workers with --listen
-    return len(prepared)
-
-
 def cmd_enqueue(args: argparse.Namespace) -> int:
     if args.json_text is not None:
         numbered = _numbered_json_rows([args.json_text], where="--json")
@@ -617,78 +641,6 @@ def cmd_enqueue(args: argparse.Namespace) -> int:
     return 0
 
 
-def _queue_tables(conn: Connection, dead_name: str) -> list[str]:
-    """Tables of the current database that look like queue tables: ENGINE=QUEUE, or a
-    16-byte binary ``id`` primary key (the portable layout)."""
-    rows = conn.execute(
-        text(
-            "SELECT t.TABLE_NAME, t.ENGINE, c.COLUMN_TYPE, c.COLUMN_KEY "
-            "FROM information_schema.TABLES t LEFT JOIN information_schema.COLUMNS c "
-            "ON c.TABLE_SCHEMA = t.TABLE_SCHEMA AND c.TABLE_NAME = t.TABLE_NAME "
-            "AND c.COLUMN_NAME = :id "
-            "WHERE t.TABLE_SCHEMA = DATABASE() AND t.TABLE_TYPE = 'BASE TABLE' "
-            "ORDER BY t.TABLE_NAME"
-        ),
-        {"id": JOB_ID},
-    ).all()
-    names = []
-    for name, engine, column_type, key in rows:
-        if name == dead_name:
-            continue
-        if str(engine).upper() == "QUEUE" or (
-            str(column_type).lower() == "binary(16)" and key == "PRI"
-        ):
-            names.append(str(name))
-    return names
-
-
-def queue_counts(conn: Connection, table: Table, dead_name: str) -> dict[str, Any]:
-    """``queued`` (ready now), ``delayed``, ``owned`` (in progress), ``dead`` for one queue;
-    on Q4M also the engine's own counters (``queue_stats``)."""
-    backend = detect_backend(conn)
-    total = int(conn.execute(select(func.count()).select_from(table)).scalar() or 0)
-    id_column = table.c[JOB_ID]
-    if backend == "portable":  # rows another transaction holds are the owned ones
-        free = len(conn.execute(select(id_column).with_for_update(skip_locked=True)).all())
-    else:  # Q4M: other connections' owned rows are counted but not returned
-        free = len(conn.execute(select(id_column)).all())
-    conn.rollback()
-    delayed = 0
-    run_at = table.columns.get(RUN_AT)
-    if run_at is not None:
-        stmt = select(func.count()).select_from(table).where(run_at > int(time.time()))
-        delayed = int(conn.execute(stmt).scalar() or 0)
-    counts: dict[str, Any] = {
-        "table": table.name,
-        "backend": backend,
-        "queued": max(0, free - delayed),
-        "delayed": delayed,
-        "owned": max(0, total - free),
-        "dead": count_dead(conn, dead_letter_table(dead_name), table.name),
-    }
-    if backend == "native":
-        raw = conn.execute(select(queue_stats(table.name))).scalar()
-        counts["q4m"] = {
-            key: int(value) if value.isdigit() else value
-            for key, value in _parse_q4m_stats(raw or "").items()
-        }
-    conn.rollback()
-    return counts
-
-
-def _parse_q4m_stats(raw: str) -> dict[str, str]:
-    """``queue_stats()`` text (``name: value`` per line on Q4M) as a dict; kept raw if
-    unparsable."""
-    stats: dict[str, str] = {}
-    for line in raw.replace(",", "\n").splitlines():
-        key, sep, value = line.partition("=")
-        if not sep:
-            key, sep, value = line.partition(":")
-        if sep and key.strip():
-            stats[key.strip()] = value.strip()
-    return stats if stats or not raw.strip() else {"raw": raw.strip()}
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     as_json = bool(args.json) or _flag_env("Q4M_JSON")
     engine = make_engine(args.url)
@@ -697,7 +649,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
             conn.execution_options(isolation_level="READ COMMITTED")
             named = list(args.tables)
             results = []
-            for name in named or _queue_tables(conn, args.dead_table):
+            for name in named or queue_table_names(conn, args.dead_table):
                 try:
                     table = reflect_queue_table(conn, name)
                 except QueueTableError as err:
@@ -729,6 +681,58 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    as_json = bool(args.json) or _flag_env("Q4M_JSON")
+    engine = make_engine(args.url)
+    try:
+        with _connect(engine) as conn:
+            if args.prune_after:
+                prune_lost_workers(conn, older_than=args.prune_after)
+            found = workers(conn, stale_after=args.stale_after)
+    finally:
+        engine.dispose()
+    if as_json:
+        for w in found:
+            record = dict(w.__dict__)
+            for key in ("started_at", "heartbeat_at"):
+                record[key] = record[key].isoformat()
+            print(json.dumps(record))
+        return 0
+    if not found:
+        print("no workers registered")
+        return 0
+    now = time.time()
+    for w in found:
+        state = f"LOST (silent {w.heartbeat_age:.0f}s)" if w.lost else "alive"
+        counts = " ".join(f"{k} {v}" for k, v in w.counts.items())
+        print(
+            f"{w.host} pid {w.pid} {w.name} {w.kind} {w.processes}x{w.concurrency} {state}  "
+            f"queues {','.join(w.queues)}  since {w.started_at:%Y-%m-%d %H:%M:%S}  {counts}"
+        )
+        for table, job_id, since in w.in_hand:
+            print(f"    in hand: {table} {job_id} for {now - since:.1f}s")
+    return 0
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from .web import serve
+    except ImportError as err:
+        raise Q4MError(f"q4m web needs: pip install 'sqlalchemy-q4m[web]' ({err})") from None
+    read_only = bool(args.read_only) or _flag_env("Q4M_WEB_READ_ONLY")
+    _probe(args.url)
+    return serve(
+        args.url,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        basic_auth=args.basic_auth,
+        read_only=read_only,
+        dead_table=args.dead_table,
+        refresh=args.refresh,
+    )
+
+
 def cmd_dead(args: argparse.Namespace) -> int:
     dead = dead_letter_table(args.dead_table)
     engine = make_engine(args.url)
@@ -744,6 +748,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
             conn.rollback()
             if args.action == "list":
                 return _print_dead(conn, dead, table_name, args)
+            if args.action == "show":
+                return _show_dead(conn, args)
             assert table_name is not None  # retry and purge require it
             if args.action == "retry":
                 table = reflect_queue_table(conn, table_name)
@@ -755,6 +761,24 @@ def cmd_dead(args: argparse.Namespace) -> int:
             return 0
     finally:
         engine.dispose()
+
+
+def _show_dead(conn: Connection, args: argparse.Namespace) -> int:
+    letter = dead_letter(conn, args.id, args.dead_table)
+    if letter is None:
+        raise Q4MError(f"no dead letter #{args.id}")
+    record = dict(letter.__dict__)
+    for key in ("enqueued_at", "failed_at"):
+        value = record[key]
+        record[key] = value.isoformat() if value is not None else None
+    if bool(args.json) or _flag_env("Q4M_JSON"):
+        print(json.dumps(record))
+        return 0
+    for key in ("id", "queue", "job_id", "attempts", "enqueued_at", "failed_at", "error"):
+        print(f"{key:<12} {record[key]}")
+    print(f"payload      {letter.payload}")
+    print(letter.traceback.rstrip())
+    return 0
 
 
 def _print_dead(conn: Connection, dead: Table, queue: str | None, args: argparse.Namespace) -> int:

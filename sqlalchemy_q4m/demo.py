@@ -38,9 +38,9 @@ from sqlalchemy.pool import NullPool
 from .backends.base import error_code
 from .ddl import queue_table
 from .ddl import validate_name
-from .deadletter import dead_letter_table
-from .deadletter import list_dead
 from .exc import Q4MError
+from .ops import dead_letters
+from .ops import enqueue_rows
 from .retry import ATTEMPTS
 from .retry import RUN_AT
 from .retry import retry_columns
@@ -177,8 +177,6 @@ def prepare_table(conn: Connection, name: str) -> tuple[Table, bool]:
 
 
 def _produce(engine: Engine, table: Table, commands: list[str], done: threading.Event) -> None:
-    from .cli import enqueue_rows
-
     try:
         with engine.connect() as conn:
             for start in range(0, len(commands), 20):
@@ -273,9 +271,7 @@ def run_demo(
         with engine.connect() as conn:
             left = int(conn.execute(select(func.count()).select_from(queue)).scalar() or 0)
             letters = [
-                d
-                for d in list_dead(conn, dead_letter_table(dead_table), table, limit=1000)
-                if d.failed_at >= began
+                d for d in dead_letters(conn, dead_table, table, limit=500) if d.failed_at >= began
             ]
         totals = result.totals
         out.write(

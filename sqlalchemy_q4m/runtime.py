@@ -86,6 +86,11 @@ class WorkerConfig:
     status: bool = False
     progress_every: float = 10.0
     sys_path: tuple[str, ...] = field(default_factory=tuple)
+    #: Seconds between two heartbeats in the worker registry (0: not registered).
+    heartbeat: float = 5.0
+    #: Serve Prometheus metrics on this port (None: no metrics).
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if not self.specs:
@@ -307,7 +312,17 @@ class ProcessRuntime:
         self.publish[base + len(OUTCOMES)] = sum(1 for c in self.consumers if c.in_hand)
 
     def run(self, status: StatusLine | None = None) -> int:
-        """Start the threads and supervise them; returns the exit code."""
+        """Start the threads (or tasks) and supervise them; returns the exit code.  The worker
+        registry's heartbeat and the metrics watch them meanwhile (:mod:`.observe`)."""
+        from .observe import start_observers
+
+        observers = start_observers(self)
+        try:
+            return self._run(status)
+        finally:
+            observers.stop()
+
+    def _run(self, status: StatusLine | None) -> int:
         if any(getattr(cls, "is_async", False) for cls in self.classes):
             from .asyncio_worker import run_process  # AsyncJob classes: tasks, not threads
 
@@ -535,7 +550,16 @@ def run_workers(config: WorkerConfig, *, status_stream: TextIO | None = None) ->
         totals = runtime.stats.snapshot()
     else:
         supervisor = Supervisor(config)
-        code = supervisor.run(status)
+        served = None
+        if config.metrics_port is not None:  # the children's metrics, added up
+            from .metrics import SupervisorMetrics
+
+            served = SupervisorMetrics(config.metrics_host, config.metrics_port)
+        try:
+            code = supervisor.run(status)
+        finally:
+            if served is not None:
+                served.close()
         totals = supervisor.totals
     status.finish()
     elapsed = time.monotonic() - started

@@ -200,10 +200,20 @@ class Stats:
 
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    #: Called after each job with (outcome, table, seconds in hand): the worker registry's
+    #: and the metrics' hook (see :mod:`sqlalchemy_q4m.observe`).
+    hooks: list[Callable[[str, str | None, float | None], None]] = field(
+        default_factory=list, repr=False
+    )
 
-    def add(self, outcome: Outcome) -> None:
+    def add(self, outcome: Outcome, table: str | None = None, seconds: float | None = None) -> None:
         with self._lock:
             self.counts[outcome] = self.counts.get(outcome, 0) + 1
+        for hook in self.hooks:
+            try:
+                hook(outcome, table, seconds)
+            except Exception:  # an observer never stops a worker
+                logger.debug("a stats hook failed", exc_info=True)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
@@ -636,7 +646,7 @@ class _Holding:
     ) -> None:
         consumer = self.consumer
         if isinstance(exc, LOOP_ERRORS):
-            consumer.stats.add("lost")
+            consumer.stats.add("lost", *consumer._held_for())
             consumer.lost_job = consumer.in_hand
         consumer._in_hand = None
 
@@ -677,6 +687,7 @@ class Consumer:
         self._failures = 0  # database errors in a row (the reconnect backoff)
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
         self._in_hand: tuple[str, Any] | None = None
+        self._in_hand_since = 0.0  # time.time() when the job in hand was claimed
         #: ``"table id"`` of the job in hand when the database was lost (for the log line).
         self.lost_job: str | None = None
         first = self.jobs[0]
@@ -694,6 +705,19 @@ class Consumer:
         """``"table id"`` of the job in hand, for the runtime's shutdown report."""
         held = self._in_hand
         return None if held is None else f"{held[0]} {held[1]}"
+
+    @property
+    def holding(self) -> tuple[str, str, float] | None:
+        """(table, job id, since: Unix time) of the job in hand, for the worker registry."""
+        held, since = self._in_hand, self._in_hand_since
+        return None if held is None else (held[0], str(held[1]), since)
+
+    def _held_for(self) -> tuple[str | None, float | None]:
+        """The table of the job in hand and the seconds it has been held (for the hooks)."""
+        held = self._in_hand
+        if held is None:
+            return None, None
+        return held[0], time.time() - self._in_hand_since
 
     @property
     def tables(self) -> list[str]:
@@ -958,7 +982,7 @@ class Consumer:
         return _Holding(self)
 
     def _count(self, outcome: Outcome) -> None:
-        self.stats.add(outcome)
+        self.stats.add(outcome, *self._held_for())
         self._since_recycle += 1
 
     @staticmethod
@@ -979,7 +1003,7 @@ class Consumer:
         job_id, attempts = t.identify(item)
         job = t.job
         log = _JobLog(job.logger, {"q4m_table": t.table.name, "q4m_job_id": job_id})
-        self._in_hand = (t.table.name, job_id)
+        self._in_hand, self._in_hand_since = (t.table.name, job_id), time.time()
         ended = bool(job.end_before_execute)
         run = _Run(t, qs, item, item, attempts, log, ended)
         if t.row_type is not None:

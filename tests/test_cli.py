@@ -262,16 +262,16 @@ def test_stats_counts_a_job_in_hand_as_owned(
 
 @pytest.mark.unit
 def test_q4m_stats_text_is_parsed_or_kept_raw() -> None:
-    from sqlalchemy_q4m.cli import _parse_q4m_stats
+    from sqlalchemy_q4m.ops import parse_q4m_stats
 
     text = "rows_written=10\nrows_removed=4\nwait_immediate=3\n"
-    assert _parse_q4m_stats(text) == {
-        "rows_written": "10",
-        "rows_removed": "4",
-        "wait_immediate": "3",
-    }
-    assert _parse_q4m_stats("something else") == {"raw": "something else"}
-    assert _parse_q4m_stats("") == {}
+    assert parse_q4m_stats(text) == {"rows_written": 10, "rows_removed": 4, "wait_immediate": 3}
+    # what the engine returns (bytes with PyMySQL): "key: value" lines
+    raw = b"rows_written: 2\nrows_removed: 0\nbytes_total: 52\n"
+    assert parse_q4m_stats(raw) == {"rows_written": 2, "rows_removed": 0, "bytes_total": 52}
+    assert parse_q4m_stats("something else") == {"raw": "something else"}
+    assert parse_q4m_stats("") == {}
+    assert parse_q4m_stats(None) == {}
 
 
 @pytest.mark.unit

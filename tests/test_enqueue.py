@@ -424,7 +424,7 @@ def test_database_errors_are_sqlalchemy_errors(db_url: URL, observed: bool) -> N
 def test_cli_enqueue_rows_leaves_missing_columns_to_the_server(db: Engine) -> None:
     """``q4m enqueue`` goes through enqueue(): a row without ``weight`` gets the server's
     default (it was once sent as NULL), and each batch is committed."""
-    from sqlalchemy_q4m.cli import enqueue_rows
+    from sqlalchemy_q4m.ops import enqueue_rows
     from sqlalchemy_q4m.worker import reflect_queue_table
 
     with db.connect() as conn:
