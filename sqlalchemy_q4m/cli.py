@@ -31,6 +31,7 @@ from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.exc import SQLAlchemyError
 
 from .checks import check_seconds
+from .ddl import JOB_ID
 from .deadletter import DEAD_LETTER_TABLE
 from .deadletter import count_dead
 from .deadletter import dead_letter_table
@@ -42,6 +43,7 @@ from .exc import Q4MError
 from .exc import QueueTableError
 from .ops import dead_letter
 from .ops import enqueue_rows
+from .ops import foreign_queue_tables
 from .ops import prune_lost_workers
 from .ops import queue_counts
 from .ops import queue_table_names
@@ -649,6 +651,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
             conn.execution_options(isolation_level="READ COMMITTED")
             named = list(args.tables)
             results = []
+            if not named:
+                for name in foreign_queue_tables(conn, args.dead_table):
+                    sys.stderr.write(
+                        f"q4m stats: skipped {name}: an ENGINE=QUEUE table without a job id "
+                        f"column ({JOB_ID!r}), not a sqlalchemy-q4m queue table\n"
+                    )
             for name in named or queue_table_names(conn, args.dead_table):
                 try:
                     table = reflect_queue_table(conn, name)

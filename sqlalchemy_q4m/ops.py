@@ -96,10 +96,13 @@ _OWN_TABLES = frozenset({DEAD_LETTER_TABLE, WORKERS_TABLE, THROUGHPUT_TABLE})
 # -- which tables are queues ------------------------------------------------------------------
 
 
-def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tuple[str, str, int]]:
+def _scan_tables(
+    conn: Connection, dead_name: str = DEAD_LETTER_TABLE
+) -> tuple[list[tuple[str, str, int]], list[str]]:
     """(name, engine, estimated rows) of the queue tables of the current database:
     ENGINE=QUEUE with an ``id`` column, or a 16-byte binary ``id`` primary key (the portable
-    layout).  One information_schema query, no table is opened."""
+    layout); and the names of the ENGINE=QUEUE tables without a job id, which are not ours.
+    One information_schema query, no table is opened."""
     rows = conn.execute(
         text(
             "SELECT t.TABLE_NAME, t.ENGINE, t.TABLE_ROWS, c.COLUMN_TYPE, c.COLUMN_KEY "
@@ -112,14 +115,29 @@ def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tu
         {"id": JOB_ID},
     ).all()
     found = []
+    foreign = []
     for name, engine, estimate, column_type, key in rows:
         if name == dead_name or name in _OWN_TABLES:
             continue
-        if (str(engine).upper() == "QUEUE" and column_type is not None) or (
+        queue_engine = str(engine).upper() == "QUEUE"
+        if (queue_engine and column_type is not None) or (
             str(column_type).lower() == "binary(16)" and key == "PRI"
         ):
             found.append((str(name), str(engine).upper(), int(estimate or 0)))
-    return found
+        elif queue_engine:
+            foreign.append(str(name))
+    return found, foreign
+
+
+def _table_rows(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[tuple[str, str, int]]:
+    """The queue tables of :func:`_scan_tables`."""
+    return _scan_tables(conn, dead_name)[0]
+
+
+def foreign_queue_tables(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[str]:
+    """ENGINE=QUEUE tables of the current database without a job id (``id``): Q4M tables
+    that sqlalchemy-q4m did not make, which the tools skip and name."""
+    return _scan_tables(conn, dead_name)[1]
 
 
 def queue_table_names(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> list[str]:
