@@ -235,6 +235,7 @@ SCHEDULER = textwrap.dedent(
     scheduler = Scheduler(engine, [schedule])
     signal.signal(signal.SIGTERM, lambda *a: scheduler.stop())
     logging.basicConfig(level=logging.WARNING)
+    print("ready", flush=True)
     scheduler.run()
     """
 )
@@ -243,7 +244,7 @@ SCHEDULER = textwrap.dedent(
 def start_scheduler(url: str, table: str, name: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", SCHEDULER, url, table, name],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
 
@@ -265,10 +266,12 @@ def chaos(engine: Engine, url: str, native: bool, seconds: float = 30.0) -> None
             time.sleep(random.uniform(2.0, 4.0))
             victim = random.randrange(len(procs))
             procs[victim].send_signal(signal.SIGKILL)
-            procs[victim].wait(timeout=30)
+            procs[victim].communicate(timeout=30)
             kills += 1
             procs[victim] = start_scheduler(url, table.name, name)
-        for proc in procs:
+        for proc in procs:  # a SIGTERM before the handler is set would kill it
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == b"ready\n"
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             _, err = proc.communicate(timeout=60)
@@ -286,7 +289,7 @@ def chaos(engine: Engine, url: str, native: bool, seconds: float = 30.0) -> None
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-                proc.wait()
+            proc.communicate()
         table.drop(engine)
         clear_schedule(engine, name)
     assert kills >= 7
