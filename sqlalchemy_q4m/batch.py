@@ -84,6 +84,7 @@ from .session import POLL_INTERVAL
 from .session import QueueSession
 from .session import Where
 from .session import check_wait_options
+from .unique import ended_many
 
 __all__ = ["QueueBatch", "queue_batch"]
 
@@ -389,6 +390,7 @@ class QueueBatch(Generic[T]):
                     for start in range(0, len(values), DELETE_CHUNK):
                         chunk = {"keys": values[start : start + DELETE_CHUNK]}
                         retry_lock_wait(partial(conn.execute, stmt, chunk))
+                    retry_lock_wait(partial(ended_many, conn, sub.table, keys))
         except OperationalError as err:
             code = error_code(err)
             if code not in RETRYABLE:

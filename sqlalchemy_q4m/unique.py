@@ -72,7 +72,9 @@ __all__ = [
     "claimed",
     "count_keys",
     "ended",
+    "ended_many",
     "enqueue_unique",
+    "job_id_of",
     "job_lock_name",
     "key_moved",
     "keys_table",
@@ -336,10 +338,26 @@ def _native_one(conn: Connection, table: Table, key: str, values: dict[str, Any]
 _HELD = "q4m_unique_lock"  # conn.info: the job id whose named lock this connection holds
 
 
-def claimed(conn: Connection, table: Table, job_id: Any) -> None:
-    """Q4M, right after ``queue_wait`` owned ``job_id``: take its named lock if it holds a
-    key (one statement: the lock is taken only when the key row exists)."""
-    if not _exists(conn):
+def job_id_of(key: tuple[Any, ...]) -> uuid.UUID | None:
+    """A claimed job's id from its key as the driver sends it (16 bytes, or a UUID)."""
+    if len(key) != 1:
+        return None
+    value = key[0]
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, bytes | bytearray) and len(value) == 16:
+        return uuid.UUID(bytes=bytes(value))
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
+    """Q4M, right after ``queue_wait`` owned a job: take its named lock if it holds a key (one
+    statement: the lock is taken only when the key row exists).  Nothing is committed."""
+    job_id = job_id_of(key)
+    if job_id is None or not _exists(conn):
         return
     name = job_lock_name(job_id)
     got = conn.execute(
@@ -349,29 +367,32 @@ def claimed(conn: Connection, table: Table, job_id: Any) -> None:
     ).scalar()
     if got == 1:
         conn.info[_HELD] = name
-    if conn.in_transaction():
-        conn.commit()
 
 
-def ended(conn: Connection, table: Table, job_id: Any, *, commit: bool) -> None:
-    """The job is done (ended or dead-lettered): delete its key.  Portable: in the caller's
-    transaction (``commit=False``); Q4M: after ``queue_end``, committed here, then the named
-    lock is released."""
-    if not _exists(conn):
-        return
-    conn.execute(delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
-    if commit:
-        conn.commit()
-        released(conn)
+def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
+    """The job was removed (done or dead-lettered): delete its key in the transaction the
+    queue session commits next (portable: with the job's ``DELETE``; Q4M: after
+    ``queue_end``), then release the job's named lock (Q4M).  Until that commit the key row's
+    InnoDB lock keeps an enqueuer of the same key waiting."""
+    job_id = job_id_of(key)
+    if job_id is not None and _exists(conn):
+        conn.execute(delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
+    released(conn)
+
+
+def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) -> None:
+    """:func:`ended` for the jobs of a portable batch, in its transaction (one ``DELETE``)."""
+    ids = [str(i) for key in keys if (i := job_id_of(key)) is not None]
+    if ids and _exists(conn):
+        conn.execute(delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
 
 
 def released(conn: Connection) -> None:
-    """Q4M: the job went back to the queue (or its key was deleted): release its lock."""
+    """Q4M: release the named lock of the job this connection owned (it was ended, or went
+    back to the queue, where it is visible again)."""
     name = conn.info.pop(_HELD, None)
     if name is not None:
         conn.execute(select(func.release_lock(name)))
-        if conn.in_transaction():
-            conn.commit()
 
 
 def key_moved(conn: Connection, table: Table, old: Any, new: Any) -> None:

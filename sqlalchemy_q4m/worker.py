@@ -106,6 +106,7 @@ from .server import BackendName
 from .server import detect_backend
 from .session import QueueSession
 from .types import new_job_id
+from .unique import key_moved
 
 __all__ = [
     "Consumer",
@@ -962,6 +963,7 @@ class Consumer:
             copy[ATTEMPTS] = decision.attempts
             copy[RUN_AT] = decision.run_at
             qs.session.execute(insert(t.table).values(copy))
+            key_moved(qs.session.connection(), t.table, run.values.get(JOB_ID), copy[JOB_ID])
             self._end_after_write(qs)
             log.warning(
                 "retry %d/%d in %ds as %s",
