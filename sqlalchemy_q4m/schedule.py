@@ -42,6 +42,7 @@ import datetime as dt
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Iterator
@@ -92,6 +93,7 @@ __all__ = [
     "ScheduleError",
     "ScheduleState",
     "Scheduler",
+    "SchedulerThread",
     "ensure_schedule_tables",
     "fire_due",
     "list_schedules",
@@ -514,17 +516,23 @@ class Scheduler:
         self.backend = backend
         self.reconnect_max = reconnect_max
         self.fired = 0
-        self._stop = threading.Event()
+        self._stopping = False  # a plain flag: stop() may run in a signal handler
         self._conn: Connection | None = None
         self._targets: dict[str, Any] = {}
 
     def stop(self) -> None:
-        """Stop after the turn in hand (thread-safe)."""
-        self._stop.set()
+        """Stop after the turn in hand (thread-safe, and safe in a signal handler: it only
+        sets a flag, which the loop looks at every 0.1 s)."""
+        self._stopping = True
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        return self._stopping
+
+    def _pause(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self._stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
 
     def _connect(self) -> Connection:
         conn = self._conn
@@ -607,14 +615,14 @@ class Scheduler:
                 delay *= random.uniform(0.75, 1.25)
                 logger.error("scheduler: database error: %s; reconnecting in %.1fs", err, delay)
                 self._drop()
-                self._stop.wait(delay)
+                self._pause(delay)
                 continue
             pause = MAX_SLEEP
             if soonest is not None:
                 now = _utc_naive(dt.datetime.now(dt.timezone.utc))
                 pause = min(MAX_SLEEP, max(0.01, (soonest - now).total_seconds()))
             # a little jitter: schedulers started together do not queue on the row lock
-            self._stop.wait(pause + random.uniform(0, 0.05))
+            self._pause(pause + random.uniform(0, 0.05))
         self.close()
 
     def close(self) -> None:
@@ -625,3 +633,28 @@ class Scheduler:
 
     def __iter__(self) -> Iterator[Schedule]:
         return iter(self.schedules)
+
+
+class SchedulerThread:
+    """A :class:`Scheduler` in a daemon thread beside a worker's consumers (``q4m worker``
+    runs the schedules of the job classes it serves)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.thread = threading.Thread(target=self._main, name="q4m-scheduler", daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self.scheduler.run()
+        except Exception:
+            logger.exception("scheduler crashed")
+
+    def start(self) -> SchedulerThread:
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop after the turn in hand and wait for it (up to ``timeout`` seconds)."""
+        self.scheduler.stop()
+        if self.thread.is_alive() and threading.current_thread() is not self.thread:
+            self.thread.join(timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import datetime as dt
+import json
 import os
 import random
 import signal
@@ -15,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +30,11 @@ from sqlalchemy import delete
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
+from worker_support import q4m_env
+from worker_support import run_q4m
+from worker_support import start_q4m
+from worker_support import stop
+from worker_support import wait_for
 
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.schedule import SCHEDULES
@@ -347,3 +354,59 @@ def test_a_scheduler_thread_stops_when_asked(engine: Engine) -> None:
     finally:
         table.drop(engine)
         clear_schedule(engine, name)
+
+
+@pytest.mark.acceptance
+def test_q4m_worker_runs_the_schedule_and_q4m_schedule_list_and_stats_show_it(
+    engine: Engine, db_url: URL, tmp_path: Path
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    table = tick_table(f"tscli_{suffix}", native=False)
+    name = f"cli-{suffix}"
+    table.create(engine)
+    clear_schedule(engine, name)
+    url = db_url.render_as_string(hide_password=False)
+    log = tmp_path / "ran.log"
+    env = q4m_env(SCHED_TABLE=table.name, SCHED_NAME=name, SCHED_LOG=str(log))
+    try:
+        worker = start_q4m(
+            "worker", "schedule_jobs:Ticker", "--url", url, env=env, output=tmp_path / "w.out"
+        )
+        try:
+            wait_for(lambda: log.exists() and len(log.read_text().split()) >= 3, 60, "3 ticks run")
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0, (tmp_path / "w.out").read_text()
+        finally:
+            stop(worker)
+        ran = [int(t) for t in log.read_text().split()]
+        assert len(ran) == len(set(ran))
+        listed = run_q4m("schedule", "list", "--url", url, env=env)
+        assert listed.returncode == 0, listed.stderr
+        (line,) = [x for x in listed.stdout.splitlines() if x.startswith(name)]
+        assert f"-> {table.name}  every 1s  last=" in line and "fired=" in line
+        scheduler = start_q4m(
+            "scheduler", "schedule_jobs", "--url", url, env=env, output=tmp_path / "s.out"
+        )
+        try:
+            before = len(ran)
+            wait_for(lambda: jobs_count(engine, table) >= 2, 60, "the scheduler alone enqueues")
+            scheduler.send_signal(signal.SIGTERM)
+            assert scheduler.wait(60) == 0, (tmp_path / "s.out").read_text()
+        finally:
+            stop(scheduler)
+        assert before >= 3
+        stats = run_q4m("stats", table.name, "--url", url, "--json", env=env)
+        assert stats.returncode == 0, stats.stderr
+        (counts,) = json.loads(stats.stdout)
+        assert counts["schedules"] == 1
+        assert counts["queued"] == jobs_count(engine, table)
+        bad = run_q4m("scheduler", "schedule_jobs:NotScheduled", "--url", url, env=env)
+        assert bad.returncode == 2 and "has a schedule" in bad.stderr
+    finally:
+        table.drop(engine)
+        clear_schedule(engine, name)
+
+
+def jobs_count(engine: Engine, table: Table) -> int:
+    with engine.connect() as conn:
+        return len(conn.execute(select(table.c.tick)).all())
