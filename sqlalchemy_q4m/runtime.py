@@ -164,6 +164,7 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
         if path not in sys.path:
             sys.path.insert(0, path)
     classes = [load_job_class(spec) for spec in config.specs]
+    schedules_of(classes)  # a bad schedule fails here (ScheduleError), not in a worker
     if any(getattr(cls, "is_async", False) for cls in classes):  # AsyncJob: an event loop
         from .asyncio_worker import preflight_async
 

@@ -238,7 +238,8 @@ def schedule_of(job_class: type[Any], bind: Engine | Connection | None = None) -
 
     Class attributes: ``schedule`` (cron text or ``timedelta``), ``schedule_name`` (default:
     ``module.Class``), ``schedule_timezone``, ``schedule_missed`` (``"once"``/``"skip"``),
-    ``schedule_grace`` (seconds); the method ``schedule_payload(self, tick)``.
+    ``schedule_grace`` (seconds); the method ``schedule_payload(self, tick)`` (called on an
+    instance made with ``bind``; without a bind the schedule is only checked).
     """
     every = getattr(job_class, "schedule", None)
     if every is None:
@@ -257,9 +258,7 @@ def schedule_of(job_class: type[Any], bind: Engine | Connection | None = None) -
     else:
         target = table_name_for(job_class.__name__)
     payload: Callable[[dt.datetime], Mapping[str, Any]] | None = None
-    if "schedule_payload" in _attrs(job_class):
-        if bind is None:
-            raise ScheduleError(f"{job_class.__name__}: schedule_payload needs a bind")
+    if "schedule_payload" in _attrs(job_class) and bind is not None:  # None: only checked
         instance = job_class(bind)
         payload = instance.schedule_payload
     name = getattr(job_class, "schedule_name", None) or (

@@ -27,6 +27,7 @@ job ended) is recognized at the next enqueue because its job is gone, so it neve
 from __future__ import annotations
 
 import datetime as dt
+import random
 import threading
 import time
 import uuid
@@ -53,9 +54,12 @@ from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
 
+from .backends.base import RETRYABLE
+from .backends.base import error_code
 from .ddl import JOB_ID
 from .exc import Q4MError
 from .functions import subscriptions
@@ -86,6 +90,8 @@ KEYS_TABLE = "q4m_unique_keys"
 RECHECK = 0.2
 #: Seconds a worker waits for the enqueuer's lock on a job it has just claimed (Q4M).
 CLAIM_LOCK_WAIT = 10
+#: Times an Engine-bound portable enqueue is tried again after a deadlock or lock-wait timeout.
+RETRIES = 5
 #: How long "the keys table does not exist" is believed before looking again.
 ABSENT_TTL = 5.0
 
@@ -239,9 +245,18 @@ def enqueue_unique(
                 results[i] = _native_one(own, table, keys[i], items[i])
     elif conn is None:
         assert isinstance(bind, Engine)
-        with bind.begin() as own:
-            for i in order:
-                results[i] = _portable_one(own, table, keys[i], items[i])
+        for attempt in range(RETRIES + 1):  # concurrent inserts of one key can deadlock
+            try:
+                with bind.connect() as own:
+                    own.execution_options(isolation_level="READ COMMITTED")
+                    with own.begin():
+                        for i in order:
+                            results[i] = _portable_one(own, table, keys[i], items[i])
+                break
+            except OperationalError as err:
+                if error_code(err) not in RETRYABLE or attempt == RETRIES:
+                    raise
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
     else:
         for i in order:
             results[i] = _portable_one(conn, table, keys[i], items[i])
