@@ -55,6 +55,7 @@ from sqlalchemy import update
 from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
 
@@ -149,6 +150,22 @@ def _exists(conn: Connection) -> bool:
     with _known_lock:
         _known[engine] = float("inf") if exists else now
     return exists
+
+
+NO_SUCH_TABLE = 1146
+
+
+def _hook(conn: Connection, stmt: Any) -> Any:
+    """Run a worker-side statement on the keys table; a table dropped since it was seen makes
+    it a no-op (and is looked for again later), never a failed job."""
+    try:
+        return conn.execute(stmt)
+    except ProgrammingError as err:
+        if error_code(err) != NO_SUCH_TABLE:
+            raise
+        with _known_lock:
+            _known[conn.engine] = time.monotonic()
+        return None
 
 
 def _ensure(conn: Connection) -> None:
@@ -375,12 +392,13 @@ def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
     if job_id is None or not _exists(conn):
         return
     name = job_lock_name(job_id)
-    got = conn.execute(
+    result = _hook(
+        conn,
         select(func.get_lock(name, CLAIM_LOCK_WAIT)).where(
             KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)
-        )
-    ).scalar()
-    if got == 1:
+        ),
+    )
+    if result is not None and result.scalar() == 1:
         conn.info[_HELD] = name
 
 
@@ -391,7 +409,7 @@ def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
     InnoDB lock keeps an enqueuer of the same key waiting."""
     job_id = job_id_of(key)
     if job_id is not None and _exists(conn):
-        conn.execute(delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
+        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
     released(conn)
 
 
@@ -399,7 +417,7 @@ def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) 
     """:func:`ended` for the jobs of a portable batch, in its transaction (one ``DELETE``)."""
     ids = [str(i) for key in keys if (i := job_id_of(key)) is not None]
     if ids and _exists(conn):
-        conn.execute(delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
+        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
 
 
 def released(conn: Connection) -> None:
@@ -414,10 +432,11 @@ def key_moved(conn: Connection, table: Table, old: Any, new: Any) -> None:
     """A retry copies the job under a new id: its key follows (in the caller's transaction)."""
     if not _exists(conn):
         return
-    conn.execute(
+    _hook(
+        conn,
         update(KEYS)
         .where(KEYS.c.queue == table.name, KEYS.c.job_id == str(old))
-        .values(job_id=str(new))
+        .values(job_id=str(new)),
     )
 
 

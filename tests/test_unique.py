@@ -314,3 +314,23 @@ def test_a_key_is_a_short_string() -> None:
         enqueue(engine, table, [{"account": 1}], unique_key=lambda r: 42)  # type: ignore[arg-type,return-value]
     with pytest.raises(UniqueKeyError):
         enqueue(engine, table, [{"account": 1}], unique_key=lambda r: "x" * 192)
+
+
+def test_a_keys_table_dropped_under_a_worker_does_not_fail_its_jobs(engine: Engine) -> None:
+    name = f"tuqdrop_{uuid.uuid4().hex[:8]}"
+    metadata = MetaData()
+    table = queue_table(name, metadata, Column("account", Integer, nullable=False))
+    metadata.create_all(engine)
+    try:
+        assert one(engine, table).enqueued  # the keys table exists, and is known to
+        enqueue(engine, table, [{"account": 1}])
+        KEYS.drop(engine)
+        for _ in range(2):
+            with queue_session(table, bind=engine, timeout=5) as job:
+                assert job is not None
+        assert jobs_in(engine, table) == 0
+        assert one(engine, table).enqueued, "made again"
+    finally:
+        table.drop(engine)
+        with engine.begin() as conn:
+            conn.execute(delete(KEYS).where(KEYS.c.queue == name))
