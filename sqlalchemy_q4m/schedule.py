@@ -81,6 +81,7 @@ from .ddl import validate_name
 from .enqueue import enqueue
 from .exc import Q4MError
 from .functions import queue_set_srcid
+from .notify import notify_committed
 from .server import BackendName
 from .server import detect_backend
 from .worker import reflect_queue_table
@@ -584,6 +585,8 @@ class Scheduler:
                 raise
             for tick in ticks:
                 logger.info("schedule %s: enqueued the tick of %s UTC", schedule.name, tick)
+            if ticks and self.backend == "portable":  # committed: wake listening consumers
+                notify_committed(self.engine, self._targets[schedule.name], jobs=len(ticks))
             self.fired += len(ticks)
             nxt = conn.execute(
                 select(SCHEDULES.c.next_tick).where(SCHEDULES.c.name == schedule.name)
