@@ -83,6 +83,7 @@ __all__ = [
     "job_lock_name",
     "key_moved",
     "keys_table",
+    "refresh",
     "released",
 ]
 
@@ -166,6 +167,14 @@ def _hook(conn: Connection, stmt: Any) -> Any:
         with _known_lock:
             _known[conn.engine] = time.monotonic()
         return None
+
+
+def refresh(conn: Connection) -> bool:
+    """Look for the keys table now (a worker does when it connects, before any claim, so the
+    statements of a job carry no look-up); whether it exists."""
+    with _known_lock:
+        _known.pop(conn.engine, None)
+    return _exists(conn)
 
 
 def _ensure(conn: Connection) -> None:

@@ -107,6 +107,7 @@ from .server import detect_backend
 from .session import QueueSession
 from .types import new_job_id
 from .unique import key_moved
+from .unique import refresh as refresh_unique_keys
 
 __all__ = [
     "Consumer",
@@ -715,6 +716,7 @@ class Consumer:
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
+        refresh_unique_keys(conn)  # the unique keys' hooks need no look-up during a job
         if conn.in_transaction():
             conn.rollback()
 
