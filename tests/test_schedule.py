@@ -410,3 +410,34 @@ def test_q4m_worker_runs_the_schedule_and_q4m_schedule_list_and_stats_show_it(
 def jobs_count(engine: Engine, table: Table) -> int:
     with engine.connect() as conn:
         return len(conn.execute(select(table.c.tick)).all())
+
+
+@pytest.mark.integration
+def test_two_schedules_racing_for_one_q4m_source_both_register(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scheduler B picked source 0 before A's row with source 0 committed: B's INSERT hits the
+    (queue, srcid) unique key and must try the next source, not touch A's row."""
+    from sqlalchemy_q4m import schedule as module
+
+    suffix = uuid.uuid4().hex[:8]
+    a, b = f"race-a-{suffix}", f"race-b-{suffix}"
+    queue = f"trace_{suffix}"
+    for name in (a, b):
+        clear_schedule(engine, name)
+    real = module._free_source
+    answers = [0, 0]  # A: 0 (right); B: 0 (stale: A has it), then the real answers
+    monkeypatch.setattr(
+        module, "_free_source", lambda c, q: answers.pop() if answers else real(c, q)
+    )
+    try:
+        with engine.connect() as conn:
+            now = dt.datetime(2026, 1, 1)
+            module._register(conn, Schedule(a, queue, dt.timedelta(seconds=1)), now, True)
+            module._register(conn, Schedule(b, queue, dt.timedelta(seconds=1)), now, True)
+            rows = {s.name: s.srcid for s in list_schedules(conn) if s.name in (a, b)}
+        assert set(rows) == {a, b}
+        assert rows[a] != rows[b]
+    finally:
+        for name in (a, b):
+            clear_schedule(engine, name)
