@@ -68,11 +68,11 @@ from sqlalchemy import Table
 from sqlalchemy import UniqueConstraint
 from sqlalchemy import delete
 from sqlalchemy import func
+from sqlalchemy import insert
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy import update
 from sqlalchemy.dialects.mysql import DATETIME
-from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
@@ -388,20 +388,24 @@ def _register(conn: Connection, schedule: Schedule, now: dt.datetime, native: bo
     queue = _queue_name(schedule)
     for _ in range(MAX_SOURCES + 1):
         srcid = _free_source(conn, queue) if native else None
-        stmt = mysql_insert(SCHEDULES).values(
-            name=schedule.name,
-            queue=queue,
-            spec=schedule.spec,
-            srcid=srcid,
-            created_at=now,
-            fired=0,
-        )
-        try:
-            conn.execute(stmt.on_duplicate_key_update(name=stmt.inserted.name))
+        try:  # a plain INSERT: an upsert would also "update" the row holding that source
+            conn.execute(
+                insert(SCHEDULES).values(
+                    name=schedule.name,
+                    queue=queue,
+                    spec=schedule.spec,
+                    srcid=srcid,
+                    created_at=now,
+                    fired=0,
+                )
+            )
             conn.commit()
             return
-        except IntegrityError:  # another scheduler took that source at the same time
+        except IntegrityError:  # another scheduler registered it, or took that source
             conn.rollback()
+        if conn.execute(select(SCHEDULES.c.name).where(SCHEDULES.c.name == schedule.name)).first():
+            conn.rollback()
+            return
     raise ScheduleError(f"could not register schedule {schedule.name!r}")  # pragma: no cover
 
 
