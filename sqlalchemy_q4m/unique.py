@@ -252,14 +252,14 @@ def enqueue_unique(
         conn = None
     else:
         conn = bind
-    probe_engine = bind.get_bind() if isinstance(bind, Session) else bind
-    if isinstance(probe_engine, Engine):
-        with probe_engine.connect() as probe:
+    if conn is None:
+        assert isinstance(bind, Engine)
+        with bind.connect() as probe:
             backend = detect_backend(probe)
             _ensure(probe)
     else:
-        backend = detect_backend(probe_engine)
-        _ensure(probe_engine)
+        backend = detect_backend(conn)
+        _ensure(conn)
     order = sorted(range(len(items)), key=lambda i: keys[i])  # one lock order: no deadlock
     results: dict[int, Unique] = {}
     if backend == "native":

@@ -334,3 +334,32 @@ def test_a_keys_table_dropped_under_a_worker_does_not_fail_its_jobs(engine: Engi
         table.drop(engine)
         with engine.begin() as conn:
             conn.execute(delete(KEYS).where(KEYS.c.queue == name))
+
+
+def test_portable_key_and_job_commit_or_roll_back_with_the_callers_session(
+    engine: Engine,
+) -> None:
+    from sqlalchemy.orm import Session
+
+    name = f"tuqtx_{uuid.uuid4().hex[:8]}"
+    metadata = MetaData()
+    table = queue_table(name, metadata, Column("account", Integer, nullable=False))
+    metadata.create_all(engine)
+    try:
+        with Session(engine) as session:
+            (first,) = enqueue(session, table, [{"account": 7}], unique_key=key_of)
+            assert first.enqueued
+            session.rollback()
+        assert jobs_in(engine, table) == 0
+        with engine.connect() as conn:
+            assert count_keys(conn, name) == 0
+        with Session(engine) as session:
+            results = enqueue(session, table, [{"account": 7}, {"account": 7}], unique_key=key_of)
+            session.commit()
+        assert [r.enqueued for r in results] == [True, False]
+        assert results[0].job_id == results[1].job_id
+        assert jobs_in(engine, table) == 1
+    finally:
+        table.drop(engine)
+        with engine.begin() as conn:
+            conn.execute(delete(KEYS).where(KEYS.c.queue == name))
