@@ -110,7 +110,7 @@ TICKS_TABLE = "q4m_schedule_ticks"
 #: Q4M's relay sources (``queue_set_srcid``'s first argument is 0..63).
 MAX_SOURCES = 64
 #: Ticks enqueued per transaction at most (a long on-time window is worked off in turns).
-MAX_TICKS_PER_TURN = 100
+MAX_TICKS_PER_TURN = 1000
 #: Longest pause of a scheduler between two looks at its schedules.
 MAX_SLEEP = 1.0
 #: Tick rows older than this are deleted (``last_tick`` is what guards exactly once).
