@@ -441,3 +441,52 @@ def test_two_schedules_racing_for_one_q4m_source_both_register(
     finally:
         for name in (a, b):
             clear_schedule(engine, name)
+
+
+@pytest.mark.integration
+def test_a_scheduler_whose_connection_is_killed_at_random_enqueues_each_tick_once(
+    engine_native: tuple[Engine, bool],
+) -> None:
+    """The server drops the scheduler's connection (``KILL``) every 0.2-0.6 s for 10 s: it
+    reconnects, and each tick is in the queue once, none missing."""
+    eng, native = engine_native
+    suffix = uuid.uuid4().hex[:8]
+    table = tick_table(f"tskill_{suffix}", native)
+    name = f"kill-{suffix}"
+    table.create(eng)
+    clear_schedule(eng, name)
+    schedule = Schedule(name, table, dt.timedelta(seconds=1), payload=payload)
+    scheduler = Scheduler(eng, [schedule], reconnect_max=0.3)
+    thread = threading.Thread(target=scheduler.run)
+    thread.start()
+    kills = 0
+    try:
+        with eng.connect() as admin:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(random.uniform(0.2, 0.6))
+                conn = scheduler._conn
+                raw = None if conn is None or conn.invalidated else conn.connection.dbapi_connection
+                if raw is None:
+                    continue
+                try:
+                    admin.exec_driver_sql(f"KILL CONNECTION {int(raw.thread_id())}")
+                    kills += 1
+                except Exception:  # it was gone already
+                    admin.rollback()
+        time.sleep(3)
+    finally:
+        scheduler.stop()
+        thread.join(timeout=30)
+    try:
+        assert not thread.is_alive()
+        with eng.connect() as conn:
+            jobs = collections.Counter(conn.execute(select(table.c.tick)).scalars())
+    finally:
+        table.drop(eng)
+        clear_schedule(eng, name)
+    assert kills >= 10
+    assert jobs and max(jobs.values()) == 1, f"ticks enqueued twice: {jobs}"
+    missing = sorted(set(range(min(jobs), max(jobs) + 1)) - set(jobs))
+    assert not missing, f"ticks never enqueued: {missing}"
+    assert len(jobs) >= 8
