@@ -31,6 +31,8 @@ from .retry import PriorityMixin
 from .retry import RetryMixin
 from .retry import RetryPolicy
 from .retry import ScheduledMixin
+from .schedule import Schedule
+from .schedule import Scheduler
 from .server import detect_backend
 from .server import use_backend
 from .session import QueueSession
@@ -38,6 +40,7 @@ from .session import queue_session
 from .session import queue_sessionmaker
 from .types import JobId
 from .types import new_job_id
+from .unique import Unique
 from .worker import Job
 
 try:
@@ -56,7 +59,10 @@ __all__ = [
     "QueueSession",
     "RetryMixin",
     "RetryPolicy",
+    "Schedule",
     "ScheduledMixin",
+    "Scheduler",
+    "Unique",
     "__version__",
     "detect_backend",
     "enqueue",

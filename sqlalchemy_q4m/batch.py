@@ -91,6 +91,7 @@ from .session import POLL_INTERVAL
 from .session import QueueSession
 from .session import Where
 from .session import check_wait_options
+from .unique import ended_many
 
 __all__ = ["QueueBatch", "queue_batch"]
 
@@ -426,6 +427,7 @@ class QueueBatch(Generic[T]):
                         continue
                     params = [{_KEY: k[0]} for k in keys]
                     retry_lock_wait(partial(conn.execute, stmt, params))
+                    retry_lock_wait(partial(ended_many, conn, sub.table, keys))
         except OperationalError as err:
             code = error_code(err)
             if code not in RETRYABLE:

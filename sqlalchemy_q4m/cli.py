@@ -50,9 +50,14 @@ from .ops import queue_table_names
 from .ops import workers
 from .runtime import EXIT_USAGE
 from .runtime import WorkerConfig
+from .runtime import load_scheduled_classes
 from .runtime import make_engine
 from .runtime import run_workers
 from .runtime import setup_logging
+from .schedule import Scheduler
+from .schedule import list_schedules
+from .schedule import schedules_of
+from .signals import on_stop_signals
 from .worker import reflect_queue_table
 
 __all__ = ["build_parser", "enqueue_rows", "main", "parse_json_rows", "queue_counts"]
@@ -386,6 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enqueue.set_defaults(func=cmd_enqueue)
 
+    scheduler = sub.add_parser(
+        "scheduler",
+        help="run the schedules of job classes (module:Class or a module), without workers",
+    )
+    scheduler.add_argument(
+        "specs", nargs="+", metavar="MODULE[:Class]", help="job classes with a schedule"
+    )
+    _url_option(scheduler)
+    _option(scheduler, "--log-level", "Q4M_LOG_LEVEL", "log level", default="INFO")
+    scheduler.set_defaults(func=cmd_scheduler)
+
+    schedule = sub.add_parser("schedule", help="recurring jobs: list")
+    schedule_sub = schedule.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    schedule_list = schedule_sub.add_parser("list", help="each schedule, its last and next tick")
+    _url_option(schedule_list)
+    _switch(schedule_list, "--json", "Q4M_JSON", "print JSON")
+    schedule_list.set_defaults(func=cmd_schedule_list)
+
     stats = sub.add_parser("stats", help="queued, delayed, owned and dead jobs per queue table")
     stats.add_argument("tables", nargs="*", metavar="TABLE", help="default: every queue table")
     _url_option(stats)
@@ -578,6 +601,51 @@ def _probe(url: str) -> None:
         engine.dispose()
 
 
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    _check_level(args.log_level)
+    setup_logging(args.log_level)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    classes = load_scheduled_classes(args.specs)
+    engine = make_engine(args.url, 1)
+    try:
+        scheduler = Scheduler(engine, schedules_of(classes, engine))
+        with on_stop_signals(lambda signum: scheduler.stop()):
+            scheduler.run()
+    finally:
+        engine.dispose()
+    return 0
+
+
+def _when(value: Any) -> str | None:
+    return None if value is None else f"{value:%Y-%m-%d %H:%M:%S}"
+
+
+def cmd_schedule_list(args: argparse.Namespace) -> int:
+    engine = make_engine(args.url)
+    try:
+        with engine.connect() as conn:
+            states = list_schedules(conn)
+    finally:
+        engine.dispose()
+    if bool(args.json) or _flag_env("Q4M_JSON"):
+        for state in states:
+            record = dict(state.__dict__)
+            for key in ("created_at", "last_tick", "next_tick"):
+                record[key] = None if record[key] is None else record[key].isoformat()
+            print(json.dumps(record))
+        return 0
+    if not states:
+        print("no schedules")
+        return 0
+    for state in states:
+        print(
+            f"{state.name} -> {state.queue}  {state.spec}  last={_when(state.last_tick) or '-'}"
+            f"  next={_when(state.next_tick) or '-'}  fired={state.fired} (UTC)"
+        )
+    return 0
+
+
 def _check_level(level: str) -> None:
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise Q4MError(f"unknown log level {level!r}")
@@ -686,6 +754,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         label = max((len(key) for key in counters), default=0)
         for key, value in counters.items():  # the engine's own counters, one a line
             print(f"{'':<{width}}  {key:<{label}}  {value:>8}")
+        if r["unique_keys"] or r["schedules"]:
+            print(f"{'':<{width}}  unique keys {r['unique_keys']}, schedules {r['schedules']}")
     return 0
 
 

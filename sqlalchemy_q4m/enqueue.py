@@ -22,7 +22,9 @@ from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
 from operator import itemgetter
+from typing import TYPE_CHECKING
 from typing import Any
+from typing import overload
 
 from sqlalchemy import Column
 from sqlalchemy import Connection
@@ -53,12 +55,41 @@ from .notify import notify_committed
 from .retry import RUN_AT
 from .types import new_job_id
 
+if TYPE_CHECKING:
+    from .unique import Unique
+
 __all__ = ["CHUNK_SIZE", "enqueue"]
 
 #: Rows sent per ``executemany`` (PyMySQL further splits them by statement length).
 CHUNK_SIZE = 1000
 
 Bind = Engine | Connection | Session
+
+
+@overload
+def enqueue(
+    bind: Bind,
+    target: Any,
+    rows: Iterable[Any],
+    *,
+    delay: float | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    notify: bool = True,
+    unique_key: None = None,
+) -> list[uuid.UUID]: ...
+
+
+@overload
+def enqueue(
+    bind: Bind,
+    target: Any,
+    rows: Iterable[Any],
+    *,
+    delay: float | None = None,
+    chunk_size: int = CHUNK_SIZE,
+    notify: bool = True,
+    unique_key: Callable[[Any], str],
+) -> list[Unique]: ...
 
 
 def enqueue(
@@ -69,7 +100,8 @@ def enqueue(
     delay: float | None = None,
     chunk_size: int = CHUNK_SIZE,
     notify: bool = True,
-) -> list[uuid.UUID]:
+    unique_key: Callable[[Any], str] | None = None,
+) -> list[uuid.UUID] | list[Unique]:
     """Insert ``rows`` into the queue ``target`` as new jobs; their ids, in row order.
 
     ``target`` is a queue model (:class:`~sqlalchemy_q4m.QueueMixin`) or queue Table.  A
@@ -93,7 +125,13 @@ def enqueue(
     (:func:`~sqlalchemy_q4m.checks.column_check`), its size against the server's
     ``max_allowed_packet``; a bad one raises :class:`~sqlalchemy_q4m.exc.RowError` naming the
     row and column, and nothing is enqueued.
+
+    ``unique_key`` (a function row -> str): a row is enqueued only while no job of ``target``
+    with the same key is queued or running; returns one :class:`~sqlalchemy_q4m.unique.Unique`
+    per row (``enqueued``, ``job_id``) instead of the ids (see :mod:`sqlalchemy_q4m.unique`).
     """
+    if unique_key is not None:
+        return enqueue_unique(bind, target, rows, unique_key, delay=delay, notify=notify)
     (sub,) = subscriptions([target])
     shape = _shape_for(target, sub.table)
     if delay is not None:
@@ -137,6 +175,19 @@ def _run_at(shape: _Shape, delay: float | None) -> int:
     if check is not None and isinstance(check.check([run_at]), tuple):
         raise OptionError(f"delay {delay!r} is too long for {RUN_AT!r}: {run_at} out of range")
     return run_at
+
+
+def enqueue_unique(
+    bind: Bind,
+    target: Any,
+    rows: Iterable[Any],
+    unique_key: Callable[[Any], str],
+    **options: Any,
+) -> list[Unique]:
+    """:func:`sqlalchemy_q4m.unique.enqueue_unique` (imported here on first use)."""
+    from .unique import enqueue_unique as run
+
+    return run(bind, target, rows, unique_key, **options)
 
 
 # -- what a target accepts ---------------------------------------------------------------------

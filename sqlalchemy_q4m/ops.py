@@ -60,7 +60,9 @@ from .registry import throughput_table
 from .registry import worker_registry_table
 from .retry import ATTEMPTS
 from .retry import RUN_AT
+from .schedule import list_schedules
 from .server import detect_backend
+from .unique import count_keys
 from .worker import reflect_queue_table
 
 __all__ = [
@@ -180,6 +182,8 @@ def queue_counts(conn: Connection, table: Table, dead_name: str) -> dict[str, An
         "delayed": delayed,
         "owned": max(0, total - free),
         "dead": count_dead(conn, dead_letter_table(dead_name), table.name),
+        "unique_keys": count_keys(conn, table.name),
+        "schedules": sum(1 for s in list_schedules(conn) if s.queue == table.name),
     }
     if backend == "native":
         raw = conn.execute(select(queue_stats(table.name))).scalar()

@@ -39,6 +39,9 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import NoSuchModuleError
 
 from .exc import Q4MError
+from .schedule import Scheduler
+from .schedule import SchedulerThread
+from .schedule import schedules_of
 from .signals import on_stop_signals
 from .worker import OUTCOMES
 from .worker import Consumer
@@ -166,6 +169,7 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
         if path not in sys.path:
             sys.path.insert(0, path)
     classes = [load_job_class(spec) for spec in config.specs]
+    schedules_of(classes)  # a bad schedule fails here (ScheduleError), not in a worker
     if any(getattr(cls, "is_async", False) for cls in classes):  # AsyncJob: an event loop
         from .asyncio_worker import preflight_async
 
@@ -257,6 +261,19 @@ class ProcessRuntime:
         self._stop_at: float | None = None
         self._crashed = False
         self._wake = threading.Event()
+        self.scheduler: SchedulerThread | None = None
+
+    def _start_scheduler(self) -> SchedulerThread | None:
+        """The schedules of the job classes (``schedule = ...``), in a thread of their own on
+        an engine of their own; None when no class has one."""
+        probe = make_engine(self.config.url, 1)
+        schedules = schedules_of(self.classes, probe)
+        if not schedules:
+            probe.dispose()
+            return None
+        logger.info("%s: running %d schedule(s)", self.name, len(schedules))
+        self.scheduler = SchedulerThread(Scheduler(probe, schedules)).start()
+        return self.scheduler
 
     def _on_signal(self, signum: int) -> None:
         # Only counted: a handler runs between two bytecodes of the main thread, which may
@@ -279,6 +296,8 @@ class ProcessRuntime:
             )
         for consumer in self.consumers:
             consumer.stop()
+        if self.scheduler is not None:
+            self.scheduler.scheduler.stop()
 
     def force_exit(self, reason: str) -> None:
         """Exit now: closing the connections makes the server return the jobs in hand."""
@@ -313,13 +332,18 @@ class ProcessRuntime:
 
     def run(self, status: StatusLine | None = None) -> int:
         """Start the threads (or tasks) and supervise them; returns the exit code.  The worker
-        registry's heartbeat and the metrics watch them meanwhile (:mod:`.observe`)."""
+        registry's heartbeat and the metrics watch them meanwhile (:mod:`.observe`), and the
+        job classes' schedules run beside them."""
         from .observe import start_observers
 
         observers = start_observers(self)
+        scheduler = self._start_scheduler()
         try:
             return self._run(status)
         finally:
+            if scheduler is not None:
+                scheduler.stop()
+                scheduler.scheduler.engine.dispose()
             observers.stop()
 
     def _run(self, status: StatusLine | None) -> int:
@@ -400,6 +424,36 @@ def _child_main(
         publish_index=index,
     )
     sys.exit(runtime.run())
+
+
+def load_scheduled_classes(specs: Sequence[str]) -> list[type[Job]]:
+    """``module:Class`` specs, or modules: every Job class defined in a module that has a
+    ``schedule``.  A Q4MError when nothing has one."""
+    classes: list[type[Job]] = []
+    for spec in specs:
+        module = None
+        if ":" not in spec:
+            try:
+                module = importlib.import_module(spec)
+            except ImportError:
+                module = None
+        if module is None:
+            classes.append(load_job_class(spec))
+            continue
+        found = [
+            obj
+            for obj in vars(module).values()
+            if isinstance(obj, type)
+            and issubclass(obj, Job)
+            and obj.__module__ == module.__name__
+            and getattr(obj, "schedule", None) is not None
+        ]
+        if not found:
+            raise Q4MError(f"module {spec!r} has no Job class with a schedule")
+        classes.extend(found)
+    if not any(getattr(cls, "schedule", None) is not None for cls in classes):
+        raise Q4MError("none of these job classes has a schedule")
+    return classes
 
 
 def preflight_classes(config: WorkerConfig) -> list[type[Job]]:

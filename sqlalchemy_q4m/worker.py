@@ -112,6 +112,8 @@ from .server import detect_backend
 from .session import QueueSession
 from .session import check_wait_options
 from .types import new_job_id
+from .unique import key_moved
+from .unique import refresh as refresh_unique_keys
 
 __all__ = [
     "Consumer",
@@ -806,6 +808,7 @@ class Consumer:
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
+        refresh_unique_keys(conn)  # the unique keys' hooks need no look-up during a job
         if conn.in_transaction():
             conn.rollback()
 
@@ -1130,6 +1133,7 @@ class Consumer:
             copy[ATTEMPTS] = decision.attempts
             copy[RUN_AT] = decision.run_at
             qs.session.execute(insert(t.table).values(copy))
+            key_moved(qs.session.connection(), t.table, run.values.get(JOB_ID), copy[JOB_ID])
             self._end_after_write(qs)
             log.warning(
                 "retry %d/%d in %ds as %s",

@@ -124,6 +124,8 @@ def test_enqueue_json_and_stdin_then_stats(
         "delayed": 1,
         "owned": 0,
         "dead": 0,
+        "unique_keys": 0,
+        "schedules": 0,
     }
     code, out, _ = q4m(capsys, "stats", TABLE)
     assert code == 0

@@ -23,6 +23,9 @@ from ..functions import queue_end
 from ..functions import queue_wait
 from ..loading import loader_for
 from ..server import BackendName
+from ..unique import claimed
+from ..unique import ended
+from ..unique import released
 from .base import Backend
 from .base import Claim
 from .base import Holder
@@ -70,15 +73,19 @@ class NativeBackend(Backend):
             with translate_errors("queue_abort"):
                 conn.execute(select(queue_abort()))
             raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
+        with translate_errors("locking the job's unique key"):
+            claimed(conn, sub.table, found[1])
         return Claim(sub, found[0], found[1], loader)
 
     def end(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_end"):
             conn.execute(select(queue_end()))
+            ended(conn, claim.subscription.table, claim.key)
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_abort"):
             conn.execute(select(queue_abort()))
+            released(conn)
 
     @staticmethod
     def _leave(conn: Connection) -> None:

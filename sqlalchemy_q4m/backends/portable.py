@@ -25,6 +25,7 @@ from ..functions import Subscription
 from ..loading import claim_statement
 from ..loading import loader_for
 from ..server import BackendName
+from ..unique import ended
 from .base import LOCK_WAIT_TIMEOUT
 from .base import QUERY_INTERRUPTED
 from .base import RETRYABLE
@@ -123,6 +124,7 @@ class PortableBackend(Backend):
     def end(self, conn: Connection, claim: Claim) -> None:
         """The ``DELETE``; the queue session commits (and translates a lost connection)."""
         retry_lock_wait(lambda: claim.loader.delete(conn, claim.key))
+        retry_lock_wait(lambda: ended(conn, claim.subscription.table, claim.key))
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         """Nothing to send: the queue session's ROLLBACK returns the job."""

@@ -1,0 +1,459 @@
+"""Unique jobs: ``enqueue(engine, SyncJob, rows, unique_key=lambda row: f"sync:{row['account']}")``
+enqueues a row only while no job with the same key is queued or running in that queue table.
+
+The keys live in the InnoDB table ``q4m_unique_keys`` (primary key ``(queue, unique_key)``),
+each row naming the job that holds it.  A key is **held** while its job is in the queue
+(waiting or running) and **free** otherwise; a worker deletes the key when the job ends or is
+dead-lettered, and a retry moves it to the retry's copy.  A key left behind (a crash after the
+job ended) is recognized at the next enqueue because its job is gone, so it never blocks.
+
+* **portable**: the key and the job commit in one transaction (the enqueuer's); a worker's
+  ``DELETE`` of the key commits with the job's removal.  "Is the job still there" is a plain
+  read, which sees jobs other workers have locked.  Exact: one job per key.
+* **native** (Q4M): a job ``INSERT`` is durable at once, and another connection's ``SELECT``
+  does not see a row a worker owns (``COUNT(*) ... WHERE id = ?`` is 0 while it runs; observed
+  on the engine).  So the job that holds a key also holds the named lock ``q4m_job:<id>``
+  (``GET_LOCK``): the enqueuer takes it before committing the key and keeps it until the job
+  is inserted, a worker takes it right after ``queue_wait`` and keeps it until the key is
+  deleted after ``queue_end``.  A key is free when its job is neither visible nor locked.  A
+  crash of the enqueuer after the key's commit and before the job's ``INSERT`` releases the
+  lock (the server ends the dead connection's locks), and the key is free at once: it never
+  blocks.  The window: between a worker's ``queue_wait`` and its ``GET_LOCK`` (one round
+  trip) the job is invisible and unlocked; an enqueuer that finds a key in that state looks
+  again after :data:`RECHECK` seconds before taking it, so a duplicate needs a worker stalled
+  that long between two statements.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import Index
+from sqlalchemy import MetaData
+from sqlalchemy import PrimaryKeyConstraint
+from sqlalchemy import String
+from sqlalchemy import Table
+from sqlalchemy import delete
+from sqlalchemy import func
+from sqlalchemy import insert
+from sqlalchemy import inspect
+from sqlalchemy import literal
+from sqlalchemy import select
+from sqlalchemy import update
+from sqlalchemy.dialects.mysql import DATETIME
+from sqlalchemy.dialects.mysql import insert as mysql_insert
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ProgrammingError
+from sqlalchemy.orm import Session
+from sqlalchemy.schema import CreateTable
+
+from .backends.base import RETRYABLE
+from .backends.base import error_code
+from .ddl import JOB_ID
+from .exc import Q4MError
+from .functions import subscriptions
+from .notify import notify_committed
+from .retry import RUN_AT
+from .server import detect_backend
+from .types import new_job_id
+
+__all__ = [
+    "KEYS_TABLE",
+    "RECHECK",
+    "Unique",
+    "UniqueKeyError",
+    "claimed",
+    "count_keys",
+    "ended",
+    "ended_many",
+    "enqueue_unique",
+    "job_id_of",
+    "job_lock_name",
+    "key_moved",
+    "keys_table",
+    "refresh",
+    "released",
+]
+
+KEYS_TABLE = "q4m_unique_keys"
+#: Seconds an enqueuer waits before it frees a Q4M key whose job is neither visible nor locked.
+RECHECK = 0.2
+#: Seconds a worker waits for the enqueuer's lock on a job it has just claimed (Q4M).
+CLAIM_LOCK_WAIT = 10
+#: Times an Engine-bound portable enqueue is tried again after a deadlock or lock-wait timeout.
+RETRIES = 5
+#: How long "the keys table does not exist" is believed before looking again.
+ABSENT_TTL = 5.0
+
+Bind = Engine | Connection | Session
+
+
+class UniqueKeyError(Q4MError, ValueError):
+    """A unique key must be a non-empty string of at most 191 characters."""
+
+
+@dataclass(frozen=True)
+class Unique:
+    """What ``enqueue(..., unique_key=...)`` did with one row: ``enqueued`` (a new job,
+    ``job_id``) or not (``job_id`` is the job already queued or running with ``key``)."""
+
+    key: str
+    job_id: uuid.UUID
+    enqueued: bool
+
+
+def keys_table(metadata: MetaData | None = None) -> Table:
+    """``q4m_unique_keys``: one row per held key, naming its job (InnoDB)."""
+    return Table(
+        KEYS_TABLE,
+        metadata if metadata is not None else MetaData(),
+        Column("queue", String(64), nullable=False),
+        Column("unique_key", String(191), nullable=False),
+        Column("job_id", String(36), nullable=False),
+        Column("created_at", DATETIME(fsp=6), nullable=False),
+        PrimaryKeyConstraint("queue", "unique_key"),
+        Index("q4m_unique_keys_job", "job_id"),
+        mysql_engine="InnoDB",
+        mariadb_engine="InnoDB",
+        mysql_charset="utf8mb4",
+        mariadb_charset="utf8mb4",
+    )
+
+
+KEYS = keys_table()
+
+_known: dict[Any, float] = {}  # engine -> monotonic time it was seen missing (inf: exists)
+_known_lock = threading.Lock()
+
+
+def _exists(conn: Connection) -> bool:
+    """Whether the keys table exists (remembered per engine; "missing" for ABSENT_TTL s)."""
+    engine = conn.engine
+    seen = _known.get(engine)
+    now = time.monotonic()
+    if seen == float("inf"):
+        return True
+    if seen is not None and now - seen < ABSENT_TTL:
+        return False
+    exists = bool(inspect(conn).has_table(KEYS_TABLE))
+    with _known_lock:
+        _known[engine] = float("inf") if exists else now
+    return exists
+
+
+NO_SUCH_TABLE = 1146
+
+
+def _hook(conn: Connection, stmt: Any) -> Any:
+    """Run a worker-side statement on the keys table; a table dropped since it was seen makes
+    it a no-op (and is looked for again later), never a failed job."""
+    try:
+        return conn.execute(stmt)
+    except ProgrammingError as err:
+        if error_code(err) != NO_SUCH_TABLE:
+            raise
+        with _known_lock:
+            _known[conn.engine] = time.monotonic()
+        return None
+
+
+def refresh(conn: Connection) -> bool:
+    """Look for the keys table now (a worker does when it connects, before any claim, so the
+    statements of a job carry no look-up); whether it exists."""
+    with _known_lock:
+        _known.pop(conn.engine, None)
+    return _exists(conn)
+
+
+def _ensure(conn: Connection) -> None:
+    """Create the keys table when it is missing, on a connection of its own (DDL commits)."""
+    if _exists(conn):
+        return
+    with conn.engine.connect() as ddl:
+        ddl.execute(CreateTable(KEYS, if_not_exists=True))
+        ddl.commit()
+    with _known_lock:
+        _known[conn.engine] = float("inf")
+
+
+def job_lock_name(job_id: Any) -> str:
+    """The named lock (``GET_LOCK``) a Q4M job holding a key is protected by."""
+    return f"q4m_job:{job_id}"
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+# -- enqueue -------------------------------------------------------------------------------------
+
+
+def _check_key(key: Any, number: int) -> str:
+    if not isinstance(key, str) or not 0 < len(key) <= 191:
+        raise UniqueKeyError(
+            f"row {number}: a unique key is a non-empty string of at most 191 characters, "
+            f"not {key!r:.60}"
+        )
+    return key
+
+
+def enqueue_unique(
+    bind: Bind,
+    target: Any,
+    rows: Iterable[Any],
+    unique_key: Callable[[Any], str],
+    *,
+    delay: float | None = None,
+    notify: bool = True,
+) -> list[Unique]:
+    """Enqueue each row whose ``unique_key(row)`` no queued or running job of ``target``
+    holds; one :class:`Unique` per row, in row order.  See the module docstring.
+
+    Binds as in :func:`~sqlalchemy_q4m.enqueue`: an Engine commits (and notifies); on the
+    portable backend a Connection or Session joins its transaction (the caller commits).  On
+    Q4M each key is settled in a transaction of its own on its own connection."""
+    from .enqueue import _groups  # the row checks enqueue makes (module above this one)
+    from .enqueue import _shape_for
+
+    (sub,) = subscriptions([target])
+    table = sub.table
+    shape = _shape_for(target, table)
+    if not isinstance(bind, Engine | Connection | Session):
+        raise Q4MError(f"enqueue needs an Engine, a Connection or a Session, not {bind!r}")
+    if delay is not None and shape.run_at is None:
+        raise Q4MError(f"delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
+    groups = _groups(shape, rows, delay is not None)
+    items: list[dict[str, Any]] = []
+    for group in groups:
+        for row in group.rows:
+            values = {shape.columns[k].key: v for k, v in row.items()}
+            values.update({k: v for k, v in shape.defaults.items() if k not in values})
+            if delay is not None and shape.run_at is not None:
+                values[shape.columns[shape.run_at].key] = int(time.time() + delay)
+            items.append(values)
+    keys = [_check_key(unique_key(row), n) for n, row in enumerate(_rows_of(groups), 1)]
+    if not items:
+        return []
+    if isinstance(bind, Session):
+        conn = bind.connection(bind_arguments={"clause": insert(table)})
+    elif isinstance(bind, Engine):
+        conn = None
+    else:
+        conn = bind
+    if conn is None:
+        assert isinstance(bind, Engine)
+        with bind.connect() as probe:
+            backend = detect_backend(probe)
+            _ensure(probe)
+    else:
+        backend = detect_backend(conn)
+        _ensure(conn)
+    order = sorted(range(len(items)), key=lambda i: keys[i])  # one lock order: no deadlock
+    results: dict[int, Unique] = {}
+    if backend == "native":
+        engine = conn.engine if conn is not None else bind
+        assert isinstance(engine, Engine)
+        with engine.connect() as own:
+            own.execution_options(isolation_level="READ COMMITTED")
+            for i in order:
+                results[i] = _native_one(own, table, keys[i], items[i])
+    elif conn is None:
+        assert isinstance(bind, Engine)
+        for attempt in range(RETRIES + 1):  # concurrent inserts of one key can deadlock
+            try:
+                with bind.connect() as own:
+                    own.execution_options(isolation_level="READ COMMITTED")
+                    with own.begin():
+                        for i in order:
+                            results[i] = _portable_one(own, table, keys[i], items[i])
+                break
+            except OperationalError as err:
+                if error_code(err) not in RETRYABLE or attempt == RETRIES:
+                    raise
+                time.sleep(random.uniform(0, 0.01 * 2**attempt))
+    else:
+        for i in order:
+            results[i] = _portable_one(conn, table, keys[i], items[i])
+    out = [results[i] for i in range(len(items))]
+    added = sum(1 for u in out if u.enqueued)
+    if isinstance(bind, Engine) and notify and delay is None and added:
+        notify_committed(bind, target, jobs=added)
+    return out
+
+
+def _rows_of(groups: Iterable[Any]) -> Iterable[Mapping[str, Any]]:
+    for group in groups:
+        yield from group.rows
+
+
+def _claim_key(conn: Connection, queue: str, key: str, job_id: uuid.UUID) -> str:
+    """Insert the key for ``job_id`` unless it exists; lock it; the job id it names."""
+    stmt = mysql_insert(KEYS).values(
+        queue=queue, unique_key=key, job_id=str(job_id), created_at=_now()
+    )
+    conn.execute(stmt.on_duplicate_key_update(unique_key=stmt.inserted.unique_key))
+    holder = conn.execute(
+        select(KEYS.c.job_id)
+        .where(KEYS.c.queue == queue, KEYS.c.unique_key == key)
+        .with_for_update()
+    ).scalar_one()
+    return str(holder)
+
+
+def _take_over(conn: Connection, queue: str, key: str, job_id: uuid.UUID) -> None:
+    conn.execute(
+        update(KEYS)
+        .where(KEYS.c.queue == queue, KEYS.c.unique_key == key)
+        .values(job_id=str(job_id), created_at=_now())
+    )
+
+
+def _visible(conn: Connection, table: Table, job_id: str) -> bool:
+    """Whether the job is in ``table`` as this connection sees it (on Q4M: not owned)."""
+    column = table.c[JOB_ID]
+    found = conn.execute(select(literal(1)).where(column == uuid.UUID(job_id)).limit(1)).first()
+    return found is not None
+
+
+def _portable_one(conn: Connection, table: Table, key: str, values: dict[str, Any]) -> Unique:
+    job_id = new_job_id()
+    holder = _claim_key(conn, table.name, key, job_id)
+    if holder != str(job_id):
+        if _visible(conn, table, holder):
+            return Unique(key, uuid.UUID(holder), False)
+        _take_over(conn, table.name, key, job_id)
+    conn.execute(insert(table).values({**values, JOB_ID: job_id}))
+    return Unique(key, job_id, True)
+
+
+def _locked(conn: Connection, job_id: str) -> bool:
+    used = conn.execute(select(func.is_used_lock(job_lock_name(job_id)))).scalar()
+    return used is not None
+
+
+def _native_one(conn: Connection, table: Table, key: str, values: dict[str, Any]) -> Unique:
+    """One key on Q4M: settle it in an InnoDB transaction holding the job's named lock,
+    commit, insert the job, release the lock."""
+    job_id = new_job_id()
+    lock = job_lock_name(job_id)
+    try:
+        holder = _claim_key(conn, table.name, key, job_id)
+        if holder != str(job_id):
+            if _visible(conn, table, holder) or _locked(conn, holder):
+                conn.rollback()
+                return Unique(key, uuid.UUID(holder), False)
+            time.sleep(RECHECK)  # a worker between queue_wait and GET_LOCK shows up now
+            if _visible(conn, table, holder) or _locked(conn, holder):
+                conn.rollback()
+                return Unique(key, uuid.UUID(holder), False)
+            _take_over(conn, table.name, key, job_id)
+        conn.execute(select(func.get_lock(lock, 0)))
+        conn.commit()  # the key names the job; its lock says the job is on its way
+        conn.execute(insert(table).values({**values, JOB_ID: job_id}))
+    except BaseException:
+        if conn.in_transaction():
+            conn.rollback()
+        raise
+    finally:
+        conn.execute(select(func.release_lock(lock)))
+        if conn.in_transaction():
+            conn.rollback()
+    return Unique(key, job_id, True)
+
+
+# -- the worker's side ---------------------------------------------------------------------------
+# Called by the backends around a job they own.  Each is a no-op while no keys table exists.
+
+_HELD = "q4m_unique_lock"  # conn.info: the job id whose named lock this connection holds
+
+
+def job_id_of(key: tuple[Any, ...]) -> uuid.UUID | None:
+    """A claimed job's id from its key as the driver sends it (16 bytes, or a UUID)."""
+    if len(key) != 1:
+        return None
+    value = key[0]
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, bytes | bytearray) and len(value) == 16:
+        return uuid.UUID(bytes=bytes(value))
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
+
+
+def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
+    """Q4M, right after ``queue_wait`` owned a job: take its named lock if it holds a key (one
+    statement: the lock is taken only when the key row exists).  Nothing is committed."""
+    job_id = job_id_of(key)
+    if job_id is None or not _exists(conn):
+        return
+    name = job_lock_name(job_id)
+    result = _hook(
+        conn,
+        select(func.get_lock(name, CLAIM_LOCK_WAIT)).where(
+            KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)
+        ),
+    )
+    if result is not None and result.scalar() == 1:
+        conn.info[_HELD] = name
+
+
+def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
+    """The job was removed (done or dead-lettered): delete its key in the transaction the
+    queue session commits next (portable: with the job's ``DELETE``; Q4M: after
+    ``queue_end``), then release the job's named lock (Q4M).  Until that commit the key row's
+    InnoDB lock keeps an enqueuer of the same key waiting."""
+    job_id = job_id_of(key)
+    if job_id is not None and _exists(conn):
+        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
+    released(conn)
+
+
+def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) -> None:
+    """:func:`ended` for the jobs of a portable batch, in its transaction (one ``DELETE``)."""
+    ids = [str(i) for key in keys if (i := job_id_of(key)) is not None]
+    if ids and _exists(conn):
+        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
+
+
+def released(conn: Connection) -> None:
+    """Q4M: release the named lock of the job this connection owned (it was ended, or went
+    back to the queue, where it is visible again)."""
+    name = conn.info.pop(_HELD, None)
+    if name is not None:
+        conn.execute(select(func.release_lock(name)))
+
+
+def key_moved(conn: Connection, table: Table, old: Any, new: Any) -> None:
+    """A retry copies the job under a new id: its key follows (in the caller's transaction)."""
+    if not _exists(conn):
+        return
+    _hook(
+        conn,
+        update(KEYS)
+        .where(KEYS.c.queue == table.name, KEYS.c.job_id == str(old))
+        .values(job_id=str(new)),
+    )
+
+
+def count_keys(conn: Connection, queue: str) -> int:
+    """How many keys ``queue`` holds (0 without a keys table)."""
+    if not inspect(conn).has_table(KEYS_TABLE):
+        return 0
+    return int(
+        conn.execute(select(func.count()).select_from(KEYS).where(KEYS.c.queue == queue)).scalar()
+        or 0
+    )
