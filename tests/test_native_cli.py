@@ -123,6 +123,8 @@ def test_stats_lists_the_queues_with_the_engine_counters_and_names_skipped_table
         "delayed": 1,
         "owned": 1,
         "dead": 0,
+        "unique_keys": 0,
+        "schedules": 0,
     }
     assert list(counters) == Q4M_COUNTERS
     assert all(isinstance(v, int) for v in counters.values())
