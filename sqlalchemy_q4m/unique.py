@@ -64,6 +64,7 @@ from .backends.base import error_code
 from .ddl import JOB_ID
 from .exc import Q4MError
 from .functions import subscriptions
+from .loading import dialect_cache
 from .notify import notify_committed
 from .retry import RUN_AT
 from .server import detect_backend
@@ -134,14 +135,18 @@ def keys_table(metadata: MetaData | None = None) -> Table:
 
 KEYS = keys_table()
 
-_known: dict[Any, float] = {}  # engine -> monotonic time it was seen missing (inf: exists)
 _known_lock = threading.Lock()
+
+
+def _known(conn: Connection) -> dict[str, float]:
+    """Per engine (kept on its dialect, so it lives as long as the engine): under ``seen``,
+    the monotonic time the keys table was seen missing (``inf``: it exists)."""
+    return dialect_cache(conn.dialect, "unique_keys_table")
 
 
 def _exists(conn: Connection) -> bool:
     """Whether the keys table exists (remembered per engine; "missing" for ABSENT_TTL s)."""
-    engine = conn.engine
-    seen = _known.get(engine)
+    seen = _known(conn).get("seen")
     now = time.monotonic()
     if seen == float("inf"):
         return True
@@ -149,7 +154,7 @@ def _exists(conn: Connection) -> bool:
         return False
     exists = bool(inspect(conn).has_table(KEYS_TABLE))
     with _known_lock:
-        _known[engine] = float("inf") if exists else now
+        _known(conn)["seen"] = float("inf") if exists else now
     return exists
 
 
@@ -165,7 +170,7 @@ def _hook(conn: Connection, stmt: Any) -> Any:
         if error_code(err) != NO_SUCH_TABLE:
             raise
         with _known_lock:
-            _known[conn.engine] = time.monotonic()
+            _known(conn)["seen"] = time.monotonic()
         return None
 
 
@@ -173,7 +178,7 @@ def refresh(conn: Connection) -> bool:
     """Look for the keys table now (a worker does when it connects, before any claim, so the
     statements of a job carry no look-up); whether it exists."""
     with _known_lock:
-        _known.pop(conn.engine, None)
+        _known(conn).pop("seen", None)
     return _exists(conn)
 
 
@@ -185,7 +190,7 @@ def _ensure(conn: Connection) -> None:
         ddl.execute(CreateTable(KEYS, if_not_exists=True))
         ddl.commit()
     with _known_lock:
-        _known[conn.engine] = float("inf")
+        _known(conn)["seen"] = float("inf")
 
 
 def job_lock_name(job_id: Any) -> str:

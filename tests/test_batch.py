@@ -258,7 +258,8 @@ def injected(db: Engine, db_url: URL) -> Iterator[tuple[Engine, list[int], list[
 
     @event.listens_for(eng, "before_cursor_execute")
     def _fail(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if statement.startswith("DELETE"):
+        # the jobs' own DELETEs (a unique-key table another test made gets one too)
+        if statement.startswith("DELETE") and "q4m_unique_keys" not in statement:
             deletes.append(statement)
             if failures:
                 code = failures.pop()
