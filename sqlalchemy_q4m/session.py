@@ -202,6 +202,10 @@ class QueueSession(Generic[T]):
                 with translate_errors("completing a job"):
                     if orm is not None and (orm.new or orm.dirty or orm.deleted):
                         orm.flush()  # the block's own writes first: they commit with them
+                    if orm is not None and backend.name == "native":
+                        # Q4M has no transactions: queue_end() removes the job at once, so
+                        # the block's writes commit first (a crash between runs it again)
+                        self._finish_transaction(commit=True)
                     backend.end(conn, claim)
                     self._finish_transaction(commit=True)
             except OperationalError as err:
