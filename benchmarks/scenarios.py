@@ -16,6 +16,7 @@ from dataclasses import field
 from dataclasses import replace
 from typing import Any
 
+import pymysql
 from sqlalchemy import insert
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -388,6 +389,8 @@ NATIVE_CONSUMERS: tuple[tuple[Any, str], ...] = (
 def consume_native(url: URL, s: Settings, report: Report, progress: Progress) -> None:
     """Consume on Q4M: each library consumer against the raw autocommit loop
     (:class:`~benchmarks.workers.RawNativeLoop`), alternating, at every concurrency."""
+    progress("native commands per job")
+    commands_native(url, s, report)
     for kind in ("thread", "process"):
         for n in s.concurrency:
             progress(f"native consume {n} {kind}(s)")
@@ -412,6 +415,48 @@ def consume_native(url: URL, s: Settings, report: Report, progress: Progress) ->
                         rate / raw >= 0.85,
                     )
                 )
+
+
+def _commands_per_job(url: URL, count: int, loop: Any) -> float:
+    """Commands (queries, COMMIT, ROLLBACK) one consumer sends per job, counted at the
+    driver: PyMySQL's command method is wrapped while ``loop`` drains ``count`` jobs."""
+    fill(url, count)
+    worker = loop(url)
+    sent = 0
+    original = pymysql.connections.Connection._execute_command
+
+    def counting(self: Any, command: int, sql: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return original(self, command, sql)
+
+    pymysql.connections.Connection._execute_command = counting
+    try:
+        done = worker.consume()
+    finally:
+        pymysql.connections.Connection._execute_command = original
+        worker.close()
+    if done != count:
+        raise RuntimeError(f"{loop.__name__}: {done} of {count} jobs done")
+    return sent / done
+
+
+def commands_native(url: URL, s: Settings, report: Report) -> None:
+    """What each native consumer sends per job: the round trips behind the ratios."""
+    count = min(s.consume_jobs, 500)
+    raw = _commands_per_job(url, count, RawNativeLoop)
+    for loop, name in NATIVE_CONSUMERS:
+        report.rows.append(
+            Row(
+                "statements",
+                f"commands sent per job, {name}, 1 thread",
+                _commands_per_job(url, count, loop),
+                raw,
+                "per job",
+                note="counted at the driver; informational",
+                higher_is_better=False,
+            )
+        )
 
 
 # -- 3. pickup latency and idle cost ----------------------------------------------------------

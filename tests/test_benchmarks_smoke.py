@@ -119,6 +119,14 @@ NATIVE_EXPECTED = [
             "8 processes",
         )
     ],
+    *[
+        ("statements", f"commands sent per job, {consumer}, 1 thread")
+        for consumer in (
+            "`queue_session(bind=connection)`",
+            "`queue_session(bind=engine)`",
+            "worker runtime `Job.run_once`",
+        )
+    ],
 ]
 
 
