@@ -181,3 +181,23 @@ def _databases(url: URL) -> set[str]:
         return set(inspect(engine).get_schema_names())
     finally:
         engine.dispose()
+
+
+@pytest.mark.unit
+def test_the_native_section_is_replaced_and_kept() -> None:
+    """A native run replaces only its own section; a portable run's report keeps it."""
+    from benchmarks.__main__ import NATIVE_BEGIN
+    from benchmarks.__main__ import NATIVE_END
+    from benchmarks.__main__ import merge_native
+    from benchmarks.__main__ import native_section
+
+    first = f"{NATIVE_BEGIN}\n## Native\nrun 1\n{NATIVE_END}\n"
+    second = f"{NATIVE_BEGIN}\n## Native\nrun 2\n{NATIVE_END}\n"
+    portable = "# sqlalchemy-q4m benchmarks\n\nthe portable table\n"
+    assert merge_native(None, first).endswith(first)
+    merged = merge_native(portable, first)
+    assert merged.startswith(portable) and native_section(merged) == first
+    again = merge_native(merged, second)
+    assert again.startswith(portable) and native_section(again) == second
+    assert "run 1" not in again
+    assert native_section(portable) is None
