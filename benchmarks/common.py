@@ -23,10 +23,12 @@ from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
+from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.server import has_queue_engine
 
 #: The table every scenario uses (in the benchmark's own database).
 TABLE = "q4m_bench_jobs"
@@ -38,6 +40,11 @@ RAW_CLAIM = (
 RAW_DELETE_ONE = f"DELETE FROM {TABLE} WHERE id = %s"
 RAW_INSERT = f"INSERT INTO {TABLE} (id, payload, enqueued_at) VALUES (%s, %s, %s)"
 READ_COMMITTED = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
+
+#: The raw native baseline (Q4M, autocommit on): own a row, read it as its owner, end it.
+RAW_WAIT = f"SELECT queue_wait('{TABLE}', 0)"
+RAW_OWNED = f"SELECT id, payload, enqueued_at FROM {TABLE}"
+RAW_END = "SELECT queue_end()"
 
 
 class Base(DeclarativeBase):
@@ -76,6 +83,25 @@ def raw_connect(url: URL, cls: type[pymysql.connections.Connection] | None = Non
         cur.execute(READ_COMMITTED)
     conn.commit()
     return conn
+
+
+def raw_native_connect(url: URL) -> Any:
+    """A raw PyMySQL connection with autocommit on, as a raw Q4M user runs it (Q4M has no
+    transactions: there is nothing to commit)."""
+    kwargs = connect_kwargs(url)
+    kwargs["autocommit"] = True
+    return pymysql.connections.Connection(**kwargs)
+
+
+def server_backend(url: URL) -> str:
+    """``native`` when the server has the Q4M engine (``ENGINE=QUEUE``), else ``portable``:
+    what ``queue_session`` would detect, asked once for the whole benchmark."""
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return "native" if has_queue_engine(conn) else "portable"
+    finally:
+        engine.dispose()
 
 
 def library_engine(url: URL, pool: int = 1, **kw: Any) -> Engine:

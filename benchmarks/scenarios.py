@@ -13,8 +13,10 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
+from dataclasses import replace
 from typing import Any
 
+import pymysql
 from sqlalchemy import insert
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import Session
@@ -36,6 +38,7 @@ from .common import fill
 from .common import fork_context
 from .common import library_engine
 from .common import raw_connect
+from .common import raw_native_connect
 from .common import remaining
 from .common import run_parallel
 from .workers import BatchLoop
@@ -44,6 +47,7 @@ from .workers import CoreSessionLoop
 from .workers import EngineSessionLoop
 from .workers import RawBatchLoop
 from .workers import RawLoop
+from .workers import RawNativeLoop
 from .workers import RuntimeLoop
 from .workers import SessionLoop
 from .workers import worker_runtime_available
@@ -67,6 +71,24 @@ class Settings:
     batch_jobs: int = 30_000
     batch_size: int = 200
     batch_workers: tuple[tuple[str, int], ...] = (("thread", 1), ("process", 2), ("process", 4))
+    #: ``native`` on a Q4M server (``ENGINE=QUEUE``), else ``portable``: set by ``__main__``
+    #: from what the server has, as ``queue_session`` detects it.
+    backend: str = "portable"
+
+    @property
+    def native(self) -> bool:
+        return self.backend == "native"
+
+    def for_native(self) -> Settings:
+        """Sizes for a Q4M server, where a durable ``queue_end()`` per job makes one
+        consumer several times slower than on InnoDB here: fewer jobs per consume run and
+        fewer repeats, so the whole native run stays near ten minutes."""
+        return replace(
+            self,
+            backend="native",
+            consume_jobs=min(self.consume_jobs, 2_000),
+            consume_repeats=min(self.consume_repeats, 3),
+        )
 
     @classmethod
     def tiny(cls) -> Settings:
@@ -185,20 +207,24 @@ def _enqueue_producer(url: URL, count: int) -> float:
         engine.dispose()
 
 
-def _enqueue_raw(url: URL, count: int, bulk: bool) -> float:
+def _enqueue_raw(url: URL, count: int, bulk: bool, native: bool = False) -> float:
+    """The raw producer: ``executemany`` (or one INSERT per job) and a COMMIT each; on Q4M
+    with autocommit on and no COMMIT, as a raw user would (Q4M has no transactions)."""
     _truncate(url)
-    conn = raw_connect(url)
+    conn = raw_native_connect(url) if native else raw_connect(url)
     try:
         start = time.perf_counter()
         with conn.cursor() as cur:
             rows = [(new_job_id().bytes, f"job {i}", 0.0) for i in range(count)]
             if bulk:
                 cur.executemany(RAW_INSERT, rows)
-                conn.commit()
+                if not native:
+                    conn.commit()
             else:
                 for row in rows:
                     cur.execute(RAW_INSERT, row)
-                    conn.commit()
+                    if not native:
+                        conn.commit()
         return count / (time.perf_counter() - start)
     finally:
         conn.close()
@@ -217,14 +243,15 @@ def enqueue(url: URL, s: Settings, report: Report, progress: Progress) -> None:
     progress("enqueue")
     raw, lib, orm = _alternate(
         s.repeats,
-        lambda: _enqueue_raw(url, s.enqueue_jobs, True),
+        lambda: _enqueue_raw(url, s.enqueue_jobs, True, s.native),
         lambda: _enqueue_producer(url, s.enqueue_jobs),
         lambda: _enqueue_library(url, s.enqueue_jobs, True),
     )
     report.rows.append(
         Row(
             "enqueue",
-            f"bulk: `enqueue(engine, BenchJob, {s.enqueue_jobs} dicts)` vs `executemany`",
+            f"bulk: `enqueue(engine, BenchJob, {s.enqueue_jobs} dicts)` vs `executemany`"
+            + (" (autocommit)" if s.native else ""),
             lib,
             raw,
             "jobs/s",
@@ -245,13 +272,14 @@ def enqueue(url: URL, s: Settings, report: Report, progress: Progress) -> None:
     )
     lib, raw = _alternate(
         s.repeats,
-        lambda: _enqueue_raw(url, s.enqueue_single_jobs, False),
+        lambda: _enqueue_raw(url, s.enqueue_single_jobs, False, s.native),
         lambda: _enqueue_library(url, s.enqueue_single_jobs, False),
     )[::-1]
     report.rows.append(
         Row(
             "enqueue",
-            "one job per transaction: `session.add(job); session.commit()` vs INSERT + COMMIT",
+            "one job per transaction: `session.add(job); session.commit()` vs "
+            + ("INSERT (autocommit)" if s.native else "INSERT + COMMIT"),
             lib,
             raw,
             "jobs/s",
@@ -276,6 +304,9 @@ def _consume(url: URL, count: int, kind: str, workers: int, factory: Any, *args:
 
 
 def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    if s.native:
+        consume_native(url, s, report, progress)
+        return
     runtime = worker_runtime_available()
     if not runtime:
         report.extra["runtime"] = (
@@ -345,6 +376,87 @@ def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
             note="the README one-liner; not the worker path",
         )
     )
+
+
+#: The library consumers of the native consume rows: (loop, how the row names it).
+NATIVE_CONSUMERS: tuple[tuple[Any, str], ...] = (
+    (SessionLoop, "`queue_session(bind=connection)`"),
+    (EngineSessionLoop, "`queue_session(bind=engine)`"),
+    (RuntimeLoop, "worker runtime `Job.run_once`"),
+)
+
+
+def consume_native(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    """Consume on Q4M: each library consumer against the raw autocommit loop
+    (:class:`~benchmarks.workers.RawNativeLoop`), alternating, at every concurrency."""
+    progress("native commands per job")
+    commands_native(url, s, report)
+    for kind in ("thread", "process"):
+        for n in s.concurrency:
+            progress(f"native consume {n} {kind}(s)")
+            loops = [RawNativeLoop, *(loop for loop, _ in NATIVE_CONSUMERS)]
+            rates = _alternate(
+                s.consume_repeats,
+                *(
+                    lambda n=n, kind=kind, loop=loop: _consume(url, s.consume_jobs, kind, n, loop)
+                    for loop in loops
+                ),
+            )
+            raw = rates[0]
+            for (_, name), rate in zip(NATIVE_CONSUMERS, rates[1:], strict=True):
+                report.rows.append(
+                    Row(
+                        "consume",
+                        f"{name}, {_label(kind, n)}",
+                        rate,
+                        raw,
+                        "jobs/s",
+                        ">= 0.85",
+                        rate / raw >= 0.85,
+                    )
+                )
+
+
+def _commands_per_job(url: URL, count: int, loop: Any) -> float:
+    """Commands (queries, COMMIT, ROLLBACK) one consumer sends per job, counted at the
+    driver: PyMySQL's command method is wrapped while ``loop`` drains ``count`` jobs."""
+    fill(url, count)
+    worker = loop(url)
+    sent = 0
+    original = pymysql.connections.Connection._execute_command
+
+    def counting(self: Any, command: int, sql: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return original(self, command, sql)
+
+    pymysql.connections.Connection._execute_command = counting
+    try:
+        done = worker.consume()
+    finally:
+        pymysql.connections.Connection._execute_command = original
+        worker.close()
+    if done != count:
+        raise RuntimeError(f"{loop.__name__}: {done} of {count} jobs done")
+    return sent / done
+
+
+def commands_native(url: URL, s: Settings, report: Report) -> None:
+    """What each native consumer sends per job: the round trips behind the ratios."""
+    count = min(s.consume_jobs, 500)
+    raw = _commands_per_job(url, count, RawNativeLoop)
+    for loop, name in NATIVE_CONSUMERS:
+        report.rows.append(
+            Row(
+                "statements",
+                f"commands sent per job, {name}, 1 thread",
+                _commands_per_job(url, count, loop),
+                raw,
+                "per job",
+                note="counted at the driver; informational",
+                higher_is_better=False,
+            )
+        )
 
 
 # -- 3. pickup latency and idle cost ----------------------------------------------------------

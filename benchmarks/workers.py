@@ -21,10 +21,14 @@ from sqlalchemy_q4m.exc import CompletionFailed
 
 from .common import RAW_CLAIM
 from .common import RAW_DELETE_ONE
+from .common import RAW_END
+from .common import RAW_OWNED
+from .common import RAW_WAIT
 from .common import BenchJob
 from .common import core_jobs
 from .common import library_engine
 from .common import raw_connect
+from .common import raw_native_connect
 
 
 class RawLoop:
@@ -50,6 +54,34 @@ class RawLoop:
                     conn.rollback()  # the job returns, as with queue_session
                     continue
                 conn.commit()
+                done += 1
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RawNativeLoop:
+    """Q4M as a raw PyMySQL user runs it, autocommit on: ``SELECT queue_wait('t', 0)`` → the
+    owner's ``SELECT`` (it sees only its row) → no-op → ``SELECT queue_end()``; after a 0
+    (nothing left) ``queue_end()`` leaves owner mode, as the library does."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.conn = raw_native_connect(url)
+
+    def consume(self) -> int:
+        done = 0
+        with self.conn.cursor() as cur:
+            while True:
+                cur.execute(RAW_WAIT)
+                (index,) = cur.fetchone()
+                if index is None:
+                    raise RuntimeError(f"{RAW_WAIT} returned NULL: not a QUEUE table?")
+                if not index:
+                    cur.execute(RAW_END)
+                    return done
+                cur.execute(RAW_OWNED)
+                cur.fetchone()
+                cur.execute(RAW_END)
                 done += 1
 
     def close(self) -> None:

@@ -23,7 +23,13 @@ Cancellation: a task cancelled while it waits has its connection invalidated (cl
 row it may have just been given goes back to the queue; a task cancelled inside the block
 aborts the job (``queue_abort()`` / ``ROLLBACK``) before the cancellation goes on.  Ending,
 aborting and releasing run to completion even when cancelled meanwhile, and a connection is
-never handed back to the pool while it may still own a row.
+never handed back to the pool while it may still own a row.  On Q4M the server does not end
+a ``queue_wait`` whose client is gone (``KILL QUERY`` and ``KILL`` do not either): that
+server thread waits on until its timeout (at most 60 s a call) or until a row arrives, which
+it then owns, fails to send and returns to the queue as its connection closes
+(``restored_by_close`` in ``queue_stats``), so the next waiter gets it a moment later.  The
+event loop runs other tasks throughout a wait (tested with a ticker task on both drivers,
+``tests/test_asyncio_native_q4m.py``).
 
 Connections: on the native backend every waiting or owning task holds one connection for the
 whole wait and job, so N concurrent consumers need a pool of at least N connections

@@ -3,7 +3,9 @@
 SQLAlchemy's ``mysql+aiomysql`` dialect is given :mod:`fake_q4m` as its DBAPI (``module=``):
 the async engine then drives the fake, which answers as q4m.md's "Observed answers" say, from
 inside SQLAlchemy's greenlet bridge.  The fake does not really await, so only waits that
-return at once (a row is there, or timeout 0) are used.
+return at once (a row is there, or timeout 0) are used: waits that block in the server while
+the event loop runs, and tasks cancelled mid-``queue_wait``, are tested on the real engine
+with both async drivers in ``test_asyncio_native_q4m.py``.
 """
 
 from __future__ import annotations

@@ -94,3 +94,110 @@ def _tables(url: URL) -> list[str]:
         return inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+#: Every row of the native section: enqueue, and each library consumer at every concurrency.
+NATIVE_EXPECTED = [
+    ("enqueue", "bulk: `enqueue(engine"),
+    ("enqueue", "bulk: ORM"),
+    ("enqueue", "one job per transaction"),
+    *[
+        ("consume", f"{consumer}, {label}")
+        for consumer in (
+            "`queue_session(bind=connection)`",
+            "`queue_session(bind=engine)`",
+            "worker runtime `Job.run_once`",
+        )
+        for label in (
+            "1 thread",
+            "2 threads",
+            "4 threads",
+            "8 threads",
+            "1 process",
+            "2 processes",
+            "4 processes",
+            "8 processes",
+        )
+    ],
+    *[
+        ("statements", f"commands sent per job, {consumer}, 1 thread")
+        for consumer in (
+            "`queue_session(bind=connection)`",
+            "`queue_session(bind=engine)`",
+            "worker runtime `Job.run_once`",
+        )
+    ],
+]
+
+
+@pytest.mark.native
+def test_quick_native_run_on_a_q4m_server(q4m_url: URL, tmp_path: Path) -> None:
+    """``--url`` naming a Q4M server: the server's QUEUE engine selects the native scenarios
+    (before, the portable backend was forced, the tables were InnoDB and every consume
+    failed with QueueWaitError); their section goes into an existing report, which keeps
+    the rest."""
+    output = tmp_path / "RESULTS.md"
+    output.write_text("# sqlalchemy-q4m benchmarks\n\nthe portable part, kept\n")
+    server = q4m_url.set(database=None)
+    before = _databases(server)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "--quick",
+            "--url",
+            server.render_as_string(hide_password=False),
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend: native" in done.stderr
+    report = output.read_text()
+    assert report.startswith("# sqlalchemy-q4m benchmarks\n\nthe portable part, kept\n")
+    section = report[report.index("## Native backend (Q4M, `ENGINE=QUEUE`)") :]
+    assert "### Errors" not in section and "with Q4M plugin" in section
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][1:]
+    assert len(rows) == len(NATIVE_EXPECTED), section
+    for section_name, scenario in NATIVE_EXPECTED:
+        matching = [r for r in rows if r[0] == f"| {section_name}" and r[1].startswith(scenario)]
+        assert len(matching) == 1, f"no single row for {section_name}: {scenario}\n{section}"
+        library, raw, ratio = (float(matching[0][i].replace(",", "")) for i in (2, 3, 5))
+        assert library > 0 and raw > 0 and ratio > 0, matching[0]
+    # the benchmark made its own database on the Q4M server and dropped it
+    assert {d for d in _databases(server) - before if d.startswith("q4m_bench_")} == set()
+
+
+def _databases(url: URL) -> set[str]:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        return set(inspect(engine).get_schema_names())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.unit
+def test_the_native_section_is_replaced_and_kept() -> None:
+    """A native run replaces only its own section; a portable run's report keeps it."""
+    from benchmarks.__main__ import NATIVE_BEGIN
+    from benchmarks.__main__ import NATIVE_END
+    from benchmarks.__main__ import merge_native
+    from benchmarks.__main__ import native_section
+
+    first = f"{NATIVE_BEGIN}\n## Native\nrun 1\n{NATIVE_END}\n"
+    second = f"{NATIVE_BEGIN}\n## Native\nrun 2\n{NATIVE_END}\n"
+    portable = "# sqlalchemy-q4m benchmarks\n\nthe portable table\n"
+    assert merge_native(None, first).endswith(first)
+    merged = merge_native(portable, first)
+    assert merged.startswith(portable) and native_section(merged) == first
+    again = merge_native(merged, second)
+    assert again.startswith(portable) and native_section(again) == second
+    assert "run 1" not in again
+    assert native_section(portable) is None
