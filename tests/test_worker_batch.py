@@ -348,10 +348,8 @@ def test_two_batched_processes_run_every_job_exactly_once(
 ) -> None:
     enqueue(db_url, 2000)
     log = tmp_path / "jobs.log"
-    # 3 ms a job: the 2,000 jobs take both processes several seconds, so a second process
-    # that starts late on a loaded machine still finds batches to claim
     env = q4m_env(
-        WORKER_LOG=str(log), WORKER_TABLE="twb_rows", Q4M_BATCH_SIZE="100", WORKER_SLEEP="0.003"
+        WORKER_LOG=str(log), WORKER_TABLE="twb_rows", Q4M_BATCH_SIZE="100", WORKER_WAIT_PIDS="2"
     )
     result = run_q4m(
         *_worker_args(db_url, "--burst", "--processes", "2", "--log-level", "DEBUG"),

@@ -57,7 +57,7 @@ def test_four_processes_of_two_threads_run_5000_jobs_exactly_once(
 ) -> None:
     enqueue_numbers(db_url, 5000)
     log = tmp_path / "jobs.log"
-    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE=TABLE)
+    env = q4m_env(WORKER_LOG=str(log), WORKER_TABLE=TABLE, WORKER_WAIT_PIDS="4")
     args = ["worker", "worker_jobs:RecordJob", "--url", url_of(db_url), "--burst"]
     result = run_q4m(*args, "--processes", "4", "--concurrency", "2", env=env, timeout=200)
     assert result.returncode == 0, result.stderr[-3000:]

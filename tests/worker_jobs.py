@@ -30,8 +30,28 @@ def read_log(path: str) -> list[tuple[str, int, int]]:
         return [(e, int(n), int(p)) for e, n, p in (line.split() for line in f if line.strip())]
 
 
+_all_peers_seen = False
+
+
+def await_peers() -> None:
+    """With ``WORKER_WAIT_PIDS=N``: block until N processes have written to the log (60 s at
+    most, once per process), so that no process drains the queue before the others have even
+    started -- as one did on a loaded machine, where spawning a process takes seconds."""
+    global _all_peers_seen
+    want = int(os.environ.get("WORKER_WAIT_PIDS", "0"))
+    if want <= 1 or _all_peers_seen:
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if len({pid for _, _, pid in read_log(os.environ["WORKER_LOG"])}) >= want:
+            break
+        time.sleep(0.05)
+    _all_peers_seen = True
+
+
 class RecordJob(Job):
-    """Records ``start``, sleeps ``WORKER_SLEEP`` seconds, records ``done``."""
+    """Records ``start``, sleeps ``WORKER_SLEEP`` seconds, records ``done``, then waits for
+    ``WORKER_WAIT_PIDS`` processes (see :func:`await_peers`)."""
 
     table_name = os.environ.get("WORKER_TABLE", "record_jobs")
     max_attempts = int(os.environ.get("WORKER_MAX_ATTEMPTS", "5"))
@@ -44,6 +64,7 @@ class RecordJob(Job):
             record("start", n)
             time.sleep(pause)
         record("done", n)
+        await_peers()
 
 
 class FlakyJob(RecordJob):
