@@ -14,6 +14,7 @@ the chunk goes through :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, s
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
@@ -34,6 +35,7 @@ from sqlalchemy import inspect
 from sqlalchemy import literal_column
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
@@ -46,14 +48,17 @@ from .ddl import JOB_ID_INFO_KEY
 from .exc import OptionError
 from .exc import Q4MError
 from .exc import RowError
+from .functions import Subscription
 from .functions import subscriptions
 from .loading import DriverSQL
 from .loading import dialect_cache
-from .notify import notify_committed
+from .notify import wake_committed
 from .retry import RUN_AT
 from .types import new_job_id
 
 __all__ = ["CHUNK_SIZE", "enqueue"]
+
+notify_logger = logging.getLogger("sqlalchemy_q4m.notify")
 
 #: Rows sent per ``executemany`` (PyMySQL further splits them by statement length).
 CHUNK_SIZE = 1000
@@ -112,12 +117,7 @@ def enqueue(
         return []
     run_at = None if delay is None else _run_at(shape, delay)
     if isinstance(bind, Engine):
-        with bind.begin() as conn:
-            _check_sizes(conn, groups)
-            ids = _send(conn, shape, groups, run_at, chunk_size)
-        if notify and delay is None and ids:  # after the commit: a wake before it is lost
-            notify_committed(bind, target, jobs=len(ids))
-        return ids
+        return _produce(bind, sub, shape, groups, run_at, chunk_size, notify and delay is None)
     if isinstance(bind, Session):
         if shape.mapper is not None:
             conn = bind.connection(bind_arguments={"mapper": shape.mapper})
@@ -127,6 +127,63 @@ def enqueue(
         return _send(conn, shape, groups, run_at, chunk_size)
     _check_sizes(bind, groups)
     return _send(bind, shape, groups, run_at, chunk_size)
+
+
+def _produce(
+    engine: Engine,
+    sub: Subscription,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+    wake: bool,
+) -> list[uuid.UUID]:
+    """An Engine-bound :func:`enqueue`: on ONE connection the rows' ``INSERT``\\ s and their
+    ``COMMIT``, then (``wake``) :func:`~sqlalchemy_q4m.notify.wake_committed`, which sends
+    nothing when no process listens; the connection goes back to the pool without the
+    pool's reset-on-return ``ROLLBACK`` when its transaction is committed: a single job
+    costs what a raw ``INSERT`` + ``COMMIT`` does."""
+    conn = engine.connect()
+    try:
+        with conn.begin():
+            _check_sizes(conn, groups)
+            ids = _send(conn, shape, groups, run_at, chunk_size)
+        if wake:  # after the commit: a wake before it is lost
+            try:
+                wake_committed(conn, [sub], len(ids))
+            except DBAPIError as err:
+                notify_logger.warning(
+                    "notify: %d committed job(s) wait for the consumers' listen timeout: "
+                    "waking them failed: %s",
+                    len(ids),
+                    err,
+                )
+    except BaseException:
+        conn.close()
+        raise
+    _close_committed(conn)
+    return ids
+
+
+def _close_committed(conn: Connection) -> None:
+    """Close ``conn``, out of a transaction since its last ``COMMIT`` or ``ROLLBACK``,
+    without the pool's reset-on-return ``ROLLBACK`` (there is nothing to roll back): what
+    :meth:`~sqlalchemy.Connection.close` does itself after it rolled a transaction back.
+    SQLAlchemy has no public spelling of it; without the pool method, a plain close."""
+    fairy = conn.connection if not conn.closed and not conn.invalidated else None
+    close_special = getattr(fairy, "_close_special", None)
+    if conn.in_transaction() or not callable(close_special):
+        conn.close()
+        return
+    counter = getattr(fairy, "_counter", None)
+    if not isinstance(counter, int) or counter != 1:
+        conn.close()
+        return
+    fairy._counter = 2  # type: ignore[union-attr]  # conn.close() leaves the checkin to us
+    try:
+        conn.close()
+    finally:
+        close_special(transaction_reset=True)
 
 
 def _run_at(shape: _Shape, delay: float | None) -> int:

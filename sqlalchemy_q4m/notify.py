@@ -90,7 +90,15 @@ from .loading import claim_statement
 from .loading import dialect_cache
 from .server import backend_for_dialect
 
-__all__ = ["listen_wait", "listening_supported", "notify", "notify_committed", "wait_statement"]
+__all__ = [
+    "listen_wait",
+    "listeners_present",
+    "listening_supported",
+    "notify",
+    "notify_committed",
+    "wait_statement",
+    "wake_committed",
+]
 
 logger = logging.getLogger("sqlalchemy_q4m.notify")
 
@@ -100,8 +108,16 @@ UNKNOWN_QUERY_ID = 1957
 NOT_OWNER = (1095, 1979)
 #: Seconds between two pings of an idle anchor connection (against ``wait_timeout``).
 ANCHOR_PING = 300.0
+#: Seconds a producer trusts a "no process listens" answer before it asks the server again;
+#: a process that starts listening ends its waits within this long (see :class:`Anchor`), so
+#: a producer's stale answer can delay a pickup by this much, never lose a wake-up.
+LISTENERS_RECHECK = 0.25
+#: Named locks ``q4m_listening_<k>``: each listening process holds one (its anchor does), so a
+#: producer learns whether anybody listens from one ``IS_USED_LOCK`` statement.
+LISTENER_SLOTS = 64
 
 _TAG = "/* q4m:wait"
+_SLOT = "q4m_listening_{}"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_$.-]+$")
 _ANCHOR_NAME = re.compile(r"^q4m_anchor_[0-9]+_[0-9a-f]+$")
 _PROCESSLIST = table(
@@ -219,12 +235,42 @@ class Anchor:
             self._conn = fairy.dbapi_connection
             take = f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)"
             self.thread_id = int(self._run(take)[0])
+            self.slot = self._take_slot()
         except BaseException:
             self.close()
             raise
         finally:
             pool.dispose()
-        self.pinged = time.monotonic()
+        self.pinged = self.announced = time.monotonic()
+
+    def _take_slot(self) -> int | None:
+        """Take a free ``q4m_listening_<k>`` lock (held with the anchor's connection), so
+        producers see that this process listens; None when all are taken."""
+        for k in random.sample(range(LISTENER_SLOTS), LISTENER_SLOTS):
+            assert self._conn is not None
+            cursor = self._conn.cursor()
+            try:
+                cursor.execute(f"SELECT GET_LOCK('{_SLOT.format(k)}', 0)")
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+            if row is not None and row[0] == 1:
+                return k
+        logger.info(
+            "all %d listener slots are taken: waits end every %g s",
+            LISTENER_SLOTS,
+            LISTENERS_RECHECK,
+        )
+        return None
+
+    def bound(self, seconds: float) -> float:
+        """``seconds``, shortened so that a wait ends within :data:`LISTENERS_RECHECK` of this
+        process announcing itself (a producer may still hold an older "nobody listens"
+        answer until then); always, for an anchor without a slot (producers cannot see it)."""
+        if self.slot is None:
+            return min(seconds, LISTENERS_RECHECK)
+        left = self.announced + LISTENERS_RECHECK - time.monotonic()
+        return seconds if left <= 0 else min(seconds, max(left, 0.01))
 
     def _run(self, sql: str) -> Any:
         # sql holds only our own validated name: no parameters, whatever the paramstyle.
@@ -357,7 +403,7 @@ def listen_wait(conn: Connection, subs: Sequence[Subscription], seconds: float) 
     """
     engine = conn.engine
     anchor = anchor_for(engine)
-    stmt = wait_statement(subs, anchor.name, seconds, conn.dialect)
+    stmt = wait_statement(subs, anchor.name, anchor.bound(seconds), conn.dialect)
     try:
         row = conn.execute(stmt).first()
     except OperationalError as err:
@@ -412,11 +458,31 @@ def notify(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) ->
 
 
 def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) -> int:
-    """:func:`notify` for a producer whose jobs are committed already: a database error while
-    waking is logged, not raised (raising would look like a failed enqueue, and retrying it
-    would enqueue the jobs twice); listening consumers then take them within ``listen``."""
+    """:func:`notify` for a producer whose jobs are committed already, without its
+    ``PROCESSLIST`` scan when no process listens (:func:`wake_committed`); a database error
+    while waking is logged, not raised (raising would look like a failed enqueue, and retrying
+    it would enqueue the jobs twice); listening consumers then take them within ``listen``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise Q4MError(f"jobs must be a positive integer, not {jobs!r}")
+    subs = subscriptions(targets)
     try:
-        return notify(bind, *targets, jobs=jobs)
+        if isinstance(bind, Connection):
+            if bind.in_transaction():
+                raise Q4MError(
+                    "notify() after the commit: the Connection is still in a transaction"
+                )
+            return wake_committed(bind, subs, jobs)
+        if isinstance(bind, Session):
+            if bind.in_transaction():
+                raise Q4MError("notify() after the commit: the Session is still in a transaction")
+            got = bind.get_bind(mapper=subs[0].target if subs[0].is_orm else None)
+            bind = got if isinstance(got, Engine) else got.engine
+        if not isinstance(bind, Engine):
+            raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
+        if _known_quiet(bind.dialect):
+            return 0
+        with bind.connect() as conn:
+            return wake_committed(conn, subs, jobs)
     except DBAPIError as err:
         logger.warning(
             "notify: %d committed job(s) wait for the consumers' listen timeout: waking "
@@ -425,6 +491,52 @@ def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: i
             err,
         )
         return 0
+
+
+def wake_committed(conn: Connection, subs: Sequence[Subscription], jobs: int) -> int:
+    """Wake waiters on ``subs`` for ``jobs`` jobs committed on ``conn`` (out of a transaction);
+    how many were woken.  Sends nothing when no process listens: whether one does is asked
+    of the server (one ``IS_USED_LOCK`` statement, see :class:`Anchor`) at most every
+    :data:`LISTENERS_RECHECK` seconds per engine; when one does, it is :func:`notify`'s scan.
+    ``conn`` is left out of a transaction (rolled back when anything was sent)."""
+    if not listening_supported(conn.dialect) or not listeners_present(conn):
+        return 0
+    try:
+        return _wake(conn, subs, jobs + 1)
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+
+
+#: ``COALESCE(IS_USED_LOCK('q4m_listening_0'), ...)``: NULL when no process listens.
+_PRESENCE = select(
+    func.coalesce(
+        *(func.is_used_lock(literal_column(f"'{_SLOT.format(k)}'")) for k in range(LISTENER_SLOTS))
+    )
+)
+_LISTENERS = "listeners"
+
+
+def _known_quiet(dialect: Dialect) -> bool:
+    """True while the last answer of this engine's server was "no process listens"."""
+    cache = dialect_cache(dialect, _LISTENERS)
+    checked = cache.get("checked")
+    fresh = checked is not None and time.monotonic() - checked < LISTENERS_RECHECK
+    return fresh and not cache["present"]
+
+
+def listeners_present(conn: Connection) -> bool:
+    """Whether some process listens on ``conn``'s server (holds a listener slot), as asked at
+    most every :data:`LISTENERS_RECHECK` seconds per engine (the answer is cached on its
+    dialect).  Asking leaves ``conn`` in a transaction: the caller ends it."""
+    cache = dialect_cache(conn.dialect, _LISTENERS)
+    now = time.monotonic()  # before asking: the answer is at least this old
+    checked = cache.get("checked")
+    if checked is not None and now - checked < LISTENERS_RECHECK:
+        return bool(cache["present"])
+    present = conn.scalar(_PRESENCE) is not None
+    cache["checked"], cache["present"] = now, present
+    return present
 
 
 def _wake(conn: Connection, subs: Sequence[Subscription], wanted: int) -> int:
