@@ -51,7 +51,9 @@ from .exc import RowError
 from .functions import Subscription
 from .functions import subscriptions
 from .loading import DriverSQL
+from .loading import _dbapi_error as dbapi_error
 from .loading import dialect_cache
+from .loading import driver_level
 from .notify import wake_committed
 from .retry import RUN_AT
 from .types import new_job_id
@@ -138,16 +140,28 @@ def _produce(
     chunk_size: int,
     wake: bool,
 ) -> list[uuid.UUID]:
-    """An Engine-bound :func:`enqueue`: on ONE connection the rows' ``INSERT``\\ s and their
-    ``COMMIT``, then (``wake``) :func:`~sqlalchemy_q4m.notify.wake_committed`, which sends
-    nothing when no process listens; the connection goes back to the pool without the
-    pool's reset-on-return ``ROLLBACK`` when its transaction is committed: a single job
-    costs what a raw ``INSERT`` + ``COMMIT`` does."""
+    """An Engine-bound :func:`enqueue`: on ONE connection the rows' ``INSERT``\\ s, then their
+    ``COMMIT`` when the server has a transaction open (not after rows of a Q4M table: they
+    are durable at once and open none), then (``wake``)
+    :func:`~sqlalchemy_q4m.notify.wake_committed`, which sends nothing when no process
+    listens; the connection goes back to the pool without the pool's reset-on-return
+    ``ROLLBACK``, as nothing is left to roll back.  One job costs what a raw producer's
+    ``INSERT`` + ``COMMIT`` (or, on Q4M, its autocommitted ``INSERT``) does."""
     conn = engine.connect()
     try:
-        with conn.begin():
-            _check_sizes(conn, groups)
-            ids = _send(conn, shape, groups, run_at, chunk_size)
+        _check_sizes(conn, groups)
+        ids, chunks = _prepare(conn, shape, groups, run_at, chunk_size)
+        dbapi_conn = conn.connection.dbapi_connection
+        if not conn.in_transaction() and driver_level(conn) and _open(dbapi_conn) is not None:
+            for plan, params in chunks:  # in the server's implicit transaction, if any
+                _run_bare(conn, dbapi_conn, plan.sql.sql, params)
+            if _open(dbapi_conn):  # rows of a transactional table: commit them
+                conn.begin()  # sends nothing: SQLAlchemy's view (and its events) stay exact
+                conn.commit()
+        else:
+            with conn.begin():
+                for plan, params in chunks:
+                    plan.sql.run_many(conn, params)
         if wake:  # after the commit: a wake before it is lost
             try:
                 wake_committed(conn, [sub], len(ids))
@@ -163,6 +177,37 @@ def _produce(
         raise
     _close_committed(conn)
     return ids
+
+
+#: PyMySQL's ``server_status`` bit: the server has a transaction open on the connection.
+_IN_TRANS = 1
+
+
+def _open(dbapi_conn: Any) -> bool | None:
+    """Whether the server said (in its last reply) that a transaction is open on
+    ``dbapi_conn``; None for a driver that does not tell (then the rows are committed)."""
+    status = getattr(dbapi_conn, "server_status", None)
+    if isinstance(status, bool) or not isinstance(status, int):
+        return None
+    return bool(status & _IN_TRANS)
+
+
+def _run_bare(conn: Connection, dbapi_conn: Any, sql: str, params: list[Any]) -> None:
+    """``executemany`` on a cursor of ``conn`` with no SQLAlchemy transaction begun (see
+    :func:`_produce`); DBAPI errors raised as SQLAlchemy's, as executing would."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.executemany(sql, params)
+    except Exception as err:
+        wrapped = dbapi_error(conn, err, sql, params, cursor)
+        if wrapped is None:
+            raise
+        raise wrapped from err
+    except BaseException:
+        conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
+        raise
+    finally:
+        cursor.close()
 
 
 def _close_committed(conn: Connection) -> None:
@@ -543,17 +588,30 @@ def _send(
     run_at: int | None,
     chunk_size: int,
 ) -> list[uuid.UUID]:
+    ids, chunks = _prepare(conn, shape, groups, run_at, chunk_size)
+    for plan, params in chunks:
+        plan.sql.run_many(conn, params)
+    return ids
+
+
+def _prepare(
+    conn: Connection,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+) -> tuple[list[uuid.UUID], list[tuple[_Plan, list[Any]]]]:
+    """The new job ids and each chunk's plan and parameters: every row's parameters are
+    made before anything is sent (a failing default sends nothing)."""
     ids: list[uuid.UUID] = []
     chunks: list[tuple[_Plan, list[Any]]] = []
-    for group in groups:  # every row's parameters first: a failing default sends nothing
+    for group in groups:
         plan = _plan_for(shape, group, run_at is not None, conn.dialect)
         rows = group.rows
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             chunks.append((plan, _params(plan, chunk, run_at, ids, group.first + start)))
-    for plan, params in chunks:
-        plan.sql.run_many(conn, params)
-    return ids
+    return ids, chunks
 
 
 def _params(
