@@ -14,6 +14,7 @@ the chunk goes through :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -22,6 +23,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field
 from operator import itemgetter
 from typing import Any
 
@@ -54,6 +56,7 @@ from .loading import DriverSQL
 from .loading import _dbapi_error as dbapi_error
 from .loading import dialect_cache
 from .loading import driver_level
+from .notify import nobody_listens
 from .notify import wake_committed
 from .retry import RUN_AT
 from .types import new_job_id
@@ -147,10 +150,14 @@ def _produce(
     listens; the connection goes back to the pool without the pool's reset-on-return
     ``ROLLBACK``, as nothing is left to roll back.  One job costs what a raw producer's
     ``INSERT`` + ``COMMIT`` (or, on Q4M, its autocommitted ``INSERT``) does."""
+    if not (wake and not nobody_listens(engine.dialect)) and _unobserved(engine, groups):
+        produced = _produce_on_pool(engine, shape, groups, run_at, chunk_size)
+        if produced is not None:
+            return produced
     conn = engine.connect()
     try:
         _check_sizes(conn, groups)
-        ids, chunks = _prepare(conn, shape, groups, run_at, chunk_size)
+        ids, chunks = _prepare(conn.dialect, shape, groups, run_at, chunk_size)
         dbapi_conn = conn.connection.dbapi_connection
         if not conn.in_transaction() and driver_level(conn) and _open(dbapi_conn) is not None:
             for plan, params in chunks:  # in the server's implicit transaction, if any
@@ -158,10 +165,10 @@ def _produce(
             if _open(dbapi_conn):  # rows of a transactional table: commit them
                 conn.begin()  # sends nothing: SQLAlchemy's view (and its events) stay exact
                 conn.commit()
-        else:
-            with conn.begin():
-                for plan, params in chunks:
-                    plan.sql.run_many(conn, params)
+        else:  # in a transaction (begun by the size check, or now)
+            for plan, params in chunks:
+                plan.sql.run_many(conn, params)
+            conn.commit()
         if wake:  # after the commit: a wake before it is lost
             try:
                 wake_committed(conn, [sub], len(ids))
@@ -177,6 +184,84 @@ def _produce(
         raise
     _close_committed(conn)
     return ids
+
+
+def _unobserved(engine: Engine, groups: list[_Group]) -> bool:
+    """Whether nothing would see a :class:`~sqlalchemy.Connection` at work (no connection
+    events, no echo or ``sqlalchemy.engine`` logging, no ``handle_error``) and no row needs
+    its size checked: then :func:`_produce_on_pool` may do without one."""
+    if getattr(engine, "_has_events", True) or engine.dialect.dispatch.handle_error:
+        return False
+    if engine.logger.isEnabledFor(logging.INFO):
+        return False
+    return not any(g.large for g in groups)
+
+
+def _produce_on_pool(
+    engine: Engine,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+) -> list[uuid.UUID] | None:
+    """:func:`_produce` on the pool's connection directly, when nothing observes a
+    :class:`~sqlalchemy.Connection` (:func:`_unobserved`): the same statements, a third of
+    the client's work per call.  None (nothing sent) for a driver that does not tell
+    whether a transaction is open."""
+    dialect = engine.dialect
+    ids, chunks = _prepare(dialect, shape, groups, run_at, chunk_size)
+    fairy = engine.raw_connection()
+    dbapi_conn: Any = fairy.dbapi_connection
+    if _open(dbapi_conn) is None:
+        fairy.close()
+        return None
+    sql: str | None = None
+    params: Any = None
+    cursor: Any = None
+    try:
+        cursor = dbapi_conn.cursor()
+        for plan, params in chunks:  # in the server's implicit transaction, if any
+            sql = plan.sql.sql
+            if len(params) == 1:
+                cursor.execute(sql, params[0])  # the driver's cheaper call for one row
+            else:
+                cursor.executemany(sql, params)
+        sql, params = "COMMIT", None
+        if _open(dbapi_conn):  # rows of a transactional table: commit them
+            dbapi_conn.commit()
+    except Exception as err:
+        dbapi = dialect.loaded_dbapi
+        if not isinstance(err, dbapi.Error):
+            fairy.close()  # the pool rolls back
+            raise
+        lost = dialect.is_disconnect(err, dbapi_conn, cursor)
+        wrapped = DBAPIError.instance(
+            sql, params, err, dbapi.Error, connection_invalidated=lost, dialect=dialect
+        )
+        if lost:
+            fairy.invalidate(err)
+        fairy.close()
+        raise wrapped from err
+    except BaseException:
+        fairy.invalidate()  # interrupted mid-statement: the protocol state is unknown
+        fairy.close()
+        raise
+    finally:
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()
+    _checkin_clean(fairy)
+    return ids
+
+
+def _checkin_clean(fairy: Any) -> None:
+    """Return the pool's connection ``fairy``, out of a transaction, without the pool's
+    reset-on-return ``ROLLBACK`` (see :func:`_close_committed`)."""
+    close_special = getattr(fairy, "_close_special", None)
+    if callable(close_special):
+        close_special(transaction_reset=True)
+    else:  # pragma: no cover - another SQLAlchemy's pool
+        fairy.close()
 
 
 #: PyMySQL's ``server_status`` bit: the server has a transaction open on the connection.
@@ -256,6 +341,8 @@ class _Shape:
     defaults: dict[str, Any]  # column key -> value the mapper implies (polymorphic identity)
     checks: dict[str, ColumnCheck | None]  # by row key: how its values are checked
     sized: frozenset[str]  # row keys whose values may be large (long text, blobs, unknown)
+    #: key sets (and whether delayed) that passed :func:`_check_keys`: checked once each
+    valid_keys: set[tuple[frozenset[str], bool]] = field(default_factory=set)
 
 
 _SHAPES: dict[Any, _Shape] = {}
@@ -332,7 +419,10 @@ def _groups(shape: _Shape, rows: Iterable[Any], delayed: bool) -> list[_Group]:
             if groups:
                 _check_values(shape, groups[-1])
             keys = frozenset(row.keys())
-            _check_keys(shape, keys, number, delayed)
+            if (keys, delayed) not in shape.valid_keys:  # refused sets raise: never kept
+                _check_keys(shape, keys, number, delayed)
+                if len(shape.valid_keys) < 64:
+                    shape.valid_keys.add((keys, delayed))
             current = []
             groups.append(_Group(keys, number, current))
         current.append(row)
@@ -588,14 +678,14 @@ def _send(
     run_at: int | None,
     chunk_size: int,
 ) -> list[uuid.UUID]:
-    ids, chunks = _prepare(conn, shape, groups, run_at, chunk_size)
+    ids, chunks = _prepare(conn.dialect, shape, groups, run_at, chunk_size)
     for plan, params in chunks:
         plan.sql.run_many(conn, params)
     return ids
 
 
 def _prepare(
-    conn: Connection,
+    dialect: Dialect,
     shape: _Shape,
     groups: list[_Group],
     run_at: int | None,
@@ -606,7 +696,7 @@ def _prepare(
     ids: list[uuid.UUID] = []
     chunks: list[tuple[_Plan, list[Any]]] = []
     for group in groups:
-        plan = _plan_for(shape, group, run_at is not None, conn.dialect)
+        plan = _plan_for(shape, group, run_at is not None, dialect)
         rows = group.rows
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]

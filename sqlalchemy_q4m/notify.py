@@ -94,6 +94,7 @@ __all__ = [
     "listen_wait",
     "listeners_present",
     "listening_supported",
+    "nobody_listens",
     "notify",
     "notify_committed",
     "wait_statement",
@@ -479,7 +480,7 @@ def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: i
             bind = got if isinstance(got, Engine) else got.engine
         if not isinstance(bind, Engine):
             raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
-        if _known_quiet(bind.dialect):
+        if nobody_listens(bind.dialect):
             return 0
         with bind.connect() as conn:
             return wake_committed(conn, subs, jobs)
@@ -517,8 +518,11 @@ _PRESENCE = select(
 _LISTENERS = "listeners"
 
 
-def _known_quiet(dialect: Dialect) -> bool:
-    """True while the last answer of this engine's server was "no process listens"."""
+def nobody_listens(dialect: Dialect) -> bool:
+    """True while the last answer of this engine's server, at most
+    :data:`LISTENERS_RECHECK` seconds old, was "no process listens"."""
+    if not listening_supported(dialect):
+        return dialect.name in ("mysql", "mariadb") and dialect.server_version_info is not None
     cache = dialect_cache(dialect, _LISTENERS)
     checked = cache.get("checked")
     fresh = checked is not None and time.monotonic() - checked < LISTENERS_RECHECK
