@@ -14,15 +14,19 @@ from typing import Any
 import pymysql
 import pytest
 from native_support import private_database
+from sqlalchemy import CheckConstraint
 from sqlalchemy import Column
 from sqlalchemy import Engine
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
 from sqlalchemy import String
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import func
 from sqlalchemy import select
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import ProgrammingError
 
 from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import enqueue
@@ -267,3 +271,50 @@ def test_native_one_job_per_call_sends_what_the_raw_loop_sends(native: Engine, q
     assert kinds(library_loop(native)) == raw  # Q4M rows need no COMMIT; nothing to wake
     with native.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(jobs)) == 2 * JOBS + 1
+
+
+# -- the Engine path's transaction and errors ------------------------------------------------
+
+checked = queue_table("tsc_checked", meta, Column("n", Integer, CheckConstraint("n < 100")))
+
+
+@pytest.mark.integration
+@pytest.mark.usefixtures("recheck_rarely")
+@pytest.mark.parametrize("observed", [False, True], ids=["pool", "connection"])
+def test_an_engine_bound_enqueue_is_one_transaction(
+    portable: Engine, db_url: URL, observed: bool
+) -> None:
+    """Directly on the pool's connection (nothing observes) or through a Connection (a
+    statement listener): the same commands, and the chunks commit or roll back together."""
+    seen: list[str] = []
+    if observed:
+        event.listen(portable, "before_cursor_execute", lambda *a: seen.append(a[2]))
+    raw = kinds(raw_loop(db_url, autocommit=False))
+    assert kinds(library_loop(portable)) == raw
+    inserts = [s for s in seen if s.startswith("INSERT")]
+    assert len(inserts) == (JOBS + 1 if observed else 0)  # the listener saw every INSERT
+    rows = [{"n": n} for n in (1, 2, 3, 4, 100)]  # the last breaks the CHECK, in chunk 3
+
+    def failing() -> None:
+        with pytest.raises(OperationalError, match="tsc_checked"):  # MariaDB's error 4025
+            enqueue(portable, checked, rows, chunk_size=2)
+
+    sent = record(failing)
+    assert kinds(sent) == ["INSERT", "INSERT", "INSERT", "ROLLBACK"]
+    with portable.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(checked)) == 0  # all or nothing
+    assert len(enqueue(portable, checked, rows[:4], chunk_size=2)) == 4
+    with portable.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(checked)) == 4
+
+
+@pytest.mark.integration
+def test_an_engine_bound_enqueue_raises_sqlalchemy_errors_and_keeps_the_pool_usable(
+    portable: Engine,
+) -> None:
+    missing = queue_table("tsc_never_created", MetaData(), Column("n", Integer))
+    with pytest.raises(ProgrammingError, match="tsc_never_created"):
+        enqueue(portable, missing, [{"n": 1}])
+    assert len(enqueue(portable, jobs, [{"n": 1}])) == 1  # the connection went back clean
+    with portable.connect() as conn:
+        assert conn.scalar(select(1)) == 1
