@@ -28,6 +28,15 @@ the transaction the queue session began) runs::
   ``information_schema.PROCESSLIST`` and interrupts ``jobs + 1`` of them with
   ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A
   wake sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
+* Producers skip the scan while no process listens.  Each anchor also holds one of
+  :data:`LISTENER_SLOTS` named locks ``q4m_listening_<k>``; after its commit, the wake of an
+  Engine-bound ``enqueue()`` (:func:`wake_committed`, also :func:`notify_committed`) asks
+  ``SELECT COALESCE(IS_USED_LOCK('q4m_listening_0'), ...)`` at most every
+  :data:`LISTENERS_RECHECK` seconds per engine and sends nothing while none is held.  A
+  producer may thus act on an answer up to that old: a process that has just made its anchor
+  ends each wait within :data:`LISTENERS_RECHECK` of taking its slot (an anchor without a slot,
+  all being taken, always does), so a job committed meanwhile is claimed then, not after
+  ``T``.  Explicit :func:`notify` calls always scan.
 * ``GET_LOCK`` returning 1 means the anchor connection died and the waiter got its lock: it
   releases it and a new anchor is made.  A kill landing just before the wait starts (error
   1317) or on the claim right after it is retried like a deadlock.
