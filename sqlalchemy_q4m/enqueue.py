@@ -150,7 +150,7 @@ def _produce(
     listens; the connection goes back to the pool without the pool's reset-on-return
     ``ROLLBACK``, as nothing is left to roll back.  One job costs what a raw producer's
     ``INSERT`` + ``COMMIT`` (or, on Q4M, its autocommitted ``INSERT``) does."""
-    if not (wake and not nobody_listens(engine.dialect)) and _unobserved(engine, groups):
+    if not (wake and not nobody_listens(engine.dialect, [sub])) and _unobserved(engine, groups):
         produced = _produce_on_pool(engine, shape, groups, run_at, chunk_size)
         if produced is not None:
             return produced

@@ -29,9 +29,10 @@ the transaction the queue session began) runs::
   ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A
   wake sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
 * Producers skip the scan while no process listens.  Each anchor also holds one of
-  :data:`LISTENER_SLOTS` named locks ``q4m_listening_<k>``; after its commit, the wake of an
+  :data:`LISTENER_SLOTS` named locks ``q4m_l_<database digest>_<k>`` per database whose
+  queues it waits on; after its commit, the wake of an
   Engine-bound ``enqueue()`` (:func:`wake_committed`, also :func:`notify_committed`) asks
-  ``SELECT COALESCE(IS_USED_LOCK('q4m_listening_0'), ...)`` at most every
+  ``SELECT COALESCE(IS_USED_LOCK('q4m_l_<digest>_0'), ...)`` at most every
   :data:`LISTENERS_RECHECK` seconds per engine and sends nothing while none is held.  A
   producer may thus act on an answer up to that old: a process that has just made its anchor
   ends each wait within :data:`LISTENERS_RECHECK` of taking its slot (an anchor without a slot,
@@ -63,6 +64,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,12 +102,14 @@ from .loading import dialect_cache
 from .server import backend_for_dialect
 
 __all__ = [
+    "announce",
     "listen_wait",
     "listeners_present",
     "listening_supported",
     "nobody_listens",
     "notify",
     "notify_committed",
+    "queue_database",
     "wait_statement",
     "wake_committed",
 ]
@@ -122,12 +126,13 @@ ANCHOR_PING = 300.0
 #: a process that starts listening ends its waits within this long (see :class:`Anchor`), so
 #: a producer's stale answer can delay a pickup by this much, never lose a wake-up.
 LISTENERS_RECHECK = 0.25
-#: Named locks ``q4m_listening_<k>``: each listening process holds one (its anchor does), so a
-#: producer learns whether anybody listens from one ``IS_USED_LOCK`` statement.
+#: Named locks ``q4m_l_<database digest>_<k>``: a listening process holds one per database
+#: whose queues it waits on (its anchor does), so a producer learns whether anybody listens
+#: there from one ``IS_USED_LOCK`` statement.
 LISTENER_SLOTS = 64
 
 _TAG = "/* q4m:wait"
-_SLOT = "q4m_listening_{}"
+_SLOT = "q4m_l_{}_{}"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_$.-]+$")
 _ANCHOR_NAME = re.compile(r"^q4m_anchor_[0-9]+_[0-9a-f]+$")
 _PROCESSLIST = table(
@@ -245,42 +250,56 @@ class Anchor:
             self._conn = fairy.dbapi_connection
             take = f"SELECT CONNECTION_ID(), GET_LOCK('{self.name}', 0)"
             self.thread_id = int(self._run(take)[0])
-            self.slot = self._take_slot()
         except BaseException:
             self.close()
             raise
         finally:
             pool.dispose()
-        self.pinged = self.announced = time.monotonic()
+        self.pinged = time.monotonic()
+        #: database -> (the listener slot held for it or None, when it was announced)
+        self.slots: dict[str, tuple[int | None, float]] = {}
 
-    def _take_slot(self) -> int | None:
-        """Take a free ``q4m_listening_<k>`` lock (held with the anchor's connection), so
-        producers see that this process listens; None when all are taken."""
-        for k in random.sample(range(LISTENER_SLOTS), LISTENER_SLOTS):
-            assert self._conn is not None
-            cursor = self._conn.cursor()
-            try:
-                cursor.execute(f"SELECT GET_LOCK('{_SLOT.format(k)}', 0)")
-                row = cursor.fetchone()
-            finally:
-                cursor.close()
-            if row is not None and row[0] == 1:
-                return k
-        logger.info(
-            "all %d listener slots are taken: waits end every %g s",
-            LISTENER_SLOTS,
-            LISTENERS_RECHECK,
-        )
-        return None
+    def announce(self, db: str) -> None:
+        """Take a free listener slot of ``db`` (a lock held with the anchor's connection), so
+        producers there see that this process listens; none when all are taken or the
+        connection fails (then waits stay short, see :meth:`bound`).  With the lock held."""
+        slot: int | None = None
+        try:
+            for k in random.sample(range(LISTENER_SLOTS), LISTENER_SLOTS):
+                assert self._conn is not None
+                cursor = self._conn.cursor()
+                try:
+                    cursor.execute(f"SELECT GET_LOCK('{_slot_name(db, k)}', 0)")
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+                if row is not None and row[0] == 1:
+                    slot = k
+                    break
+            else:
+                logger.info(
+                    "all %d listener slots of %r are taken: waits end every %g s",
+                    LISTENER_SLOTS,
+                    db,
+                    LISTENERS_RECHECK,
+                )
+        except Exception:
+            logger.debug("anchor %s could not take a listener slot", self.name, exc_info=True)
+        self.slots[db] = (slot, time.monotonic())
 
-    def bound(self, seconds: float) -> float:
+    def bound(self, seconds: float, dbs: Iterable[str]) -> float:
         """``seconds``, shortened so that a wait ends within :data:`LISTENERS_RECHECK` of this
-        process announcing itself (a producer may still hold an older "nobody listens"
-        answer until then); always, for an anchor without a slot (producers cannot see it)."""
-        if self.slot is None:
-            return min(seconds, LISTENERS_RECHECK)
-        left = self.announced + LISTENERS_RECHECK - time.monotonic()
-        return seconds if left <= 0 else min(seconds, max(left, 0.01))
+        process announcing itself in any of ``dbs`` (a producer may still hold an older
+        "nobody listens" answer until then); always, without a slot (producers cannot see
+        it)."""
+        now = time.monotonic()
+        for db in dbs:
+            slot, announced = self.slots.get(db, (None, now))
+            if slot is None:
+                seconds = min(seconds, LISTENERS_RECHECK)
+            elif announced + LISTENERS_RECHECK > now:
+                seconds = min(seconds, max(announced + LISTENERS_RECHECK - now, 0.01))
+        return seconds
 
     def _run(self, sql: str) -> Any:
         # sql holds only our own validated name: no parameters, whatever the paramstyle.
@@ -390,6 +409,24 @@ def anchor_for(engine: Engine) -> Anchor:
         return anchor
 
 
+def announce(anchor: Anchor, dbs: Iterable[str]) -> None:
+    """Have ``anchor`` hold a listener slot of each of ``dbs`` (see :meth:`Anchor.announce`)."""
+    with _anchors_lock:
+        for db in dbs:
+            if db not in anchor.slots:
+                anchor.announce(db)
+
+
+def queue_database(sub: Subscription, dialect: Dialect) -> str:
+    """The database of ``sub``'s queue table (the default one for a table without a schema)."""
+    return sub.table.schema or dialect.default_schema_name or ""
+
+
+def _slot_name(db: str, k: int) -> str:
+    """``q4m_l_<digest of db>_<k>``: listener slot ``k`` of database ``db`` (a lock name)."""
+    return _SLOT.format(uuid.uuid5(uuid.NAMESPACE_OID, db).hex[:16], k)
+
+
 def _anchor_lost(engine: Engine, name: str) -> None:
     """A waiter got the anchor lock ``name``: its connection died.  Replace it (once)."""
     with _anchors_lock:
@@ -413,7 +450,10 @@ def listen_wait(conn: Connection, subs: Sequence[Subscription], seconds: float) 
     """
     engine = conn.engine
     anchor = anchor_for(engine)
-    stmt = wait_statement(subs, anchor.name, anchor.bound(seconds), conn.dialect)
+    dbs = {queue_database(sub, conn.dialect) for sub in subs}
+    if not dbs <= anchor.slots.keys():
+        announce(anchor, dbs)
+    stmt = wait_statement(subs, anchor.name, anchor.bound(seconds, dbs), conn.dialect)
     try:
         row = conn.execute(stmt).first()
     except OperationalError as err:
@@ -489,7 +529,7 @@ def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: i
             bind = got if isinstance(got, Engine) else got.engine
         if not isinstance(bind, Engine):
             raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
-        if nobody_listens(bind.dialect):
+        if nobody_listens(bind.dialect, subs):
             return 0
         with bind.connect() as conn:
             return wake_committed(conn, subs, jobs)
@@ -509,7 +549,7 @@ def wake_committed(conn: Connection, subs: Sequence[Subscription], jobs: int) ->
     of the server (one ``IS_USED_LOCK`` statement, see :class:`Anchor`) at most every
     :data:`LISTENERS_RECHECK` seconds per engine; when one does, it is :func:`notify`'s scan.
     ``conn`` is left out of a transaction (rolled back when anything was sent)."""
-    if not listening_supported(conn.dialect) or not listeners_present(conn):
+    if not listening_supported(conn.dialect) or not listeners_present(conn, subs):
         return 0
     try:
         return _wake(conn, subs, jobs + 1)
@@ -518,37 +558,46 @@ def wake_committed(conn: Connection, subs: Sequence[Subscription], jobs: int) ->
             conn.rollback()
 
 
-#: ``COALESCE(IS_USED_LOCK('q4m_listening_0'), ...)``: NULL when no process listens.
-_PRESENCE = select(
-    func.coalesce(
-        *(func.is_used_lock(literal_column(f"'{_SLOT.format(k)}'")) for k in range(LISTENER_SLOTS))
-    )
-)
 _LISTENERS = "listeners"
 
 
-def nobody_listens(dialect: Dialect) -> bool:
-    """True while the last answer of this engine's server, at most
-    :data:`LISTENERS_RECHECK` seconds old, was "no process listens"."""
+def _presence(db: str) -> Select[Any]:
+    """``SELECT COALESCE(IS_USED_LOCK(<slot 0 of db>), ...)``: NULL when no process listens
+    on the queues of ``db``."""
+    names: list[Any] = [literal_column(f"'{_slot_name(db, k)}'") for k in range(LISTENER_SLOTS)]
+    return select(func.coalesce(*(func.is_used_lock(name) for name in names)))
+
+
+def nobody_listens(dialect: Dialect, subs: Sequence[Subscription]) -> bool:
+    """True while the last answers of this engine's server for the databases of ``subs``, at
+    most :data:`LISTENERS_RECHECK` seconds old, were "no process listens" (or where nothing
+    can listen: a Q4M backend, MySQL)."""
     if not listening_supported(dialect):
         return dialect.name in ("mysql", "mariadb") and dialect.server_version_info is not None
     cache = dialect_cache(dialect, _LISTENERS)
-    checked = cache.get("checked")
-    fresh = checked is not None and time.monotonic() - checked < LISTENERS_RECHECK
-    return fresh and not cache["present"]
+    now = time.monotonic()
+    for sub in subs:
+        known = cache.get(queue_database(sub, dialect))
+        if known is None or known[1] or now - known[0] >= LISTENERS_RECHECK:
+            return False
+    return True
 
 
-def listeners_present(conn: Connection) -> bool:
-    """Whether some process listens on ``conn``'s server (holds a listener slot), as asked at
-    most every :data:`LISTENERS_RECHECK` seconds per engine (the answer is cached on its
-    dialect).  Asking leaves ``conn`` in a transaction: the caller ends it."""
+def listeners_present(conn: Connection, subs: Sequence[Subscription]) -> bool:
+    """Whether some process listens on the databases of ``subs`` (holds a listener slot
+    there), as asked at most every :data:`LISTENERS_RECHECK` seconds per engine and
+    database (the answers are cached on its dialect).  Asking leaves ``conn`` in a
+    transaction: the caller ends it."""
     cache = dialect_cache(conn.dialect, _LISTENERS)
-    now = time.monotonic()  # before asking: the answer is at least this old
-    checked = cache.get("checked")
-    if checked is not None and now - checked < LISTENERS_RECHECK:
-        return bool(cache["present"])
-    present = conn.scalar(_PRESENCE) is not None
-    cache["checked"], cache["present"] = now, present
+    present = False
+    for db in {queue_database(sub, conn.dialect) for sub in subs}:
+        now = time.monotonic()  # before asking: the answer is at least this old
+        known = cache.get(db)
+        if known is None or now - known[0] >= LISTENERS_RECHECK:
+            if len(cache) >= 256:
+                cache.clear()
+            known = cache[db] = (now, conn.scalar(_presence(db)) is not None)
+        present = present or known[1]
     return present
 
 

@@ -33,6 +33,7 @@ from sqlalchemy_q4m.functions import subscriptions
 from sqlalchemy_q4m.notify import LISTENERS_RECHECK
 from sqlalchemy_q4m.notify import _like_pattern
 from sqlalchemy_q4m.notify import anchor_for
+from sqlalchemy_q4m.notify import announce
 from sqlalchemy_q4m.notify import listen_wait
 from sqlalchemy_q4m.notify import listening_supported
 from sqlalchemy_q4m.notify import notify
@@ -154,7 +155,9 @@ def settled(engine: Engine) -> None:
     """Wait until this process has listened for longer than ``LISTENERS_RECHECK``: its waits
     then last their full ``listen`` (before, they end by then; see ``Anchor.bound``)."""
     anchor = anchor_for(engine)
-    time.sleep(max(0.0, anchor.announced + LISTENERS_RECHECK - time.monotonic()))
+    announce(anchor, [engine.url.database or ""])
+    announced = anchor.slots[engine.url.database or ""][1]
+    time.sleep(max(0.0, announced + LISTENERS_RECHECK - time.monotonic()))
 
 
 def until(check: Any, limit: float = 5.0) -> None:

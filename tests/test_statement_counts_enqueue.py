@@ -34,6 +34,7 @@ from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.loading import dialect_cache
 from sqlalchemy_q4m.notify import anchor_for
+from sqlalchemy_q4m.notify import announce
 from sqlalchemy_q4m.notify import listening_supported
 from sqlalchemy_q4m.types import new_job_id
 
@@ -126,6 +127,13 @@ def recheck_rarely(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- MariaDB (portable) ----------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def db_url(server_url: URL) -> Iterator[URL]:
+    """A database of this module's own: no other test's listener holds its slots."""
+    with private_database(server_url, "q4m_counts") as url:
+        yield url
+
+
 @pytest.fixture
 def portable(db_url: URL) -> Iterator[Engine]:
     eng = counting_engine(db_url)
@@ -158,7 +166,7 @@ def test_whether_anybody_listens_is_asked_once_per_recheck_period(
     time.sleep(0.35)
     sent = record(lambda: enqueue(portable, jobs, [{"n": 1}]))
     assert kinds(sent) == ["INSERT", "COMMIT", "SELECT", "ROLLBACK"]
-    assert "is_used_lock('q4m_listening_0')" in sent[2].lower()
+    assert "is_used_lock('q4m_l_" in sent[2].lower()
     started = time.monotonic()
     sent = record(lambda: enqueue(portable, jobs, [{"n": 2}]))
     if time.monotonic() - started < 0.3:  # within the period: the answer is reused
@@ -173,7 +181,8 @@ def test_with_a_listening_process_each_job_wakes_by_one_scan(portable: Engine, d
     enqueue(portable, jobs, [{"n": 0}])  # "nobody listens", trusted for 60 s
     listener = create_engine(db_url)
     try:
-        anchor_for(listener)  # a process starts listening: it holds a listener slot
+        anchor = anchor_for(listener)  # a process starts listening on this database:
+        announce(anchor, [db_url.database or ""])  # it holds one of its listener slots
         dialect_cache(portable.dialect, "listeners").clear()  # as after the recheck period
         # the warm-up call asks once; then per job: the waiter scan (no waiter: no KILL) and
         # the ROLLBACK ending it, on the producer's own connection
