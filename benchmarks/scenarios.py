@@ -59,6 +59,8 @@ class Settings:
 
     enqueue_jobs: int = 20_000
     enqueue_single_jobs: int = 1_000
+    #: One-job-per-call rows sit near their target and the machine is shared: more repeats.
+    single_repeats: int = 5
     consume_jobs: int = 5_000
     concurrency: tuple[int, ...] = (1, 2, 4, 8)
     repeats: int = 3
@@ -96,6 +98,7 @@ class Settings:
         return cls(
             enqueue_jobs=200,
             enqueue_single_jobs=20,
+            single_repeats=1,
             consume_jobs=40,
             repeats=1,
             consume_repeats=1,
@@ -113,6 +116,7 @@ class Settings:
         return cls(
             enqueue_jobs=2_000,
             enqueue_single_jobs=100,
+            single_repeats=1,
             consume_jobs=300,
             repeats=1,
             consume_repeats=1,
@@ -207,6 +211,40 @@ def _enqueue_producer(url: URL, count: int) -> float:
         engine.dispose()
 
 
+def _enqueue_single(url: URL, count: int) -> float:
+    """``enqueue(engine, BenchJob, [row])`` once per job: a producer of one job per call."""
+    engine = library_engine(url)
+    try:
+        _truncate(url)
+        rows = [{"payload": f"job {i}", "enqueued_at": 0.0} for i in range(count)]
+        enqueue_jobs(engine, BenchJob, rows[:1])  # warm: connected, detected, compiled
+        start = time.perf_counter()
+        for row in rows:
+            enqueue_jobs(engine, BenchJob, [row])
+        return count / (time.perf_counter() - start)
+    finally:
+        engine.dispose()
+
+
+def _enqueue_single_raw(url: URL, count: int, native: bool) -> float:
+    """The raw producer of one job per call: INSERT + COMMIT, or on Q4M (no transactions)
+    one INSERT with autocommit, as a raw user would write it."""
+    _truncate(url)
+    conn = raw_connect(url)
+    try:
+        conn.autocommit(native)
+        rows = [(new_job_id().bytes, f"job {i}", 0.0) for i in range(count)]
+        start = time.perf_counter()
+        with conn.cursor() as cur:
+            for row in rows:
+                cur.execute(RAW_INSERT, row)
+                if not native:
+                    conn.commit()
+        return count / (time.perf_counter() - start)
+    finally:
+        conn.close()
+
+
 def _enqueue_raw(url: URL, count: int, bulk: bool, native: bool = False) -> float:
     """The raw producer: ``executemany`` (or one INSERT per job) and a COMMIT each; on Q4M
     with autocommit on and no COMMIT, as a raw user would (Q4M has no transactions)."""
@@ -268,6 +306,25 @@ def enqueue(url: URL, s: Settings, report: Report, progress: Progress) -> None:
             raw,
             "jobs/s",
             note="informational, no target: the library's producer is `enqueue()`, above",
+        )
+    )
+    native = s.native
+    raw, lib = _alternate(
+        s.single_repeats,
+        lambda: _enqueue_single_raw(url, s.enqueue_single_jobs, native),
+        lambda: _enqueue_single(url, s.enqueue_single_jobs),
+    )
+    raw_loop = "INSERT (autocommit; Q4M)" if native else "INSERT + COMMIT"
+    report.rows.append(
+        Row(
+            "enqueue",
+            f"one job per call: `enqueue(engine, BenchJob, [row])` vs raw {raw_loop} per job",
+            lib,
+            raw,
+            "jobs/s",
+            ">= 0.85",
+            lib / raw >= 0.85,
+            note="statements per job as the raw loop's (tests/test_statement_counts_enqueue.py)",
         )
     )
     lib, raw = _alternate(

@@ -14,6 +14,8 @@ the chunk goes through :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, s
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import re
 import time
 import uuid
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from collections.abc import Mapping
 from dataclasses import dataclass
+from dataclasses import field
 from operator import itemgetter
 from typing import TYPE_CHECKING
 from typing import Any
@@ -36,6 +39,7 @@ from sqlalchemy import inspect
 from sqlalchemy import literal_column
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
@@ -48,10 +52,14 @@ from .ddl import JOB_ID_INFO_KEY
 from .exc import OptionError
 from .exc import Q4MError
 from .exc import RowError
+from .functions import Subscription
 from .functions import subscriptions
 from .loading import DriverSQL
+from .loading import _dbapi_error as dbapi_error
 from .loading import dialect_cache
-from .notify import notify_committed
+from .loading import driver_level
+from .notify import nobody_listens
+from .notify import wake_committed
 from .retry import RUN_AT
 from .types import new_job_id
 
@@ -59,6 +67,8 @@ if TYPE_CHECKING:
     from .unique import Unique
 
 __all__ = ["CHUNK_SIZE", "enqueue"]
+
+notify_logger = logging.getLogger("sqlalchemy_q4m.notify")
 
 #: Rows sent per ``executemany`` (PyMySQL further splits them by statement length).
 CHUNK_SIZE = 1000
@@ -150,12 +160,7 @@ def enqueue(
         return []
     run_at = None if delay is None else _run_at(shape, delay)
     if isinstance(bind, Engine):
-        with bind.begin() as conn:
-            _check_sizes(conn, groups)
-            ids = _send(conn, shape, groups, run_at, chunk_size)
-        if notify and delay is None and ids:  # after the commit: a wake before it is lost
-            notify_committed(bind, target, jobs=len(ids))
-        return ids
+        return _produce(bind, sub, shape, groups, run_at, chunk_size, notify and delay is None)
     if isinstance(bind, Session):
         if shape.mapper is not None:
             conn = bind.connection(bind_arguments={"mapper": shape.mapper})
@@ -165,6 +170,188 @@ def enqueue(
         return _send(conn, shape, groups, run_at, chunk_size)
     _check_sizes(bind, groups)
     return _send(bind, shape, groups, run_at, chunk_size)
+
+
+def _produce(
+    engine: Engine,
+    sub: Subscription,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+    wake: bool,
+) -> list[uuid.UUID]:
+    """An Engine-bound :func:`enqueue`: on ONE connection the rows' ``INSERT``\\ s, then their
+    ``COMMIT`` when the server has a transaction open (not after rows of a Q4M table: they
+    are durable at once and open none), then (``wake``)
+    :func:`~sqlalchemy_q4m.notify.wake_committed`, which sends nothing when no process
+    listens; the connection goes back to the pool without the pool's reset-on-return
+    ``ROLLBACK``, as nothing is left to roll back.  One job costs what a raw producer's
+    ``INSERT`` + ``COMMIT`` (or, on Q4M, its autocommitted ``INSERT``) does."""
+    if not (wake and not nobody_listens(engine.dialect, [sub])) and _unobserved(engine, groups):
+        produced = _produce_on_pool(engine, shape, groups, run_at, chunk_size)
+        if produced is not None:
+            return produced
+    conn = engine.connect()
+    try:
+        _check_sizes(conn, groups)
+        ids, chunks = _prepare(conn.dialect, shape, groups, run_at, chunk_size)
+        dbapi_conn = conn.connection.dbapi_connection
+        if not conn.in_transaction() and driver_level(conn) and _open(dbapi_conn) is not None:
+            for plan, params in chunks:  # in the server's implicit transaction, if any
+                _run_bare(conn, dbapi_conn, plan.sql.sql, params)
+            if _open(dbapi_conn):  # rows of a transactional table: commit them
+                conn.begin()  # sends nothing: SQLAlchemy's view (and its events) stay exact
+                conn.commit()
+        else:  # in a transaction (begun by the size check, or now)
+            for plan, params in chunks:
+                plan.sql.run_many(conn, params)
+            conn.commit()
+        if wake:  # after the commit: a wake before it is lost
+            try:
+                wake_committed(conn, [sub], len(ids))
+            except DBAPIError as err:
+                notify_logger.warning(
+                    "notify: %d committed job(s) wait for the consumers' listen timeout: "
+                    "waking them failed: %s",
+                    len(ids),
+                    err,
+                )
+    except BaseException:
+        conn.close()
+        raise
+    _close_committed(conn)
+    return ids
+
+
+def _unobserved(engine: Engine, groups: list[_Group]) -> bool:
+    """Whether nothing would see a :class:`~sqlalchemy.Connection` at work (no connection
+    events, no echo or ``sqlalchemy.engine`` logging, no ``handle_error``) and no row needs
+    its size checked: then :func:`_produce_on_pool` may do without one."""
+    if getattr(engine, "_has_events", True) or engine.dialect.dispatch.handle_error:
+        return False
+    if engine.logger.isEnabledFor(logging.INFO):
+        return False
+    return not any(g.large for g in groups)
+
+
+def _produce_on_pool(
+    engine: Engine,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+) -> list[uuid.UUID] | None:
+    """:func:`_produce` on the pool's connection directly, when nothing observes a
+    :class:`~sqlalchemy.Connection` (:func:`_unobserved`): the same statements, a third of
+    the client's work per call.  None (nothing sent) for a driver that does not tell
+    whether a transaction is open."""
+    dialect = engine.dialect
+    ids, chunks = _prepare(dialect, shape, groups, run_at, chunk_size)
+    fairy = engine.raw_connection()
+    dbapi_conn: Any = fairy.dbapi_connection
+    if _open(dbapi_conn) is None:
+        fairy.close()
+        return None
+    sql: str | None = None
+    params: Any = None
+    cursor: Any = None
+    try:
+        cursor = dbapi_conn.cursor()
+        for plan, params in chunks:  # in the server's implicit transaction, if any
+            sql = plan.sql.sql
+            if len(params) == 1:
+                cursor.execute(sql, params[0])  # the driver's cheaper call for one row
+            else:
+                cursor.executemany(sql, params)
+        sql, params = "COMMIT", None
+        if _open(dbapi_conn):  # rows of a transactional table: commit them
+            dbapi_conn.commit()
+    except Exception as err:
+        dbapi = dialect.loaded_dbapi
+        if not isinstance(err, dbapi.Error):
+            fairy.close()  # the pool rolls back
+            raise
+        lost = dialect.is_disconnect(err, dbapi_conn, cursor)
+        wrapped = DBAPIError.instance(
+            sql, params, err, dbapi.Error, connection_invalidated=lost, dialect=dialect
+        )
+        if lost:
+            fairy.invalidate(err)
+        fairy.close()
+        raise wrapped from err
+    except BaseException:
+        fairy.invalidate()  # interrupted mid-statement: the protocol state is unknown
+        fairy.close()
+        raise
+    finally:
+        if cursor is not None:
+            with contextlib.suppress(Exception):
+                cursor.close()
+    _checkin_clean(fairy)
+    return ids
+
+
+def _checkin_clean(fairy: Any) -> None:
+    """Return the pool's connection ``fairy``, out of a transaction, without the pool's
+    reset-on-return ``ROLLBACK`` (see :func:`_close_committed`)."""
+    close_special = getattr(fairy, "_close_special", None)
+    if callable(close_special):
+        close_special(transaction_reset=True)
+    else:  # pragma: no cover - another SQLAlchemy's pool
+        fairy.close()
+
+
+#: PyMySQL's ``server_status`` bit: the server has a transaction open on the connection.
+_IN_TRANS = 1
+
+
+def _open(dbapi_conn: Any) -> bool | None:
+    """Whether the server said (in its last reply) that a transaction is open on
+    ``dbapi_conn``; None for a driver that does not tell (then the rows are committed)."""
+    status = getattr(dbapi_conn, "server_status", None)
+    if isinstance(status, bool) or not isinstance(status, int):
+        return None
+    return bool(status & _IN_TRANS)
+
+
+def _run_bare(conn: Connection, dbapi_conn: Any, sql: str, params: list[Any]) -> None:
+    """``executemany`` on a cursor of ``conn`` with no SQLAlchemy transaction begun (see
+    :func:`_produce`); DBAPI errors raised as SQLAlchemy's, as executing would."""
+    cursor = dbapi_conn.cursor()
+    try:
+        cursor.executemany(sql, params)
+    except Exception as err:
+        wrapped = dbapi_error(conn, err, sql, params, cursor)
+        if wrapped is None:
+            raise
+        raise wrapped from err
+    except BaseException:
+        conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
+        raise
+    finally:
+        cursor.close()
+
+
+def _close_committed(conn: Connection) -> None:
+    """Close ``conn``, out of a transaction since its last ``COMMIT`` or ``ROLLBACK``,
+    without the pool's reset-on-return ``ROLLBACK`` (there is nothing to roll back): what
+    :meth:`~sqlalchemy.Connection.close` does itself after it rolled a transaction back.
+    SQLAlchemy has no public spelling of it; without the pool method, a plain close."""
+    fairy = conn.connection if not conn.closed and not conn.invalidated else None
+    close_special = getattr(fairy, "_close_special", None)
+    if conn.in_transaction() or not callable(close_special):
+        conn.close()
+        return
+    counter = getattr(fairy, "_counter", None)
+    if not isinstance(counter, int) or counter != 1:
+        conn.close()
+        return
+    fairy._counter = 2  # type: ignore[union-attr]  # conn.close() leaves the checkin to us
+    try:
+        conn.close()
+    finally:
+        close_special(transaction_reset=True)
 
 
 def _run_at(shape: _Shape, delay: float | None) -> int:
@@ -205,6 +392,8 @@ class _Shape:
     defaults: dict[str, Any]  # column key -> value the mapper implies (polymorphic identity)
     checks: dict[str, ColumnCheck | None]  # by row key: how its values are checked
     sized: frozenset[str]  # row keys whose values may be large (long text, blobs, unknown)
+    #: key sets (and whether delayed) that passed :func:`_check_keys`: checked once each
+    valid_keys: set[tuple[frozenset[str], bool]] = field(default_factory=set)
 
 
 _SHAPES: dict[Any, _Shape] = {}
@@ -281,7 +470,10 @@ def _groups(shape: _Shape, rows: Iterable[Any], delayed: bool) -> list[_Group]:
             if groups:
                 _check_values(shape, groups[-1])
             keys = frozenset(row.keys())
-            _check_keys(shape, keys, number, delayed)
+            if (keys, delayed) not in shape.valid_keys:  # refused sets raise: never kept
+                _check_keys(shape, keys, number, delayed)
+                if len(shape.valid_keys) < 64:
+                    shape.valid_keys.add((keys, delayed))
             current = []
             groups.append(_Group(keys, number, current))
         current.append(row)
@@ -537,17 +729,30 @@ def _send(
     run_at: int | None,
     chunk_size: int,
 ) -> list[uuid.UUID]:
+    ids, chunks = _prepare(conn.dialect, shape, groups, run_at, chunk_size)
+    for plan, params in chunks:
+        plan.sql.run_many(conn, params)
+    return ids
+
+
+def _prepare(
+    dialect: Dialect,
+    shape: _Shape,
+    groups: list[_Group],
+    run_at: int | None,
+    chunk_size: int,
+) -> tuple[list[uuid.UUID], list[tuple[_Plan, list[Any]]]]:
+    """The new job ids and each chunk's plan and parameters: every row's parameters are
+    made before anything is sent (a failing default sends nothing)."""
     ids: list[uuid.UUID] = []
     chunks: list[tuple[_Plan, list[Any]]] = []
-    for group in groups:  # every row's parameters first: a failing default sends nothing
-        plan = _plan_for(shape, group, run_at is not None, conn.dialect)
+    for group in groups:
+        plan = _plan_for(shape, group, run_at is not None, dialect)
         rows = group.rows
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             chunks.append((plan, _params(plan, chunk, run_at, ids, group.first + start)))
-    for plan, params in chunks:
-        plan.sql.run_many(conn, params)
-    return ids
+    return ids, chunks
 
 
 def _params(

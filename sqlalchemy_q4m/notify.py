@@ -28,6 +28,16 @@ the transaction the queue session began) runs::
   ``information_schema.PROCESSLIST`` and interrupts ``jobs + 1`` of them with
   ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A
   wake sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
+* Producers skip the scan while no process listens.  Each anchor also holds one of
+  :data:`LISTENER_SLOTS` named locks ``q4m_l_<database digest>_<k>`` per database whose
+  queues it waits on; after its commit, the wake of an
+  Engine-bound ``enqueue()`` (:func:`wake_committed`, also :func:`notify_committed`) asks
+  ``SELECT COALESCE(IS_USED_LOCK('q4m_l_<digest>_0'), ...)`` at most every
+  :data:`LISTENERS_RECHECK` seconds per engine and sends nothing while none is held.  A
+  producer may thus act on an answer up to that old: a process that has just made its anchor
+  ends each wait within :data:`LISTENERS_RECHECK` of taking its slot (an anchor without a slot,
+  all being taken, always does), so a job committed meanwhile is claimed then, not after
+  ``T``.  Explicit :func:`notify` calls always scan.
 * ``GET_LOCK`` returning 1 means the anchor connection died and the waiter got its lock: it
   releases it and a new anchor is made.  A kill landing just before the wait starts (error
   1317) or on the claim right after it is retried like a deadlock.
@@ -54,6 +64,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterable
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,7 +101,18 @@ from .loading import claim_statement
 from .loading import dialect_cache
 from .server import backend_for_dialect
 
-__all__ = ["listen_wait", "listening_supported", "notify", "notify_committed", "wait_statement"]
+__all__ = [
+    "announce",
+    "listen_wait",
+    "listeners_present",
+    "listening_supported",
+    "nobody_listens",
+    "notify",
+    "notify_committed",
+    "queue_database",
+    "wait_statement",
+    "wake_committed",
+]
 
 logger = logging.getLogger("sqlalchemy_q4m.notify")
 
@@ -100,8 +122,17 @@ UNKNOWN_QUERY_ID = 1957
 NOT_OWNER = (1095, 1979)
 #: Seconds between two pings of an idle anchor connection (against ``wait_timeout``).
 ANCHOR_PING = 300.0
+#: Seconds a producer trusts a "no process listens" answer before it asks the server again;
+#: a process that starts listening ends its waits within this long (see :class:`Anchor`), so
+#: a producer's stale answer can delay a pickup by this much, never lose a wake-up.
+LISTENERS_RECHECK = 0.25
+#: Named locks ``q4m_l_<database digest>_<k>``: a listening process holds one per database
+#: whose queues it waits on (its anchor does), so a producer learns whether anybody listens
+#: there from one ``IS_USED_LOCK`` statement.
+LISTENER_SLOTS = 64
 
 _TAG = "/* q4m:wait"
+_SLOT = "q4m_l_{}_{}"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_$.-]+$")
 _ANCHOR_NAME = re.compile(r"^q4m_anchor_[0-9]+_[0-9a-f]+$")
 _PROCESSLIST = table(
@@ -225,6 +256,50 @@ class Anchor:
         finally:
             pool.dispose()
         self.pinged = time.monotonic()
+        #: database -> (the listener slot held for it or None, when it was announced)
+        self.slots: dict[str, tuple[int | None, float]] = {}
+
+    def announce(self, db: str) -> None:
+        """Take a free listener slot of ``db`` (a lock held with the anchor's connection), so
+        producers there see that this process listens; none when all are taken or the
+        connection fails (then waits stay short, see :meth:`bound`).  With the lock held."""
+        slot: int | None = None
+        try:
+            for k in random.sample(range(LISTENER_SLOTS), LISTENER_SLOTS):
+                assert self._conn is not None
+                cursor = self._conn.cursor()
+                try:
+                    cursor.execute(f"SELECT GET_LOCK('{_slot_name(db, k)}', 0)")
+                    row = cursor.fetchone()
+                finally:
+                    cursor.close()
+                if row is not None and row[0] == 1:
+                    slot = k
+                    break
+            else:
+                logger.info(
+                    "all %d listener slots of %r are taken: waits end every %g s",
+                    LISTENER_SLOTS,
+                    db,
+                    LISTENERS_RECHECK,
+                )
+        except Exception:
+            logger.debug("anchor %s could not take a listener slot", self.name, exc_info=True)
+        self.slots[db] = (slot, time.monotonic())
+
+    def bound(self, seconds: float, dbs: Iterable[str]) -> float:
+        """``seconds``, shortened so that a wait ends within :data:`LISTENERS_RECHECK` of this
+        process announcing itself in any of ``dbs`` (a producer may still hold an older
+        "nobody listens" answer until then); always, without a slot (producers cannot see
+        it)."""
+        now = time.monotonic()
+        for db in dbs:
+            slot, announced = self.slots.get(db, (None, now))
+            if slot is None:
+                seconds = min(seconds, LISTENERS_RECHECK)
+            elif announced + LISTENERS_RECHECK > now:
+                seconds = min(seconds, max(announced + LISTENERS_RECHECK - now, 0.01))
+        return seconds
 
     def _run(self, sql: str) -> Any:
         # sql holds only our own validated name: no parameters, whatever the paramstyle.
@@ -334,6 +409,24 @@ def anchor_for(engine: Engine) -> Anchor:
         return anchor
 
 
+def announce(anchor: Anchor, dbs: Iterable[str]) -> None:
+    """Have ``anchor`` hold a listener slot of each of ``dbs`` (see :meth:`Anchor.announce`)."""
+    with _anchors_lock:
+        for db in dbs:
+            if db not in anchor.slots:
+                anchor.announce(db)
+
+
+def queue_database(sub: Subscription, dialect: Dialect) -> str:
+    """The database of ``sub``'s queue table (the default one for a table without a schema)."""
+    return sub.table.schema or dialect.default_schema_name or ""
+
+
+def _slot_name(db: str, k: int) -> str:
+    """``q4m_l_<digest of db>_<k>``: listener slot ``k`` of database ``db`` (a lock name)."""
+    return _SLOT.format(uuid.uuid5(uuid.NAMESPACE_OID, db).hex[:16], k)
+
+
 def _anchor_lost(engine: Engine, name: str) -> None:
     """A waiter got the anchor lock ``name``: its connection died.  Replace it (once)."""
     with _anchors_lock:
@@ -357,7 +450,10 @@ def listen_wait(conn: Connection, subs: Sequence[Subscription], seconds: float) 
     """
     engine = conn.engine
     anchor = anchor_for(engine)
-    stmt = wait_statement(subs, anchor.name, seconds, conn.dialect)
+    dbs = {queue_database(sub, conn.dialect) for sub in subs}
+    if not dbs <= anchor.slots.keys():
+        announce(anchor, dbs)
+    stmt = wait_statement(subs, anchor.name, anchor.bound(seconds, dbs), conn.dialect)
     try:
         row = conn.execute(stmt).first()
     except OperationalError as err:
@@ -412,11 +508,31 @@ def notify(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) ->
 
 
 def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: int = 1) -> int:
-    """:func:`notify` for a producer whose jobs are committed already: a database error while
-    waking is logged, not raised (raising would look like a failed enqueue, and retrying it
-    would enqueue the jobs twice); listening consumers then take them within ``listen``."""
+    """:func:`notify` for a producer whose jobs are committed already, without its
+    ``PROCESSLIST`` scan when no process listens (:func:`wake_committed`); a database error
+    while waking is logged, not raised (raising would look like a failed enqueue, and retrying
+    it would enqueue the jobs twice); listening consumers then take them within ``listen``."""
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise Q4MError(f"jobs must be a positive integer, not {jobs!r}")
+    subs = subscriptions(targets)
     try:
-        return notify(bind, *targets, jobs=jobs)
+        if isinstance(bind, Connection):
+            if bind.in_transaction():
+                raise Q4MError(
+                    "notify() after the commit: the Connection is still in a transaction"
+                )
+            return wake_committed(bind, subs, jobs)
+        if isinstance(bind, Session):
+            if bind.in_transaction():
+                raise Q4MError("notify() after the commit: the Session is still in a transaction")
+            got = bind.get_bind(mapper=subs[0].target if subs[0].is_orm else None)
+            bind = got if isinstance(got, Engine) else got.engine
+        if not isinstance(bind, Engine):
+            raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
+        if nobody_listens(bind.dialect, subs):
+            return 0
+        with bind.connect() as conn:
+            return wake_committed(conn, subs, jobs)
     except DBAPIError as err:
         logger.warning(
             "notify: %d committed job(s) wait for the consumers' listen timeout: waking "
@@ -425,6 +541,64 @@ def notify_committed(bind: Engine | Connection | Session, *targets: Any, jobs: i
             err,
         )
         return 0
+
+
+def wake_committed(conn: Connection, subs: Sequence[Subscription], jobs: int) -> int:
+    """Wake waiters on ``subs`` for ``jobs`` jobs committed on ``conn`` (out of a transaction);
+    how many were woken.  Sends nothing when no process listens: whether one does is asked
+    of the server (one ``IS_USED_LOCK`` statement, see :class:`Anchor`) at most every
+    :data:`LISTENERS_RECHECK` seconds per engine; when one does, it is :func:`notify`'s scan.
+    ``conn`` is left out of a transaction (rolled back when anything was sent)."""
+    if not listening_supported(conn.dialect) or not listeners_present(conn, subs):
+        return 0
+    try:
+        return _wake(conn, subs, jobs + 1)
+    finally:
+        if conn.in_transaction():
+            conn.rollback()
+
+
+_LISTENERS = "listeners"
+
+
+def _presence(db: str) -> Select[Any]:
+    """``SELECT COALESCE(IS_USED_LOCK(<slot 0 of db>), ...)``: NULL when no process listens
+    on the queues of ``db``."""
+    names: list[Any] = [literal_column(f"'{_slot_name(db, k)}'") for k in range(LISTENER_SLOTS)]
+    return select(func.coalesce(*(func.is_used_lock(name) for name in names)))
+
+
+def nobody_listens(dialect: Dialect, subs: Sequence[Subscription]) -> bool:
+    """True while the last answers of this engine's server for the databases of ``subs``, at
+    most :data:`LISTENERS_RECHECK` seconds old, were "no process listens" (or where nothing
+    can listen: a Q4M backend, MySQL)."""
+    if not listening_supported(dialect):
+        return dialect.name in ("mysql", "mariadb") and dialect.server_version_info is not None
+    cache = dialect_cache(dialect, _LISTENERS)
+    now = time.monotonic()
+    for sub in subs:
+        known = cache.get(queue_database(sub, dialect))
+        if known is None or known[1] or now - known[0] >= LISTENERS_RECHECK:
+            return False
+    return True
+
+
+def listeners_present(conn: Connection, subs: Sequence[Subscription]) -> bool:
+    """Whether some process listens on the databases of ``subs`` (holds a listener slot
+    there), as asked at most every :data:`LISTENERS_RECHECK` seconds per engine and
+    database (the answers are cached on its dialect).  Asking leaves ``conn`` in a
+    transaction: the caller ends it."""
+    cache = dialect_cache(conn.dialect, _LISTENERS)
+    present = False
+    for db in {queue_database(sub, conn.dialect) for sub in subs}:
+        now = time.monotonic()  # before asking: the answer is at least this old
+        known = cache.get(db)
+        if known is None or now - known[0] >= LISTENERS_RECHECK:
+            if len(cache) >= 256:
+                cache.clear()
+            known = cache[db] = (now, conn.scalar(_presence(db)) is not None)
+        present = present or known[1]
+    return present
 
 
 def _wake(conn: Connection, subs: Sequence[Subscription], wanted: int) -> int:

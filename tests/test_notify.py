@@ -30,8 +30,10 @@ from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.functions import subscriptions
+from sqlalchemy_q4m.notify import LISTENERS_RECHECK
 from sqlalchemy_q4m.notify import _like_pattern
 from sqlalchemy_q4m.notify import anchor_for
+from sqlalchemy_q4m.notify import announce
 from sqlalchemy_q4m.notify import listen_wait
 from sqlalchemy_q4m.notify import listening_supported
 from sqlalchemy_q4m.notify import notify
@@ -149,6 +151,15 @@ def waiting(engine: Engine, table: str = "tn_jobs") -> bool:
     return bool(found)
 
 
+def settled(engine: Engine) -> None:
+    """Wait until this process has listened for longer than ``LISTENERS_RECHECK``: its waits
+    then last their full ``listen`` (before, they end by then; see ``Anchor.bound``)."""
+    anchor = anchor_for(engine)
+    announce(anchor, [engine.url.database or ""])
+    announced = anchor.slots[engine.url.database or ""][1]
+    time.sleep(max(0.0, announced + LISTENERS_RECHECK - time.monotonic()))
+
+
 def until(check: Any, limit: float = 5.0) -> None:
     deadline = time.monotonic() + limit
     while not check():
@@ -189,6 +200,7 @@ def test_a_notified_job_is_picked_up_at_once(db: Engine) -> None:
 
 @pytest.mark.integration
 def test_without_notify_the_job_waits_for_the_listen_timeout(db: Engine) -> None:
+    settled(db)
     consumer = Consumer(db, timeout=5, listen=0.5)
     consumer.start()
     until(lambda: waiting(db))
@@ -287,6 +299,7 @@ def test_an_idle_listening_consumer_sends_two_statements_per_listen(
     with engine.connect() as conn:  # connect and detect first: only the waits are counted
         conn.execution_options(isolation_level="READ COMMITTED")
         queue_session(jobs, bind=conn, timeout=0).wait()
+        settled(engine)
         statements.clear()
         started = time.monotonic()
         assert queue_session(jobs, bind=conn, timeout=2, listen=0.5).wait() is None
@@ -385,6 +398,7 @@ def test_an_engine_bound_enqueue_notifies_after_its_commit(db: Engine) -> None:
     enqueue(db, jobs, [{"n": 1}])
     consumer.join(5)
     assert consumer.got is not None and consumer.got - started < WOKEN
+    settled(db)
     consumer = Consumer(db, timeout=10, listen=0.5)
     consumer.start()
     until(lambda: waiting(db))
