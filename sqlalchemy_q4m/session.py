@@ -9,11 +9,14 @@
 
 What ``bind`` means:
 
-* an :class:`~sqlalchemy.Engine`: a connection is checked out for this one job and returned
-  only once the job is ended or aborted; :attr:`QueueSession.session` is an ORM session on it.
+* an :class:`~sqlalchemy.Engine`: a consumer connection of the engine, kept ready between
+  queue sessions (:mod:`~sqlalchemy_q4m.backends.pinned`: no isolation change or pool reset
+  per job), owns the job until it is ended or aborted; :attr:`QueueSession.session` is an ORM
+  session on it.
 * a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); a
-  transaction this queue session begins claims in READ COMMITTED (no gap locks), an open one
-  is joined, not committed (refused when it is REPEATABLE READ, and on Q4M at all).
+  transaction this queue session begins claims in READ COMMITTED (no gap locks; ``SET
+  TRANSACTION`` first unless the connection is READ COMMITTED already), an open one is joined,
+  not committed (refused when it is REPEATABLE READ, and on Q4M at all).
 * an ORM :class:`~sqlalchemy.orm.Session`: on the portable backend the claim happens in the
   session's transaction, so the job's removal commits atomically with the block's writes
   (do not commit it inside the block).  On Q4M, which has no transactions, the job is owned on
@@ -22,7 +25,10 @@ What ``bind`` means:
   rolled back and the job returned.
 
 On Q4M the job's writes always commit before ``queue_end()``, which is durable at once (a crash
-in between runs the job again, never loses it).  A connection owns one job at a time
+in between runs the job again, never loses it).  The consumer's connection runs in the driver's
+autocommit there (:func:`~sqlalchemy_q4m.backends.base.autocommit_for_queue`), so a job that
+writes nothing sends no COMMIT, and one that does writes in a transaction of its own (``BEGIN``
+... ``COMMIT``).  A connection owns one job at a time
 (:class:`~sqlalchemy_q4m.exc.AlreadyOwning`), and ending the transaction that holds a portable
 claim inside the block raises :class:`~sqlalchemy_q4m.exc.OwnershipReleased`.
 """

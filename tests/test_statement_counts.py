@@ -28,6 +28,7 @@ from pymysql.constants import COMMAND
 from sqlalchemy import Engine
 from sqlalchemy import Integer
 from sqlalchemy import create_engine
+from sqlalchemy import event
 from sqlalchemy import insert
 from sqlalchemy import make_url
 from sqlalchemy import select
@@ -177,13 +178,25 @@ def _counting_engine(url: URL, log: Log) -> Engine:
 
 
 def _run_sync(
-    name: str, url: URL, bind_kind: str, write: bool = False, level: str = "READ COMMITTED"
+    name: str,
+    url: URL,
+    bind_kind: str,
+    write: bool = False,
+    level: str = "READ COMMITTED",
+    seen: list[str] | None = None,
 ) -> list[str]:
     """The statements of each of 100 jobs (after a warm-up job) consumed with a ``bind_kind``
-    bind; with ``write``, each job inserts an ``Effect`` through ``qs.session``."""
+    bind; with ``write``, each job inserts an ``Effect`` through ``qs.session``; with
+    ``seen``, a ``before_cursor_execute`` listener appends every statement it sees."""
     log = Log()
     eng = _counting_engine(url, log)
     use_backend(eng, name)  # type: ignore[arg-type]
+    if seen is not None:
+
+        @event.listens_for(eng, "before_cursor_execute")
+        def _seen(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+            seen.append(_describe(COMMAND.COM_QUERY, sql))
+
     _fill(url, JOBS + 1)
     done: list[int] = []
     conn = None
@@ -253,6 +266,26 @@ def test_a_job_writing_through_its_session(tables: tuple[str, URL], bind_kind: s
         ],
     }
     assert _run_sync(name, url, bind_kind, write=True) == expected[name]
+
+
+@pytest.mark.parametrize("bind_kind", SYNC_BINDS)
+def test_statement_listeners_still_see_every_statement(
+    tables: tuple[str, URL], bind_kind: str
+) -> None:
+    """With a statement listener (tracing, say) the library's statements go through
+    ``exec_driver_sql`` so that it sees them.  Autobegin then begins a transaction for them,
+    so on Q4M the connection stays out of autocommit and each job commits before and after
+    ``queue_end()``, as before this optimisation; on InnoDB nothing changes."""
+    name, url = tables
+    seen: list[str] = []
+    sent = _run_sync(name, url, bind_kind, seen=seen)
+    expected = {
+        "portable": RAW["portable"],
+        "native": [*RAW["native"][:2], "COMMIT", RAW["native"][2], "COMMIT"],
+    }
+    assert sent == expected[name]
+    library = [s.split("(")[0] for s in sent if s != "COMMIT"]  # before parameters
+    assert [s.split("(")[0] for s in seen[-len(library) :]] == library
 
 
 def test_a_repeatable_read_connection_pays_one_set_transaction(tables: tuple[str, URL]) -> None:

@@ -24,6 +24,7 @@ from ..exc import ConnectionLost
 from ..functions import Subscription
 from ..loading import AUTOCOMMIT_KEY
 from ..loading import Loader
+from ..loading import driver_level
 from ..loading import on_driver
 from ..server import BackendName
 
@@ -205,13 +206,17 @@ def _on_reset(dbapi_conn: Any, record: Any, state: Any) -> None:
 def autocommit_for_queue(conn: Connection) -> bool:
     """Put ``conn``'s DBAPI connection in autocommit (once) for a Q4M consumer; True when it
     is.  False (nothing done) inside a transaction, on a connection SQLAlchemy itself runs
-    in AUTOCOMMIT, or with a driver without ``autocommit()``."""
+    in AUTOCOMMIT, with a driver without ``autocommit()``, and when statement listeners or
+    logging are on: the library's statements then go through ``exec_driver_sql``, whose
+    autobegin would need a BEGIN and a COMMIT each, so a transaction per job is cheaper."""
     info = conn.info
     if info.get(AUTOCOMMIT_KEY):
         return True
     if conn.in_transaction() or conn.get_execution_options().get("isolation_level") == (
         "AUTOCOMMIT"
     ):
+        return False
+    if not driver_level(conn):
         return False
     dbapi_conn = conn.connection.dbapi_connection
     if not callable(getattr(dbapi_conn, "autocommit", None)):

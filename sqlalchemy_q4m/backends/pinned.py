@@ -43,6 +43,14 @@ IDLE = 1.0
 _lock = threading.Lock()
 
 
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a lock held by another thread at fork time stays held
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class _Kept:
     """The connections kept for one engine in one process."""
 
@@ -121,13 +129,15 @@ def take(engine: Engine) -> tuple[Connection | None, int | None]:
 
 
 def prepare(conn: Connection, backend: BackendName) -> bool:
-    """Put a fresh checkout in the consumer's mode; True when it can be kept afterwards."""
+    """Put a fresh checkout in the consumer's mode; True when it can be kept afterwards
+    (always, now)."""
     if backend == "portable":
         level = conn.get_execution_options().get("isolation_level")
         if level not in READ_COMMITTED_LEVELS:
             conn.execution_options(isolation_level="READ COMMITTED")  # reset by SQLAlchemy
         return True
-    return autocommit_for_queue(conn)
+    autocommit_for_queue(conn)  # else a transaction per job, as on a Connection bind
+    return True
 
 
 def give_back(engine: Engine, conn: Connection, generation: int) -> None:
