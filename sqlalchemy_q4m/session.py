@@ -492,9 +492,14 @@ class QueueSession(Generic[T]):
         checkout of the Session's own in READ COMMITTED."""
         if self._conn is None and isinstance(bind, Engine) and keeping.keeps(bind):
             self._kept_connection(bind, "portable")
-        if self._conn is not None:
+        if self._conn is None:
+            return orm.connection(execution_options={"isolation_level": "READ COMMITTED"})
+        try:
             return orm.connection(bind_arguments={"bind": self._conn})
-        return orm.connection(execution_options={"isolation_level": "READ COMMITTED"})
+        except BaseException:
+            conn, self._conn, self._keep = self._conn, None, None
+            conn.close()  # back to the pool, not kept: its state is unknown
+            raise
 
     def _kept_connection(self, engine: Engine, name: BackendName) -> Connection:
         """A consumer connection of ``engine`` in ``name``'s mode: one kept from an earlier
