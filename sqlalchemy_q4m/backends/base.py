@@ -193,9 +193,10 @@ def _on_reset(dbapi_conn: Any, record: Any, state: Any) -> None:
 
 
 # -- Q4M consumers in autocommit ----------------------------------------------------------------
-# Q4M has no transactions: queue_wait(), the owner's SELECT and queue_end() need no COMMIT, and
-# without autocommit each job's statements would open a transaction holding the queue table's
-# metadata lock until a COMMIT.  So a native consumer's DBAPI connection is switched to the
+# Q4M has no transactions: queue_wait(), the owner's SELECT and queue_end() need no COMMIT, but
+# without autocommit each job's statements would open a server transaction that only a COMMIT or
+# ROLLBACK ends (SQLAlchemy's view of the connection must match it, so one would be sent per
+# job for nothing).  So a native consumer's DBAPI connection is switched to the
 # driver's autocommit once (one statement), and stays so while the library uses it.  Nothing
 # changes for SQLAlchemy: a transaction it begins on such a connection (the job's writes, the
 # caller's own work on its Connection) starts with an explicit BEGIN, so it is a real
