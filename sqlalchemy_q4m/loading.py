@@ -51,7 +51,16 @@ from .exc import QueueTableError
 from .exc import UnloadableJob
 from .functions import Subscription
 
-__all__ = ["Loader", "Unloadable", "claim_statement", "dialect_cache", "loader_for"]
+__all__ = [
+    "AUTOCOMMIT_KEY",
+    "DriverSQL",
+    "Loader",
+    "Unloadable",
+    "claim_statement",
+    "dialect_cache",
+    "loader_for",
+    "on_driver",
+]
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
@@ -148,13 +157,35 @@ def _execute_many(cursor: Any, sql: str, params: Any) -> None:
     cursor.executemany(sql, params)
 
 
+#: Key in a DBAPI connection's ``info``: the library put it in the driver's autocommit mode
+#: (Q4M consumers); see :func:`sqlalchemy_q4m.backends.base.autocommit_for_queue`.
+AUTOCOMMIT_KEY = "sqlalchemy_q4m.autocommit"
+
+
 def _cursor(conn: Connection) -> Any:
-    """A DBAPI cursor of ``conn``, in its transaction (begun if none is)."""
-    if not conn.in_transaction():
+    """A DBAPI cursor of ``conn``, in its transaction (begun if none is), or outside any on a
+    connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
+    if not conn.in_transaction() and not conn.info.get(AUTOCOMMIT_KEY):
         conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
     dbapi_conn = conn.connection.dbapi_connection
     assert dbapi_conn is not None
     return dbapi_conn.cursor()
+
+
+def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
+    """``call(dbapi_connection)`` for ``conn``; DBAPI errors raised as SQLAlchemy's (the
+    connection invalidated when it was lost), as executing ``what`` would."""
+    dbapi_conn = conn.connection.dbapi_connection
+    try:
+        return call(dbapi_conn)
+    except Exception as err:
+        wrapped = _dbapi_error(conn, err, what, None, None)
+        if wrapped is None:
+            raise
+        raise wrapped from err
+    except BaseException:
+        conn.invalidate()  # interrupted mid-command: the protocol state is unknown
+        raise
 
 
 def _dbapi_error(

@@ -9,11 +9,14 @@
 
 What ``bind`` means:
 
-* an :class:`~sqlalchemy.Engine`: a connection is checked out for this one job and returned
-  only once the job is ended or aborted; :attr:`QueueSession.session` is an ORM session on it.
+* an :class:`~sqlalchemy.Engine`: a consumer connection of the engine, kept ready between
+  queue sessions (:mod:`~sqlalchemy_q4m.backends.pinned`: no isolation change or pool reset
+  per job), owns the job until it is ended or aborted; :attr:`QueueSession.session` is an ORM
+  session on it.
 * a :class:`~sqlalchemy.Connection`: used as it is (a worker keeps one per thread); a
-  transaction this queue session begins claims in READ COMMITTED (no gap locks), an open one
-  is joined, not committed (refused when it is REPEATABLE READ, and on Q4M at all).
+  transaction this queue session begins claims in READ COMMITTED (no gap locks; ``SET
+  TRANSACTION`` first unless the connection is READ COMMITTED already), an open one is joined,
+  not committed (refused when it is REPEATABLE READ, and on Q4M at all).
 * an ORM :class:`~sqlalchemy.orm.Session`: on the portable backend the claim happens in the
   session's transaction, so the job's removal commits atomically with the block's writes
   (do not commit it inside the block).  On Q4M, which has no transactions, the job is owned on
@@ -22,7 +25,10 @@ What ``bind`` means:
   rolled back and the job returned.
 
 On Q4M the job's writes always commit before ``queue_end()``, which is durable at once (a crash
-in between runs the job again, never loses it).  A connection owns one job at a time
+in between runs the job again, never loses it).  The consumer's connection runs in the driver's
+autocommit there (:func:`~sqlalchemy_q4m.backends.base.autocommit_for_queue`), so a job that
+writes nothing sends no COMMIT, and one that does writes in a transaction of its own (``BEGIN``
+... ``COMMIT``).  A connection owns one job at a time
 (:class:`~sqlalchemy_q4m.exc.AlreadyOwning`), and ending the transaction that holds a portable
 claim inside the block raises :class:`~sqlalchemy_q4m.exc.OwnershipReleased`.
 """
@@ -51,12 +57,15 @@ from sqlalchemy.sql.elements import ColumnElement
 from .backends import Backend
 from .backends import Claim
 from .backends import get_backend
+from .backends import pinned as keeping
 from .backends.base import RETRYABLE
+from .backends.base import autocommit_for_queue
 from .backends.base import check_free
 from .backends.base import error_code
 from .backends.base import give_up_connection
 from .backends.base import take_connection
 from .backends.base import translate_errors
+from .backends.portable import READ_COMMITTED_LEVELS
 from .backends.portable import begin_read_committed
 from .backends.portable import check_isolation
 from .checks import check_seconds
@@ -73,6 +82,7 @@ from .notify import listen_wait
 from .notify import listening_supported
 from .server import BackendName
 from .server import _validate
+from .server import backend_for_dialect
 from .server import check_server
 from .server import detect_backend
 
@@ -139,7 +149,8 @@ class QueueSession(Generic[T]):
         self.job: T | None = None
         self.subscription: Subscription | None = None
         self._claim: Claim | None = None
-        self._conn: Connection | None = None  # checked out by us: closed by us
+        self._conn: Connection | None = None  # checked out by us: closed (or kept) by us
+        self._keep: int | None = None  # kept for the engine's next queue session (generation)
         self._pinned: Connection | None = None  # runs queue_wait/queue_end (ours or the caller's)
         self._orm: Session | None = None  # made on first use, or the caller's
         self._own_orm = False
@@ -415,8 +426,7 @@ class QueueSession(Generic[T]):
         if self.in_session:  # the caller's Session gave its connection back: take a new one
             assert self._orm is not None
             give_up_connection(self._owner_info, self)
-            options = {"isolation_level": "READ COMMITTED"}
-            self._pinned = self._orm.connection(execution_options=options)
+            self._pinned = self._session_connection(self._orm, None)
             self._owner_info = take_connection(self._pinned, self)
         elif self._read_committed:
             assert self._pinned is not None
@@ -430,6 +440,10 @@ class QueueSession(Generic[T]):
             return self._backend_name
         if isinstance(probe, Connection):
             return detect_backend(probe)
+        known = backend_for_dialect(probe.dialect)
+        if known is not None:  # detected before: no probe connection
+            check_server(probe.dialect, known)
+            return known
         with probe.connect() as conn:
             return detect_backend(conn)
 
@@ -447,7 +461,7 @@ class QueueSession(Generic[T]):
             if name == "portable":
                 began = not bind.in_transaction()
                 if began:
-                    conn = bind.connection(execution_options={"isolation_level": "READ COMMITTED"})
+                    conn = self._session_connection(bind, engine_or_conn)
                 else:
                     conn = bind.connection()
                     check_free(conn)
@@ -472,12 +486,41 @@ class QueueSession(Generic[T]):
                 raise
         return self.backend
 
+    def _session_connection(self, orm: Session, bind: Engine | Connection | None) -> Connection:
+        """The caller's Session's connection for a claim in a transaction we begin: one kept
+        for its engine (already READ COMMITTED; ``bind`` None: the one we have), else a
+        checkout of the Session's own in READ COMMITTED."""
+        if self._conn is None and isinstance(bind, Engine) and keeping.keeps(bind):
+            self._kept_connection(bind, "portable")
+        if self._conn is None:
+            return orm.connection(execution_options={"isolation_level": "READ COMMITTED"})
+        try:
+            return orm.connection(bind_arguments={"bind": self._conn})
+        except BaseException:
+            conn, self._conn, self._keep = self._conn, None, None
+            conn.close()  # back to the pool, not kept: its state is unknown
+            raise
+
+    def _kept_connection(self, engine: Engine, name: BackendName) -> Connection:
+        """A consumer connection of ``engine`` in ``name``'s mode: one kept from an earlier
+        queue session (see :mod:`~sqlalchemy_q4m.backends.pinned`) or a new checkout."""
+        conn, generation = keeping.take(engine)
+        if conn is None:
+            conn = engine.connect()
+            try:
+                with translate_errors("preparing the consumer's connection"):
+                    keep = keeping.prepare(conn, name)
+            except BaseException:
+                conn.close()
+                raise
+            if not keep:
+                generation = None
+        self._conn, self._keep = conn, generation
+        return conn
+
     def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
         if isinstance(bind, Engine):
-            conn = bind.connect()
-            if name == "portable":
-                conn.execution_options(isolation_level="READ COMMITTED")
-            self._conn = conn
+            conn = self._kept_connection(bind, name)
             began = True
         else:
             conn = bind
@@ -493,7 +536,10 @@ class QueueSession(Generic[T]):
                 check_isolation(conn)
             elif name == "portable":
                 level = conn.get_execution_options().get("isolation_level")
-                self._read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
+                self._read_committed = level not in READ_COMMITTED_LEVELS
+            else:
+                with translate_errors("preparing the consumer's connection"):
+                    autocommit_for_queue(conn)  # once per DBAPI connection: no COMMIT per job
         self.backend = get_backend(name)
         self._pinned = conn
         self._began = began
@@ -558,9 +604,13 @@ class QueueSession(Generic[T]):
         except DBAPIError:  # pragma: no cover - the connection is gone already
             pass
         finally:
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = self._pinned = None
+            conn, keep = self._conn, self._keep
+            self._conn = self._pinned = self._keep = None
+            if conn is not None:
+                if keep is not None and not broken:
+                    keeping.give_back(conn.engine, conn, keep)
+                else:
+                    conn.close()
 
 
 @overload

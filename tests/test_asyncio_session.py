@@ -44,6 +44,7 @@ from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.asyncio import AsyncQueueSession
 from sqlalchemy_q4m.asyncio import async_queue_sessionmaker
+from sqlalchemy_q4m.backends.pinned import kept_connections
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
 
@@ -142,8 +143,10 @@ async def in_the_server(engine: Engine, table: str, seconds: float = 30.0) -> No
 
 
 def checked_out(eng: AsyncEngine) -> int:
+    """Connections in use: checked out of the pool, minus the idle ones the library keeps
+    for the engine's next queue session (``sqlalchemy_q4m.backends.pinned``)."""
     n: int = eng.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
-    return n
+    return n - len(kept_connections(eng.sync_engine))
 
 
 # -- unit ------------------------------------------------------------------------------------

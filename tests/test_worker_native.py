@@ -94,8 +94,8 @@ def test_success_is_wait_load_end(fake: FakeQ4M, native: Engine) -> None:
     before = int(time.time())
     assert job.run_once(timeout=1)
     statements = job_statements(fake)
-    # the job's writes commit before queue_end(), which Q4M makes durable at once
-    assert statements[1:] == ["SELECT fw_jobs", "COMMIT", "queue_end()", "COMMIT"]
+    # autocommit: no transaction, so nothing to commit (the raw Q4M loop's statements)
+    assert statements[1:] == ["SELECT fw_jobs", "queue_end()"]
     wait = statements[0]
     assert wait.startswith("queue_wait('fw_jobs:(`run_at` <= ")
     assert before <= int(wait.split("<= ")[1].split(")")[0]) <= int(time.time())
@@ -110,10 +110,10 @@ def test_a_retry_inserts_a_copy_then_ends_the_original(fake: FakeQ4M, native: En
     assert job.run_once(timeout=1)
     assert job_statements(fake)[1:] == [
         "SELECT fw_jobs",  # execute wrote nothing: no session, nothing to roll back
+        "BEGIN",  # the connection is in autocommit: a transaction is explicit
         "INSERT fw_jobs",  # the copy: attempts + 1, run_at = now + backoff
         "COMMIT",
         "queue_end()",  # then the original (a crash in between runs it twice: at least once)
-        "COMMIT",
     ]
     (copy,) = fake.rows("fw_jobs")
     assert copy["attempts"] == 1 and copy["command"] == "fail"
@@ -121,10 +121,10 @@ def test_a_retry_inserts_a_copy_then_ends_the_original(fake: FakeQ4M, native: En
     assert job.run_once(timeout=1)  # second failure: the last attempt
     assert job_statements(fake)[1:] == [
         "SELECT fw_jobs",
+        "BEGIN",
         "INSERT q4m_dead_letters",
         "COMMIT",  # the dead letter is durable before the job is ended
         "queue_end()",
-        "COMMIT",
     ]
     assert fake.rows("fw_jobs") == []
     (letter,) = fake.rows("q4m_dead_letters")
@@ -141,12 +141,13 @@ def test_a_failed_jobs_own_writes_are_rolled_back_before_its_retry(
     assert job.run_once(timeout=1)
     assert job_statements(fake)[1:] == [
         "SELECT fw_jobs",
+        "BEGIN",
         "INSERT fw_jobs",  # the job's own write, through self.session
         "ROLLBACK",  # undone: Q4M owning is not transactional, the session's writes are
+        "BEGIN",
         "INSERT fw_jobs",  # the retry copy
         "COMMIT",
         "queue_end()",
-        "COMMIT",
     ]
     # (a queue table is not transactional: the fake, like Q4M, keeps the job's own row)
     copies = [r for r in fake.rows("fw_jobs") if r["command"] == "write then fail"]
@@ -159,7 +160,7 @@ def test_queue_abort_is_queue_abort(fake: FakeQ4M, native: Engine) -> None:
     put(native, "abort")
     job = Scripted(native)
     assert job.run_once(timeout=1)
-    assert job_statements(fake)[1:] == ["SELECT fw_jobs", "queue_abort()", "ROLLBACK"]
+    assert job_statements(fake)[1:] == ["SELECT fw_jobs", "queue_abort()"]
     assert len(fake.rows("fw_jobs")) == 1 and fake.violations == []
     job.close()
 

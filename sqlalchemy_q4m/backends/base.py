@@ -22,13 +22,18 @@ from sqlalchemy.orm import Session
 from ..exc import AlreadyOwning
 from ..exc import ConnectionLost
 from ..functions import Subscription
+from ..loading import AUTOCOMMIT_KEY
 from ..loading import Loader
+from ..loading import driver_level
+from ..loading import on_driver
 from ..server import BackendName
 
 __all__ = [
+    "AUTOCOMMIT_KEY",
     "Backend",
     "Claim",
     "Owner",
+    "autocommit_for_queue",
     "check_free",
     "error_code",
     "give_up_connection",
@@ -155,6 +160,8 @@ def _watch(engine: Engine) -> None:
         event.listen(engine, "commit", _on_commit)
         event.listen(engine, "rollback", _on_rollback)
         event.listen(engine, "reset", _on_reset)
+        event.listen(engine, "begin", _on_begin)
+        event.listen(engine, "checkin", _on_checkin)
         _watched.add(engine)
 
 
@@ -183,6 +190,68 @@ def _on_reset(dbapi_conn: Any, record: Any, state: Any) -> None:
     owner: Owner | None = record.info.pop(OWNER_KEY, None) if record is not None else None
     if owner is not None:
         owner.released("returned to the pool")
+
+
+# -- Q4M consumers in autocommit ----------------------------------------------------------------
+# Q4M has no transactions: queue_wait(), the owner's SELECT and queue_end() need no COMMIT, but
+# without autocommit each job's statements would open a server transaction that only a COMMIT or
+# ROLLBACK ends (SQLAlchemy's view of the connection must match it, so one would be sent per
+# job for nothing).  So a native consumer's DBAPI connection is switched to the
+# driver's autocommit once (one statement), and stays so while the library uses it.  Nothing
+# changes for SQLAlchemy: a transaction it begins on such a connection (the job's writes, the
+# caller's own work on its Connection) starts with an explicit BEGIN, so it is a real
+# transaction, committed or rolled back as before.  The connection leaves autocommit when it
+# goes back to the pool.
+
+
+def autocommit_for_queue(conn: Connection) -> bool:
+    """Put ``conn``'s DBAPI connection in autocommit (once) for a Q4M consumer; True when it
+    is.  False (nothing done) inside a transaction, on a connection SQLAlchemy itself runs
+    in AUTOCOMMIT, with a driver without ``autocommit()``, and when statement listeners or
+    logging are on: the library's statements then go through ``exec_driver_sql``, whose
+    autobegin would need a BEGIN and a COMMIT each, so a transaction per job is cheaper."""
+    info = conn.info
+    if info.get(AUTOCOMMIT_KEY):
+        return True
+    if conn.in_transaction() or conn.get_execution_options().get("isolation_level") == (
+        "AUTOCOMMIT"
+    ):
+        return False
+    if not driver_level(conn):
+        return False
+    dbapi_conn = conn.connection.dbapi_connection
+    if not callable(getattr(dbapi_conn, "autocommit", None)):
+        return False
+    _watch(conn.engine)  # before the mark: every later BEGIN is sent
+    on_driver(conn, "SET autocommit = 1", lambda c: c.autocommit(True))
+    info[AUTOCOMMIT_KEY] = True
+    return True
+
+
+def _on_begin(conn: Connection) -> None:
+    """SQLAlchemy begins a transaction on a connection in the library's autocommit: BEGIN."""
+    if conn.invalidated or conn.closed or not conn.info.get(AUTOCOMMIT_KEY):
+        return
+
+    def begin(dbapi_conn: Any) -> None:
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute("BEGIN")
+        finally:
+            cursor.close()
+
+    on_driver(conn, "BEGIN", begin)
+
+
+def _on_checkin(dbapi_conn: Any, record: Any) -> None:
+    """Back in the pool: the connection leaves the library's autocommit (the caller's code
+    gets the driver's default again); if that fails, it is closed."""
+    if dbapi_conn is None or record is None or not record.info.pop(AUTOCOMMIT_KEY, False):
+        return
+    try:
+        dbapi_conn.autocommit(False)
+    except Exception:
+        record.invalidate()
 
 
 class Holder(Protocol):

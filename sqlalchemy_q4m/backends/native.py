@@ -4,16 +4,24 @@
 ``queue_abort()``.  After a timeout (0) the connection is in owner mode with no row, so it is
 left with ``queue_end()`` at once; ``queue_wait`` is never called while owning (that would
 silently end the owned row), and a NULL answer becomes :class:`QueueWaitError`.
+
+The three function calls are compiled by SQLAlchemy once per dialect (``queue_wait`` with its
+table specs and timeout as bound parameters) and sent like the portable claim: on the pinned
+connection's DBAPI cursor, or with ``exec_driver_sql`` when statement listeners are present
+(:class:`~sqlalchemy_q4m.loading.DriverSQL`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 from typing import ClassVar
 
 from sqlalchemy import Connection
+from sqlalchemy import bindparam
 from sqlalchemy import select
+from sqlalchemy.engine import Dialect
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
@@ -21,6 +29,8 @@ from ..functions import Subscription
 from ..functions import queue_abort
 from ..functions import queue_end
 from ..functions import queue_wait
+from ..loading import DriverSQL
+from ..loading import dialect_cache
 from ..loading import loader_for
 from ..server import BackendName
 from ..unique import claimed
@@ -43,6 +53,27 @@ def wait_arguments(subs: Sequence[Subscription], timeout: float) -> list[str | i
     return [*(sub.q4m_spec() for sub in subs), seconds]
 
 
+def _sql(dialect: Dialect, key: int | str) -> DriverSQL:
+    """``SELECT queue_wait(?, ..., ?)`` for ``key`` tables, or ``queue_end()`` /
+    ``queue_abort()``: compiled once per dialect."""
+    cache = dialect_cache(dialect, "native")
+    sql: DriverSQL | None = cache.get(key)
+    if sql is None:
+        if isinstance(key, int):
+            args: list[Any] = [bindparam(f"q4m_w{i}", None) for i in range(key + 1)]
+            stmt = select(queue_wait(*args))
+        else:
+            stmt = select(queue_end() if key == "end" else queue_abort())
+        sql = cache[key] = DriverSQL.compile(stmt, dialect)
+    return sql
+
+
+def _call(conn: Connection, key: int | str, values: dict[str, Any]) -> Any:
+    """Run one of :func:`_sql`'s statements on ``conn``; its one value."""
+    _description, rows = _sql(conn.dialect, key).run(conn, values)
+    return rows[0][0] if rows else None
+
+
 class NativeBackend(Backend):
     name: ClassVar[BackendName] = "native"
     blocking: ClassVar[bool] = True
@@ -50,8 +81,9 @@ class NativeBackend(Backend):
     def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
         conn = holder.connection
         args = wait_arguments(subs, timeout)
+        values = {f"q4m_w{i}": arg for i, arg in enumerate(args)}
         with translate_errors("queue_wait"):
-            index = conn.execute(select(queue_wait(*args))).scalar()
+            index = _call(conn, len(subs), values)
         if index is None:
             self._leave(conn)
             specs = ", ".join(repr(a) for a in args[:-1])
@@ -71,7 +103,7 @@ class NativeBackend(Backend):
             found = loader.load_owned(conn, sub, lambda: holder.session)
         if found is None:  # cannot happen on a sane server; never keep owning an unseen row
             with translate_errors("queue_abort"):
-                conn.execute(select(queue_abort()))
+                _call(conn, "abort", {})
             raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
         with translate_errors("locking the job's unique key"):
             claimed(conn, sub.table, found[1])
@@ -79,15 +111,15 @@ class NativeBackend(Backend):
 
     def end(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_end"):
-            conn.execute(select(queue_end()))
+            _call(conn, "end", {})
             ended(conn, claim.subscription.table, claim.key)
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_abort"):
-            conn.execute(select(queue_abort()))
+            _call(conn, "abort", {})
             released(conn)
 
     @staticmethod
     def _leave(conn: Connection) -> None:
         with translate_errors("queue_end"):
-            conn.execute(select(queue_end()))
+            _call(conn, "end", {})

@@ -51,6 +51,8 @@ R = TypeVar("R")
 #: Isolation levels whose locking reads take gap locks (InnoDB): an idle consumer's claim would
 #: lock the gap at the end of the table, and every producer's INSERT would wait for it.
 GAP_LOCKING = frozenset({"REPEATABLE READ", "SERIALIZABLE"})
+#: Isolation levels a claim may run in as they are (no gap locks).
+READ_COMMITTED_LEVELS = frozenset({"READ COMMITTED", "READ UNCOMMITTED"})
 
 _SET_READ_COMMITTED = text("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
 

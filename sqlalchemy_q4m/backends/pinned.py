@@ -1,0 +1,162 @@
+"""Consumer connections kept ready per engine, for ``bind=engine``.
+
+A queue session bound to an :class:`~sqlalchemy.Engine` used to check a connection out of the
+pool for every job: on the portable backend SQLAlchemy then set the session's isolation to READ
+COMMITTED and back (``SET SESSION ...`` + ``COMMIT`` each way) and the pool rolled the
+connection back on its return, six statements per job on top of the claim, the ``DELETE`` and
+the ``COMMIT``; on Q4M the return cost a ``ROLLBACK``.  Instead, a connection a queue session
+is done with (cleanly: not owning anything, no transaction open) is kept here, checked out and
+already in the consumer's mode (READ COMMITTED, or on Q4M the driver's autocommit), and the
+next queue session of the same engine takes it.  The user's own ``engine.connect()`` never
+gets one of them, so their isolation level and transactions are untouched.
+
+What stays bounded: at most as many connections are kept as the pool's ``size()`` (4 for a pool
+without one), and one left unused for :data:`IDLE` seconds goes back to the pool at the next
+take (which then applies the pool's ``pre_ping`` and ``recycle`` to a fresh checkout), as do
+all of them on ``engine.dispose()``.  Only a plain engine keeps connections: an
+``engine.execution_options(...)`` copy (often made per call) checks out per job as before.  A
+forked child never touches its parent's connections (their sockets are the parent's).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+from sqlalchemy import Connection
+from sqlalchemy import Engine
+from sqlalchemy import event
+from sqlalchemy.pool import Pool
+
+from ..loading import dialect_cache
+from ..server import BackendName
+from .base import autocommit_for_queue
+from .portable import READ_COMMITTED_LEVELS
+
+__all__ = ["IDLE", "give_back", "keeps", "kept_connections", "prepare", "take"]
+
+#: Seconds a kept connection may stay unused before it goes back to the pool.
+IDLE = 1.0
+
+_lock = threading.Lock()
+
+
+def _after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # a lock held by another thread at fork time stays held
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+class _Kept:
+    """The connections kept for one engine in one process."""
+
+    __slots__ = ("conns", "generation", "pid", "pool")
+
+    def __init__(self, pool: Pool) -> None:
+        self.conns: list[tuple[Connection, float]] = []
+        self.generation = 0  # bumped by dispose(): connections taken before go to the pool
+        self.pid = os.getpid()
+        self.pool = pool  # the engine's pool the connections came from
+
+
+def _kept(engine: Engine) -> _Kept | None:
+    """The kept connections of a plain ``engine`` in this process (None for a copy)."""
+    if not keeps(engine):
+        return None  # engine.execution_options(...): not kept (see the module docstring)
+    per_pid = dialect_cache(engine.dialect, "pinned")
+    kept: _Kept | None = per_pid.get(os.getpid())
+    if kept is None:
+        with _lock:
+            kept = per_pid.get(os.getpid())
+            if kept is None:
+                kept = per_pid[os.getpid()] = _Kept(engine.pool)
+                if not per_pid.get("hooked"):
+                    per_pid["hooked"] = True
+                    event.listen(engine, "engine_disposed", _disposed)
+    return kept
+
+
+def keeps(engine: Engine) -> bool:
+    """Whether ``engine`` keeps consumer connections (a plain engine, not a copy)."""
+    return not isinstance(getattr(engine, "_proxied", None), Engine)
+
+
+def _disposed(engine: Engine) -> None:
+    """``engine.dispose()``: this process's kept connections go back to the pool."""
+    kept = dialect_cache(engine.dialect, "pinned").get(os.getpid())
+    if kept is None:
+        return
+    with _lock:
+        conns, kept.conns = kept.conns, []
+        kept.generation += 1
+        old, kept.pool = kept.pool, engine.pool  # dispose() has made a new pool already
+    for conn, _since in conns:
+        _close(conn)  # checked in to the pool they came from (its events see them) ...
+    if old is not engine.pool:
+        old.dispose()  # ... which closes them, as dispose() closed the others
+
+
+def _close(conn: Connection) -> None:
+    """Back to the pool (out of autocommit, its isolation reset by SQLAlchemy)."""
+    with contextlib.suppress(Exception):  # a dead connection: the pool discards it
+        conn.close()
+
+
+def take(engine: Engine) -> tuple[Connection | None, int | None]:
+    """A kept connection of ``engine`` (None: check one out and :func:`prepare` it) and the
+    generation to give it back to (None: ``engine`` keeps none; close it)."""
+    kept = _kept(engine)
+    if kept is None:
+        return None, None
+    now = time.monotonic()
+    stale: list[Connection] = []
+    found: Connection | None = None
+    with _lock:
+        generation = kept.generation
+        while kept.conns and found is None:
+            conn, since = kept.conns.pop()  # the most recently used first
+            if conn.closed or conn.invalidated or now - since > IDLE:
+                stale.append(conn)
+            else:
+                found = conn
+    for conn in stale:
+        _close(conn)
+    return found, generation
+
+
+def prepare(conn: Connection, backend: BackendName) -> bool:
+    """Put a fresh checkout in the consumer's mode; True when it can be kept afterwards
+    (always, now)."""
+    if backend == "portable":
+        level = conn.get_execution_options().get("isolation_level")
+        if level not in READ_COMMITTED_LEVELS:
+            conn.execution_options(isolation_level="READ COMMITTED")  # reset by SQLAlchemy
+        return True
+    autocommit_for_queue(conn)  # else a transaction per job, as on a Connection bind
+    return True
+
+
+def give_back(engine: Engine, conn: Connection, generation: int) -> None:
+    """Keep ``conn`` (idle, owning nothing, no transaction open) for the next queue session,
+    or return it to the pool when enough are kept or the engine was disposed meanwhile."""
+    kept = _kept(engine)
+    if kept is None or conn.closed or conn.invalidated or conn.in_transaction():
+        _close(conn)
+        return
+    size = getattr(engine.pool, "size", None)
+    limit = size() if callable(size) else 4
+    with _lock:
+        if generation == kept.generation and len(kept.conns) < max(1, limit):
+            kept.conns.append((conn, time.monotonic()))
+            return
+    _close(conn)
+
+
+def kept_connections(engine: Engine) -> list[Connection]:
+    """The connections kept for ``engine`` in this process (for tests and diagnostics)."""
+    kept = _kept(engine)
+    return [] if kept is None else [conn for conn, _since in kept.conns]
