@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = [
     ("enqueue", "bulk: `enqueue(engine"),
     ("enqueue", "bulk: ORM"),
+    ("enqueue", "one job per call"),
     ("enqueue", "one job per transaction"),
     *[
         ("consume", f"`queue_session(bind=connection)`, {label}")
@@ -100,6 +101,7 @@ def _tables(url: URL) -> list[str]:
 NATIVE_EXPECTED = [
     ("enqueue", "bulk: `enqueue(engine"),
     ("enqueue", "bulk: ORM"),
+    ("enqueue", "one job per call"),
     ("enqueue", "one job per transaction"),
     *[
         ("consume", f"{consumer}, {label}")

@@ -42,6 +42,7 @@ from sqlalchemy_q4m.registry import Holding
 from sqlalchemy_q4m.registry import throughput_table
 from sqlalchemy_q4m.registry import utcnow
 from sqlalchemy_q4m.registry import worker_registry_table
+from sqlalchemy_q4m.runtime import EXIT_FORCED
 from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker import reflect_queue_table
 
@@ -274,8 +275,13 @@ def test_q4m_workers_lists_a_running_worker_and_its_job(db: Engine, tmp_path: Pa
         plain = run_q4m("workers", "--url", url, env=q4m_env())
         assert f"pid {worker.pid}" in plain.stdout and "in hand: ops_records" in plain.stdout
         worker.send_signal(signal.SIGINT)
+        # two signals sent at once are one to the process (a pending signal does not queue):
+        # the second goes once the first was handled
+        wait_for(
+            lambda: "signal received" in (tmp_path / "out").read_text(), 30, "the first SIGINT"
+        )
         worker.send_signal(signal.SIGINT)  # second: return the job and exit now
-        worker.wait(60)
+        assert worker.wait(60) == EXIT_FORCED
         gone = run_q4m("workers", "--url", url, env=q4m_env())
         # a forced exit does not unregister: the row stays until its heartbeat is stale
         assert gone.returncode == 0
