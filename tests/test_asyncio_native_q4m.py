@@ -57,6 +57,7 @@ from sqlalchemy_q4m.asyncio import async_queue_sessionmaker
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.asyncio_worker import AsyncWorkers
 from sqlalchemy_q4m.asyncio_worker import run_async_workers
+from sqlalchemy_q4m.backends.pinned import kept_connections
 from sqlalchemy_q4m.exc import QueueWaitError
 from sqlalchemy_q4m.retry import RetryMixin
 from sqlalchemy_q4m.runtime import EXIT_FORCED
@@ -181,8 +182,10 @@ async def async_engine(url: URL, **kw: Any) -> AsyncIterator[AsyncEngine]:
 
 
 def checked_out(eng: AsyncEngine) -> int:
+    """Connections in use: checked out of the pool, minus the idle ones the library keeps
+    for the engine's next queue session (``sqlalchemy_q4m.backends.pinned``)."""
     n: int = eng.sync_engine.pool.checkedout()  # type: ignore[attr-defined]
-    return n
+    return n - len(kept_connections(eng.sync_engine))
 
 
 def enqueue(engine: Engine, *commands: str, model: Any = AJob) -> list[uuid.UUID]:

@@ -288,13 +288,12 @@ def test_statement_listeners_still_see_every_statement(
     assert [s.split("(")[0] for s in seen[-len(library) :]] == library
 
 
+@pytest.mark.parametrize("backend_url", ["portable"], indirect=True)  # Q4M: no isolation
 def test_a_repeatable_read_connection_pays_one_set_transaction(tables: tuple[str, URL]) -> None:
     """A portable Connection bind at the server's default isolation: the claim's transaction is
     made READ COMMITTED with ``SET TRANSACTION`` (next transaction only), because the
     connection is the caller's and keeps its own session isolation level."""
     name, url = tables
-    if name != "portable":
-        pytest.skip("InnoDB only: Q4M has no isolation levels")
     sent = _run_sync(name, url, "connection", level="default")
     assert sent == ["SET TRANSACTION", *RAW[name]]
 
