@@ -186,6 +186,7 @@ class RuntimeLoop:
 
         class NoOpJob(job_class):  # type: ignore[misc]
             model = BenchJob
+            max_attempts = 1  # the table has no retry columns (and a no-op never fails)
 
             def execute(self, job: Any) -> None:
                 return None
@@ -217,6 +218,7 @@ class BatchRuntimeLoop:
 
         class NoOpJob(Job):
             model = BenchJob
+            max_attempts = 1  # the table has no retry columns (and a no-op never fails)
 
             def execute(self, job: Any) -> None:
                 return None
