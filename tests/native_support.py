@@ -6,6 +6,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from sqlalchemy import Engine
 from sqlalchemy import create_engine
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -27,3 +28,17 @@ def private_database(server: URL, prefix: str) -> Iterator[URL]:
                 conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
     finally:
         admin.dispose()
+
+
+@contextmanager
+def native_engine(url: URL, pool_size: int = 20) -> Iterator[Engine]:
+    """An engine on ``url`` that has been checked to be a Q4M server, disposed afterwards."""
+    from sqlalchemy_q4m import detect_backend
+
+    eng = create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+    try:
+        with eng.connect() as conn:
+            assert detect_backend(conn) == "native"
+        yield eng
+    finally:
+        eng.dispose()

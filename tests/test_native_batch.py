@@ -13,9 +13,9 @@ from collections.abc import Iterator
 
 import pytest
 import test_batch as portable
+from native_support import native_engine
 from native_support import private_database
 from sqlalchemy import Engine
-from sqlalchemy import create_engine
 from sqlalchemy import func
 from sqlalchemy import insert
 from sqlalchemy import select
@@ -28,7 +28,6 @@ from test_batch import core_jobs
 from test_batch import enqueue
 
 from sqlalchemy_q4m import QueueAbort
-from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import queue_batch
 
 # The portable module's scenarios, collected here again with this module's fixtures.
@@ -56,11 +55,8 @@ def db_url(q4m_url: URL) -> Iterator[URL]:
 
 @pytest.fixture(scope="module")
 def engine(db_url: URL) -> Iterator[Engine]:
-    eng = create_engine(db_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-    with eng.connect() as conn:
-        assert detect_backend(conn) == "native"
-    yield eng
-    eng.dispose()
+    with native_engine(db_url, 10) as eng:
+        yield eng
 
 
 def visible(engine: Engine) -> list[int]:

@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 import test_retry_cli as portable
+from native_support import native_engine
 from native_support import private_database
 from sqlalchemy import Engine
 from sqlalchemy import Table
-from sqlalchemy import create_engine
 from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -24,7 +24,6 @@ from worker_support import q4m_env
 from worker_support import run_q4m
 
 from sqlalchemy_q4m import QueueAbort
-from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_stats
 from sqlalchemy_q4m.cli import main
@@ -64,11 +63,8 @@ def db_url(q4m_url: URL) -> Iterator[URL]:
 
 @pytest.fixture(scope="module")
 def engine(db_url: URL) -> Iterator[Engine]:
-    eng = create_engine(db_url, pool_size=5, max_overflow=5, pool_pre_ping=True)
-    with eng.connect() as conn:
-        assert detect_backend(conn) == "native"
-    yield eng
-    eng.dispose()
+    with native_engine(db_url, 5) as eng:
+        yield eng
 
 
 @pytest.fixture

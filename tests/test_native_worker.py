@@ -14,13 +14,11 @@ from typing import Any
 
 import pytest
 import test_worker as portable
+from native_support import native_engine
 from native_support import private_database
 from sqlalchemy import Engine
-from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy.engine import URL
-
-from sqlalchemy_q4m import detect_backend
 
 # The portable module's scenarios, collected here again with this module's fixtures.
 tables = portable.tables
@@ -70,11 +68,8 @@ def db_url(q4m_url: URL) -> Iterator[URL]:
 
 @pytest.fixture(scope="module")
 def engine(db_url: URL) -> Iterator[Engine]:
-    eng = create_engine(db_url, pool_size=10, max_overflow=10, pool_pre_ping=True)
-    with eng.connect() as conn:
-        assert detect_backend(conn) == "native"
-    yield eng
-    eng.dispose()
+    with native_engine(db_url, 10) as eng:
+        yield eng
 
 
 def test_a_retry_and_a_dead_letter_are_committed_before_queue_end(

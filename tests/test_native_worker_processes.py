@@ -14,12 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 import test_worker_processes as portable
+from native_support import native_engine
 from native_support import private_database
 from sqlalchemy import Engine
-from sqlalchemy import create_engine
 from sqlalchemy.engine import URL
-
-from sqlalchemy_q4m import detect_backend
 
 # The portable module's scenarios, collected here again with this module's fixtures.
 table = portable.table
@@ -47,8 +45,5 @@ def db_url(q4m_url: URL) -> Iterator[URL]:
 
 @pytest.fixture(scope="module")
 def engine(db_url: URL) -> Iterator[Engine]:
-    eng = create_engine(db_url, pool_size=5, max_overflow=5, pool_pre_ping=True)
-    with eng.connect() as conn:
-        assert detect_backend(conn) == "native"
-    yield eng
-    eng.dispose()
+    with native_engine(db_url, 5) as eng:
+        yield eng
