@@ -24,8 +24,8 @@ from sqlalchemy.orm import Session
 from sqlalchemy_q4m import enqueue as enqueue_jobs
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_session
-from sqlalchemy_q4m.notify import notify
-from sqlalchemy_q4m.session import POLL_INTERVAL
+from sqlalchemy_q4m.backends.wakeup import notify
+from sqlalchemy_q4m.consumer.session import POLL_INTERVAL
 
 from .common import RAW_CLAIM
 from .common import RAW_DELETE_ONE
@@ -197,7 +197,7 @@ def _enqueue_library(url: URL, count: int, bulk: bool) -> float:
 
 
 def _enqueue_producer(url: URL, count: int) -> float:
-    """``sqlalchemy_q4m.enqueue()`` on an engine: its own transaction, committed."""
+    """``sqlalchemy_q4m.producer.enqueue()`` on an engine: its own transaction, committed."""
     engine = library_engine(url)
     try:
         _truncate(url)

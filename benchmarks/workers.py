@@ -16,7 +16,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.backends.base import DEADLOCK
-from sqlalchemy_q4m.batch import queue_batch
+from sqlalchemy_q4m.consumer.batch import queue_batch
 from sqlalchemy_q4m.exc import CompletionFailed
 
 from .common import RAW_CLAIM
@@ -171,7 +171,7 @@ class EngineSessionLoop(SessionLoop):
 def worker_runtime_available() -> bool:
     """True once the worker runtime (issue 3) is in the package with the documented API."""
     try:
-        module = importlib.import_module("sqlalchemy_q4m.worker")
+        module = importlib.import_module("sqlalchemy_q4m.worker.consumer")
     except ImportError:
         return False
     job = getattr(module, "Job", None)
@@ -182,7 +182,7 @@ class RuntimeLoop:
     """The worker runtime's job class (``Job.run_once``) with a no-op ``execute``."""
 
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
-        job_class: Any = importlib.import_module("sqlalchemy_q4m.worker").Job
+        job_class: Any = importlib.import_module("sqlalchemy_q4m.worker.consumer").Job
 
         class NoOpJob(job_class):  # type: ignore[misc]
             model = BenchJob
@@ -213,8 +213,8 @@ class BatchRuntimeLoop:
     savepoint per job) and a no-op ``execute``; counts only committed jobs."""
 
     def __init__(self, url: URL, size: int) -> None:
-        from sqlalchemy_q4m.worker import Consumer
-        from sqlalchemy_q4m.worker import Job
+        from sqlalchemy_q4m.worker.consumer import Consumer
+        from sqlalchemy_q4m.worker.consumer import Job
 
         class NoOpJob(Job):
             model = BenchJob

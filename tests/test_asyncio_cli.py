@@ -29,8 +29,8 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 
 from sqlalchemy_q4m import QueueMixin
-from sqlalchemy_q4m.runtime import EXIT_OK
-from sqlalchemy_q4m.runtime import EXIT_USAGE
+from sqlalchemy_q4m.worker.runtime import EXIT_OK
+from sqlalchemy_q4m.worker.runtime import EXIT_USAGE
 
 pytestmark = pytest.mark.acceptance
 
@@ -45,7 +45,7 @@ import os
 from sqlalchemy import text
 
 from sqlalchemy_q4m import Job
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
 
 
 def record(event, n):

@@ -33,8 +33,8 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
-from sqlalchemy_q4m.runtime import EXIT_FORCED
-from sqlalchemy_q4m.runtime import EXIT_OK
+from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
+from sqlalchemy_q4m.worker.runtime import EXIT_OK
 
 pytestmark = [pytest.mark.native, pytest.mark.acceptance]
 
@@ -47,7 +47,7 @@ import os
 
 from sqlalchemy import text
 
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
 
 
 def record(event, n):

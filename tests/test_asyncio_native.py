@@ -32,10 +32,10 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_session
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.exc import ConnectionLost
-from sqlalchemy_q4m.retry import RetryMixin
+from sqlalchemy_q4m.schema.retry import RetryMixin
 from sqlalchemy_q4m.types import new_job_id
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
 
 pytestmark = pytest.mark.unit
 

@@ -53,15 +53,15 @@ from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.asyncio import async_queue_sessionmaker
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
-from sqlalchemy_q4m.asyncio_worker import AsyncWorkers
-from sqlalchemy_q4m.asyncio_worker import run_async_workers
 from sqlalchemy_q4m.backends.pinned import kept_connections
+from sqlalchemy_q4m.consumer.asyncio import async_queue_sessionmaker
 from sqlalchemy_q4m.exc import QueueWaitError
-from sqlalchemy_q4m.retry import RetryMixin
-from sqlalchemy_q4m.runtime import EXIT_FORCED
-from sqlalchemy_q4m.runtime import EXIT_OK
+from sqlalchemy_q4m.schema.retry import RetryMixin
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
+from sqlalchemy_q4m.worker.asyncio import AsyncWorkers
+from sqlalchemy_q4m.worker.asyncio import run_async_workers
+from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
+from sqlalchemy_q4m.worker.runtime import EXIT_OK
 
 pytestmark = [pytest.mark.native, pytest.mark.integration]
 

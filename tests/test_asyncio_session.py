@@ -42,9 +42,9 @@ from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.asyncio import AsyncQueueSession
-from sqlalchemy_q4m.asyncio import async_queue_sessionmaker
 from sqlalchemy_q4m.backends.pinned import kept_connections
+from sqlalchemy_q4m.consumer.asyncio import AsyncQueueSession
+from sqlalchemy_q4m.consumer.asyncio import async_queue_sessionmaker
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
 
@@ -188,7 +188,7 @@ def test_bad_binds_are_refused() -> None:
 def test_the_sync_api_does_not_import_the_asyncio_extension() -> None:
     code = (
         "import sys, sqlalchemy_q4m; "
-        "loaded = [m for m in ('sqlalchemy_q4m.asyncio', 'sqlalchemy.ext.asyncio') "
+        "loaded = [m for m in ('sqlalchemy_q4m.consumer.asyncio', 'sqlalchemy.ext.asyncio') "
         "if m in sys.modules]; print(loaded); sys.exit(1 if loaded else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

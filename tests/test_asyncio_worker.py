@@ -39,18 +39,18 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
-from sqlalchemy_q4m.asyncio_worker import AsyncWorkers
-from sqlalchemy_q4m.asyncio_worker import is_async_job_class
-from sqlalchemy_q4m.asyncio_worker import run_async_workers
-from sqlalchemy_q4m.asyncio_worker import worker_engine
 from sqlalchemy_q4m.exc import Q4MError
-from sqlalchemy_q4m.retry import RetryMixin
-from sqlalchemy_q4m.runtime import EXIT_ERROR
-from sqlalchemy_q4m.runtime import EXIT_FORCED
-from sqlalchemy_q4m.runtime import EXIT_OK
-from sqlalchemy_q4m.worker import Job
-from sqlalchemy_q4m.worker import Stats
+from sqlalchemy_q4m.schema.retry import RetryMixin
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
+from sqlalchemy_q4m.worker.asyncio import AsyncWorkers
+from sqlalchemy_q4m.worker.asyncio import is_async_job_class
+from sqlalchemy_q4m.worker.asyncio import run_async_workers
+from sqlalchemy_q4m.worker.asyncio import worker_engine
+from sqlalchemy_q4m.worker.consumer import Job
+from sqlalchemy_q4m.worker.consumer import Stats
+from sqlalchemy_q4m.worker.runtime import EXIT_ERROR
+from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
+from sqlalchemy_q4m.worker.runtime import EXIT_OK
 
 DRIVERS = ["aiomysql", "asyncmy"]
 DEAD = "test_asyncio_worker_dead"

@@ -39,11 +39,11 @@ from worker_support import run_q4m
 from sqlalchemy_q4m import QueueSession
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.cli import main
+from sqlalchemy_q4m.cli.commands import main
 from sqlalchemy_q4m.exc import OptionError
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import RowError
-from sqlalchemy_q4m.retry import retry_columns
+from sqlalchemy_q4m.schema.retry import retry_columns
 
 PASSWORD = "S3cret-pw-Q4M"
 ONE = '{"n": 1}'
@@ -389,7 +389,7 @@ def test_no_command_prints_the_password_of_a_bad_url(
     password_url: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     commands = [
-        ["worker", "sqlalchemy_q4m.demo:ShellJob", "--burst"],
+        ["worker", "sqlalchemy_q4m.cli.demo:ShellJob", "--burst"],
         ["enqueue", "some_jobs", "--json", "{}"],
         ["stats"],
         ["dead", "list"],

@@ -37,8 +37,8 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.batch import QueueBatch
-from sqlalchemy_q4m.batch import queue_batch
+from sqlalchemy_q4m.consumer.batch import QueueBatch
+from sqlalchemy_q4m.consumer.batch import queue_batch
 from sqlalchemy_q4m.exc import CompletionFailed
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
@@ -401,7 +401,7 @@ class FakeSingle:
 def test_native_degrades_to_one_job(
     monkeypatch: pytest.MonkeyPatch, finish: str | None, expected: str
 ) -> None:
-    monkeypatch.setattr("sqlalchemy_q4m.batch.QueueSession", FakeSingle)
+    monkeypatch.setattr("sqlalchemy_q4m.consumer.batch.QueueSession", FakeSingle)
     FakeSingle.calls = []
     eng = create_engine("mysql+pymysql://u@127.0.0.1:1/none")
     with queue_batch(BatchJob, bind=eng, size=50, backend="native") as batch:

@@ -29,9 +29,9 @@ from sqlalchemy import Time
 from sqlalchemy import Uuid
 from sqlalchemy.dialects import mysql
 
-from sqlalchemy_q4m.checks import check_seconds
-from sqlalchemy_q4m.checks import column_check
 from sqlalchemy_q4m.exc import OptionError
+from sqlalchemy_q4m.schema.checks import check_seconds
+from sqlalchemy_q4m.schema.checks import column_check
 
 pytestmark = pytest.mark.unit
 

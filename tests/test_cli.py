@@ -18,8 +18,8 @@ from worker_support import number_table
 from worker_support import q4m_env
 from worker_support import run_q4m
 
-from sqlalchemy_q4m.cli import build_parser
-from sqlalchemy_q4m.cli import main
+from sqlalchemy_q4m.cli.commands import build_parser
+from sqlalchemy_q4m.cli.commands import main
 
 TABLE = "tcli_jobs"
 DEAD = "tcli_dead_letters"
@@ -153,7 +153,7 @@ def test_enqueue_json_and_stdin_then_stats(
         (["worker", "no_such_module_x:Job"], None, ["cannot import 'no_such_module_x'"]),
         (["worker", "worker_jobs:Missing"], None, ["has no 'Missing'"]),
         (["worker", "worker_jobs"], None, ["write it as module:Class"]),
-        (["worker", "sqlalchemy_q4m.demo:ShellJob"], None, ["'shell_jobs' does not exist"]),
+        (["worker", "sqlalchemy_q4m.cli.demo:ShellJob"], None, ["'shell_jobs' does not exist"]),
         (["worker", "worker_jobs:RecordJob", "--concurrency", "0"], None, ["must be >= 1"]),
         (["worker", "worker_jobs:RecordJob", "--grace", "soon"], None, ["not a number"]),
         (["worker", "worker_jobs:RecordJob", "--log-level", "LOUD"], None, ["log level"]),
@@ -209,7 +209,7 @@ def count_rows_safe(table: Table) -> int:
 )
 def test_bad_urls(capsys: pytest.CaptureFixture[str], url: str, needle: str) -> None:
     for args in (
-        ["worker", "sqlalchemy_q4m.demo:ShellJob", "--url", url],
+        ["worker", "sqlalchemy_q4m.cli.demo:ShellJob", "--url", url],
         ["enqueue", TABLE, "--url", url, "--json", "{}"],
         ["stats", "--url", url],
         ["dead", "list", "--url", url],
@@ -264,7 +264,7 @@ def test_stats_counts_a_job_in_hand_as_owned(
 
 @pytest.mark.unit
 def test_q4m_stats_text_is_parsed_or_kept_raw() -> None:
-    from sqlalchemy_q4m.ops import parse_q4m_stats
+    from sqlalchemy_q4m.ops.queries import parse_q4m_stats
 
     text = "rows_written=10\nrows_removed=4\nwait_immediate=3\n"
     assert parse_q4m_stats(text) == {"rows_written": 10, "rows_removed": 4, "wait_immediate": 3}
@@ -294,7 +294,7 @@ def test_the_demo_creates_a_missing_database(db_url: URL, engine: Engine) -> Non
     from sqlalchemy import text
     from sqlalchemy.pool import NullPool
 
-    from sqlalchemy_q4m.demo import _ensure_database
+    from sqlalchemy_q4m.cli.demo import _ensure_database
 
     name = f"{db_url.database}_demo"
     demo_engine = create_engine(db_url.set(database=name), poolclass=NullPool)

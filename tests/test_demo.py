@@ -19,10 +19,10 @@ from sqlalchemy import insert
 from sqlalchemy import select
 
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.deadletter import dead_letter_table
-from sqlalchemy_q4m.demo import ShellJob
-from sqlalchemy_q4m.demo import deliberate_failures
-from sqlalchemy_q4m.demo import demo_commands
+from sqlalchemy_q4m.cli.demo import ShellJob
+from sqlalchemy_q4m.cli.demo import deliberate_failures
+from sqlalchemy_q4m.cli.demo import demo_commands
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 pytestmark = pytest.mark.integration
 

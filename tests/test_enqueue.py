@@ -39,15 +39,15 @@ from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.enqueue import _groups
-from sqlalchemy_q4m.enqueue import _params
-from sqlalchemy_q4m.enqueue import _plan_for
-from sqlalchemy_q4m.enqueue import _positional
-from sqlalchemy_q4m.enqueue import _shape_for
+from sqlalchemy_q4m.backends.loading import DriverSQL
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import SubscriptionError
-from sqlalchemy_q4m.loading import DriverSQL
-from sqlalchemy_q4m.retry import due_condition
+from sqlalchemy_q4m.producer.enqueue import _groups
+from sqlalchemy_q4m.producer.enqueue import _params
+from sqlalchemy_q4m.producer.enqueue import _plan_for
+from sqlalchemy_q4m.producer.enqueue import _positional
+from sqlalchemy_q4m.producer.enqueue import _shape_for
+from sqlalchemy_q4m.schema.retry import due_condition
 
 
 class Base(DeclarativeBase):
@@ -424,8 +424,8 @@ def test_database_errors_are_sqlalchemy_errors(db_url: URL, observed: bool) -> N
 def test_cli_enqueue_rows_leaves_missing_columns_to_the_server(db: Engine) -> None:
     """``q4m enqueue`` goes through enqueue(): a row without ``weight`` gets the server's
     default (it was once sent as NULL), and each batch is committed."""
-    from sqlalchemy_q4m.ops import enqueue_rows
-    from sqlalchemy_q4m.worker import reflect_queue_table
+    from sqlalchemy_q4m.ops.queries import enqueue_rows
+    from sqlalchemy_q4m.worker.consumer import reflect_queue_table
 
     with db.connect() as conn:
         table = reflect_queue_table(conn, "eq_shell_jobs")

@@ -54,15 +54,15 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m import queue_wait
 from sqlalchemy_q4m.backends.native import wait_arguments
 from sqlalchemy_q4m.backends.portable import claim_statement
-from sqlalchemy_q4m.ddl import queue_table_problems
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import SubscriptionError
-from sqlalchemy_q4m.functions import render_condition
-from sqlalchemy_q4m.functions import subscriptions
-from sqlalchemy_q4m.retry import due_condition
-from sqlalchemy_q4m.retry import retry_columns
-from sqlalchemy_q4m.retry import run_at_column
+from sqlalchemy_q4m.schema.ddl import queue_table_problems
+from sqlalchemy_q4m.schema.functions import render_condition
+from sqlalchemy_q4m.schema.functions import subscriptions
+from sqlalchemy_q4m.schema.retry import due_condition
+from sqlalchemy_q4m.schema.retry import retry_columns
+from sqlalchemy_q4m.schema.retry import run_at_column
 
 pytestmark = pytest.mark.unit
 

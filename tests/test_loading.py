@@ -1,5 +1,5 @@
-"""How claimed rows become jobs (``sqlalchemy_q4m.loading``): instances built from the driver's
-row, the ORM for what that cannot reproduce, and the per-job statements sent on the DBAPI
+"""How claimed rows become jobs (``sqlalchemy_q4m.backends.loading``): instances built from the
+driver's row, the ORM for what that cannot reproduce, and the per-job statements sent on the DBAPI
 cursor only when nothing observes statements."""
 
 from __future__ import annotations
@@ -38,13 +38,13 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.backends.loading import DriverSQL
+from sqlalchemy_q4m.backends.loading import claim_statement
+from sqlalchemy_q4m.backends.loading import driver_level
+from sqlalchemy_q4m.backends.loading import loader_for
+from sqlalchemy_q4m.backends.loading import plain_mapping
 from sqlalchemy_q4m.exc import ConnectionLost
-from sqlalchemy_q4m.functions import subscriptions
-from sqlalchemy_q4m.loading import DriverSQL
-from sqlalchemy_q4m.loading import claim_statement
-from sqlalchemy_q4m.loading import driver_level
-from sqlalchemy_q4m.loading import loader_for
-from sqlalchemy_q4m.loading import plain_mapping
+from sqlalchemy_q4m.schema.functions import subscriptions
 
 
 class Base(DeclarativeBase):

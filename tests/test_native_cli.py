@@ -26,8 +26,8 @@ from worker_support import run_q4m
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_stats
-from sqlalchemy_q4m.cli import main
-from sqlalchemy_q4m.deadletter import dead_letter_table
+from sqlalchemy_q4m.cli.commands import main
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 # The portable module's scenarios, collected here again with this module's fixtures.
 table = portable.table

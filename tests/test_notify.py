@@ -28,18 +28,18 @@ from sqlalchemy_q4m import Job
 from sqlalchemy_q4m import QueueSession
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.backends.wakeup import LISTENERS_RECHECK
+from sqlalchemy_q4m.backends.wakeup import _like_pattern
+from sqlalchemy_q4m.backends.wakeup import anchor_for
+from sqlalchemy_q4m.backends.wakeup import announce
+from sqlalchemy_q4m.backends.wakeup import listen_wait
+from sqlalchemy_q4m.backends.wakeup import listening_supported
+from sqlalchemy_q4m.backends.wakeup import notify
+from sqlalchemy_q4m.backends.wakeup import notify_committed
+from sqlalchemy_q4m.backends.wakeup import wait_statement
+from sqlalchemy_q4m.backends.wakeup import wait_tag
 from sqlalchemy_q4m.exc import Q4MError
-from sqlalchemy_q4m.functions import subscriptions
-from sqlalchemy_q4m.notify import LISTENERS_RECHECK
-from sqlalchemy_q4m.notify import _like_pattern
-from sqlalchemy_q4m.notify import anchor_for
-from sqlalchemy_q4m.notify import announce
-from sqlalchemy_q4m.notify import listen_wait
-from sqlalchemy_q4m.notify import listening_supported
-from sqlalchemy_q4m.notify import notify
-from sqlalchemy_q4m.notify import notify_committed
-from sqlalchemy_q4m.notify import wait_statement
-from sqlalchemy_q4m.notify import wait_tag
+from sqlalchemy_q4m.schema.functions import subscriptions
 from sqlalchemy_q4m.types import new_job_id
 
 meta = MetaData()
@@ -370,7 +370,7 @@ def test_a_listening_worker_runs_a_notified_job(db: Engine) -> None:
 def test_cli_listen_option(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, expected: float
 ) -> None:
-    from sqlalchemy_q4m import cli
+    from sqlalchemy_q4m.cli import commands as cli
 
     if env is not None:
         monkeypatch.setenv("Q4M_LISTEN", env)
@@ -420,7 +420,7 @@ def test_an_anchor_that_cannot_connect_raises_a_dbapi_error() -> None:
 
 @pytest.mark.integration
 def test_q4m_enqueue_wakes_a_listening_consumer(db: Engine, db_url: URL) -> None:
-    from sqlalchemy_q4m import cli
+    from sqlalchemy_q4m.cli import commands as cli
 
     consumer = Consumer(db, timeout=10, listen=5)
     consumer.start()

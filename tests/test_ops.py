@@ -1,4 +1,4 @@
-"""The operations module (``sqlalchemy_q4m.ops``) and the worker registry, on both backends:
+"""The operations module (``sqlalchemy_q4m.ops.queries``) and the worker registry, on both backends:
 counts, jobs, dead letters, workers and throughput, as ``q4m stats|workers`` and the dashboard
 read them."""
 
@@ -31,20 +31,20 @@ from worker_support import start_q4m
 from worker_support import stop
 from worker_support import wait_for
 
-from sqlalchemy_q4m import ops
-from sqlalchemy_q4m.deadletter import bury
-from sqlalchemy_q4m.deadletter import dead_letter_table
-from sqlalchemy_q4m.deadletter import ensure_dead_letter_table
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
-from sqlalchemy_q4m.registry import Heartbeat
-from sqlalchemy_q4m.registry import Holding
-from sqlalchemy_q4m.registry import throughput_table
-from sqlalchemy_q4m.registry import utcnow
-from sqlalchemy_q4m.registry import worker_registry_table
-from sqlalchemy_q4m.runtime import EXIT_FORCED
+from sqlalchemy_q4m.ops import queries as ops
 from sqlalchemy_q4m.types import new_job_id
-from sqlalchemy_q4m.worker import reflect_queue_table
+from sqlalchemy_q4m.worker.consumer import reflect_queue_table
+from sqlalchemy_q4m.worker.deadletter import bury
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
+from sqlalchemy_q4m.worker.deadletter import ensure_dead_letter_table
+from sqlalchemy_q4m.worker.registry import Heartbeat
+from sqlalchemy_q4m.worker.registry import Holding
+from sqlalchemy_q4m.worker.registry import throughput_table
+from sqlalchemy_q4m.worker.registry import utcnow
+from sqlalchemy_q4m.worker.registry import worker_registry_table
+from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
 
 TABLE = "ops_jobs"
 
@@ -325,8 +325,8 @@ def test_registry_tables_in_a_migration_match_the_ones_workers_create(server_url
     from alembic.migration import MigrationContext
     from sqlalchemy import MetaData
 
-    from sqlalchemy_q4m.registry import ensure_registry_tables
-    from sqlalchemy_q4m.registry import throughput_table
+    from sqlalchemy_q4m.worker.registry import ensure_registry_tables
+    from sqlalchemy_q4m.worker.registry import throughput_table
 
     metadata = MetaData()
     worker_registry_table(metadata=metadata)
@@ -344,7 +344,7 @@ ASYNC_JOBS = """
 import asyncio
 import os
 
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
 
 
 class HeldJob(AsyncJob):
@@ -482,7 +482,7 @@ def test_a_starting_worker_prunes_long_lost_ones(db: Engine) -> None:
 
 
 def test_q4m_dead_show(db: Engine, capsys: pytest.CaptureFixture[str]) -> None:
-    from sqlalchemy_q4m.cli import main
+    from sqlalchemy_q4m.cli.commands import main
 
     number_table(db, TABLE)
     with db.begin() as conn:

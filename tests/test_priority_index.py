@@ -48,10 +48,10 @@ from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m import use_backend
-from sqlalchemy_q4m.ddl import CLAIM_INDEX
-from sqlalchemy_q4m.functions import subscriptions
-from sqlalchemy_q4m.loading import claim_statement
-from sqlalchemy_q4m.retry import priority_column
+from sqlalchemy_q4m.backends.loading import claim_statement
+from sqlalchemy_q4m.schema.ddl import CLAIM_INDEX
+from sqlalchemy_q4m.schema.functions import subscriptions
+from sqlalchemy_q4m.schema.retry import priority_column
 
 JOBS = 20
 

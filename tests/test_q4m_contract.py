@@ -43,7 +43,7 @@ from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import SubscriptionError
-from sqlalchemy_q4m.retry import due_condition
+from sqlalchemy_q4m.schema.retry import due_condition
 
 
 @dataclass

@@ -22,19 +22,19 @@ from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import RetryPolicy
 from sqlalchemy_q4m.backends.portable import claim_statement
-from sqlalchemy_q4m.deadletter import decode_payload
-from sqlalchemy_q4m.deadletter import encode_payload
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import SubscriptionError
-from sqlalchemy_q4m.functions import render_condition
-from sqlalchemy_q4m.functions import subscriptions
-from sqlalchemy_q4m.retry import Bury
-from sqlalchemy_q4m.retry import Retry
-from sqlalchemy_q4m.retry import decide
-from sqlalchemy_q4m.retry import due_condition
-from sqlalchemy_q4m.retry import retry_columns
-from sqlalchemy_q4m.worker import table_name_for
+from sqlalchemy_q4m.schema.functions import render_condition
+from sqlalchemy_q4m.schema.functions import subscriptions
+from sqlalchemy_q4m.schema.retry import Bury
+from sqlalchemy_q4m.schema.retry import Retry
+from sqlalchemy_q4m.schema.retry import decide
+from sqlalchemy_q4m.schema.retry import due_condition
+from sqlalchemy_q4m.schema.retry import retry_columns
+from sqlalchemy_q4m.worker.consumer import table_name_for
+from sqlalchemy_q4m.worker.deadletter import decode_payload
+from sqlalchemy_q4m.worker.deadletter import encode_payload
 
 pytestmark = pytest.mark.unit
 

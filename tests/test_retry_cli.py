@@ -20,8 +20,8 @@ from worker_support import number_table
 from worker_support import q4m_env
 from worker_support import run_q4m
 
-from sqlalchemy_q4m.cli import main
-from sqlalchemy_q4m.deadletter import dead_letter_table
+from sqlalchemy_q4m.cli.commands import main
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 pytestmark = pytest.mark.acceptance
 
@@ -143,8 +143,8 @@ def test_demo_runs_and_reuses_its_table_safely(db_url: URL, engine: Engine) -> N
         assert letter.queue == "trc_shell_jobs" and letter.attempts == 3
         assert "disk full" in letter.error
         with engine.begin() as conn:  # a table holding jobs is never run by the demo
-            from sqlalchemy_q4m.cli import enqueue_rows
-            from sqlalchemy_q4m.worker import reflect_queue_table
+            from sqlalchemy_q4m.cli.commands import enqueue_rows
+            from sqlalchemy_q4m.worker.consumer import reflect_queue_table
 
             enqueue_rows(conn, reflect_queue_table(conn, "trc_shell_jobs"), [{"command": "true"}])
         refused = run_q4m(*args, "--table", "trc_shell_jobs", env=env)

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from sqlalchemy_q4m.runtime import ProcessRuntime
-from sqlalchemy_q4m.runtime import Supervisor
-from sqlalchemy_q4m.runtime import WorkerConfig
+from sqlalchemy_q4m.worker.runtime import ProcessRuntime
+from sqlalchemy_q4m.worker.runtime import Supervisor
+from sqlalchemy_q4m.worker.runtime import WorkerConfig
 
 pytestmark = pytest.mark.unit
 

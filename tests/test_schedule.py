@@ -37,16 +37,16 @@ from worker_support import stop
 from worker_support import wait_for
 
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.schedule import SCHEDULES
-from sqlalchemy_q4m.schedule import TICKS
-from sqlalchemy_q4m.schedule import Schedule
-from sqlalchemy_q4m.schedule import ScheduleError
-from sqlalchemy_q4m.schedule import Scheduler
-from sqlalchemy_q4m.schedule import ensure_schedule_tables
-from sqlalchemy_q4m.schedule import fire_due
-from sqlalchemy_q4m.schedule import list_schedules
-from sqlalchemy_q4m.schedule import schedule_of
-from sqlalchemy_q4m.worker import Job
+from sqlalchemy_q4m.producer.schedule import SCHEDULES
+from sqlalchemy_q4m.producer.schedule import TICKS
+from sqlalchemy_q4m.producer.schedule import Schedule
+from sqlalchemy_q4m.producer.schedule import ScheduleError
+from sqlalchemy_q4m.producer.schedule import Scheduler
+from sqlalchemy_q4m.producer.schedule import ensure_schedule_tables
+from sqlalchemy_q4m.producer.schedule import fire_due
+from sqlalchemy_q4m.producer.schedule import list_schedules
+from sqlalchemy_q4m.producer.schedule import schedule_of
+from sqlalchemy_q4m.worker.consumer import Job
 
 UTC = dt.timezone.utc
 
@@ -230,7 +230,7 @@ SCHEDULER = textwrap.dedent(
     from sqlalchemy import BigInteger, Column, MetaData, create_engine
     from sqlalchemy.pool import NullPool
     from sqlalchemy_q4m import queue_table
-    from sqlalchemy_q4m.schedule import Schedule, Scheduler
+    from sqlalchemy_q4m.producer.schedule import Schedule, Scheduler
 
     url, table_name, name = sys.argv[1:4]
     engine = create_engine(url, poolclass=NullPool)

@@ -30,13 +30,13 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.deadletter import dead_letter_table
-from sqlalchemy_q4m.retry import retry_columns
-from sqlalchemy_q4m.unique import KEYS
-from sqlalchemy_q4m.unique import Unique
-from sqlalchemy_q4m.unique import UniqueKeyError
-from sqlalchemy_q4m.unique import count_keys
-from sqlalchemy_q4m.worker import Job
+from sqlalchemy_q4m.producer.unique import KEYS
+from sqlalchemy_q4m.producer.unique import Unique
+from sqlalchemy_q4m.producer.unique import UniqueKeyError
+from sqlalchemy_q4m.producer.unique import count_keys
+from sqlalchemy_q4m.schema.retry import retry_columns
+from sqlalchemy_q4m.worker.consumer import Job
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +84,7 @@ ENQUEUER = textwrap.dedent(
     from sqlalchemy import Column, Integer, MetaData, create_engine
     from sqlalchemy.pool import NullPool
     from sqlalchemy_q4m import enqueue, queue_table
-    from sqlalchemy_q4m.retry import retry_columns
+    from sqlalchemy_q4m.schema.retry import retry_columns
 
     url, name, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
     engine = create_engine(url, poolclass=NullPool)
@@ -219,7 +219,7 @@ OWNER = textwrap.dedent(
     from sqlalchemy import Column, Integer, MetaData, create_engine
     from sqlalchemy.pool import NullPool
     from sqlalchemy_q4m import queue_session, queue_table
-    from sqlalchemy_q4m.retry import retry_columns
+    from sqlalchemy_q4m.schema.retry import retry_columns
 
     url, name = sys.argv[1], sys.argv[2]
     engine = create_engine(url, poolclass=NullPool)
@@ -271,7 +271,7 @@ def test_an_enqueuer_killed_between_the_key_and_the_job_does_not_block_the_key(
         from sqlalchemy import Column, Integer, MetaData, create_engine
         from sqlalchemy.pool import NullPool
         from sqlalchemy_q4m import enqueue, queue_table, unique
-        from sqlalchemy_q4m.retry import retry_columns
+        from sqlalchemy_q4m.schema.retry import retry_columns
 
         url, name = sys.argv[1], sys.argv[2]
         engine = create_engine(url, poolclass=NullPool)

@@ -28,8 +28,8 @@ from worker_support import start_q4m
 from worker_support import stop
 from worker_support import wait_for
 
-from sqlalchemy_q4m import ops
 from sqlalchemy_q4m.exc import Q4MError
+from sqlalchemy_q4m.ops import queries as ops
 from sqlalchemy_q4m.web import Auth
 from sqlalchemy_q4m.web import dashboard
 from sqlalchemy_q4m.web import serve
@@ -83,7 +83,7 @@ def count(engine: Engine) -> int:
 
 
 def _table(conn: object) -> object:
-    from sqlalchemy_q4m.worker import reflect_queue_table
+    from sqlalchemy_q4m.worker.consumer import reflect_queue_table
 
     return reflect_queue_table(conn, TABLE)  # type: ignore[arg-type]
 

@@ -30,12 +30,12 @@ from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.deadletter import dead_letter_table
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
-from sqlalchemy_q4m.retry import retry_columns
+from sqlalchemy_q4m.schema.retry import retry_columns
 from sqlalchemy_q4m.types import new_job_id
-from sqlalchemy_q4m.worker import Consumer
+from sqlalchemy_q4m.worker.consumer import Consumer
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 pytestmark = pytest.mark.integration
 

@@ -47,13 +47,13 @@ from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import queue_batch
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.asyncio_worker import AsyncConsumer
-from sqlalchemy_q4m.asyncio_worker import AsyncJob
-from sqlalchemy_q4m.deadletter import dead_letter_table
 from sqlalchemy_q4m.exc import UnloadableJob
 from sqlalchemy_q4m.types import new_job_id
-from sqlalchemy_q4m.worker import Consumer
-from sqlalchemy_q4m.worker import Stats
+from sqlalchemy_q4m.worker.asyncio import AsyncConsumer
+from sqlalchemy_q4m.worker.asyncio import AsyncJob
+from sqlalchemy_q4m.worker.consumer import Consumer
+from sqlalchemy_q4m.worker.consumer import Stats
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 
 DEAD = "tpz_dead_letters"
 ASYNC_DRIVERS = ["aiomysql", "asyncmy"]

@@ -17,10 +17,10 @@ from sqlalchemy import create_engine
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from sqlalchemy_q4m.deadletter import bury
-from sqlalchemy_q4m.deadletter import dead_letter_table
-from sqlalchemy_q4m.deadletter import ensure_dead_letter_table
 from sqlalchemy_q4m.types import new_job_id
+from sqlalchemy_q4m.worker.deadletter import bury
+from sqlalchemy_q4m.worker.deadletter import dead_letter_table
+from sqlalchemy_q4m.worker.deadletter import ensure_dead_letter_table
 
 XSS = "<script>document.title='pwned'</script><img src=x onerror=alert(1)>"
 

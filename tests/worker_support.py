@@ -19,7 +19,7 @@ from sqlalchemy import func
 from sqlalchemy import select
 
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.retry import retry_columns
+from sqlalchemy_q4m.schema.retry import retry_columns
 
 HERE = Path(__file__).parent
 

@@ -27,9 +27,9 @@ from sqlalchemy import BINARY
 from sqlalchemy import Column
 from sqlalchemy import Table
 
-from ..ddl import CLAIM_INDEX
-from ..ddl import JOB_ID
-from ..ddl import is_queue_table
+from ..schema.ddl import CLAIM_INDEX
+from ..schema.ddl import JOB_ID
+from ..schema.ddl import is_queue_table
 from ..server import BackendName
 from .ops import ConvertQueueTableOp
 from .ops import CreateQueueTableOp

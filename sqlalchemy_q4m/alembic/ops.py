@@ -27,14 +27,14 @@ from sqlalchemy.schema import ExecutableDDLElement
 from sqlalchemy.schema import SchemaItem
 from sqlalchemy.sql.compiler import DDLCompiler
 
-from ..ddl import CLAIM_INDEX
-from ..ddl import JOB_ID
-from ..ddl import JOB_ID_INFO_KEY
-from ..ddl import QUEUE_INFO_KEY
-from ..ddl import job_id_column
-from ..ddl import validate_name
 from ..exc import QueueTableError
-from ..retry import PRIORITY_INFO_KEY
+from ..schema.ddl import CLAIM_INDEX
+from ..schema.ddl import JOB_ID
+from ..schema.ddl import JOB_ID_INFO_KEY
+from ..schema.ddl import QUEUE_INFO_KEY
+from ..schema.ddl import job_id_column
+from ..schema.ddl import validate_name
+from ..schema.retry import PRIORITY_INFO_KEY
 from ..server import BackendName
 from ..server import backend_for_dialect
 from ..server import detect_backend

@@ -21,12 +21,12 @@ from sqlalchemy.orm import Session
 
 from ..exc import AlreadyOwning
 from ..exc import ConnectionLost
-from ..functions import Subscription
-from ..loading import AUTOCOMMIT_KEY
-from ..loading import Loader
-from ..loading import driver_level
-from ..loading import on_driver
+from ..schema.functions import Subscription
 from ..server import BackendName
+from .loading import AUTOCOMMIT_KEY
+from .loading import Loader
+from .loading import driver_level
+from .loading import on_driver
 
 __all__ = [
     "AUTOCOMMIT_KEY",

@@ -25,21 +25,21 @@ from sqlalchemy.engine import Dialect
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
-from ..functions import Subscription
-from ..functions import queue_abort
-from ..functions import queue_end
-from ..functions import queue_wait
-from ..loading import DriverSQL
-from ..loading import dialect_cache
-from ..loading import loader_for
+from ..producer.unique import claimed
+from ..producer.unique import ended
+from ..producer.unique import released
+from ..schema.functions import Subscription
+from ..schema.functions import queue_abort
+from ..schema.functions import queue_end
+from ..schema.functions import queue_wait
 from ..server import BackendName
-from ..unique import claimed
-from ..unique import ended
-from ..unique import released
 from .base import Backend
 from .base import Claim
 from .base import Holder
 from .base import translate_errors
+from .loading import DriverSQL
+from .loading import dialect_cache
+from .loading import loader_for
 
 __all__ = ["NativeBackend"]
 

@@ -30,9 +30,9 @@ from sqlalchemy import Engine
 from sqlalchemy import event
 from sqlalchemy.pool import Pool
 
-from ..loading import dialect_cache
 from ..server import BackendName
 from .base import autocommit_for_queue
+from .loading import dialect_cache
 from .portable import READ_COMMITTED_LEVELS
 
 __all__ = ["IDLE", "give_back", "keeps", "kept_connections", "prepare", "take"]

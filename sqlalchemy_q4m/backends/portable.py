@@ -21,11 +21,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ..exc import UnsafeBind
-from ..functions import Subscription
-from ..loading import claim_statement
-from ..loading import loader_for
+from ..producer.unique import ended
+from ..schema.functions import Subscription
 from ..server import BackendName
-from ..unique import ended
 from .base import LOCK_WAIT_TIMEOUT
 from .base import QUERY_INTERRUPTED
 from .base import RETRYABLE
@@ -34,6 +32,8 @@ from .base import Claim
 from .base import Holder
 from .base import error_code
 from .base import translate_errors
+from .loading import claim_statement
+from .loading import loader_for
 
 __all__ = [
     "PortableBackend",

@@ -48,14 +48,14 @@ from starlette.routing import Mount
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
-from .. import ops
-from ..deadletter import DEAD_LETTER_TABLE
 from ..exc import Q4MError
 from ..exc import QueueTableError
-from ..registry import DEFAULT_STALE_AFTER
-from ..registry import THROUGHPUT_TABLE
-from ..registry import WORKERS_TABLE
-from ..worker import reflect_queue_table
+from ..ops import queries as ops
+from ..worker.consumer import reflect_queue_table
+from ..worker.deadletter import DEAD_LETTER_TABLE
+from ..worker.registry import DEFAULT_STALE_AFTER
+from ..worker.registry import THROUGHPUT_TABLE
+from ..worker.registry import WORKERS_TABLE
 
 __all__ = ["Auth", "dashboard", "serve"]
 
@@ -469,7 +469,7 @@ class Dashboard:
         )
 
     def metrics(self, request: Request) -> Response:
-        from ..metrics import dashboard_metrics
+        from ..worker.metrics import dashboard_metrics
 
         with self.engine.connect() as conn:
             body = dashboard_metrics(
@@ -691,7 +691,7 @@ def dashboard(
     ``basic_auth`` are shortcuts.  Without any credentials the dashboard is read-only.
     """
     if isinstance(bind, str):
-        from ..runtime import make_engine
+        from ..worker.runtime import make_engine
 
         bind = make_engine(bind, 4)
     if auth is None or isinstance(auth, Auth):

@@ -30,35 +30,35 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.exc import SQLAlchemyError
 
-from .checks import check_seconds
-from .ddl import JOB_ID
-from .deadletter import DEAD_LETTER_TABLE
-from .deadletter import count_dead
-from .deadletter import dead_letter_table
-from .deadletter import list_dead
-from .deadletter import purge_dead
-from .deadletter import retry_dead
-from .exc import OptionError
-from .exc import Q4MError
-from .exc import QueueTableError
-from .ops import dead_letter
-from .ops import enqueue_rows
-from .ops import foreign_queue_tables
-from .ops import prune_lost_workers
-from .ops import queue_counts
-from .ops import queue_table_names
-from .ops import workers
-from .runtime import EXIT_USAGE
-from .runtime import WorkerConfig
-from .runtime import load_scheduled_classes
-from .runtime import make_engine
-from .runtime import run_workers
-from .runtime import setup_logging
-from .schedule import Scheduler
-from .schedule import list_schedules
-from .schedule import schedules_of
-from .signals import on_stop_signals
-from .worker import reflect_queue_table
+from ..exc import OptionError
+from ..exc import Q4MError
+from ..exc import QueueTableError
+from ..ops.queries import dead_letter
+from ..ops.queries import enqueue_rows
+from ..ops.queries import foreign_queue_tables
+from ..ops.queries import prune_lost_workers
+from ..ops.queries import queue_counts
+from ..ops.queries import queue_table_names
+from ..ops.queries import workers
+from ..producer.schedule import Scheduler
+from ..producer.schedule import list_schedules
+from ..producer.schedule import schedules_of
+from ..schema.checks import check_seconds
+from ..schema.ddl import JOB_ID
+from ..worker.consumer import reflect_queue_table
+from ..worker.deadletter import DEAD_LETTER_TABLE
+from ..worker.deadletter import count_dead
+from ..worker.deadletter import dead_letter_table
+from ..worker.deadletter import list_dead
+from ..worker.deadletter import purge_dead
+from ..worker.deadletter import retry_dead
+from ..worker.runtime import EXIT_USAGE
+from ..worker.runtime import WorkerConfig
+from ..worker.runtime import load_scheduled_classes
+from ..worker.runtime import make_engine
+from ..worker.runtime import run_workers
+from ..worker.runtime import setup_logging
+from ..worker.signals import on_stop_signals
 
 __all__ = ["build_parser", "enqueue_rows", "main", "parse_json_rows", "queue_counts"]
 
@@ -794,7 +794,7 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 def cmd_web(args: argparse.Namespace) -> int:
     try:
-        from .web import serve
+        from ..web import serve
     except ImportError as err:
         raise Q4MError(f"q4m web needs: pip install 'sqlalchemy-q4m[web]' ({err})") from None
     read_only = bool(args.read_only) or _flag_env("Q4M_WEB_READ_ONLY")

@@ -39,12 +39,12 @@ from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import LargeBinary
 from sqlalchemy.types import _Binary
 
-from .ddl import JOB_ID
-from .ddl import validate_name
-from .exc import Q4MError
-from .retry import ATTEMPTS
-from .retry import RUN_AT
-from .types import new_job_id
+from ..exc import Q4MError
+from ..schema.ddl import JOB_ID
+from ..schema.ddl import validate_name
+from ..schema.retry import ATTEMPTS
+from ..schema.retry import RUN_AT
+from ..types import new_job_id
 
 __all__ = [
     "DEAD_LETTER_TABLE",

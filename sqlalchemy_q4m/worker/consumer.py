@@ -74,46 +74,46 @@ from sqlalchemy.orm import Session
 from sqlalchemy.orm import SessionTransaction
 from sqlalchemy.sql.elements import ColumnElement
 
-from .backends import get_backend
-from .backends.base import Backend
-from .batch import MAX_SIZE as MAX_BATCH_SIZE
-from .batch import QueueBatch
-from .checks import check_seconds
-from .ddl import JOB_ID
-from .ddl import QUEUE_INFO_KEY
-from .ddl import job_id_column
-from .ddl import validate_name
+from ..backends import get_backend
+from ..backends.base import Backend
+from ..backends.loading import Unloadable
+from ..consumer.batch import MAX_SIZE as MAX_BATCH_SIZE
+from ..consumer.batch import QueueBatch
+from ..consumer.session import QueueSession
+from ..consumer.session import check_wait_options
+from ..exc import CompletionFailed
+from ..exc import ConnectionLost
+from ..exc import JobInUse
+from ..exc import Q4MError
+from ..exc import QueueAbort
+from ..exc import QueueTableError
+from ..exc import QueueWaitError
+from ..producer.unique import key_moved
+from ..producer.unique import refresh as refresh_unique_keys
+from ..schema.checks import check_seconds
+from ..schema.ddl import JOB_ID
+from ..schema.ddl import QUEUE_INFO_KEY
+from ..schema.ddl import job_id_column
+from ..schema.ddl import validate_name
+from ..schema.functions import Subscription
+from ..schema.functions import subscriptions
+from ..schema.retry import ATTEMPTS
+from ..schema.retry import PRIORITY
+from ..schema.retry import PRIORITY_INFO_KEY
+from ..schema.retry import RUN_AT
+from ..schema.retry import Bury
+from ..schema.retry import Retry
+from ..schema.retry import RetryPolicy
+from ..schema.retry import decide
+from ..schema.retry import due_condition
+from ..server import BackendName
+from ..server import detect_backend
+from ..types import new_job_id
 from .deadletter import DEAD_LETTER_TABLE
 from .deadletter import bury
 from .deadletter import dead_letter_table
 from .deadletter import ensure_dead_letter_table
 from .deadletter import payload_of
-from .exc import CompletionFailed
-from .exc import ConnectionLost
-from .exc import JobInUse
-from .exc import Q4MError
-from .exc import QueueAbort
-from .exc import QueueTableError
-from .exc import QueueWaitError
-from .functions import Subscription
-from .functions import subscriptions
-from .loading import Unloadable
-from .retry import ATTEMPTS
-from .retry import PRIORITY
-from .retry import PRIORITY_INFO_KEY
-from .retry import RUN_AT
-from .retry import Bury
-from .retry import Retry
-from .retry import RetryPolicy
-from .retry import decide
-from .retry import due_condition
-from .server import BackendName
-from .server import detect_backend
-from .session import QueueSession
-from .session import check_wait_options
-from .types import new_job_id
-from .unique import key_moved
-from .unique import refresh as refresh_unique_keys
 
 __all__ = [
     "Consumer",

@@ -39,31 +39,31 @@ from sqlalchemy import text
 from sqlalchemy.types import LargeBinary
 from sqlalchemy.types import _Binary
 
-from .ddl import JOB_ID
-from .deadletter import DEAD_LETTER_TABLE
-from .deadletter import DeadLetter
-from .deadletter import count_dead
-from .deadletter import dead_letter_table
-from .deadletter import purge_dead
-from .deadletter import retry_dead
-from .enqueue import enqueue
-from .exc import Q4MError
-from .exc import QueueTableError
-from .exc import RowError
-from .functions import queue_stats
-from .notify import notify_committed
-from .registry import COUNTERS
-from .registry import DEFAULT_STALE_AFTER
-from .registry import THROUGHPUT_TABLE
-from .registry import WORKERS_TABLE
-from .registry import throughput_table
-from .registry import worker_registry_table
-from .retry import ATTEMPTS
-from .retry import RUN_AT
-from .schedule import list_schedules
-from .server import detect_backend
-from .unique import count_keys
-from .worker import reflect_queue_table
+from ..backends.wakeup import notify_committed
+from ..exc import Q4MError
+from ..exc import QueueTableError
+from ..exc import RowError
+from ..producer.enqueue import enqueue
+from ..producer.schedule import list_schedules
+from ..producer.unique import count_keys
+from ..schema.ddl import JOB_ID
+from ..schema.functions import queue_stats
+from ..schema.retry import ATTEMPTS
+from ..schema.retry import RUN_AT
+from ..server import detect_backend
+from ..worker.consumer import reflect_queue_table
+from ..worker.deadletter import DEAD_LETTER_TABLE
+from ..worker.deadletter import DeadLetter
+from ..worker.deadletter import count_dead
+from ..worker.deadletter import dead_letter_table
+from ..worker.deadletter import purge_dead
+from ..worker.deadletter import retry_dead
+from ..worker.registry import COUNTERS
+from ..worker.registry import DEFAULT_STALE_AFTER
+from ..worker.registry import THROUGHPUT_TABLE
+from ..worker.registry import WORKERS_TABLE
+from ..worker.registry import throughput_table
+from ..worker.registry import worker_registry_table
 
 __all__ = [
     "JOB_STATES",

@@ -46,10 +46,10 @@ from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 
-from .ddl import claim_order
-from .exc import QueueTableError
-from .exc import UnloadableJob
-from .functions import Subscription
+from ..exc import QueueTableError
+from ..exc import UnloadableJob
+from ..schema.ddl import claim_order
+from ..schema.functions import Subscription
 
 __all__ = [
     "AUTOCOMMIT_KEY",

@@ -50,7 +50,7 @@ from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.types import Text
 
-from .ddl import validate_name
+from ..schema.ddl import validate_name
 
 __all__ = [
     "DEFAULT_HEARTBEAT",

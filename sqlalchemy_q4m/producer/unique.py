@@ -59,16 +59,16 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
 from sqlalchemy.schema import CreateTable
 
-from .backends.base import RETRYABLE
-from .backends.base import error_code
-from .ddl import JOB_ID
-from .exc import Q4MError
-from .functions import subscriptions
-from .loading import dialect_cache
-from .notify import notify_committed
-from .retry import RUN_AT
-from .server import detect_backend
-from .types import new_job_id
+from ..backends.base import RETRYABLE
+from ..backends.base import error_code
+from ..backends.loading import dialect_cache
+from ..backends.wakeup import notify_committed
+from ..exc import Q4MError
+from ..schema.ddl import JOB_ID
+from ..schema.functions import subscriptions
+from ..schema.retry import RUN_AT
+from ..server import detect_backend
+from ..types import new_job_id
 
 __all__ = [
     "KEYS_TABLE",
@@ -229,7 +229,7 @@ def enqueue_unique(
     Binds as in :func:`~sqlalchemy_q4m.enqueue`: an Engine commits (and notifies); on the
     portable backend a Connection or Session joins its transaction (the caller commits).  On
     Q4M each key is settled in a transaction of its own on its own connection."""
-    from .enqueue import _groups  # the row checks enqueue makes (module above this one)
+    from .enqueue import _groups
     from .enqueue import _shape_for
 
     (sub,) = subscriptions([target])

@@ -30,8 +30,8 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..exc import Q4MError
 from .checks import check_seconds
-from .exc import Q4MError
 
 __all__ = [
     "ATTEMPTS",

@@ -44,24 +44,24 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
-from .checks import ColumnCheck
-from .checks import check_seconds
-from .checks import column_check
-from .checks import max_bytes
-from .ddl import JOB_ID_INFO_KEY
-from .exc import OptionError
-from .exc import Q4MError
-from .exc import RowError
-from .functions import Subscription
-from .functions import subscriptions
-from .loading import DriverSQL
-from .loading import _dbapi_error as dbapi_error
-from .loading import dialect_cache
-from .loading import driver_level
-from .notify import nobody_listens
-from .notify import wake_committed
-from .retry import RUN_AT
-from .types import new_job_id
+from ..backends.loading import DriverSQL
+from ..backends.loading import _dbapi_error as dbapi_error
+from ..backends.loading import dialect_cache
+from ..backends.loading import driver_level
+from ..backends.wakeup import nobody_listens
+from ..backends.wakeup import wake_committed
+from ..exc import OptionError
+from ..exc import Q4MError
+from ..exc import RowError
+from ..schema.checks import ColumnCheck
+from ..schema.checks import check_seconds
+from ..schema.checks import column_check
+from ..schema.checks import max_bytes
+from ..schema.ddl import JOB_ID_INFO_KEY
+from ..schema.functions import Subscription
+from ..schema.functions import subscriptions
+from ..schema.retry import RUN_AT
+from ..types import new_job_id
 
 if TYPE_CHECKING:
     from .unique import Unique

@@ -54,37 +54,37 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from .backends import Backend
-from .backends import Claim
-from .backends import get_backend
-from .backends import pinned as keeping
-from .backends.base import RETRYABLE
-from .backends.base import autocommit_for_queue
-from .backends.base import check_free
-from .backends.base import error_code
-from .backends.base import give_up_connection
-from .backends.base import take_connection
-from .backends.base import translate_errors
-from .backends.portable import READ_COMMITTED_LEVELS
-from .backends.portable import begin_read_committed
-from .backends.portable import check_isolation
-from .checks import check_seconds
-from .exc import CompletionFailed
-from .exc import NotOwner
-from .exc import OwnershipReleased
-from .exc import Q4MError
-from .exc import QueueAbort
-from .exc import UnsafeBind
-from .functions import Subscription
-from .functions import subscriptions
-from .loading import Unloadable
-from .notify import listen_wait
-from .notify import listening_supported
-from .server import BackendName
-from .server import _validate
-from .server import backend_for_dialect
-from .server import check_server
-from .server import detect_backend
+from ..backends import Backend
+from ..backends import Claim
+from ..backends import get_backend
+from ..backends import pinned as keeping
+from ..backends.base import RETRYABLE
+from ..backends.base import autocommit_for_queue
+from ..backends.base import check_free
+from ..backends.base import error_code
+from ..backends.base import give_up_connection
+from ..backends.base import take_connection
+from ..backends.base import translate_errors
+from ..backends.loading import Unloadable
+from ..backends.portable import READ_COMMITTED_LEVELS
+from ..backends.portable import begin_read_committed
+from ..backends.portable import check_isolation
+from ..backends.wakeup import listen_wait
+from ..backends.wakeup import listening_supported
+from ..exc import CompletionFailed
+from ..exc import NotOwner
+from ..exc import OwnershipReleased
+from ..exc import Q4MError
+from ..exc import QueueAbort
+from ..exc import UnsafeBind
+from ..schema.checks import check_seconds
+from ..schema.functions import Subscription
+from ..schema.functions import subscriptions
+from ..server import BackendName
+from ..server import _validate
+from ..server import backend_for_dialect
+from ..server import check_server
+from ..server import detect_backend
 
 if TYPE_CHECKING:
     from .asyncio import AsyncBind
@@ -658,7 +658,7 @@ def queue_session(
     ``poll_interval`` (see :mod:`sqlalchemy_q4m.notify`; an async bind awaits that wait).
     """
     if not isinstance(bind, Engine | Connection | Session):
-        from .asyncio import async_queue_session  # only for async binds: no asyncio otherwise
+        from .asyncio import async_queue_session
 
         return async_queue_session(
             *targets,

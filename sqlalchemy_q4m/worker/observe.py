@@ -15,10 +15,10 @@ from typing import Protocol
 from sqlalchemy import create_engine
 from sqlalchemy.engine import Engine
 
+from .consumer import Consumer
+from .consumer import Stats
 from .registry import Heartbeat
 from .registry import Holding
-from .worker import Consumer
-from .worker import Stats
 
 __all__ = ["Observers", "start_observers"]
 

@@ -44,11 +44,11 @@ from sqlalchemy.sql.elements import True_
 from sqlalchemy.sql.elements import UnaryExpression
 from sqlalchemy.sql.functions import GenericFunction
 
+from ..exc import QueueTableError
+from ..exc import SubscriptionError
 from .ddl import is_queue_table
 from .ddl import shadowing_columns
 from .ddl import validate_name
-from .exc import QueueTableError
-from .exc import SubscriptionError
 
 __all__ = [
     "Subscription",

@@ -35,22 +35,22 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
-from .backends.base import error_code
-from .ddl import queue_table
-from .ddl import validate_name
-from .exc import Q4MError
-from .ops import dead_letters
-from .ops import enqueue_rows
-from .retry import ATTEMPTS
-from .retry import RUN_AT
-from .retry import retry_columns
-from .runtime import WorkerConfig
-from .runtime import make_engine
-from .runtime import run_workers
-from .runtime import setup_logging
-from .server import detect_backend
-from .worker import Job
-from .worker import reflect_queue_table
+from ..backends.base import error_code
+from ..exc import Q4MError
+from ..ops.queries import dead_letters
+from ..ops.queries import enqueue_rows
+from ..schema.ddl import queue_table
+from ..schema.ddl import validate_name
+from ..schema.retry import ATTEMPTS
+from ..schema.retry import RUN_AT
+from ..schema.retry import retry_columns
+from ..server import detect_backend
+from ..worker.consumer import Job
+from ..worker.consumer import reflect_queue_table
+from ..worker.runtime import WorkerConfig
+from ..worker.runtime import make_engine
+from ..worker.runtime import run_workers
+from ..worker.runtime import setup_logging
 
 __all__ = [
     "CommandFailed",
@@ -254,7 +254,7 @@ def run_demo(
         )
         producer.start()
         config = WorkerConfig(
-            specs=("sqlalchemy_q4m.demo:ShellJob",),
+            specs=("sqlalchemy_q4m.cli.demo:ShellJob",),
             url=url,
             concurrency=concurrency,
             processes=processes,

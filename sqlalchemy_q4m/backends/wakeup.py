@@ -92,14 +92,14 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ClauseElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
-from .backends.base import QUERY_INTERRUPTED
-from .backends.base import error_code
-from .exc import Q4MError
-from .functions import Subscription
-from .functions import subscriptions
+from ..exc import Q4MError
+from ..schema.functions import Subscription
+from ..schema.functions import subscriptions
+from ..server import backend_for_dialect
+from .base import QUERY_INTERRUPTED
+from .base import error_code
 from .loading import claim_statement
 from .loading import dialect_cache
-from .server import backend_for_dialect
 
 __all__ = [
     "announce",

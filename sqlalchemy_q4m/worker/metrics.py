@@ -27,9 +27,9 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from . import ops
+from ..exc import Q4MError
+from ..ops import queries as ops
 from .deadletter import DEAD_LETTER_TABLE
-from .exc import Q4MError
 from .registry import DEFAULT_STALE_AFTER
 from .registry import WORKERS_TABLE
 from .registry import Holding

@@ -77,15 +77,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.schema import CreateTable
 
-from .ddl import validate_name
+from ..backends.wakeup import notify_committed
+from ..exc import Q4MError
+from ..schema.ddl import validate_name
+from ..schema.functions import queue_set_srcid
+from ..server import BackendName
+from ..server import detect_backend
+from ..worker.consumer import reflect_queue_table
+from ..worker.consumer import table_name_for
 from .enqueue import enqueue
-from .exc import Q4MError
-from .functions import queue_set_srcid
-from .notify import notify_committed
-from .server import BackendName
-from .server import detect_backend
-from .worker import reflect_queue_table
-from .worker import table_name_for
 
 __all__ = [
     "SCHEDULES_TABLE",

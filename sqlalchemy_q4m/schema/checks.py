@@ -42,7 +42,7 @@ from sqlalchemy.types import TypeEngine
 from sqlalchemy.types import Uuid
 from sqlalchemy.types import _Binary
 
-from .exc import OptionError
+from ..exc import OptionError
 
 __all__ = ["ColumnCheck", "check_seconds", "column_check", "max_bytes"]
 

@@ -46,16 +46,16 @@ from sqlalchemy.schema import SchemaItem
 from sqlalchemy.schema import UniqueConstraint
 from sqlalchemy.sql.compiler import DDLCompiler
 
-from .exc import QueueTableError
+from ..exc import QueueTableError
+from ..server import BackendName
+from ..server import backend_for_dialect
+from ..server import detect_backend
+from ..types import JobId
+from ..types import new_job_id
 from .retry import ATTEMPTS
 from .retry import PRIORITY
 from .retry import PRIORITY_INFO_KEY
 from .retry import RUN_AT
-from .server import BackendName
-from .server import backend_for_dialect
-from .server import detect_backend
-from .types import JobId
-from .types import new_job_id
 
 __all__ = [
     "CLAIM_INDEX",

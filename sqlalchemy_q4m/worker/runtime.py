@@ -38,15 +38,15 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import NoSuchModuleError
 
-from .exc import Q4MError
-from .schedule import Scheduler
-from .schedule import SchedulerThread
-from .schedule import schedules_of
+from ..exc import Q4MError
+from ..producer.schedule import Scheduler
+from ..producer.schedule import SchedulerThread
+from ..producer.schedule import schedules_of
+from .consumer import OUTCOMES
+from .consumer import Consumer
+from .consumer import Job
+from .consumer import Stats
 from .signals import on_stop_signals
-from .worker import OUTCOMES
-from .worker import Consumer
-from .worker import Job
-from .worker import Stats
 
 __all__ = [
     "EXIT_ERROR",
@@ -171,7 +171,7 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
     classes = [load_job_class(spec) for spec in config.specs]
     schedules_of(classes)  # a bad schedule fails here (ScheduleError), not in a worker
     if any(getattr(cls, "is_async", False) for cls in classes):  # AsyncJob: an event loop
-        from .asyncio_worker import preflight_async
+        from .asyncio import preflight_async
 
         preflight_async(config, classes)
         return classes
@@ -348,7 +348,7 @@ class ProcessRuntime:
 
     def _run(self, status: StatusLine | None) -> int:
         if any(getattr(cls, "is_async", False) for cls in self.classes):
-            from .asyncio_worker import run_process  # AsyncJob classes: tasks, not threads
+            from .asyncio import run_process
 
             return run_process(self, status)
         engine = make_engine(self.config.url, self.config.concurrency)

@@ -1,0 +1,1 @@
+"""Owning jobs: ``queue_session`` (one job), ``queue_batch`` (many) and their asyncio driver."""

@@ -1,0 +1,327 @@
+"""``async with queue_session(...)``: the queue session on SQLAlchemy's asyncio extension.
+
+::
+
+    engine = create_async_engine("mysql+asyncmy://root@127.0.0.1/test")
+    async with queue_session(ShellJob, bind=engine, timeout=5) as job:
+        if job is not None:
+            await run(job.command)   # normal exit -> end; exception -> abort, re-raised;
+                                     # QueueAbort -> abort, swallowed
+
+The semantics are exactly those of :class:`~sqlalchemy_q4m.session.QueueSession` (the
+top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSession` when
+``bind`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
+:class:`~sqlalchemy.ext.asyncio.AsyncConnection` or
+:class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
+do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses);
+only the portable backend's poll loop lives here, so it sleeps with :func:`asyncio.sleep` and
+never blocks the event loop (with ``listen`` it awaits the wait in the server instead, like any
+query).  Q4M's ``queue_wait`` blocks in the server, which an async driver
+awaits like any other query.
+
+Cancellation: a task cancelled while it waits has its connection invalidated (closed), so a
+row it may have just been given goes back to the queue; a task cancelled inside the block
+aborts the job (``queue_abort()`` / ``ROLLBACK``) before the cancellation goes on.  Ending,
+aborting and releasing run to completion even when cancelled meanwhile, and a connection is
+never handed back to the pool while it may still own a row.  On Q4M the server does not end
+a ``queue_wait`` whose client is gone (``KILL QUERY`` and ``KILL`` do not either): that
+server thread waits on until its timeout (at most 60 s a call) or until a row arrives, which
+it then owns, fails to send and returns to the queue as its connection closes
+(``restored_by_close`` in ``queue_stats``), so the next waiter gets it a moment later.  The
+event loop runs other tasks throughout a wait (tested with a ticker task on both drivers,
+``tests/test_asyncio_native_q4m.py``).
+
+Connections: on the native backend every waiting or owning task holds one connection for the
+whole wait and job, so N concurrent consumers need a pool of at least N connections
+(``pool_size=N``), plus whatever producers use, plus one briefly the first time the backend is
+detected.  The portable backend holds one per task too, while claiming and while the job runs.
+
+Drivers: ``mysql+asyncmy://`` and ``mysql+aiomysql://`` (``pip install
+'sqlalchemy-q4m[asyncmy]'`` or ``[aiomysql]``).  aiomysql 0.3 cannot send bytes parameters
+(every job id) with PyMySQL 1.2, so its extra pins ``PyMySQL<1.2``
+(https://github.com/aio-libs/aiomysql/issues/1080).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+from typing import Generic
+from typing import Literal
+from typing import TypeVar
+
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+from sqlalchemy.util import greenlet_spawn
+
+from ..backends import Backend
+from ..exc import Q4MError
+from .session import POLL_INTERVAL
+from .session import QueueSession
+from .session import Where
+
+__all__ = ["AsyncBind", "AsyncQueueSession", "async_queue_session", "async_queue_sessionmaker"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+AsyncBind = AsyncEngine | AsyncConnection | AsyncSession
+
+
+async def run_to_completion(call: Callable[[], Awaitable[R]]) -> R:
+    """Await ``call()`` in a task of its own that a cancellation of the caller cannot cut
+    short; a cancellation received meanwhile is re-raised once it has finished (cleanup that
+    stops halfway could hand a connection that still owns a row back to the pool)."""
+
+    async def run() -> R:
+        return await call()
+
+    task = asyncio.ensure_future(run())
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError as err:
+            if task.done():
+                raise
+            cancelled = err
+        else:
+            break
+    if cancelled is not None:
+        raise cancelled
+    return result
+
+
+class _GreenletQueueSession(QueueSession[Any]):
+    """The sync queue session an :class:`AsyncQueueSession` drives call by call, on the sync
+    side of an async bind; its ORM session is the sync half of an :class:`AsyncSession`."""
+
+    def __init__(self, *targets: Any, async_bind: AsyncBind, **options: Any) -> None:
+        self.async_bind = async_bind
+        self.async_session: AsyncSession | None = None
+        super().__init__(*targets, bind=_sync_bind(async_bind), **options)
+
+    def _new_orm_session(self, conn: Connection) -> Session:
+        bind = self.async_bind
+        aconn: AsyncConnection
+        if isinstance(bind, AsyncConnection) and bind.sync_connection is conn:
+            aconn = bind
+        else:
+            engine = bind if isinstance(bind, AsyncEngine) else AsyncEngine(conn.engine)
+            aconn = AsyncConnection(engine, conn)
+        options = {**self._orm_options(), "bind": aconn}
+        self.async_session = AsyncSession(**options)
+        return self.async_session.sync_session
+
+    def timed_out(self) -> None:
+        """Nothing arrived: close what the wait began and hand the connection back."""
+        self._finish_transaction(commit=False)
+        self._release()
+
+    def release_broken(self) -> None:
+        """After a failed or cancelled wait: invalidate the connection (so a row it may own
+        goes back to the queue) and release everything, unless that is done already."""
+        if self._state != "done":
+            self._release(broken=True)
+
+
+def _sync_bind(bind: Any) -> Any:
+    if isinstance(bind, AsyncEngine):
+        return bind.sync_engine
+    if isinstance(bind, AsyncConnection):
+        if bind.sync_connection is None:
+            raise Q4MError("the AsyncConnection is not started: await engine.connect() first")
+        return bind.sync_connection
+    if isinstance(bind, AsyncSession):
+        return bind.sync_session
+    raise Q4MError(
+        "bind must be an AsyncEngine, an AsyncConnection or an AsyncSession (or, for the sync "
+        f"queue_session, an Engine, a Connection or a Session), not {bind!r}"
+    )
+
+
+class AsyncQueueSession(Generic[T]):
+    """One job's lifetime on one pinned connection, awaited; see the module docstring.
+
+    Use it with ``async with`` (which gives the job or None), or await :meth:`wait`, then
+    :meth:`end` or :meth:`abort`, then :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        *targets: Any,
+        bind: AsyncBind,
+        where: Where = None,
+        timeout: float | None = 60.0,
+        backend: Literal["native", "portable", "auto"] | None = None,
+        poll_interval: float = POLL_INTERVAL,
+        listen: float | None = None,
+    ) -> None:
+        self.bind = bind
+        self._sync = _GreenletQueueSession(
+            *targets,
+            async_bind=bind,
+            where=where,
+            timeout=timeout,
+            backend=backend,
+            poll_interval=poll_interval,
+            listen=listen,
+        )
+        self.subscriptions = self._sync.subscriptions
+        self.timeout = timeout
+        self.poll_interval = poll_interval
+        #: As the sync session's: the wait in the server is awaited like any query.
+        self.listen = listen
+
+    # -- public API -------------------------------------------------------------------------
+
+    @property
+    def job(self) -> T | None:
+        """The owned job (a mapped instance or a Row), or None."""
+        job: T | None = self._sync.job
+        return job
+
+    @property
+    def subscription(self) -> Any:
+        """The :class:`~sqlalchemy_q4m.functions.Subscription` the job came from."""
+        return self._sync.subscription
+
+    @property
+    def backend(self) -> Backend | None:
+        """The backend in use, once :meth:`wait` has started."""
+        return self._sync.backend
+
+    @property
+    def owning(self) -> bool:
+        """True while this session owns a job."""
+        return self._sync.owning
+
+    @property
+    def session(self) -> AsyncSession:
+        """The :class:`AsyncSession` the job was loaded in (on the portable backend, writes
+        made through it commit atomically with the job's removal)."""
+        orm = self._sync.session
+        if isinstance(self.bind, AsyncSession) and orm is self.bind.sync_session:
+            return self.bind
+        assert self._sync.async_session is not None
+        return self._sync.async_session
+
+    async def connection(self) -> AsyncConnection:
+        """The pinned connection that owns the job."""
+        return await self.session.connection()
+
+    async def wait(self) -> T | None:
+        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout."""
+        sync = self._sync
+        if sync._state != "new":
+            raise Q4MError("a QueueSession waits once; make a new one for the next job")
+        try:
+            backend = await greenlet_spawn(sync._setup)
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while True:
+                remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
+                if await greenlet_spawn(sync._attempt, backend, remaining):
+                    return self.job
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+                if not backend.blocking and sync._listening():
+                    await greenlet_spawn(sync._listen, deadline)  # awaited in the server
+                elif not backend.blocking:
+                    left = self.poll_interval if deadline is None else deadline - time.monotonic()
+                    await self._pause(max(0.0, min(self.poll_interval, left)))
+        except BaseException:
+            # interrupted inside a database call: the connection's state is unknown
+            await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
+            raise
+        await run_to_completion(lambda: greenlet_spawn(sync.timed_out))
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep between two portable claims; cancelled here, the connection owns nothing and
+        is idle, so it is rolled back and returned to the pool rather than invalidated."""
+        try:
+            await asyncio.sleep(seconds)
+        except BaseException:
+            await run_to_completion(lambda: greenlet_spawn(self._sync.timed_out))
+            raise
+
+    async def end(self) -> None:
+        """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
+        await run_to_completion(lambda: greenlet_spawn(self._sync.end))
+
+    async def abort(self) -> None:
+        """Give the job back: it returns to the queue for the next consumer."""
+        await run_to_completion(lambda: greenlet_spawn(self._sync.abort))
+
+    async def close(self) -> None:
+        """Abort a job still owned and release the connection; safe to call twice."""
+        await run_to_completion(lambda: greenlet_spawn(self._sync.close))
+
+    async def __aenter__(self) -> T | None:
+        return await self.wait()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        sync = self._sync
+        return await run_to_completion(lambda: greenlet_spawn(sync.__exit__, exc_type, exc, tb))
+
+
+def async_queue_session(
+    *targets: Any,
+    bind: AsyncBind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
+) -> AsyncQueueSession[Any]:
+    """Wait for a job of one of ``targets`` (earlier ones win) on a pinned async connection.
+
+    Returns an :class:`AsyncQueueSession`; ``async with`` it to get the job (a mapped
+    instance, or a Row for a Core table) or None when ``timeout`` seconds pass.  The
+    top-level :func:`~sqlalchemy_q4m.queue_session` calls this for an async ``bind``.
+    """
+    return AsyncQueueSession(
+        *targets,
+        bind=bind,
+        where=where,
+        timeout=timeout,
+        backend=backend,
+        poll_interval=poll_interval,
+        listen=listen,
+    )
+
+
+def async_queue_sessionmaker(
+    bind: AsyncBind,
+    *,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
+) -> Callable[..., AsyncQueueSession[Any]]:
+    """A factory with ``bind`` and defaults fixed: ``QueueSession =
+    async_queue_sessionmaker(async_engine)`` then ``async with QueueSession(ShellJob) as job:``."""
+    _sync_bind(bind)  # a bad bind fails here, not at the first job
+    defaults: dict[str, Any] = {
+        "timeout": timeout,
+        "backend": backend,
+        "poll_interval": poll_interval,
+        "listen": listen,
+    }
+
+    def factory(*targets: Any, **kw: Any) -> AsyncQueueSession[Any]:
+        options = {**defaults, **kw}
+        return AsyncQueueSession(*targets, bind=bind, **options)
+
+    return factory

@@ -1,0 +1,1 @@
+"""Making jobs: ``enqueue``, unique jobs and recurring schedules."""
