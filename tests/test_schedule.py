@@ -418,7 +418,7 @@ def test_two_schedules_racing_for_one_q4m_source_both_register(
 ) -> None:
     """Scheduler B picked source 0 before A's row with source 0 committed: B's INSERT hits the
     (queue, srcid) unique key and must try the next source, not touch A's row."""
-    from sqlalchemy_q4m import schedule as module
+    from sqlalchemy_q4m.producer import schedule as module
 
     suffix = uuid.uuid4().hex[:8]
     a, b = f"race-a-{suffix}", f"race-b-{suffix}"
