@@ -32,7 +32,7 @@ from sqlalchemy_q4m.schema.retry import Retry
 from sqlalchemy_q4m.schema.retry import decide
 from sqlalchemy_q4m.schema.retry import due_condition
 from sqlalchemy_q4m.schema.retry import retry_columns
-from sqlalchemy_q4m.worker.consumer import table_name_for
+from sqlalchemy_q4m.schema.reflect import table_name_for
 from sqlalchemy_q4m.worker.deadletter import decode_payload
 from sqlalchemy_q4m.worker.deadletter import encode_payload
 

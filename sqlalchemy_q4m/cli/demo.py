@@ -46,7 +46,7 @@ from ..schema.retry import RUN_AT
 from ..schema.retry import retry_columns
 from ..server import detect_backend
 from ..worker.consumer import Job
-from ..worker.consumer import reflect_queue_table
+from ..schema.reflect import reflect_queue_table
 from ..worker.runtime import WorkerConfig
 from ..worker.runtime import make_engine
 from ..worker.runtime import run_workers
