@@ -214,7 +214,7 @@ class BatchRuntimeLoop:
 
     def __init__(self, url: URL, size: int) -> None:
         from sqlalchemy_q4m.worker.consumer import Consumer
-        from sqlalchemy_q4m.worker.consumer import Job
+        from sqlalchemy_q4m.worker.job import Job
 
         class NoOpJob(Job):
             model = BenchJob
