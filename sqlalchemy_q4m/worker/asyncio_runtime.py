@@ -40,6 +40,7 @@ from .config import StatusLine
 from .config import WorkerConfig
 from .config import safe_url
 from .job import Job
+from .loop import StopSignals
 from .signals import on_stop_signals
 from .stats import Stats
 
@@ -122,7 +123,7 @@ class AsyncWorkers:
             for i in range(concurrency)
         ]
         self.tasks: list[asyncio.Task[None]] = []
-        self.signals = 0
+        self._signals = StopSignals()
         self.forced = False
         self.crashed = False
         self._grace_timer: asyncio.TimerHandle | None = None
@@ -152,10 +153,9 @@ class AsyncWorkers:
             task.cancel()
 
     def on_signal(self, signum: int) -> None:
-        """First SIGINT/SIGTERM: graceful stop; second: forced."""
-        self.signals += 1
+        """First SIGINT/SIGTERM: graceful stop; second: forced (:class:`.loop.StopSignals`)."""
         name = signal.Signals(signum).name
-        if self.signals == 1:
+        if self._signals.signal() == "stop":
             logger.warning(
                 "%s: stopping, finishing %d job(s) in hand%s",
                 name,
@@ -168,6 +168,11 @@ class AsyncWorkers:
         else:
             logger.warning("%s again: forced stop", name)
             self.force()
+
+    @property
+    def signals(self) -> int:
+        """The stop signals received."""
+        return self._signals.received
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or task.exception() is None:

@@ -53,6 +53,7 @@ from .config import setup_logging
 from .consumer import Consumer
 from .job import Job
 from .loop import StopSignals
+from .metrics import SupervisorMetrics
 from .observe import start_observers
 from .policy import OUTCOMES
 from .signals import on_stop_signals
@@ -437,8 +438,6 @@ def run_workers(config: WorkerConfig, *, status_stream: TextIO | None = None) ->
         supervisor = Supervisor(config)
         served = None
         if config.metrics_port is not None:  # the children's metrics, added up
-            from .metrics import SupervisorMetrics
-
             served = SupervisorMetrics(config.metrics_host, config.metrics_port)
         try:
             code = supervisor.run(status)
