@@ -1,19 +1,4 @@
-"""The job class (the Ruby ``q4m`` gem's ``Q4M::Job``, in Python) and the consumer loop under it.
-
-::
-
-    class ShellJob(Job):                    # consumes "shell_jobs" (class name -> snake_case
-        def execute(self, job):             # plural), or table_name = "...", or model = Row
-            if subprocess.call(job[0], shell=True) != 0:
-                self.queue_abort()          # give the job back when execute returns
-
-    ShellJob(engine).run()                  # until stop(); run_once(timeout) handles one job
-
-Without ``model`` the table is reflected and ``execute`` receives a tuple-like row of the
-payload columns (every column but the job id), as the gem did; with ``model = SomeQueueModel``
-it receives the mapped instance.  An exception in ``execute`` is logged with its traceback and
-the job is retried with backoff (tables with ``attempts``/``run_at`` columns, see
-:mod:`sqlalchemy_q4m.retry`) or moved to the dead-letter table (:mod:`sqlalchemy_q4m.deadletter`).
+"""The consumer loop under the job class (:mod:`.job`): the synchronous driver.
 
 A :class:`Consumer` owns one pinned connection and serves one or more job classes; their tables
 are waited on in the order given (earlier tables win: priority).  Connections are never shared:
@@ -33,6 +18,10 @@ finishes the job in hand and returns the batch's unstarted jobs.  On the native 
 owns one row per connection), with ``end_before_execute`` (at most once needs the removal
 committed before the job runs) and in the asyncio worker the consumer takes one job at a time
 (logged once).
+
+What the loop decides is :mod:`.loop`'s and what happens to a job once ``execute`` ended is
+:mod:`.policy`'s (both without I/O); the steps of a job's life are :mod:`.steps`, shared with
+the asyncio driver (:mod:`.asyncio`), which performs the same decisions with its I/O awaited.
 """
 
 from __future__ import annotations

@@ -1,5 +1,21 @@
-"""The job class: the Ruby ``q4m`` gem's ``Q4M::Job``, in Python.  See
-:mod:`sqlalchemy_q4m.worker.consumer` for the consumer loop that runs it."""
+"""The job class: the Ruby ``q4m`` gem's ``Q4M::Job``, in Python (its consumer loop is
+:mod:`sqlalchemy_q4m.worker.consumer`).
+
+::
+
+    class ShellJob(Job):                    # consumes "shell_jobs" (class name -> snake_case
+        def execute(self, job):             # plural), or table_name = "...", or model = Row
+            if subprocess.call(job[0], shell=True) != 0:
+                self.queue_abort()          # give the job back when execute returns
+
+    ShellJob(engine).run()                  # until stop(); run_once(timeout) handles one job
+
+Without ``model`` the table is reflected and ``execute`` receives a tuple-like row of the
+payload columns (every column but the job id), as the gem did; with ``model = SomeQueueModel``
+it receives the mapped instance.  An exception in ``execute`` is logged with its traceback and
+the job is retried with backoff (tables with ``attempts``/``run_at`` columns, see
+:mod:`.policy`) or moved to the dead-letter table (:mod:`.deadletter`).
+"""
 
 from __future__ import annotations
 
