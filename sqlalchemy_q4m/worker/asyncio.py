@@ -1,4 +1,4 @@
-"""Async job classes and the asyncio worker runtime: N consumers as tasks in one event loop.
+"""Async job classes and their consumer: the asyncio driver of the worker.
 
 ::
 
@@ -13,22 +13,23 @@
 An :class:`AsyncJob` declares tables, options, retries and dead letters exactly as a
 :class:`~sqlalchemy_q4m.worker.Job` does; only ``execute`` is ``async def``.  Each task is an
 :class:`AsyncConsumer`, the thread worker's :class:`~sqlalchemy_q4m.worker.Consumer` driven
-from the event loop: the same connection handling, table resolution, retry and dead-letter
-steps run through SQLAlchemy's greenlet bridge, the wait is an
+from the event loop: the same connection handling, table resolution and job-life steps
+(:mod:`.steps`) run through SQLAlchemy's greenlet bridge, the same sans-IO decisions
+(:mod:`.policy`, :mod:`.loop`) drive it, the wait is an
 :class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` (``asyncio.sleep`` between portable polls),
 and ``execute`` is awaited in the task itself.
 
-Shutdown, as for threads: the first SIGINT/SIGTERM (or :meth:`AsyncWorkers.stop`) lets every
-task finish the job in hand and take no new one; a second one, or the ``grace`` period running
-out, cancels the tasks, and a task cancelled while it owns a job returns it to the queue
-(``queue_abort()`` / ``ROLLBACK``) before it ends.
+N consumers as tasks in one event loop, their shutdown, the engine sized for them and the
+``q4m worker`` process body for AsyncJob classes are :mod:`.asyncio_runtime`'s (all
+importable from :mod:`sqlalchemy_q4m.asyncio_worker`).  A task cancelled while it owns a job
+returns it to the queue (``queue_abort()`` / ``ROLLBACK``) before it ends.
 
 Connections: every task pins one connection for as long as it runs (a native ``queue_wait``
 waits on it, a portable claim holds its transaction on it), so N tasks need N connections:
-``pool_size >= N``.  :func:`worker_engine` makes an engine sized that way.
+``pool_size >= N``.  :func:`.asyncio_runtime.worker_engine` makes an engine sized that way.
 
 ``q4m worker module:FetchJob --concurrency 50 [--processes 4]`` runs AsyncJob classes too: the
-runtime (:mod:`sqlalchemy_q4m.runtime`) hands each process to :func:`run_process`, which runs
+runtime (:mod:`.runtime`) hands each process to :func:`.asyncio_runtime.run_process`, which runs
 ``--concurrency`` tasks in one event loop instead of threads, with the same status line,
 signals and exit codes; a sync ``--url`` (``mysql+pymysql://``) gets an installed async driver
 instead.  Job and AsyncJob classes cannot share one worker command.
