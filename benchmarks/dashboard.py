@@ -34,9 +34,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy_q4m import ops
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.schema.functions import queue_stats
+from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 from sqlalchemy_q4m.schema.retry import retry_columns
 from sqlalchemy_q4m.types import new_job_id
-from sqlalchemy_q4m.worker.consumer import reflect_queue_table
 
 DATABASE = "q4m_bench_dashboard"
 TABLE = "bench_dashboard_jobs"

@@ -171,7 +171,7 @@ class EngineSessionLoop(SessionLoop):
 def worker_runtime_available() -> bool:
     """True once the worker runtime (issue 3) is in the package with the documented API."""
     try:
-        module = importlib.import_module("sqlalchemy_q4m.worker.consumer")
+        module = importlib.import_module("sqlalchemy_q4m.worker")
     except ImportError:
         return False
     job = getattr(module, "Job", None)
@@ -182,7 +182,7 @@ class RuntimeLoop:
     """The worker runtime's job class (``Job.run_once``) with a no-op ``execute``."""
 
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
-        job_class: Any = importlib.import_module("sqlalchemy_q4m.worker.consumer").Job
+        job_class: Any = importlib.import_module("sqlalchemy_q4m.worker").Job
 
         class NoOpJob(job_class):  # type: ignore[misc]
             model = BenchJob
@@ -214,7 +214,7 @@ class BatchRuntimeLoop:
 
     def __init__(self, url: URL, size: int) -> None:
         from sqlalchemy_q4m.worker.consumer import Consumer
-        from sqlalchemy_q4m.worker.consumer import Job
+        from sqlalchemy_q4m.worker.job import Job
 
         class NoOpJob(Job):
             model = BenchJob

@@ -35,13 +35,13 @@ from .schema.functions import queue_stats
 from .schema.functions import queue_wait
 from .schema.retry import PriorityMixin
 from .schema.retry import RetryMixin
-from .schema.retry import RetryPolicy
 from .schema.retry import ScheduledMixin
 from .server import detect_backend
 from .server import use_backend
 from .types import JobId
 from .types import new_job_id
-from .worker.consumer import Job
+from .worker.job import Job
+from .worker.policy import RetryPolicy
 
 try:
     __version__ = version("sqlalchemy-q4m")

@@ -3,3 +3,4 @@
 from __future__ import annotations
 
 from .worker.asyncio import *  # noqa: F403
+from .worker.asyncio_runtime import *  # noqa: F403

@@ -58,8 +58,8 @@ from sqlalchemy_q4m.consumer.asyncio import async_queue_sessionmaker
 from sqlalchemy_q4m.exc import QueueWaitError
 from sqlalchemy_q4m.schema.retry import RetryMixin
 from sqlalchemy_q4m.worker.asyncio import AsyncJob
-from sqlalchemy_q4m.worker.asyncio import AsyncWorkers
-from sqlalchemy_q4m.worker.asyncio import run_async_workers
+from sqlalchemy_q4m.worker.asyncio_runtime import AsyncWorkers
+from sqlalchemy_q4m.worker.asyncio_runtime import run_async_workers
 from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
 from sqlalchemy_q4m.worker.runtime import EXIT_OK
 

@@ -42,12 +42,12 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.schema.retry import RetryMixin
 from sqlalchemy_q4m.worker.asyncio import AsyncJob
-from sqlalchemy_q4m.worker.asyncio import AsyncWorkers
 from sqlalchemy_q4m.worker.asyncio import is_async_job_class
-from sqlalchemy_q4m.worker.asyncio import run_async_workers
-from sqlalchemy_q4m.worker.asyncio import worker_engine
-from sqlalchemy_q4m.worker.consumer import Job
+from sqlalchemy_q4m.worker.asyncio_runtime import AsyncWorkers
+from sqlalchemy_q4m.worker.asyncio_runtime import run_async_workers
+from sqlalchemy_q4m.worker.asyncio_runtime import worker_engine
 from sqlalchemy_q4m.worker.consumer import Stats
+from sqlalchemy_q4m.worker.job import Job
 from sqlalchemy_q4m.worker.runtime import EXIT_ERROR
 from sqlalchemy_q4m.worker.runtime import EXIT_FORCED
 from sqlalchemy_q4m.worker.runtime import EXIT_OK

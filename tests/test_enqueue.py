@@ -425,7 +425,7 @@ def test_cli_enqueue_rows_leaves_missing_columns_to_the_server(db: Engine) -> No
     """``q4m enqueue`` goes through enqueue(): a row without ``weight`` gets the server's
     default (it was once sent as NULL), and each batch is committed."""
     from sqlalchemy_q4m.ops.queries import enqueue_rows
-    from sqlalchemy_q4m.worker.consumer import reflect_queue_table
+    from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 
     with db.connect() as conn:
         table = reflect_queue_table(conn, "eq_shell_jobs")

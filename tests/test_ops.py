@@ -34,8 +34,8 @@ from worker_support import wait_for
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.ops import queries as ops
+from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 from sqlalchemy_q4m.types import new_job_id
-from sqlalchemy_q4m.worker.consumer import reflect_queue_table
 from sqlalchemy_q4m.worker.deadletter import bury
 from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 from sqlalchemy_q4m.worker.deadletter import ensure_dead_letter_table

@@ -27,14 +27,14 @@ from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.exc import SubscriptionError
 from sqlalchemy_q4m.schema.functions import render_condition
 from sqlalchemy_q4m.schema.functions import subscriptions
-from sqlalchemy_q4m.schema.retry import Bury
-from sqlalchemy_q4m.schema.retry import Retry
-from sqlalchemy_q4m.schema.retry import decide
+from sqlalchemy_q4m.schema.reflect import table_name_for
 from sqlalchemy_q4m.schema.retry import due_condition
 from sqlalchemy_q4m.schema.retry import retry_columns
-from sqlalchemy_q4m.worker.consumer import table_name_for
 from sqlalchemy_q4m.worker.deadletter import decode_payload
 from sqlalchemy_q4m.worker.deadletter import encode_payload
+from sqlalchemy_q4m.worker.policy import Bury
+from sqlalchemy_q4m.worker.policy import Retry
+from sqlalchemy_q4m.worker.policy import decide
 
 pytestmark = pytest.mark.unit
 

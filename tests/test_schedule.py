@@ -46,7 +46,7 @@ from sqlalchemy_q4m.producer.schedule import ensure_schedule_tables
 from sqlalchemy_q4m.producer.schedule import fire_due
 from sqlalchemy_q4m.producer.schedule import list_schedules
 from sqlalchemy_q4m.producer.schedule import schedule_of
-from sqlalchemy_q4m.worker.consumer import Job
+from sqlalchemy_q4m.worker.job import Job
 
 UTC = dt.timezone.utc
 

@@ -35,8 +35,8 @@ from sqlalchemy_q4m.producer.unique import Unique
 from sqlalchemy_q4m.producer.unique import UniqueKeyError
 from sqlalchemy_q4m.producer.unique import count_keys
 from sqlalchemy_q4m.schema.retry import retry_columns
-from sqlalchemy_q4m.worker.consumer import Job
 from sqlalchemy_q4m.worker.deadletter import dead_letter_table
+from sqlalchemy_q4m.worker.job import Job
 
 pytestmark = pytest.mark.integration
 

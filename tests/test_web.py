@@ -83,7 +83,7 @@ def count(engine: Engine) -> int:
 
 
 def _table(conn: object) -> object:
-    from sqlalchemy_q4m.worker.consumer import reflect_queue_table
+    from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 
     return reflect_queue_table(conn, TABLE)  # type: ignore[arg-type]
 

@@ -33,6 +33,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..exc import OptionError
 from ..exc import Q4MError
 from ..exc import QueueTableError
+from ..ops.deadletters import count_dead
+from ..ops.deadletters import list_dead
+from ..ops.deadletters import purge_dead
+from ..ops.deadletters import retry_dead
 from ..ops.queries import dead_letter
 from ..ops.queries import enqueue_rows
 from ..ops.queries import foreign_queue_tables
@@ -45,13 +49,9 @@ from ..producer.schedule import list_schedules
 from ..producer.schedule import schedules_of
 from ..schema.checks import check_seconds
 from ..schema.ddl import JOB_ID
-from ..worker.consumer import reflect_queue_table
+from ..schema.reflect import reflect_queue_table
 from ..worker.deadletter import DEAD_LETTER_TABLE
-from ..worker.deadletter import count_dead
 from ..worker.deadletter import dead_letter_table
-from ..worker.deadletter import list_dead
-from ..worker.deadletter import purge_dead
-from ..worker.deadletter import retry_dead
 from ..worker.runtime import EXIT_USAGE
 from ..worker.runtime import WorkerConfig
 from ..worker.runtime import load_scheduled_classes

@@ -41,12 +41,12 @@ from ..ops.queries import dead_letters
 from ..ops.queries import enqueue_rows
 from ..schema.ddl import queue_table
 from ..schema.ddl import validate_name
+from ..schema.reflect import reflect_queue_table
 from ..schema.retry import ATTEMPTS
 from ..schema.retry import RUN_AT
 from ..schema.retry import retry_columns
 from ..server import detect_backend
-from ..worker.consumer import Job
-from ..worker.consumer import reflect_queue_table
+from ..worker.job import Job
 from ..worker.runtime import WorkerConfig
 from ..worker.runtime import make_engine
 from ..worker.runtime import run_workers

@@ -48,22 +48,22 @@ from ..producer.schedule import list_schedules
 from ..producer.unique import count_keys
 from ..schema.ddl import JOB_ID
 from ..schema.functions import queue_stats
+from ..schema.reflect import reflect_queue_table
 from ..schema.retry import ATTEMPTS
 from ..schema.retry import RUN_AT
 from ..server import detect_backend
-from ..worker.consumer import reflect_queue_table
 from ..worker.deadletter import DEAD_LETTER_TABLE
-from ..worker.deadletter import DeadLetter
-from ..worker.deadletter import count_dead
 from ..worker.deadletter import dead_letter_table
-from ..worker.deadletter import purge_dead
-from ..worker.deadletter import retry_dead
 from ..worker.registry import COUNTERS
 from ..worker.registry import DEFAULT_STALE_AFTER
 from ..worker.registry import THROUGHPUT_TABLE
 from ..worker.registry import WORKERS_TABLE
 from ..worker.registry import throughput_table
 from ..worker.registry import worker_registry_table
+from .deadletters import DeadLetter
+from .deadletters import count_dead
+from .deadletters import purge_dead
+from .deadletters import retry_dead
 
 __all__ = [
     "JOB_STATES",

@@ -81,10 +81,10 @@ from ..backends.wakeup import notify_committed
 from ..exc import Q4MError
 from ..schema.ddl import validate_name
 from ..schema.functions import queue_set_srcid
+from ..schema.reflect import reflect_queue_table
+from ..schema.reflect import table_name_for
 from ..server import BackendName
 from ..server import detect_backend
-from ..worker.consumer import reflect_queue_table
-from ..worker.consumer import table_name_for
 from .enqueue import enqueue
 
 __all__ = [

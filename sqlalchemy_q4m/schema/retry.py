@@ -1,4 +1,4 @@
-"""Retries, delayed jobs and priorities: the columns that carry them and the pure decisions.
+"""Retries, delayed jobs and priorities: the columns that carry them, the condition on them.
 
 Q4M has no UPDATE, so a job's bookkeeping lives in integer columns of the row itself and a
 retry is a *copy* of the row: ``attempts + 1`` and ``run_at = now + backoff``, inserted before
@@ -7,17 +7,13 @@ conditions can only test integers: workers subscribe with ``run_at <= now``, reb
 wait.  On the portable backend the copy and the removal commit in one transaction; on Q4M they
 are two statements, so a crash between them runs the job once more (at least once, never lost).
 
-This module holds no I/O: :func:`decide` and :meth:`RetryPolicy.delay` are pure functions the
-thread and asyncio workers share.
+What a worker does with a failed job (:class:`~sqlalchemy_q4m.worker.policy.RetryPolicy`,
+``decide``) is the worker's policy: :mod:`sqlalchemy_q4m.worker.policy`.
 """
 
 from __future__ import annotations
 
-import math
-import random
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 from typing import ClassVar
 
@@ -30,20 +26,13 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..exc import Q4MError
-from .checks import check_seconds
-
 __all__ = [
     "ATTEMPTS",
     "PRIORITY",
     "RUN_AT",
-    "Bury",
     "PriorityMixin",
-    "Retry",
     "RetryMixin",
-    "RetryPolicy",
     "ScheduledMixin",
-    "decide",
     "due_condition",
     "priority_column",
     "retry_columns",
@@ -115,76 +104,6 @@ class PriorityMixin:
         info={PRIORITY_INFO_KEY: True},
         sort_order=1002,
     )
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How often and how late a failed job runs again.
-
-    Attempt ``n`` (1-based count of failures so far) waits ``base * 2**(n-1)`` seconds, capped
-    at ``cap``, multiplied by a random factor in ``[1 - jitter, 1 + jitter]`` so that jobs
-    failing together do not come back together.  ``max_attempts`` counts runs, the first one
-    included: after that many failures the job is dead-lettered.
-    """
-
-    max_attempts: int = 5
-    base: float = 2.0
-    cap: float = 3600.0
-    jitter: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise Q4MError(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
-        check_seconds("retry base", self.base)
-        check_seconds("retry cap", self.cap)
-        if not 0 <= self.jitter <= 1:
-            raise Q4MError(f"jitter must be between 0 and 1, not {self.jitter!r}")
-
-    def delay(self, failures: int, rand: Callable[[], float] = random.random) -> int:
-        """Whole seconds to wait before the run that follows ``failures`` failures."""
-        if failures < 1:
-            return 0
-        exponent = min(failures - 1, 62)
-        raw = min(self.cap, self.base * 2.0**exponent)
-        factor = 1.0 - self.jitter + 2.0 * self.jitter * rand()
-        return max(0, min(math.ceil(self.cap), math.ceil(raw * factor)))
-
-
-@dataclass(frozen=True)
-class Retry:
-    """Decision: run again, as a copy with these ``attempts`` and ``run_at``."""
-
-    attempts: int
-    run_at: int
-    delay: int
-
-
-@dataclass(frozen=True)
-class Bury:
-    """Decision: no attempt left; move the job to the dead-letter table."""
-
-    attempts: int
-
-
-def decide(
-    policy: RetryPolicy,
-    previous_failures: int,
-    *,
-    now: float | None = None,
-    rand: Callable[[], float] = random.random,
-    can_retry: bool = True,
-) -> Retry | Bury:
-    """What to do with a job that just failed after ``previous_failures`` earlier failures.
-
-    ``can_retry`` is False when the table has no ``attempts``/``run_at`` columns to count with
-    (or the job was already ended, at most once): such a failure is buried at once.
-    """
-    failures = max(0, previous_failures) + 1
-    if not can_retry or failures >= policy.max_attempts:
-        return Bury(attempts=failures)
-    delay = policy.delay(failures, rand)
-    current = int(time.time() if now is None else now)
-    return Retry(attempts=failures, run_at=current + delay, delay=delay)
 
 
 def due_condition(table: Table, now: float | None = None) -> ColumnElement[bool] | None:

@@ -51,7 +51,7 @@ from starlette.staticfiles import StaticFiles
 from ..exc import Q4MError
 from ..exc import QueueTableError
 from ..ops import queries as ops
-from ..worker.consumer import reflect_queue_table
+from ..schema.reflect import reflect_queue_table
 from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.registry import DEFAULT_STALE_AFTER
 from ..worker.registry import THROUGHPUT_TABLE
@@ -469,7 +469,7 @@ class Dashboard:
         )
 
     def metrics(self, request: Request) -> Response:
-        from ..worker.metrics import dashboard_metrics
+        from .metrics import dashboard_metrics
 
         with self.engine.connect() as conn:
             body = dashboard_metrics(

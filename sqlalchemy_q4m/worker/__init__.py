@@ -3,8 +3,8 @@ thread/process runtime with its asyncio twin."""
 
 from __future__ import annotations
 
+from ..schema.reflect import reflect_queue_table
 from .consumer import Consumer
-from .consumer import Job
-from .consumer import reflect_queue_table
+from .job import Job
 
 __all__ = ["Consumer", "Job", "reflect_queue_table"]

@@ -7,9 +7,7 @@ dead-lettered and lost (``q4m_worker_jobs_total{queue,outcome}``), time them
 of its children: they write to files in a private ``PROMETHEUS_MULTIPROC_DIR`` (the client's
 multi-process mode), and the files of a child that died are dropped.
 
-The dashboard's ``/metrics`` reads the database instead (:func:`dashboard_metrics`): depth,
-delayed, in hand and dead per queue, the oldest job's age, workers alive and lost; the same
-cheap queries as its overview page.
+The dashboard's ``/metrics`` reads the database instead (:mod:`sqlalchemy_q4m.web.metrics`).
 """
 
 from __future__ import annotations
@@ -25,16 +23,10 @@ from collections.abc import Iterator
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Connection
-
 from ..exc import Q4MError
-from ..ops import queries as ops
-from .deadletter import DEAD_LETTER_TABLE
-from .registry import DEFAULT_STALE_AFTER
-from .registry import WORKERS_TABLE
 from .registry import Holding
 
-__all__ = ["SupervisorMetrics", "WorkerMetrics", "dashboard_metrics"]
+__all__ = ["SupervisorMetrics", "WorkerMetrics", "prometheus"]
 
 logger = logging.getLogger("sqlalchemy_q4m.metrics")
 
@@ -43,7 +35,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
-def _client() -> Any:
+def prometheus() -> Any:
+    """The ``prometheus_client`` module, or a Q4MError naming the extra to install."""
     try:
         import prometheus_client
     except ImportError:
@@ -57,7 +50,7 @@ class WorkerMetrics:
     """The metrics of one worker process; served here unless a supervisor serves them."""
 
     def __init__(self, *, serve: tuple[str, int] | None) -> None:
-        client = _client()
+        client = prometheus()
         self.registry = client.CollectorRegistry(auto_describe=True)
         multi = bool(os.environ.get(MULTIPROC_ENV))
         kw: dict[str, Any] = {"registry": self.registry}
@@ -143,7 +136,7 @@ class SupervisorMetrics:
     adds them up; files of dead children are dropped at each scrape."""
 
     def __init__(self, host: str, port: int) -> None:
-        client = _client()
+        client = prometheus()
         from prometheus_client import multiprocess
 
         self.directory = tempfile.mkdtemp(prefix="q4m-metrics-")
@@ -182,64 +175,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def dashboard_metrics(
-    conn: Connection,
-    *,
-    dead_name: str = DEAD_LETTER_TABLE,
-    workers_name: str = WORKERS_TABLE,
-    exact_limit: int = 100_000,
-    stale_after: float = DEFAULT_STALE_AFTER,
-) -> bytes:
-    """The exposition text of the dashboard's ``/metrics``, read from the database."""
-    client = _client()
-    from prometheus_client.core import GaugeMetricFamily
-
-    queues = ops.overview(
-        conn,
-        dead_name=dead_name,
-        workers_name=workers_name,
-        exact_limit=exact_limit,
-        stale_after=stale_after,
-    )
-    workers = ops.workers(conn, workers_name, stale_after=stale_after)
-
-    class _Collector:
-        def collect(self) -> Iterator[Any]:
-            jobs = GaugeMetricFamily(
-                "q4m_queue_jobs",
-                "Jobs in a queue by state (total is an estimate when q4m_queue_exact is 0; "
-                "delayed is absent when it was not counted)",
-                labels=["queue", "state"],
-            )
-            exact = GaugeMetricFamily(
-                "q4m_queue_exact", "1 when the counts are exact", labels=["queue"]
-            )
-            oldest = GaugeMetricFamily(
-                "q4m_queue_oldest_job_age_seconds",
-                "Age of the oldest job waiting in a queue",
-                labels=["queue"],
-            )
-            dead = GaugeMetricFamily("q4m_dead_letters", "Dead letters", labels=["queue"])
-            for q in queues:
-                jobs.add_metric([q.table, "total"], q.total)
-                jobs.add_metric([q.table, "queued"], q.queued)
-                jobs.add_metric([q.table, "in_hand"], q.in_hand)
-                if q.delayed is not None:
-                    jobs.add_metric([q.table, "delayed"], q.delayed)
-                exact.add_metric([q.table], 1 if q.exact else 0)
-                if q.oldest_age is not None:
-                    oldest.add_metric([q.table], q.oldest_age)
-                dead.add_metric([q.table], q.dead)
-            alive = GaugeMetricFamily(
-                "q4m_workers", "Registered worker processes by state", labels=["state"]
-            )
-            alive.add_metric(["alive"], sum(1 for w in workers if not w.lost))
-            alive.add_metric(["lost"], sum(1 for w in workers if w.lost))
-            yield from (jobs, exact, oldest, dead, alive)
-
-    registry = client.CollectorRegistry()
-    registry.register(_Collector())
-    body: bytes = client.generate_latest(registry)
-    return body

@@ -17,6 +17,7 @@ from sqlalchemy.engine import Engine
 
 from .consumer import Consumer
 from .consumer import Stats
+from .metrics import WorkerMetrics
 from .registry import Heartbeat
 from .registry import Holding
 
@@ -77,8 +78,6 @@ class Observers:
             runtime.stats.hooks.append(self.heartbeat.observe)
             self.heartbeat.start()
         if getattr(config, "metrics_port", None) is not None:
-            from .metrics import WorkerMetrics
-
             child = getattr(runtime, "parent_pid", None) is not None  # the supervisor serves
             self.metrics = WorkerMetrics.for_process(config, child=child)
             runtime.stats.hooks.append(self.metrics.observe)

@@ -7,17 +7,16 @@
 * Shutdown: the first SIGTERM/SIGINT finishes the jobs in hand and takes no new one; a second
   one, or the end of the ``grace`` period, exits at once: the connections close, so the server
   returns the jobs in hand to the queue (on both backends), and nothing is lost.
-* Exit codes: :data:`EXIT_OK` (stopped cleanly, or queue drained in burst mode),
-  :data:`EXIT_ERROR` (a worker crashed), :data:`EXIT_USAGE` (bad input, from the CLI),
-  :data:`EXIT_FORCED` (forced stop: jobs in hand were returned to the queue).
+* Exit codes: :mod:`sqlalchemy_q4m.worker.config` (``EXIT_OK``, ``EXIT_ERROR``, ``EXIT_USAGE``,
+  ``EXIT_FORCED``), with the configuration, the engine and the status line.
 
 Job classes are loaded from ``module:Class`` specs in one place, :func:`load_job_class`; the
-dispatch from a claimed row to its job object is the consumer's (one place too).
+dispatch from a claimed row to its job object is the consumer's (one place too).  AsyncJob
+classes run in an event loop instead of threads (:mod:`.asyncio_runtime`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import multiprocessing
 import os
@@ -27,26 +26,38 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from dataclasses import field
 from typing import Any
 from typing import TextIO
 
 from sqlalchemy import Engine
-from sqlalchemy import create_engine
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import NoSuchModuleError
 
 from ..exc import Q4MError
 from ..producer.schedule import Scheduler
 from ..producer.schedule import SchedulerThread
 from ..producer.schedule import schedules_of
-from .consumer import OUTCOMES
+from .asyncio_runtime import preflight_async
+from .asyncio_runtime import run_process
+from .config import EXIT_ERROR
+from .config import EXIT_FORCED
+from .config import EXIT_OK
+from .config import EXIT_USAGE
+from .config import StatusLine
+from .config import WorkerConfig
+from .config import load_job_class
+from .config import load_scheduled_classes
+from .config import make_engine
+from .config import preflight_classes
+from .config import safe_url
+from .config import setup_logging
 from .consumer import Consumer
-from .consumer import Job
-from .consumer import Stats
+from .job import Job
+from .loop import StopSignals
+from .metrics import SupervisorMetrics
+from .observe import start_observers
+from .policy import OUTCOMES
 from .signals import on_stop_signals
+from .stats import Stats
 
 __all__ = [
     "EXIT_ERROR",
@@ -55,9 +66,11 @@ __all__ = [
     "EXIT_USAGE",
     "ProcessRuntime",
     "RunResult",
+    "StatusLine",
     "Supervisor",
     "WorkerConfig",
     "load_job_class",
+    "load_scheduled_classes",
     "make_engine",
     "preflight",
     "run_workers",
@@ -65,97 +78,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sqlalchemy_q4m.runtime")
-
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_FORCED = 3
-
-LOG_FORMAT = "%(asctime)s %(levelname)s [%(processName)s/%(threadName)s] %(message)s"
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    """Everything a worker process needs; picklable, so child processes get a copy."""
-
-    specs: tuple[str, ...]
-    url: str
-    concurrency: int = 1
-    processes: int = 1
-    grace: float | None = 30.0
-    burst: bool = False
-    job_options: tuple[tuple[str, Any], ...] = ()
-    log_level: str = "INFO"
-    status: bool = False
-    progress_every: float = 10.0
-    sys_path: tuple[str, ...] = field(default_factory=tuple)
-    #: Seconds between two heartbeats in the worker registry (0: not registered).
-    heartbeat: float = 5.0
-    #: Serve Prometheus metrics on this port (None: no metrics).
-    metrics_port: int | None = None
-    metrics_host: str = "127.0.0.1"
-
-    def __post_init__(self) -> None:
-        if not self.specs:
-            raise Q4MError("name at least one job class (module:Class)")
-        if self.concurrency < 1:
-            raise Q4MError(f"concurrency must be >= 1, not {self.concurrency}")
-        if self.processes < 1:
-            raise Q4MError(f"processes must be >= 1, not {self.processes}")
-        if self.grace is not None and self.grace < 0:
-            raise Q4MError(f"grace must be >= 0 seconds, not {self.grace}")
-
-
-def load_job_class(spec: str) -> type[Job]:
-    """Import ``module:Class`` (or ``module.Class``) and check that it is a :class:`Job`."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        module_name, _, attr = spec.rpartition(".")
-    if not module_name or not attr:
-        raise Q4MError(f"job class {spec!r}: write it as module:Class")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise Q4MError(f"job class {spec!r}: cannot import {module_name!r}: {err}") from None
-    except Exception as err:
-        raise Q4MError(f"job class {spec!r}: importing {module_name!r} failed: {err!r}") from None
-    obj: Any = module
-    for part in attr.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            raise Q4MError(f"job class {spec!r}: {module_name!r} has no {attr!r}")
-    if not (isinstance(obj, type) and issubclass(obj, Job)):
-        raise Q4MError(f"job class {spec!r}: {obj!r} is not a sqlalchemy_q4m.Job subclass")
-    return obj
-
-
-def make_engine(url: str, concurrency: int = 1) -> Engine:
-    """An engine for workers: one pooled connection per thread, checked before use."""
-    try:
-        parsed = make_url(url)
-        return create_engine(
-            parsed,
-            pool_size=concurrency,
-            max_overflow=concurrency + 2,
-            pool_pre_ping=True,
-            pool_recycle=3600,
-        )
-    except (ArgumentError, NoSuchModuleError, ValueError) as err:
-        raise Q4MError(f"bad database URL {_safe_url(url)}: {err}") from None
-
-
-def setup_logging(level: str, stream: TextIO | None = None, *, clear_line: bool = False) -> None:
-    """Plain log lines on stderr (the job's table and id are in each job's message);
-    ``clear_line`` first erases a live status line so a log line never lands inside it."""
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        if getattr(old, "q4m_handler", False):  # ours from an earlier call: replaced
-            root.removeHandler(old)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.q4m_handler = True  # type: ignore[attr-defined]
-    handler.setFormatter(logging.Formatter(("\r\033[K" if clear_line else "") + LOG_FORMAT))
-    root.addHandler(handler)
-    root.setLevel(level.upper())
 
 
 def _jobs(classes: Sequence[type[Job]], engine: Engine, options: dict[str, Any]) -> list[Job]:
@@ -171,8 +93,6 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
     classes = [load_job_class(spec) for spec in config.specs]
     schedules_of(classes)  # a bad schedule fails here (ScheduleError), not in a worker
     if any(getattr(cls, "is_async", False) for cls in classes):  # AsyncJob: an event loop
-        from .asyncio import preflight_async
-
         preflight_async(config, classes)
         return classes
     engine = make_engine(config.url, 1)
@@ -183,56 +103,10 @@ def preflight(config: WorkerConfig) -> list[type[Job]]:
         finally:
             consumer.close()
     except DBAPIError as err:
-        raise Q4MError(f"cannot use the database at {_safe_url(config.url)}: {err.orig}") from None
+        raise Q4MError(f"cannot use the database at {safe_url(config.url)}: {err.orig}") from None
     finally:
         engine.dispose()
     return classes
-
-
-def _safe_url(url: str) -> str:
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return "<unparsable URL>"
-
-
-class StatusLine:
-    """Counters and rate, rendered on one line (a TTY) or as a periodic log line."""
-
-    def __init__(self, label: str, stream: TextIO | None, every: float) -> None:
-        self.label = label
-        self.stream = stream
-        self.every = every
-        self.started = time.monotonic()
-        self._last_time = self.started
-        self._last_done = 0
-        self._last_log = self.started
-        self.rate = 0.0
-
-    def update(self, counts: dict[str, int], in_hand: int) -> None:
-        now = time.monotonic()
-        if now - self._last_time >= 1.0:
-            done = counts.get("done", 0)
-            self.rate = (done - self._last_done) / (now - self._last_time)
-            self._last_time, self._last_done = now, done
-        text = self.render(counts, in_hand)
-        if self.stream is not None:
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
-        elif self.every > 0 and now - self._last_log >= self.every:
-            self._last_log = now
-            logger.info("progress: %s", text)
-
-    def render(self, counts: dict[str, int], in_hand: int) -> str:
-        parts = [f"{name} {counts.get(name, 0)}" for name in OUTCOMES]
-        return (
-            f"[{self.label}] " + "  ".join(parts) + f"  in hand {in_hand}  {self.rate:.1f} jobs/s"
-        )
-
-    def finish(self) -> None:
-        if self.stream is not None:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 class ProcessRuntime:
@@ -257,7 +131,7 @@ class ProcessRuntime:
         self.stats = Stats()
         self.consumers: list[Consumer] = []
         self._signals = 0
-        self._handled_signals = 0
+        self._seen = StopSignals()  # the signals the main loop has acted on
         self._stop_at: float | None = None
         self._crashed = False
         self._wake = threading.Event()
@@ -307,7 +181,7 @@ class ProcessRuntime:
                     "%s: %s: returning %s to the queue", self.name, reason, consumer.in_hand
                 )
         logger.warning("%s: forced stop (%s), exit %d", self.name, reason, EXIT_FORCED)
-        self._publish()
+        self.publish_status()
         for handler in logging.getLogger().handlers:
             handler.flush()
         sys.stderr.flush()
@@ -321,7 +195,8 @@ class ProcessRuntime:
             self._crashed = True
             self._wake.set()
 
-    def _publish(self) -> None:
+    def publish_status(self) -> None:
+        """Write this process's counters and jobs in hand where the supervisor reads them."""
         if self.publish is None:
             return
         counts = self.stats.snapshot()
@@ -334,8 +209,6 @@ class ProcessRuntime:
         """Start the threads (or tasks) and supervise them; returns the exit code.  The worker
         registry's heartbeat and the metrics watch them meanwhile (:mod:`.observe`), and the
         job classes' schedules run beside them."""
-        from .observe import start_observers
-
         observers = start_observers(self)
         scheduler = self._start_scheduler()
         try:
@@ -348,8 +221,6 @@ class ProcessRuntime:
 
     def _run(self, status: StatusLine | None) -> int:
         if any(getattr(cls, "is_async", False) for cls in self.classes):
-            from .asyncio import run_process
-
             return run_process(self, status)
         engine = make_engine(self.config.url, self.config.concurrency)
         options = dict(self.config.job_options)
@@ -370,7 +241,7 @@ class ProcessRuntime:
             "%s: %d worker(s) on %s, tables %s",
             self.name,
             len(threads),
-            _safe_url(self.config.url),
+            safe_url(self.config.url),
             ", ".join(self.consumers[0].tables),
         )
         try:
@@ -384,16 +255,15 @@ class ProcessRuntime:
                     if status is not None:
                         in_hand = sum(1 for c in self.consumers if c.in_hand)
                         status.update(self.stats.snapshot(), in_hand)
-                    self._publish()
+                    self.publish_status()
         finally:
-            self._publish()
+            self.publish_status()
             engine.dispose()
         return EXIT_ERROR if self._crashed else EXIT_OK
 
     def _tick(self) -> None:
-        while self._handled_signals < self._signals:
-            self._handled_signals += 1
-            if self._handled_signals == 1:
+        while self._seen.received < self._signals:
+            if self._seen.signal() == "stop":
                 self.request_stop("signal received")
             else:
                 self.force_exit("second signal")
@@ -424,44 +294,6 @@ def _child_main(
         publish_index=index,
     )
     sys.exit(runtime.run())
-
-
-def load_scheduled_classes(specs: Sequence[str]) -> list[type[Job]]:
-    """``module:Class`` specs, or modules: every Job class defined in a module that has a
-    ``schedule``.  A Q4MError when nothing has one."""
-    classes: list[type[Job]] = []
-    for spec in specs:
-        module = None
-        if ":" not in spec:
-            try:
-                module = importlib.import_module(spec)
-            except ImportError:
-                module = None
-        if module is None:
-            classes.append(load_job_class(spec))
-            continue
-        found = [
-            obj
-            for obj in vars(module).values()
-            if isinstance(obj, type)
-            and issubclass(obj, Job)
-            and obj.__module__ == module.__name__
-            and getattr(obj, "schedule", None) is not None
-        ]
-        if not found:
-            raise Q4MError(f"module {spec!r} has no Job class with a schedule")
-        classes.extend(found)
-    if not any(getattr(cls, "schedule", None) is not None for cls in classes):
-        raise Q4MError("none of these job classes has a schedule")
-    return classes
-
-
-def preflight_classes(config: WorkerConfig) -> list[type[Job]]:
-    """Just load the classes (a child process: the supervisor checked the database)."""
-    for path in config.sys_path:
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    return [load_job_class(spec) for spec in config.specs]
 
 
 class Supervisor:
@@ -606,8 +438,6 @@ def run_workers(config: WorkerConfig, *, status_stream: TextIO | None = None) ->
         supervisor = Supervisor(config)
         served = None
         if config.metrics_port is not None:  # the children's metrics, added up
-            from .metrics import SupervisorMetrics
-
             served = SupervisorMetrics(config.metrics_host, config.metrics_port)
         try:
             code = supervisor.run(status)
