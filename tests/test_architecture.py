@@ -43,9 +43,6 @@ PENDING_LONG_MODULES = {
     "producer/enqueue.py",
     "producer/schedule.py",
     "web/app.py",
-    "worker/asyncio.py",
-    "worker/consumer.py",
-    "worker/runtime.py",
 }
 
 # pending issue 12 splits: classes over MAX_CLASS_LINES today, without a stated reason
@@ -53,7 +50,6 @@ PENDING_LONG_CLASSES = {
     "consumer/batch.py:QueueBatch",
     "consumer/session.py:QueueSession",
     "web/app.py:Dashboard",
-    "worker/consumer.py:Consumer",
 }
 
 # pending issue 12 splits: private names imported from another module of the package
@@ -64,7 +60,6 @@ PENDING_PRIVATE_IMPORTS = {
     "producer/unique.py: sqlalchemy_q4m.producer.enqueue._groups",
     "producer/unique.py: sqlalchemy_q4m.producer.enqueue._shape_for",
     "worker/asyncio.py: sqlalchemy_q4m.consumer.asyncio._GreenletQueueSession",
-    "worker/asyncio.py: sqlalchemy_q4m.worker.runtime._safe_url",
 }
 
 
