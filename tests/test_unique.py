@@ -30,10 +30,10 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.producer.unique import KEYS
+from sqlalchemy_q4m.backends.unique_keys import KEYS
+from sqlalchemy_q4m.backends.unique_keys import count_keys
 from sqlalchemy_q4m.producer.unique import Unique
 from sqlalchemy_q4m.producer.unique import UniqueKeyError
-from sqlalchemy_q4m.producer.unique import count_keys
 from sqlalchemy_q4m.schema.retry import retry_columns
 from sqlalchemy_q4m.worker.consumer import Job
 from sqlalchemy_q4m.worker.deadletter import dead_letter_table
@@ -270,7 +270,8 @@ def test_an_enqueuer_killed_between_the_key_and_the_job_does_not_block_the_key(
         import os, signal, sys
         from sqlalchemy import Column, Integer, MetaData, create_engine
         from sqlalchemy.pool import NullPool
-        from sqlalchemy_q4m import enqueue, queue_table, unique
+        from sqlalchemy_q4m import enqueue, queue_table
+        from sqlalchemy_q4m.producer import unique
         from sqlalchemy_q4m.schema.retry import retry_columns
 
         url, name = sys.argv[1], sys.argv[2]

@@ -77,6 +77,8 @@ from sqlalchemy.sql.elements import ColumnElement
 from ..backends import get_backend
 from ..backends.base import Backend
 from ..backends.loading import Unloadable
+from ..backends.unique_keys import key_moved
+from ..backends.unique_keys import refresh as refresh_unique_keys
 from ..consumer.batch import MAX_SIZE as MAX_BATCH_SIZE
 from ..consumer.batch import QueueBatch
 from ..consumer.session import QueueSession
@@ -88,8 +90,6 @@ from ..exc import Q4MError
 from ..exc import QueueAbort
 from ..exc import QueueTableError
 from ..exc import QueueWaitError
-from ..producer.unique import key_moved
-from ..producer.unique import refresh as refresh_unique_keys
 from ..schema.checks import check_seconds
 from ..schema.ddl import JOB_ID
 from ..schema.ddl import QUEUE_INFO_KEY
