@@ -48,9 +48,9 @@ from starlette.routing import Mount
 from starlette.routing import Route
 from starlette.staticfiles import StaticFiles
 
+from .. import ops
 from ..exc import Q4MError
 from ..exc import QueueTableError
-from ..ops import queries as ops
 from ..worker.consumer import reflect_queue_table
 from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.registry import DEFAULT_STALE_AFTER
