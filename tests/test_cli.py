@@ -18,8 +18,8 @@ from worker_support import number_table
 from worker_support import q4m_env
 from worker_support import run_q4m
 
-from sqlalchemy_q4m.cli.commands import build_parser
 from sqlalchemy_q4m.cli.commands import main
+from sqlalchemy_q4m.cli.parser import build_parser
 
 TABLE = "tcli_jobs"
 DEAD = "tcli_dead_letters"

@@ -371,6 +371,8 @@ def test_cli_listen_option(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, expected: float
 ) -> None:
     from sqlalchemy_q4m.cli import commands as cli
+    from sqlalchemy_q4m.cli import parser
+    from sqlalchemy_q4m.cli import workers as cli_workers
 
     if env is not None:
         monkeypatch.setenv("Q4M_LISTEN", env)
@@ -380,11 +382,11 @@ def test_cli_listen_option(
         seen.append(dict(config.job_options))
         return type("R", (), {"code": 0})()
 
-    monkeypatch.setattr(cli, "run_workers", fake_run_workers)
+    monkeypatch.setattr(cli_workers, "run_workers", fake_run_workers)
     assert cli.main(["worker", "--status", "never", *argv, "mod:Job"]) == 0
     assert seen == [{"listen": expected}]
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
+        parser.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
 
 
 @pytest.mark.integration

@@ -22,6 +22,7 @@ By subject: :mod:`.tables` (which tables are queues), :mod:`.queues` (counts),
 
 from __future__ import annotations
 
+from .dead import check_dead_queue
 from .dead import dead_counts
 from .dead import dead_letter
 from .dead import dead_letters
@@ -52,6 +53,7 @@ __all__ = [
     "JobPage",
     "QueueSummary",
     "WorkerInfo",
+    "check_dead_queue",
     "check_queue_name",
     "dead_counts",
     "dead_letter",

@@ -11,19 +11,26 @@ from sqlalchemy import func
 from sqlalchemy import inspect
 from sqlalchemy import select
 
+from ..exc import Q4MError
 from ..worker.consumer import reflect_queue_table
 from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.deadletter import DeadLetter
+from ..worker.deadletter import count_dead
 from ..worker.deadletter import dead_letter_table
 from ..worker.deadletter import purge_dead
 from ..worker.deadletter import retry_dead
 from .tables import check_queue_name
 
-# -- dead letters -----------------------------------------------------------------------------
-
 
 def _dead_exists(conn: Connection, dead: Table) -> bool:
     return bool(inspect(conn).has_table(dead.name))
+
+
+def check_dead_queue(conn: Connection, dead: Table, queue: str, *, purging: bool = False) -> None:
+    """A :class:`~sqlalchemy_q4m.exc.Q4MError` unless the queue table ``queue`` exists; when
+    ``purging``, dead letters of a queue that is gone may still be purged."""
+    if not inspect(conn).has_table(queue) and (not purging or not count_dead(conn, dead, queue)):
+        raise Q4MError(f"queue table {queue!r} does not exist")
 
 
 def dead_counts(conn: Connection, dead_name: str = DEAD_LETTER_TABLE) -> dict[str, int]:

@@ -29,9 +29,6 @@ from ..schema.retry import RUN_AT
 JOB_STATES = ("all", "ready", "delayed", "in_hand")
 
 
-# -- jobs -------------------------------------------------------------------------------------
-
-
 def job_age(job_id: Any, now: float | None = None) -> float | None:
     """Seconds since a UUIDv7 job id was made (None for other ids)."""
     try:

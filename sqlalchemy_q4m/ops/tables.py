@@ -17,9 +17,6 @@ from ..worker.registry import WORKERS_TABLE
 _OWN_TABLES = frozenset({DEAD_LETTER_TABLE, WORKERS_TABLE, THROUGHPUT_TABLE})
 
 
-# -- which tables are queues ------------------------------------------------------------------
-
-
 def _scan_tables(
     conn: Connection, dead_name: str = DEAD_LETTER_TABLE
 ) -> tuple[list[tuple[str, str, int]], list[str]]:

@@ -21,8 +21,6 @@ from ..worker.registry import WORKERS_TABLE
 from ..worker.registry import throughput_table
 from ..worker.registry import worker_registry_table
 
-# -- workers and throughput -------------------------------------------------------------------
-
 
 @dataclass
 class WorkerInfo:
