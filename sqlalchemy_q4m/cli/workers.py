@@ -13,8 +13,8 @@ from typing import Any
 from ..ops import prune_lost_workers
 from ..ops import workers
 from ..producer.schedule import Scheduler
-from ..producer.schedule import list_schedules
 from ..producer.schedule import schedules_of
+from ..producer.ticks import list_schedules
 from ..worker.runtime import WorkerConfig
 from ..worker.runtime import load_scheduled_classes
 from ..worker.runtime import make_engine

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from ..backends.unique_keys import count_keys
 from ..exc import QueueTableError
-from ..producer.schedule import list_schedules
+from ..producer.ticks import list_schedules
 from ..schema.ddl import JOB_ID
 from ..schema.functions import queue_stats
 from ..schema.retry import RUN_AT

@@ -8,8 +8,9 @@ bind processor, the connection's transaction and its events) and does the rest o
 statement shape instead of once per row: the ``INSERT`` is compiled once per table, column
 set and dialect, each row becomes the driver's parameters directly, and the rows go out in
 one DBAPI ``executemany`` per chunk (PyMySQL sends it as multi-row ``INSERT``\\ s).  When
-something observes statements (events, echo; see :func:`~sqlalchemy_q4m.loading.driver_level`)
-the chunk goes through :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, so it is seen.
+something observes statements (events, echo; see
+:func:`~sqlalchemy_q4m.backends.loading.driver_level`) the chunk goes through
+:meth:`~sqlalchemy.Connection.exec_driver_sql` instead, so it is seen.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ..backends.listeners import nobody_listens
 from ..backends.loading import dbapi_error
 from ..backends.loading import driver_level
-from ..backends.wakeup import nobody_listens
-from ..backends.wakeup import wake_committed
+from ..backends.notify import wake_committed
 from ..exc import OptionError
 from ..exc import Q4MError
 from ..schema.checks import check_seconds
@@ -107,21 +108,22 @@ def enqueue(
 
     With an :class:`~sqlalchemy.Engine` the rows are inserted in a transaction of their own,
     committed before this returns; then, with ``notify`` (and no ``delay``), consumers
-    waiting with ``listen`` are woken (:func:`~sqlalchemy_q4m.notify.notify`; MariaDB).
+    waiting with ``listen`` are woken (:func:`~sqlalchemy_q4m.notify`; MariaDB).
     With a :class:`~sqlalchemy.Connection` or an ORM
     :class:`~sqlalchemy.orm.Session` they are inserted in its transaction (begun if none is)
     and **the caller commits** (or rolls back: then no job was enqueued), then calls
-    :func:`~sqlalchemy_q4m.notify.notify` itself if consumers listen.
+    :func:`~sqlalchemy_q4m.notify` itself if consumers listen.
 
     Every row is checked before the first ``INSERT`` (on Q4M an inserted row stays, whatever
     the transaction does): each value against its column's type
-    (:func:`~sqlalchemy_q4m.checks.column_check`), its size against the server's
+    (:func:`~sqlalchemy_q4m.schema.checks.column_check`), its size against the server's
     ``max_allowed_packet``; a bad one raises :class:`~sqlalchemy_q4m.exc.RowError` naming the
     row and column, and nothing is enqueued.
 
     ``unique_key`` (a function row -> str): a row is enqueued only while no job of ``target``
-    with the same key is queued or running; returns one :class:`~sqlalchemy_q4m.unique.Unique`
-    per row (``enqueued``, ``job_id``) instead of the ids (see :mod:`sqlalchemy_q4m.unique`).
+    with the same key is queued or running; returns one :class:`~sqlalchemy_q4m.Unique`
+    per row (``enqueued``, ``job_id``) instead of the ids (see
+    :mod:`sqlalchemy_q4m.producer.unique`).
     """
     if unique_key is not None:
         return enqueue_unique(bind, target, rows, unique_key, delay=delay, notify=notify)
@@ -167,7 +169,7 @@ def _produce(
     """An Engine-bound :func:`enqueue`: on ONE connection the rows' ``INSERT``\\ s, then their
     ``COMMIT`` when the server has a transaction open (not after rows of a Q4M table: they
     are durable at once and open none), then (``wake``)
-    :func:`~sqlalchemy_q4m.notify.wake_committed`, which sends nothing when no process
+    :func:`~sqlalchemy_q4m.backends.notify.wake_committed`, which sends nothing when no process
     listens; the connection goes back to the pool without the pool's reset-on-return
     ``ROLLBACK``, as nothing is left to roll back.  One job costs what a raw producer's
     ``INSERT`` + ``COMMIT`` (or, on Q4M, its autocommitted ``INSERT``) does."""

@@ -50,11 +50,11 @@ from sqlalchemy.orm import Session
 
 from ..backends.base import RETRYABLE
 from ..backends.base import error_code
+from ..backends.notify import notify_committed
 from ..backends.unique_keys import KEYS
 from ..backends.unique_keys import ended_many as ended_many  # for consumer/batch.py, for now
 from ..backends.unique_keys import ensure_keys_table
 from ..backends.unique_keys import job_lock_name
-from ..backends.wakeup import notify_committed
 from ..exc import Q4MError
 from ..schema.ddl import JOB_ID
 from ..schema.functions import subscriptions
