@@ -28,14 +28,14 @@ from sqlalchemy_q4m import Job
 from sqlalchemy_q4m import QueueSession
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.backends.wakeup import LISTENERS_RECHECK
-from sqlalchemy_q4m.backends.wakeup import _like_pattern
-from sqlalchemy_q4m.backends.wakeup import anchor_for
-from sqlalchemy_q4m.backends.wakeup import announce
+from sqlalchemy_q4m.backends.listeners import LISTENERS_RECHECK
+from sqlalchemy_q4m.backends.listeners import anchor_for
+from sqlalchemy_q4m.backends.listeners import announce
+from sqlalchemy_q4m.backends.notify import notify
+from sqlalchemy_q4m.backends.notify import notify_committed
+from sqlalchemy_q4m.backends.wakeup import like_pattern
 from sqlalchemy_q4m.backends.wakeup import listen_wait
 from sqlalchemy_q4m.backends.wakeup import listening_supported
-from sqlalchemy_q4m.backends.wakeup import notify
-from sqlalchemy_q4m.backends.wakeup import notify_committed
 from sqlalchemy_q4m.backends.wakeup import wait_statement
 from sqlalchemy_q4m.backends.wakeup import wait_tag
 from sqlalchemy_q4m.exc import Q4MError
@@ -84,7 +84,7 @@ def test_wait_statement_is_tagged_guarded_and_out_of_the_slow_log() -> None:
 def test_tag_and_like_pattern() -> None:
     subs = subscriptions([jobs, other])
     assert wait_tag(subs, mariadb()) == "/* q4m:wait db.tn_jobs db.tn_other */"
-    assert _like_pattern(subs[1], mariadb()) == "/* q4m:wait% db.tn!_other %"
+    assert like_pattern(subs[1], mariadb()) == "/* q4m:wait% db.tn!_other %"
     odd = mariadb()
     odd.default_schema_name = "odd */ db"  # table names are validated; database names not
     tag = wait_tag(subs, odd)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.types import LargeBinary
 from sqlalchemy.types import _Binary
 
-from ..backends.wakeup import notify_committed
+from ..backends.notify import notify_committed
 from ..exc import Q4MError
 from ..exc import RowError
 from ..producer.enqueue import enqueue
