@@ -8,7 +8,7 @@ appears, or ``T`` seconds pass (then it claims again: ``T`` bounds the latency w
 comes).  Measured on MariaDB 10.11 (``python -m benchmarks --only latency``, the producer's
 INSERT, COMMIT and ``notify`` included): pickup p50 ~4.5 ms, p99 ~9 ms, and 2 / ``T`` queries a
 second per idle consumer.  MariaDB only (MySQL has no ``KILL QUERY ID``): elsewhere consumers keep
-polling and :func:`notify` does nothing.
+polling and :func:`~sqlalchemy_q4m.notify` does nothing.
 
 The protocol.  The consumer, after an empty claim, on its claim connection (READ COMMITTED, in
 the transaction the queue session began) runs::
@@ -24,20 +24,22 @@ the transaction the queue session began) runs::
   committed between the empty claim and the wait is seen and the wait never starts (an empty
   result), so no wake-up is lost to that race.  The guard locked that job: the consumer rolls
   back and claims again.
-* A producer, *after its COMMIT*, calls :func:`notify`: it finds the waiters by their tag in
-  ``information_schema.PROCESSLIST`` and interrupts ``jobs + 1`` of them with
-  ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A
-  wake sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
+* A producer, *after its COMMIT*, calls :func:`~sqlalchemy_q4m.notify`: it finds the waiters by
+  their tag in ``information_schema.PROCESSLIST`` and interrupts ``jobs + 1`` of them with
+  ``KILL QUERY ID``; the interrupted ``GET_LOCK`` returns NULL and that consumer claims.  A wake
+  sent before the commit is lost: the woken consumer finds nothing and waits ``T``.
 * Producers skip the scan while no process listens.  Each anchor also holds one of
-  :data:`LISTENER_SLOTS` named locks ``q4m_l_<database digest>_<k>`` per database whose
-  queues it waits on; after its commit, the wake of an
-  Engine-bound ``enqueue()`` (:func:`wake_committed`, also :func:`notify_committed`) asks
+  :data:`~sqlalchemy_q4m.backends.listeners.LISTENER_SLOTS` named locks
+  ``q4m_l_<database digest>_<k>`` per database whose queues it waits on; after its commit, the
+  wake of an Engine-bound ``enqueue()`` (:func:`~sqlalchemy_q4m.backends.notify.wake_committed`,
+  also :func:`~sqlalchemy_q4m.backends.notify.notify_committed`) asks
   ``SELECT COALESCE(IS_USED_LOCK('q4m_l_<digest>_0'), ...)`` at most every
-  :data:`LISTENERS_RECHECK` seconds per engine and sends nothing while none is held.  A
-  producer may thus act on an answer up to that old: a process that has just made its anchor
-  ends each wait within :data:`LISTENERS_RECHECK` of taking its slot (an anchor without a slot,
-  all being taken, always does), so a job committed meanwhile is claimed then, not after
-  ``T``.  Explicit :func:`notify` calls always scan.
+  :data:`~sqlalchemy_q4m.backends.listeners.LISTENERS_RECHECK` seconds per engine and sends
+  nothing while none is held.  A producer may thus act on an answer up to that old: a process
+  that has just made its anchor ends each wait within
+  :data:`~sqlalchemy_q4m.backends.listeners.LISTENERS_RECHECK` of taking its slot (an anchor
+  without a slot, all being taken, always does), so a job committed meanwhile is claimed then,
+  not after ``T``.  Explicit :func:`~sqlalchemy_q4m.notify` calls always scan.
 * ``GET_LOCK`` returning 1 means the anchor connection died and the waiter got its lock: it
   releases it and a new anchor is made.  A kill landing just before the wait starts (error
   1317) or on the claim right after it is retried like a deadlock.
@@ -116,7 +118,7 @@ def _queue_name(sub: Subscription, dialect: Dialect) -> str:
 
 def wait_tag(subs: Sequence[Subscription], dialect: Dialect) -> str:
     """``/* q4m:wait db.t1 db.t2 */``: the comment a waiting consumer's statement starts with,
-    naming every queue it waits on (what :func:`notify` looks for)."""
+    naming every queue it waits on (what :func:`~sqlalchemy_q4m.notify` looks for)."""
     names = "".join(f" {_queue_name(sub, dialect)}" for sub in subs)
     return f"{_TAG}{names} */"
 
@@ -168,7 +170,8 @@ def _guard(sub: Subscription) -> Any:
 def wait_statement(
     subs: Sequence[Subscription], anchor: str, seconds: float, dialect: Dialect
 ) -> WaitStatement:
-    """The guarded ``GET_LOCK(anchor, seconds)`` wait on ``subs``, tagged for :func:`notify`."""
+    """The guarded ``GET_LOCK(anchor, seconds)`` wait on ``subs``, tagged for
+    :func:`~sqlalchemy_q4m.notify`."""
     if not ANCHOR_NAME.match(anchor):
         raise Q4MError(f"not an anchor lock name: {anchor!r}")
     wait = select(func.get_lock(bindparam("q4m_anchor", anchor), bindparam("q4m_seconds", seconds)))
@@ -181,7 +184,8 @@ def wait_statement(
 
 def listen_wait(conn: Connection, subs: Sequence[Subscription], seconds: float) -> bool:
     """Wait on ``conn`` (in a transaction the caller began, READ COMMITTED) until a producer's
-    :func:`notify`, a free job of ``subs``, or ``seconds`` pass; the caller then claims.
+    :func:`~sqlalchemy_q4m.notify`, a free job of ``subs``, or ``seconds`` pass; the caller
+    then claims.
 
     Returns True when the caller must roll back before claiming: the guard locked a free job
     it saw, or the wait was interrupted before it started (it may have locked one).
