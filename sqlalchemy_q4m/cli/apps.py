@@ -9,6 +9,8 @@ from ..exc import Q4MError
 from .connect import probe
 from .options import flag_env
 
+__all__ = ["cmd_demo", "cmd_web"]
+
 
 def cmd_web(args: argparse.Namespace) -> int:
     try:

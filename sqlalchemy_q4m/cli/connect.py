@@ -9,6 +9,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..exc import Q4MError
 from ..worker.runtime import make_engine
 
+__all__ = ["connect", "probe"]
+
 
 def connect(engine: Engine) -> Connection:
     """``engine.connect()``; a driver's own complaint about the URL's parameters (a

@@ -20,6 +20,8 @@ from ..worker.runtime import make_engine
 from .connect import connect
 from .options import flag_env
 
+__all__ = ["cmd_dead"]
+
 
 def cmd_dead(args: argparse.Namespace) -> int:
     dead = dead_letter_table(args.dead_table)

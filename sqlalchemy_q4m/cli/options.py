@@ -20,6 +20,24 @@ from ..schema.checks import check_seconds
 from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.runtime import EXIT_USAGE
 
+__all__ = [
+    "DEFAULT_URL",
+    "Parser",
+    "check_level",
+    "dead_table_option",
+    "env_default",
+    "flag_env",
+    "id_list",
+    "level_name",
+    "option",
+    "port_number",
+    "positive_int",
+    "positive_seconds",
+    "seconds_value",
+    "switch",
+    "url_option",
+]
+
 DEFAULT_URL = "mysql+pymysql://root@127.0.0.1:3306/test"
 
 

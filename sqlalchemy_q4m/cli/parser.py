@@ -26,6 +26,8 @@ from .workers import cmd_scheduler
 from .workers import cmd_worker
 from .workers import cmd_workers
 
+__all__ = ["build_parser"]
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``q4m`` and its subcommands."""

@@ -21,6 +21,8 @@ from ..worker.runtime import make_engine
 from .connect import connect
 from .options import flag_env
 
+__all__ = ["cmd_enqueue", "cmd_stats", "parse_json_rows"]
+
 
 def parse_json_rows(lines: Iterable[str | bytes], where: str = "stdin") -> list[dict[str, Any]]:
     """One JSON object per non-blank line; raises :class:`Q4MError` naming the bad line."""

@@ -26,6 +26,8 @@ from .connect import probe
 from .options import check_level
 from .options import flag_env
 
+__all__ = ["cmd_schedule_list", "cmd_scheduler", "cmd_worker", "cmd_workers"]
+
 
 def cmd_worker(args: argparse.Namespace) -> int:
     burst = bool(args.burst) or flag_env("Q4M_BURST")

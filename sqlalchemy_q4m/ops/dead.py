@@ -21,6 +21,15 @@ from ..worker.deadletter import purge_dead
 from ..worker.deadletter import retry_dead
 from .tables import check_queue_name
 
+__all__ = [
+    "check_dead_queue",
+    "dead_counts",
+    "dead_letter",
+    "dead_letters",
+    "purge_dead_letters",
+    "retry_dead_letters",
+]
+
 
 def _dead_exists(conn: Connection, dead: Table) -> bool:
     return bool(inspect(conn).has_table(dead.name))

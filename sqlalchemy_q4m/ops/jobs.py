@@ -25,6 +25,16 @@ from ..schema.ddl import JOB_ID
 from ..schema.retry import ATTEMPTS
 from ..schema.retry import RUN_AT
 
+__all__ = [
+    "JOB_STATES",
+    "JobPage",
+    "enqueue_rows",
+    "get_job",
+    "job_age",
+    "job_id_text",
+    "list_jobs",
+]
+
 #: Filters of :func:`list_jobs`.
 JOB_STATES = ("all", "ready", "delayed", "in_hand")
 

@@ -33,6 +33,8 @@ from .jobs import job_age
 from .tables import queue_table_rows
 from .workers import workers
 
+__all__ = ["QueueSummary", "overview", "parse_q4m_stats", "queue_counts"]
+
 # -- exact counts (q4m stats) -----------------------------------------------------------------
 
 

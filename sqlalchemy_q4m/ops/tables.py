@@ -13,6 +13,8 @@ from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.registry import THROUGHPUT_TABLE
 from ..worker.registry import WORKERS_TABLE
 
+__all__ = ["check_queue_name", "foreign_queue_tables", "queue_table_names", "queue_table_rows"]
+
 #: Tables of the library that are never queues.
 _OWN_TABLES = frozenset({DEAD_LETTER_TABLE, WORKERS_TABLE, THROUGHPUT_TABLE})
 

@@ -21,6 +21,8 @@ from ..worker.registry import WORKERS_TABLE
 from ..worker.registry import throughput_table
 from ..worker.registry import worker_registry_table
 
+__all__ = ["WorkerInfo", "prune_lost_workers", "throughput", "workers"]
+
 
 @dataclass
 class WorkerInfo:

@@ -29,6 +29,8 @@ from ..schema.checks import max_bytes
 from ..schema.ddl import JOB_ID_INFO_KEY
 from ..schema.retry import RUN_AT
 
+__all__ = ["Group", "Shape", "check_sizes", "group_rows", "shape_for"]
+
 # -- what a target accepts ---------------------------------------------------------------------
 
 

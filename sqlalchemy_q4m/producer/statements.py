@@ -25,6 +25,8 @@ from ..types import new_job_id
 from .rows import Group
 from .rows import Shape
 
+__all__ = ["Plan", "plan_for", "prepare", "send"]
+
 # -- one compiled INSERT per table, column set and dialect -----------------------------------
 
 
