@@ -6,6 +6,8 @@ each row naming the job that holds it.  A key is **held** while its job is in th
 (waiting or running) and **free** otherwise; a worker deletes the key when the job ends or is
 dead-lettered, and a retry moves it to the retry's copy.  A key left behind (a crash after the
 job ended) is recognized at the next enqueue because its job is gone, so it never blocks.
+The table and the worker's side (what the backends do to a key around a job they own) are
+:mod:`sqlalchemy_q4m.backends.unique_keys`; this module is the enqueuer's side.
 
 * **portable**: the key and the job commit in one transaction (the enqueuer's); a worker's
   ``DELETE`` of the key commits with the job's removal.  "Is the job still there" is a plain
