@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             cases: list[tuple[str, Callable[[], Any]]] = [
                 (
                     "information_schema: queue tables + TABLE_ROWS estimate",
-                    lambda: ops._table_rows(conn),
+                    lambda: ops.queue_table_rows(conn),
                 ),
                 (
                     "SELECT COUNT(*)",

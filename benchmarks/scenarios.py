@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy_q4m import enqueue as enqueue_jobs
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_session
-from sqlalchemy_q4m.backends.wakeup import notify
+from sqlalchemy_q4m.backends.notify import notify
 from sqlalchemy_q4m.consumer.session import POLL_INTERVAL
 
 from .common import RAW_CLAIM

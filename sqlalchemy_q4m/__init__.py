@@ -10,7 +10,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version
 
-from .backends.wakeup import notify
+from .backends.notify import notify
 from .consumer.batch import QueueBatch
 from .consumer.batch import queue_batch
 from .consumer.session import QueueSession
@@ -18,8 +18,8 @@ from .consumer.session import queue_session
 from .consumer.session import queue_sessionmaker
 from .exc import Q4MError
 from .exc import QueueAbort
+from .producer.cron import Schedule
 from .producer.enqueue import enqueue
-from .producer.schedule import Schedule
 from .producer.schedule import Scheduler
 from .producer.unique import Unique
 from .schema.ddl import QueueMixin

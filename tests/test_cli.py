@@ -18,8 +18,8 @@ from worker_support import number_table
 from worker_support import q4m_env
 from worker_support import run_q4m
 
-from sqlalchemy_q4m.cli.commands import build_parser
 from sqlalchemy_q4m.cli.commands import main
+from sqlalchemy_q4m.cli.parser import build_parser
 
 TABLE = "tcli_jobs"
 DEAD = "tcli_dead_letters"
@@ -264,7 +264,7 @@ def test_stats_counts_a_job_in_hand_as_owned(
 
 @pytest.mark.unit
 def test_q4m_stats_text_is_parsed_or_kept_raw() -> None:
-    from sqlalchemy_q4m.ops.queries import parse_q4m_stats
+    from sqlalchemy_q4m.ops import parse_q4m_stats
 
     text = "rows_written=10\nrows_removed=4\nwait_immediate=3\n"
     assert parse_q4m_stats(text) == {"rows_written": 10, "rows_removed": 4, "wait_immediate": 3}

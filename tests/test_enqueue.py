@@ -42,11 +42,11 @@ from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.backends.loading import DriverSQL
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import SubscriptionError
-from sqlalchemy_q4m.producer.enqueue import _groups
-from sqlalchemy_q4m.producer.enqueue import _params
-from sqlalchemy_q4m.producer.enqueue import _plan_for
-from sqlalchemy_q4m.producer.enqueue import _positional
-from sqlalchemy_q4m.producer.enqueue import _shape_for
+from sqlalchemy_q4m.producer.rows import group_rows
+from sqlalchemy_q4m.producer.rows import shape_for
+from sqlalchemy_q4m.producer.statements import _params
+from sqlalchemy_q4m.producer.statements import _positional
+from sqlalchemy_q4m.producer.statements import plan_for
 from sqlalchemy_q4m.schema.retry import due_condition
 
 
@@ -172,9 +172,9 @@ def test_bind_and_chunk_size_are_checked(offline: Engine) -> None:
 
 
 def _plan(target: Any, rows: list[Any], dialect: Any, delayed: bool = False) -> Any:
-    shape = _shape_for(target, target if isinstance(target, Table) else target.__table__)
-    (group,) = _groups(shape, rows, delayed)
-    return _plan_for(shape, group, delayed, dialect), group
+    shape = shape_for(target, target if isinstance(target, Table) else target.__table__)
+    (group,) = group_rows(shape, rows, delayed)
+    return plan_for(shape, group, delayed, dialect), group
 
 
 @pytest.mark.unit
@@ -226,8 +226,8 @@ def test_the_key_set_picks_the_insert() -> None:
     dialect = create_engine(UNREACHABLE).dialect
     plan, _ = _plan(EqJob, [{"command": "ls", "weight": 3}], dialect)
     assert "weight" in plan.sql.sql and "note" not in plan.sql.sql
-    shape = _shape_for(EqJob, EqJob.__table__)
-    groups = _groups(
+    shape = shape_for(EqJob, EqJob.__table__)
+    groups = group_rows(
         shape, [{"command": "a"}, {"command": "b"}, {"command": "c", "note": "n"}], False
     )
     assert [(g.first, len(g.rows)) for g in groups] == [(1, 2), (3, 1)]
@@ -424,7 +424,7 @@ def test_database_errors_are_sqlalchemy_errors(db_url: URL, observed: bool) -> N
 def test_cli_enqueue_rows_leaves_missing_columns_to_the_server(db: Engine) -> None:
     """``q4m enqueue`` goes through enqueue(): a row without ``weight`` gets the server's
     default (it was once sent as NULL), and each batch is committed."""
-    from sqlalchemy_q4m.ops.queries import enqueue_rows
+    from sqlalchemy_q4m.ops import enqueue_rows
     from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 
     with db.connect() as conn:

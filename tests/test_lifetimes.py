@@ -37,7 +37,7 @@ from sqlalchemy_q4m import notify
 from sqlalchemy_q4m import queue_batch
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.backends.wakeup import anchor_for
+from sqlalchemy_q4m.backends.listeners import anchor_for
 
 pytestmark = pytest.mark.integration
 

@@ -28,14 +28,14 @@ from sqlalchemy_q4m import Job
 from sqlalchemy_q4m import QueueSession
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.backends.wakeup import LISTENERS_RECHECK
-from sqlalchemy_q4m.backends.wakeup import _like_pattern
-from sqlalchemy_q4m.backends.wakeup import anchor_for
-from sqlalchemy_q4m.backends.wakeup import announce
+from sqlalchemy_q4m.backends.listeners import LISTENERS_RECHECK
+from sqlalchemy_q4m.backends.listeners import anchor_for
+from sqlalchemy_q4m.backends.listeners import announce
+from sqlalchemy_q4m.backends.notify import notify
+from sqlalchemy_q4m.backends.notify import notify_committed
+from sqlalchemy_q4m.backends.wakeup import like_pattern
 from sqlalchemy_q4m.backends.wakeup import listen_wait
 from sqlalchemy_q4m.backends.wakeup import listening_supported
-from sqlalchemy_q4m.backends.wakeup import notify
-from sqlalchemy_q4m.backends.wakeup import notify_committed
 from sqlalchemy_q4m.backends.wakeup import wait_statement
 from sqlalchemy_q4m.backends.wakeup import wait_tag
 from sqlalchemy_q4m.exc import Q4MError
@@ -84,7 +84,7 @@ def test_wait_statement_is_tagged_guarded_and_out_of_the_slow_log() -> None:
 def test_tag_and_like_pattern() -> None:
     subs = subscriptions([jobs, other])
     assert wait_tag(subs, mariadb()) == "/* q4m:wait db.tn_jobs db.tn_other */"
-    assert _like_pattern(subs[1], mariadb()) == "/* q4m:wait% db.tn!_other %"
+    assert like_pattern(subs[1], mariadb()) == "/* q4m:wait% db.tn!_other %"
     odd = mariadb()
     odd.default_schema_name = "odd */ db"  # table names are validated; database names not
     tag = wait_tag(subs, odd)
@@ -371,6 +371,8 @@ def test_cli_listen_option(
     monkeypatch: pytest.MonkeyPatch, argv: list[str], env: str | None, expected: float
 ) -> None:
     from sqlalchemy_q4m.cli import commands as cli
+    from sqlalchemy_q4m.cli import parser
+    from sqlalchemy_q4m.cli import workers as cli_workers
 
     if env is not None:
         monkeypatch.setenv("Q4M_LISTEN", env)
@@ -380,11 +382,11 @@ def test_cli_listen_option(
         seen.append(dict(config.job_options))
         return type("R", (), {"code": 0})()
 
-    monkeypatch.setattr(cli, "run_workers", fake_run_workers)
+    monkeypatch.setattr(cli_workers, "run_workers", fake_run_workers)
     assert cli.main(["worker", "--status", "never", *argv, "mod:Job"]) == 0
     assert seen == [{"listen": expected}]
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
+        parser.build_parser().parse_args(["worker", "--listen", "0", "mod:Job"])
 
 
 @pytest.mark.integration

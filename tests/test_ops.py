@@ -1,4 +1,4 @@
-"""The operations module (``sqlalchemy_q4m.ops.queries``) and the worker registry, on both backends:
+"""The operations module (``sqlalchemy_q4m.ops``) and the worker registry, on both backends:
 counts, jobs, dead letters, workers and throughput, as ``q4m stats|workers`` and the dashboard
 read them."""
 
@@ -31,9 +31,9 @@ from worker_support import start_q4m
 from worker_support import stop
 from worker_support import wait_for
 
+from sqlalchemy_q4m import ops
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import QueueTableError
-from sqlalchemy_q4m.ops import queries as ops
 from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 from sqlalchemy_q4m.types import new_job_id
 from sqlalchemy_q4m.worker.deadletter import bury

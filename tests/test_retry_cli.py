@@ -143,7 +143,7 @@ def test_demo_runs_and_reuses_its_table_safely(db_url: URL, engine: Engine) -> N
         assert letter.queue == "trc_shell_jobs" and letter.attempts == 3
         assert "disk full" in letter.error
         with engine.begin() as conn:  # a table holding jobs is never run by the demo
-            from sqlalchemy_q4m.cli.commands import enqueue_rows
+            from sqlalchemy_q4m.ops import enqueue_rows
             from sqlalchemy_q4m.schema.reflect import reflect_queue_table
 
             enqueue_rows(conn, reflect_queue_table(conn, "trc_shell_jobs"), [{"command": "true"}])

@@ -37,15 +37,15 @@ from worker_support import stop
 from worker_support import wait_for
 
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.producer.schedule import SCHEDULES
-from sqlalchemy_q4m.producer.schedule import TICKS
-from sqlalchemy_q4m.producer.schedule import Schedule
-from sqlalchemy_q4m.producer.schedule import ScheduleError
+from sqlalchemy_q4m.producer.cron import Schedule
+from sqlalchemy_q4m.producer.cron import ScheduleError
 from sqlalchemy_q4m.producer.schedule import Scheduler
-from sqlalchemy_q4m.producer.schedule import ensure_schedule_tables
-from sqlalchemy_q4m.producer.schedule import fire_due
-from sqlalchemy_q4m.producer.schedule import list_schedules
 from sqlalchemy_q4m.producer.schedule import schedule_of
+from sqlalchemy_q4m.producer.ticks import SCHEDULES
+from sqlalchemy_q4m.producer.ticks import TICKS
+from sqlalchemy_q4m.producer.ticks import ensure_schedule_tables
+from sqlalchemy_q4m.producer.ticks import fire_due
+from sqlalchemy_q4m.producer.ticks import list_schedules
 from sqlalchemy_q4m.worker.job import Job
 
 UTC = dt.timezone.utc
@@ -418,7 +418,7 @@ def test_two_schedules_racing_for_one_q4m_source_both_register(
 ) -> None:
     """Scheduler B picked source 0 before A's row with source 0 committed: B's INSERT hits the
     (queue, srcid) unique key and must try the next source, not touch A's row."""
-    from sqlalchemy_q4m.producer import schedule as module
+    from sqlalchemy_q4m.producer import ticks as module
 
     suffix = uuid.uuid4().hex[:8]
     a, b = f"race-a-{suffix}", f"race-b-{suffix}"

@@ -32,14 +32,14 @@ from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.backends.listeners import anchor_for
+from sqlalchemy_q4m.backends.listeners import announce
 from sqlalchemy_q4m.backends.loading import dialect_cache
-from sqlalchemy_q4m.backends.wakeup import anchor_for
-from sqlalchemy_q4m.backends.wakeup import announce
 from sqlalchemy_q4m.backends.wakeup import listening_supported
 from sqlalchemy_q4m.types import new_job_id
 
-#: The module (``sqlalchemy_q4m.backends.wakeup`` the attribute is the function).
-notify_module = importlib.import_module("sqlalchemy_q4m.backends.wakeup")
+#: The module holding ``LISTENERS_RECHECK`` (``sqlalchemy_q4m.backends.listeners``).
+notify_module = importlib.import_module("sqlalchemy_q4m.backends.listeners")
 
 meta = MetaData()
 jobs = queue_table("tsc_jobs", meta, Column("n", Integer), Column("note", String(32)))

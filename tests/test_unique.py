@@ -30,10 +30,10 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.producer.unique import KEYS
+from sqlalchemy_q4m.backends.unique_keys import KEYS
+from sqlalchemy_q4m.backends.unique_keys import count_keys
 from sqlalchemy_q4m.producer.unique import Unique
 from sqlalchemy_q4m.producer.unique import UniqueKeyError
-from sqlalchemy_q4m.producer.unique import count_keys
 from sqlalchemy_q4m.schema.retry import retry_columns
 from sqlalchemy_q4m.worker.deadletter import dead_letter_table
 from sqlalchemy_q4m.worker.job import Job

@@ -28,8 +28,8 @@ from worker_support import start_q4m
 from worker_support import stop
 from worker_support import wait_for
 
+from sqlalchemy_q4m import ops
 from sqlalchemy_q4m.exc import Q4MError
-from sqlalchemy_q4m.ops import queries as ops
 from sqlalchemy_q4m.web import Auth
 from sqlalchemy_q4m.web import dashboard
 from sqlalchemy_q4m.web import serve

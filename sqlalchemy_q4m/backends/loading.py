@@ -136,7 +136,7 @@ class DriverSQL:
         try:
             return call(cursor, self.sql, params)
         except Exception as err:
-            wrapped = _dbapi_error(conn, err, self.sql, params, cursor)
+            wrapped = dbapi_error(conn, err, self.sql, params, cursor)
             if wrapped is None:
                 raise
             raise wrapped from err
@@ -179,7 +179,7 @@ def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
     try:
         return call(dbapi_conn)
     except Exception as err:
-        wrapped = _dbapi_error(conn, err, what, None, None)
+        wrapped = dbapi_error(conn, err, what, None, None)
         if wrapped is None:
             raise
         raise wrapped from err
@@ -188,7 +188,7 @@ def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
         raise
 
 
-def _dbapi_error(
+def dbapi_error(
     conn: Connection, err: Exception, sql: str, params: Any, cursor: Any
 ) -> StatementError | None:
     """``err`` (raised by the DBAPI on ``cursor``) as SQLAlchemy's ``DBAPIError`` class for

@@ -25,9 +25,6 @@ from sqlalchemy.engine import Dialect
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
-from ..producer.unique import claimed
-from ..producer.unique import ended
-from ..producer.unique import released
 from ..schema.functions import Subscription
 from ..schema.functions import queue_abort
 from ..schema.functions import queue_end
@@ -40,6 +37,9 @@ from .base import translate_errors
 from .loading import DriverSQL
 from .loading import dialect_cache
 from .loading import loader_for
+from .unique_keys import claimed
+from .unique_keys import ended
+from .unique_keys import released
 
 __all__ = ["NativeBackend"]
 

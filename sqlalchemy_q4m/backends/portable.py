@@ -21,7 +21,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from ..exc import UnsafeBind
-from ..producer.unique import ended
 from ..schema.functions import Subscription
 from ..server import BackendName
 from .base import LOCK_WAIT_TIMEOUT
@@ -34,6 +33,7 @@ from .base import error_code
 from .base import translate_errors
 from .loading import claim_statement
 from .loading import loader_for
+from .unique_keys import ended
 
 __all__ = [
     "PortableBackend",

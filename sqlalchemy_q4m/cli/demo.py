@@ -37,8 +37,8 @@ from sqlalchemy.pool import NullPool
 
 from ..backends.base import error_code
 from ..exc import Q4MError
-from ..ops.queries import dead_letters
-from ..ops.queries import enqueue_rows
+from ..ops import dead_letters
+from ..ops import enqueue_rows
 from ..schema.ddl import queue_table
 from ..schema.ddl import validate_name
 from ..schema.reflect import reflect_queue_table

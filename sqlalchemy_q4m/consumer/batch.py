@@ -75,13 +75,13 @@ from ..backends.loading import loader_for
 from ..backends.portable import begin_read_committed
 from ..backends.portable import check_isolation
 from ..backends.portable import retry_lock_wait
+from ..backends.unique_keys import ended_many
 from ..backends.wakeup import listen_wait
 from ..backends.wakeup import listening_supported
 from ..exc import CompletionFailed
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..exc import QueueAbort
-from ..producer.unique import ended_many
 from ..schema.functions import Subscription
 from ..schema.functions import subscriptions
 from ..server import BackendName

@@ -48,190 +48,42 @@ from collections.abc import Iterable
 from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field
 from typing import Any
-from typing import Literal
-from zoneinfo import ZoneInfo
-from zoneinfo import ZoneInfoNotFoundError
 
-from cronsim import CronSim
-from cronsim import CronSimError
-from sqlalchemy import Column
 from sqlalchemy import Connection
 from sqlalchemy import Engine
-from sqlalchemy import Integer
-from sqlalchemy import MetaData
-from sqlalchemy import PrimaryKeyConstraint
-from sqlalchemy import String
-from sqlalchemy import Table
-from sqlalchemy import UniqueConstraint
-from sqlalchemy import delete
-from sqlalchemy import func
-from sqlalchemy import insert
-from sqlalchemy import inspect
 from sqlalchemy import select
-from sqlalchemy import update
-from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.schema import CreateTable
 
-from ..backends.wakeup import notify_committed
+from ..backends.notify import notify_committed
 from ..exc import Q4MError
 from ..schema.ddl import validate_name
-from ..schema.functions import queue_set_srcid
 from ..schema.reflect import reflect_queue_table
 from ..schema.reflect import table_name_for
 from ..server import BackendName
 from ..server import detect_backend
-from .enqueue import enqueue
+from .cron import Schedule
+from .cron import ScheduleError
+from .cron import utc_naive
+from .ticks import SCHEDULES
+from .ticks import ensure_schedule_tables
+from .ticks import fire_due
+from .ticks import prune_ticks
+from .ticks import queue_name
 
 __all__ = [
-    "SCHEDULES_TABLE",
-    "TICKS_TABLE",
     "Schedule",
     "ScheduleError",
-    "ScheduleState",
     "Scheduler",
     "SchedulerThread",
-    "ensure_schedule_tables",
-    "fire_due",
-    "list_schedules",
     "schedule_of",
-    "schedule_tables",
     "schedules_of",
 ]
 
 logger = logging.getLogger("sqlalchemy_q4m.schedule")
 
-SCHEDULES_TABLE = "q4m_schedules"
-TICKS_TABLE = "q4m_schedule_ticks"
-#: Q4M's relay sources (``queue_set_srcid``'s first argument is 0..63).
-MAX_SOURCES = 64
-#: Ticks enqueued per transaction at most (a long on-time window is worked off in turns).
-MAX_TICKS_PER_TURN = 1000
 #: Longest pause of a scheduler between two looks at its schedules.
 MAX_SLEEP = 1.0
-#: Tick rows older than this are deleted (``last_tick`` is what guards exactly once).
-KEEP_TICKS = dt.timedelta(days=7)
-
-Missed = Literal["once", "skip"]
-_EPOCH = dt.datetime(1970, 1, 1)
-
-
-class ScheduleError(Q4MError, ValueError):
-    """This schedule cannot be used: bad cron expression, interval, time zone or policy."""
-
-
-def _utc_naive(value: dt.datetime) -> dt.datetime:
-    if value.tzinfo is None:
-        return value
-    return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """One recurring job: ``name`` (unique across schedulers), the queue ``target`` (model,
-    Table, or table name), ``every`` (cron text or a ``timedelta``), and ``payload(tick)``
-    (the row to enqueue; ``tick`` is a UTC-aware datetime)."""
-
-    name: str
-    target: Any
-    every: str | dt.timedelta
-    payload: Callable[[dt.datetime], Mapping[str, Any]] | None = None
-    timezone: str | None = None
-    missed: Missed = "once"
-    grace: float = 60.0
-    _zone: dt.tzinfo = field(default=dt.timezone.utc, init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not 0 < len(self.name) <= 191:
-            raise ScheduleError(f"a schedule name is 1 to 191 characters, not {self.name!r}")
-        if self.missed not in ("once", "skip"):
-            raise ScheduleError(f"schedule_missed is 'once' or 'skip', not {self.missed!r}")
-        if isinstance(self.grace, bool) or not isinstance(self.grace, int | float):
-            raise ScheduleError(f"schedule_grace is a number of seconds, not {self.grace!r}")
-        if self.grace < 0:
-            raise ScheduleError(f"schedule_grace must be >= 0, not {self.grace!r}")
-        zone: dt.tzinfo = dt.timezone.utc
-        if self.timezone is not None:
-            try:
-                zone = ZoneInfo(self.timezone)
-            except (ZoneInfoNotFoundError, ValueError) as err:
-                raise ScheduleError(f"unknown time zone {self.timezone!r}") from err
-        object.__setattr__(self, "_zone", zone)
-        every = self.every
-        if isinstance(every, dt.timedelta):
-            if every < dt.timedelta(seconds=1):
-                raise ScheduleError(f"a schedule interval is at least 1 second, not {every!r}")
-            if every.microseconds:
-                raise ScheduleError(f"a schedule interval is whole seconds, not {every!r}")
-        elif isinstance(every, str):
-            try:
-                CronSim(every, dt.datetime(2000, 1, 1, tzinfo=zone))
-            except CronSimError as err:
-                raise ScheduleError(f"bad cron expression {every!r}: {err}") from err
-        else:
-            raise ScheduleError(f"schedule is cron text or a timedelta, not {every!r}")
-
-    @property
-    def spec(self) -> str:
-        """The schedule as text: the cron expression, or ``every 30s``."""
-        if isinstance(self.every, dt.timedelta):
-            return f"every {int(self.every.total_seconds())}s"
-        return self.every + (f" ({self.timezone})" if self.timezone else "")
-
-    def next_after(self, moment: dt.datetime) -> dt.datetime:
-        """The first tick strictly after ``moment`` (naive UTC in, naive UTC out)."""
-        if isinstance(self.every, dt.timedelta):
-            step = int(self.every.total_seconds())
-            seconds = (moment - _EPOCH) // dt.timedelta(seconds=1)
-            return _EPOCH + dt.timedelta(seconds=(seconds // step + 1) * step)
-        start = moment.replace(tzinfo=dt.timezone.utc).astimezone(self._zone)
-        return _utc_naive(next(CronSim(self.every, start)))
-
-    def last_at_or_before(self, moment: dt.datetime) -> dt.datetime | None:
-        """The latest tick at or before ``moment`` (naive UTC), None if there is none."""
-        if isinstance(self.every, dt.timedelta):
-            step = int(self.every.total_seconds())
-            seconds = (moment - _EPOCH) // dt.timedelta(seconds=1)
-            return _EPOCH + dt.timedelta(seconds=seconds // step * step)
-        start = (moment + dt.timedelta(microseconds=1)).replace(tzinfo=dt.timezone.utc)
-        try:
-            return _utc_naive(next(CronSim(self.every, start.astimezone(self._zone), reverse=True)))
-        except StopIteration:  # pragma: no cover - cronsim gives up on impossible dates
-            return None
-
-    def due(
-        self, anchor: dt.datetime, now: dt.datetime, first: bool
-    ) -> tuple[list[dt.datetime], dt.datetime]:
-        """The ticks to enqueue after ``anchor`` (exclusive; inclusive when ``first``) up to
-        ``now``, and the new anchor (the latest tick considered, enqueued or skipped)."""
-        floor = anchor - dt.timedelta(microseconds=1) if first else anchor
-        on_time_from = now - dt.timedelta(seconds=self.grace)
-        ticks: list[dt.datetime] = []
-        newest = anchor
-        missed = self.last_at_or_before(on_time_from - dt.timedelta(microseconds=1))
-        if missed is not None and missed > floor:
-            if self.missed == "once":
-                ticks.append(missed)
-            newest = floor = missed
-        tick = self.next_after(max(floor, on_time_from - dt.timedelta(microseconds=1)))
-        while tick <= now and len(ticks) < MAX_TICKS_PER_TURN:
-            ticks.append(tick)
-            newest = tick
-            tick = self.next_after(tick)
-        return ticks, newest
-
-    def row_for(self, tick: dt.datetime) -> dict[str, Any]:
-        """The row to enqueue for ``tick`` (naive UTC): ``payload(tick as UTC-aware)``."""
-        if self.payload is None:
-            return {}
-        row = self.payload(tick.replace(tzinfo=dt.timezone.utc))
-        if not isinstance(row, Mapping):
-            raise ScheduleError(f"schedule {self.name!r}: schedule_payload returned {row!r:.60}")
-        return dict(row)
 
 
 def schedule_of(job_class: type[Any], bind: Engine | Connection | None = None) -> Schedule | None:
@@ -291,209 +143,6 @@ def schedules_of(
     return found
 
 
-# -- tables -------------------------------------------------------------------------------------
-
-
-def schedule_tables(metadata: MetaData | None = None) -> tuple[Table, Table]:
-    """``q4m_schedules`` (one row per schedule) and ``q4m_schedule_ticks`` (one per tick),
-    both InnoDB."""
-    metadata = metadata if metadata is not None else MetaData()
-    options: dict[str, Any] = {
-        "mysql_engine": "InnoDB",
-        "mariadb_engine": "InnoDB",
-        "mysql_charset": "utf8mb4",
-        "mariadb_charset": "utf8mb4",
-    }
-    schedules = Table(
-        SCHEDULES_TABLE,
-        metadata,
-        Column("name", String(191), primary_key=True),
-        Column("queue", String(64), nullable=False),
-        Column("spec", String(255), nullable=False),
-        Column("srcid", Integer, nullable=True),
-        Column("created_at", DATETIME(fsp=6), nullable=False),
-        Column("last_tick", DATETIME(fsp=6), nullable=True),
-        Column("next_tick", DATETIME(fsp=6), nullable=True),
-        Column("fired", Integer, nullable=False, default=0),
-        UniqueConstraint("queue", "srcid", name="q4m_schedules_srcid"),
-        **options,
-    )
-    ticks = Table(
-        TICKS_TABLE,
-        metadata,
-        Column("schedule", String(191), nullable=False),
-        Column("tick", DATETIME(fsp=6), nullable=False),
-        Column("job_id", String(36), nullable=False),
-        Column("enqueued_at", DATETIME(fsp=6), nullable=False),
-        PrimaryKeyConstraint("schedule", "tick"),
-        **options,
-    )
-    return schedules, ticks
-
-
-SCHEDULES, TICKS = schedule_tables()
-
-
-def ensure_schedule_tables(conn: Connection) -> None:
-    """``CREATE TABLE IF NOT EXISTS`` both tables (safe when many schedulers start); commits."""
-    began = not conn.in_transaction()
-    for table in (SCHEDULES, TICKS):
-        conn.execute(CreateTable(table, if_not_exists=True))
-    if began:
-        conn.commit()
-
-
-# -- one turn -----------------------------------------------------------------------------------
-
-
-def _now(conn: Connection) -> dt.datetime:
-    """The server's clock (UTC): every scheduler, on any machine, agrees on it."""
-    value = conn.execute(select(func.utc_timestamp(6))).scalar()
-    if isinstance(value, str):  # pragma: no cover - drivers that return text
-        value = dt.datetime.fromisoformat(value)
-    assert isinstance(value, dt.datetime)
-    return value
-
-
-def _queue_name(schedule: Schedule) -> str:
-    target = schedule.target
-    if isinstance(target, str):
-        return target
-    if isinstance(target, Table):
-        return target.name
-    return str(target.__table__.name)
-
-
-def _free_source(conn: Connection, queue: str) -> int:
-    """The lowest Q4M relay source no schedule of ``queue`` uses."""
-    used = set(
-        conn.execute(
-            select(SCHEDULES.c.srcid).where(
-                SCHEDULES.c.queue == queue, SCHEDULES.c.srcid.is_not(None)
-            )
-        ).scalars()
-    )
-    free = [n for n in range(MAX_SOURCES) if n not in used]
-    if not free:
-        conn.rollback()
-        raise ScheduleError(
-            f"queue table {queue!r} has {MAX_SOURCES} schedules already: Q4M has "
-            f"{MAX_SOURCES} relay sources per table (queue_set_srcid)"
-        )
-    return free[0]
-
-
-def _register(conn: Connection, schedule: Schedule, now: dt.datetime, native: bool) -> None:
-    """Insert the schedule's row if it is missing (commits); on Q4M give it a free source."""
-    queue = _queue_name(schedule)
-    for _ in range(MAX_SOURCES + 1):
-        srcid = _free_source(conn, queue) if native else None
-        try:  # a plain INSERT: an upsert would also "update" the row holding that source
-            conn.execute(
-                insert(SCHEDULES).values(
-                    name=schedule.name,
-                    queue=queue,
-                    spec=schedule.spec,
-                    srcid=srcid,
-                    created_at=now,
-                    fired=0,
-                )
-            )
-            conn.commit()
-            return
-        except IntegrityError:  # another scheduler registered it, or took that source
-            conn.rollback()
-        if conn.execute(select(SCHEDULES.c.name).where(SCHEDULES.c.name == schedule.name)).first():
-            conn.rollback()
-            return
-    raise ScheduleError(f"could not register schedule {schedule.name!r}")  # pragma: no cover
-
-
-def fire_due(
-    conn: Connection,
-    schedule: Schedule,
-    target: Any,
-    backend: BackendName,
-) -> list[dt.datetime]:
-    """One turn for one schedule on ``conn`` (no transaction open): lock its row, enqueue the
-    due ticks' jobs into ``target`` (a model or Table), record them, commit.  Returns the
-    ticks enqueued.  See the module docstring for why this is exactly once."""
-    native = backend == "native"
-    queue = _queue_name(schedule)
-    now = _now(conn)
-    row = conn.execute(
-        select(SCHEDULES).where(SCHEDULES.c.name == schedule.name).with_for_update()
-    ).first()
-    if row is None:
-        conn.rollback()
-        _register(conn, schedule, now, native)
-        now = _now(conn)
-        row = conn.execute(
-            select(SCHEDULES).where(SCHEDULES.c.name == schedule.name).with_for_update()
-        ).one()
-    srcid = row.srcid
-    changes: dict[str, Any] = {}
-    if row.spec != schedule.spec:
-        changes["spec"] = schedule.spec
-    if row.queue != queue or (native and srcid is None):
-        # a new queue table (or a server that became Q4M): a source free on that table;
-        # a race for it fails on the unique key and the next turn tries again
-        changes["queue"] = queue
-        srcid = changes["srcid"] = _free_source(conn, queue) if native else None
-    first = row.last_tick is None
-    anchor = row.created_at if first else row.last_tick
-    ticks, newest = schedule.due(anchor, now, first)
-    for tick in ticks:
-        values = schedule.row_for(tick)
-        if native:
-            rowid = (tick - _EPOCH) // dt.timedelta(microseconds=1)
-            conn.execute(select(queue_set_srcid(srcid, "a", rowid)))
-        (job_id,) = enqueue(conn, target, [values], notify=False)
-        conn.execute(
-            TICKS.insert().values(
-                schedule=schedule.name, tick=tick, job_id=str(job_id), enqueued_at=now
-            )
-        )
-    if newest != anchor:
-        changes["last_tick"] = newest
-    changes["next_tick"] = schedule.next_after(max(newest, now))
-    if ticks:
-        changes["fired"] = SCHEDULES.c.fired + len(ticks)
-    conn.execute(update(SCHEDULES).where(SCHEDULES.c.name == schedule.name).values(changes))
-    conn.commit()
-    return ticks
-
-
-@dataclass(frozen=True)
-class ScheduleState:
-    """A schedule's row as ``q4m schedule list`` shows it."""
-
-    name: str
-    queue: str
-    spec: str
-    srcid: int | None
-    created_at: dt.datetime
-    last_tick: dt.datetime | None
-    next_tick: dt.datetime | None
-    fired: int
-
-
-def list_schedules(conn: Connection) -> list[ScheduleState]:
-    """Every schedule's state (empty when no scheduler ever ran)."""
-    if not inspect(conn).has_table(SCHEDULES_TABLE):
-        return []
-    rows = conn.execute(select(SCHEDULES).order_by(SCHEDULES.c.name)).all()
-    return [ScheduleState(**row._asdict()) for row in rows]
-
-
-def prune_ticks(conn: Connection, keep: dt.timedelta = KEEP_TICKS) -> int:
-    """Delete tick rows older than ``keep`` (by the server's clock); commits."""
-    cutoff = _now(conn) - keep
-    result = conn.execute(delete(TICKS).where(TICKS.c.tick < cutoff))
-    conn.commit()
-    return int(result.rowcount)
-
-
 # -- the loop -----------------------------------------------------------------------------------
 
 
@@ -514,7 +163,7 @@ class Scheduler:
         if len(set(names)) != len(names):
             raise ScheduleError(f"two schedules share a name: {sorted(names)}")
         for schedule in schedules:
-            validate_name(_queue_name(schedule))
+            validate_name(queue_name(schedule))
         self.engine = engine
         self.schedules = list(schedules)
         self.backend = backend
@@ -625,7 +274,7 @@ class Scheduler:
                 continue
             pause = MAX_SLEEP
             if soonest is not None:
-                now = _utc_naive(dt.datetime.now(dt.timezone.utc))
+                now = utc_naive(dt.datetime.now(dt.timezone.utc))
                 pause = min(MAX_SLEEP, max(0.01, (soonest - now).total_seconds()))
             # a little jitter: schedulers started together do not queue on the row lock
             self._pause(pause + random.uniform(0, 0.05))

@@ -6,6 +6,8 @@ each row naming the job that holds it.  A key is **held** while its job is in th
 (waiting or running) and **free** otherwise; a worker deletes the key when the job ends or is
 dead-lettered, and a retry moves it to the retry's copy.  A key left behind (a crash after the
 job ended) is recognized at the next enqueue because its job is gone, so it never blocks.
+The table and the worker's side (what the backends do to a key around a job they own) are
+:mod:`sqlalchemy_q4m.backends.unique_keys`; this module is the enqueuer's side.
 
 * **portable**: the key and the job commit in one transaction (the enqueuer's); a worker's
   ``DELETE`` of the key commits with the job's removal.  "Is the job still there" is a plain
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,66 +38,44 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Column
 from sqlalchemy import Connection
 from sqlalchemy import Engine
-from sqlalchemy import Index
-from sqlalchemy import MetaData
-from sqlalchemy import PrimaryKeyConstraint
-from sqlalchemy import String
 from sqlalchemy import Table
-from sqlalchemy import delete
 from sqlalchemy import func
 from sqlalchemy import insert
-from sqlalchemy import inspect
 from sqlalchemy import literal
 from sqlalchemy import select
 from sqlalchemy import update
-from sqlalchemy.dialects.mysql import DATETIME
 from sqlalchemy.dialects.mysql import insert as mysql_insert
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import Session
-from sqlalchemy.schema import CreateTable
 
 from ..backends.base import RETRYABLE
 from ..backends.base import error_code
-from ..backends.loading import dialect_cache
-from ..backends.wakeup import notify_committed
+from ..backends.notify import notify_committed
+from ..backends.unique_keys import KEYS
+from ..backends.unique_keys import ensure_keys_table
+from ..backends.unique_keys import job_lock_name
 from ..exc import Q4MError
 from ..schema.ddl import JOB_ID
 from ..schema.functions import subscriptions
 from ..schema.retry import RUN_AT
 from ..server import detect_backend
 from ..types import new_job_id
+from .rows import group_rows
+from .rows import shape_for
 
 __all__ = [
-    "KEYS_TABLE",
     "RECHECK",
     "Unique",
     "UniqueKeyError",
-    "claimed",
-    "count_keys",
-    "ended",
-    "ended_many",
     "enqueue_unique",
-    "job_id_of",
-    "job_lock_name",
-    "key_moved",
-    "keys_table",
-    "refresh",
-    "released",
 ]
 
-KEYS_TABLE = "q4m_unique_keys"
 #: Seconds an enqueuer waits before it frees a Q4M key whose job is neither visible nor locked.
 RECHECK = 0.2
-#: Seconds a worker waits for the enqueuer's lock on a job it has just claimed (Q4M).
-CLAIM_LOCK_WAIT = 10
 #: Times an Engine-bound portable enqueue is tried again after a deadlock or lock-wait timeout.
 RETRIES = 5
-#: How long "the keys table does not exist" is believed before looking again.
-ABSENT_TTL = 5.0
 
 Bind = Engine | Connection | Session
 
@@ -113,89 +92,6 @@ class Unique:
     key: str
     job_id: uuid.UUID
     enqueued: bool
-
-
-def keys_table(metadata: MetaData | None = None) -> Table:
-    """``q4m_unique_keys``: one row per held key, naming its job (InnoDB)."""
-    return Table(
-        KEYS_TABLE,
-        metadata if metadata is not None else MetaData(),
-        Column("queue", String(64), nullable=False),
-        Column("unique_key", String(191), nullable=False),
-        Column("job_id", String(36), nullable=False),
-        Column("created_at", DATETIME(fsp=6), nullable=False),
-        PrimaryKeyConstraint("queue", "unique_key"),
-        Index("q4m_unique_keys_job", "job_id"),
-        mysql_engine="InnoDB",
-        mariadb_engine="InnoDB",
-        mysql_charset="utf8mb4",
-        mariadb_charset="utf8mb4",
-    )
-
-
-KEYS = keys_table()
-
-_known_lock = threading.Lock()
-
-
-def _known(conn: Connection) -> dict[str, float]:
-    """Per engine (kept on its dialect, so it lives as long as the engine): under ``seen``,
-    the monotonic time the keys table was seen missing (``inf``: it exists)."""
-    return dialect_cache(conn.dialect, "unique_keys_table")
-
-
-def _exists(conn: Connection) -> bool:
-    """Whether the keys table exists (remembered per engine; "missing" for ABSENT_TTL s)."""
-    seen = _known(conn).get("seen")
-    now = time.monotonic()
-    if seen == float("inf"):
-        return True
-    if seen is not None and now - seen < ABSENT_TTL:
-        return False
-    exists = bool(inspect(conn).has_table(KEYS_TABLE))
-    with _known_lock:
-        _known(conn)["seen"] = float("inf") if exists else now
-    return exists
-
-
-NO_SUCH_TABLE = 1146
-
-
-def _hook(conn: Connection, stmt: Any) -> Any:
-    """Run a worker-side statement on the keys table; a table dropped since it was seen makes
-    it a no-op (and is looked for again later), never a failed job."""
-    try:
-        return conn.execute(stmt)
-    except ProgrammingError as err:
-        if error_code(err) != NO_SUCH_TABLE:
-            raise
-        with _known_lock:
-            _known(conn)["seen"] = time.monotonic()
-        return None
-
-
-def refresh(conn: Connection) -> bool:
-    """Look for the keys table now (a worker does when it connects, before any claim, so the
-    statements of a job carry no look-up); whether it exists."""
-    with _known_lock:
-        _known(conn).pop("seen", None)
-    return _exists(conn)
-
-
-def _ensure(conn: Connection) -> None:
-    """Create the keys table when it is missing, on a connection of its own (DDL commits)."""
-    if _exists(conn):
-        return
-    with conn.engine.connect() as ddl:
-        ddl.execute(CreateTable(KEYS, if_not_exists=True))
-        ddl.commit()
-    with _known_lock:
-        _known(conn)["seen"] = float("inf")
-
-
-def job_lock_name(job_id: Any) -> str:
-    """The named lock (``GET_LOCK``) a Q4M job holding a key is protected by."""
-    return f"q4m_job:{job_id}"
 
 
 def _now() -> dt.datetime:
@@ -229,17 +125,14 @@ def enqueue_unique(
     Binds as in :func:`~sqlalchemy_q4m.enqueue`: an Engine commits (and notifies); on the
     portable backend a Connection or Session joins its transaction (the caller commits).  On
     Q4M each key is settled in a transaction of its own on its own connection."""
-    from .enqueue import _groups
-    from .enqueue import _shape_for
-
     (sub,) = subscriptions([target])
     table = sub.table
-    shape = _shape_for(target, table)
+    shape = shape_for(target, table)
     if not isinstance(bind, Engine | Connection | Session):
         raise Q4MError(f"enqueue needs an Engine, a Connection or a Session, not {bind!r}")
     if delay is not None and shape.run_at is None:
         raise Q4MError(f"delay needs a {RUN_AT!r} column, which {table.name!r} lacks")
-    groups = _groups(shape, rows, delay is not None)
+    groups = group_rows(shape, rows, delay is not None)
     items: list[dict[str, Any]] = []
     for group in groups:
         for row in group.rows:
@@ -261,10 +154,10 @@ def enqueue_unique(
         assert isinstance(bind, Engine)
         with bind.connect() as probe:
             backend = detect_backend(probe)
-            _ensure(probe)
+            ensure_keys_table(probe)
     else:
         backend = detect_backend(conn)
-        _ensure(conn)
+        ensure_keys_table(conn)
     order = sorted(range(len(items)), key=lambda i: keys[i])  # one lock order: no deadlock
     results: dict[int, Unique] = {}
     if backend == "native":
@@ -376,89 +269,3 @@ def _native_one(conn: Connection, table: Table, key: str, values: dict[str, Any]
         if conn.in_transaction():
             conn.rollback()
     return Unique(key, job_id, True)
-
-
-# -- the worker's side ---------------------------------------------------------------------------
-# Called by the backends around a job they own.  Each is a no-op while no keys table exists.
-
-_HELD = "q4m_unique_lock"  # conn.info: the job id whose named lock this connection holds
-
-
-def job_id_of(key: tuple[Any, ...]) -> uuid.UUID | None:
-    """A claimed job's id from its key as the driver sends it (16 bytes, or a UUID)."""
-    if len(key) != 1:
-        return None
-    value = key[0]
-    if isinstance(value, uuid.UUID):
-        return value
-    if isinstance(value, bytes | bytearray) and len(value) == 16:
-        return uuid.UUID(bytes=bytes(value))
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        return None
-
-
-def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
-    """Q4M, right after ``queue_wait`` owned a job: take its named lock if it holds a key (one
-    statement: the lock is taken only when the key row exists).  Nothing is committed."""
-    job_id = job_id_of(key)
-    if job_id is None or not _exists(conn):
-        return
-    name = job_lock_name(job_id)
-    result = _hook(
-        conn,
-        select(func.get_lock(name, CLAIM_LOCK_WAIT)).where(
-            KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)
-        ),
-    )
-    if result is not None and result.scalar() == 1:
-        conn.info[_HELD] = name
-
-
-def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
-    """The job was removed (done or dead-lettered): delete its key in the transaction the
-    queue session commits next (portable: with the job's ``DELETE``; Q4M: after
-    ``queue_end``), then release the job's named lock (Q4M).  Until that commit the key row's
-    InnoDB lock keeps an enqueuer of the same key waiting."""
-    job_id = job_id_of(key)
-    if job_id is not None and _exists(conn):
-        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
-    released(conn)
-
-
-def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) -> None:
-    """:func:`ended` for the jobs of a portable batch, in its transaction (one ``DELETE``)."""
-    ids = [str(i) for key in keys if (i := job_id_of(key)) is not None]
-    if ids and _exists(conn):
-        _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
-
-
-def released(conn: Connection) -> None:
-    """Q4M: release the named lock of the job this connection owned (it was ended, or went
-    back to the queue, where it is visible again)."""
-    name = conn.info.pop(_HELD, None)
-    if name is not None:
-        conn.execute(select(func.release_lock(name)))
-
-
-def key_moved(conn: Connection, table: Table, old: Any, new: Any) -> None:
-    """A retry copies the job under a new id: its key follows (in the caller's transaction)."""
-    if not _exists(conn):
-        return
-    _hook(
-        conn,
-        update(KEYS)
-        .where(KEYS.c.queue == table.name, KEYS.c.job_id == str(old))
-        .values(job_id=str(new)),
-    )
-
-
-def count_keys(conn: Connection, queue: str) -> int:
-    """How many keys ``queue`` holds (0 without a keys table)."""
-    if not inspect(conn).has_table(KEYS_TABLE):
-        return 0
-    return int(
-        conn.execute(select(func.count()).select_from(KEYS).where(KEYS.c.queue == queue)).scalar()
-        or 0
-    )

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection
 
-from ..ops import queries as ops
+from .. import ops
 from ..worker.deadletter import DEAD_LETTER_TABLE
 from ..worker.metrics import prometheus
 from ..worker.registry import DEFAULT_STALE_AFTER

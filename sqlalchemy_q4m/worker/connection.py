@@ -20,8 +20,8 @@ from sqlalchemy import func
 from sqlalchemy import inspect
 from sqlalchemy import select
 
+from ..backends.unique_keys import refresh as refresh_unique_keys
 from ..exc import Q4MError
-from ..producer.unique import refresh as refresh_unique_keys
 from ..schema.retry import RUN_AT
 from ..server import BackendName
 from ..server import detect_backend

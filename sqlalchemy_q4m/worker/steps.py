@@ -14,8 +14,8 @@ from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 
 from ..backends.loading import Unloadable
+from ..backends.unique_keys import key_moved
 from ..exc import ConnectionLost
-from ..producer.unique import key_moved
 from ..schema.ddl import JOB_ID
 from ..schema.retry import ATTEMPTS
 from ..schema.retry import RUN_AT
