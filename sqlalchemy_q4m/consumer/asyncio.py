@@ -13,11 +13,12 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 ``bind`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
 :class:`~sqlalchemy.ext.asyncio.AsyncConnection` or
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
-do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses);
-only the portable backend's poll loop lives here, so it sleeps with :func:`asyncio.sleep` and
-never blocks the event loop (with ``listen`` it awaits the wait in the server instead, like any
-query).  Q4M's ``queue_wait`` blocks in the server, which an async driver
-awaits like any other query.
+do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses),
+and both run the same :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only
+performs its steps with awaits, so it polls on the same fixed schedule, sleeping with
+:func:`asyncio.sleep` and never blocking the event loop (with ``listen`` it awaits the wait in
+the server instead, like any query).  Q4M's ``queue_wait`` blocks in the server, which an async
+driver awaits like any other query.
 
 Cancellation: a task cancelled while it waits has its connection invalidated (closed), so a
 row it may have just been given goes back to the queue; a task cancelled inside the block
@@ -63,11 +64,19 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..backends import Backend
 from ..exc import Q4MError
-from .session import POLL_INTERVAL
+from .lifecycle import POLL_INTERVAL
+from .lifecycle import Step
+from .lifecycle import Where
 from .session import QueueSession
-from .session import Where
 
-__all__ = ["AsyncBind", "AsyncQueueSession", "async_queue_session", "async_queue_sessionmaker"]
+__all__ = [
+    "AsyncBind",
+    "AsyncQueueSession",
+    "GreenletQueueSession",
+    "async_queue_session",
+    "async_queue_sessionmaker",
+    "run_to_completion",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,8 +107,8 @@ async def run_to_completion(call: Callable[[], Awaitable[R]]) -> R:
     return result
 
 
-class _GreenletQueueSession(QueueSession[Any]):
-    """The sync queue session an :class:`AsyncQueueSession` drives call by call, on the sync
+class GreenletQueueSession(QueueSession[Any]):
+    """The sync queue session an :class:`AsyncQueueSession` drives step by step, on the sync
     side of an async bind; its ORM session is the sync half of an :class:`AsyncSession`."""
 
     def __init__(self, *targets: Any, async_bind: AsyncBind, **options: Any) -> None:
@@ -119,16 +128,9 @@ class _GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
 
-    def timed_out(self) -> None:
-        """Nothing arrived: close what the wait began and hand the connection back."""
-        self._finish_transaction(commit=False)
-        self._release()
 
-    def release_broken(self) -> None:
-        """After a failed or cancelled wait: invalidate the connection (so a row it may own
-        goes back to the queue) and release everything, unless that is done already."""
-        if self._state != "done":
-            self._release(broken=True)
+#: The former name, kept for one release of the worker's imports.
+_GreenletQueueSession = GreenletQueueSession
 
 
 def _sync_bind(bind: Any) -> Any:
@@ -164,7 +166,7 @@ class AsyncQueueSession(Generic[T]):
         listen: float | None = None,
     ) -> None:
         self.bind = bind
-        self._sync = _GreenletQueueSession(
+        self._sync = GreenletQueueSession(
             *targets,
             async_bind=bind,
             where=where,
@@ -180,6 +182,13 @@ class AsyncQueueSession(Generic[T]):
         self.listen = listen
 
     # -- public API -------------------------------------------------------------------------
+
+    @property
+    def sync_session(self) -> GreenletQueueSession:
+        """The sync queue session this one drives (as ``AsyncSession.sync_session``): its
+        job, its settings (``accept_unloadable``) and its ORM session, for code that runs in
+        the greenlet (``run_sync``, the asyncio worker's steps)."""
+        return self._sync
 
     @property
     def job(self) -> T | None:
@@ -217,29 +226,36 @@ class AsyncQueueSession(Generic[T]):
         return await self.session.connection()
 
     async def wait(self) -> T | None:
-        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout."""
+        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout.
+
+        The awaiting driver of :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: the
+        same steps as :meth:`QueueSession.wait`, each database call in the greenlet, each
+        pause an :func:`asyncio.sleep`."""
         sync = self._sync
-        if sync._state != "new":
-            raise Q4MError("a QueueSession waits once; make a new one for the next job")
+        life = sync.life
+        life.check_idle()
         try:
             backend = await greenlet_spawn(sync._setup)
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            action = sync._start(backend)
             while True:
-                remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                if await greenlet_spawn(sync._attempt, backend, remaining):
+                step = action.step
+                if step is Step.CLAIM:
+                    action = await greenlet_spawn(sync._attempt, backend, action.seconds)
+                elif step is Step.OWN:
                     return self.job
-                if deadline is not None and time.monotonic() >= deadline:
+                elif step is Step.GIVE_UP:
                     break
-                if not backend.blocking and sync._listening():
-                    await greenlet_spawn(sync._listen, deadline)  # awaited in the server
-                elif not backend.blocking:
-                    left = self.poll_interval if deadline is None else deadline - time.monotonic()
-                    await self._pause(max(0.0, min(self.poll_interval, left)))
+                else:
+                    if step is Step.LISTEN:
+                        await greenlet_spawn(sync._listen, action.seconds)  # in the server
+                    else:
+                        await self._pause(action.seconds)
+                    action = life.paused(time.monotonic())
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
-            await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
+            await run_to_completion(lambda: greenlet_spawn(sync._release_broken))
             raise
-        await run_to_completion(lambda: greenlet_spawn(sync.timed_out))
+        await run_to_completion(lambda: greenlet_spawn(sync._give_up))
         return None
 
     async def _pause(self, seconds: float) -> None:
@@ -248,7 +264,7 @@ class AsyncQueueSession(Generic[T]):
         try:
             await asyncio.sleep(seconds)
         except BaseException:
-            await run_to_completion(lambda: greenlet_spawn(self._sync.timed_out))
+            await run_to_completion(lambda: greenlet_spawn(self._sync._release_idle))
             raise
 
     async def end(self) -> None:
