@@ -39,11 +39,15 @@ Exact semantics on the portable backend (InnoDB + ``SKIP LOCKED``):
 On the native backend (Q4M) a connection owns one row at most, so a batch degrades to one job
 at a time: it holds at most one job, and ``end``/``abort`` call ``queue_end()`` /
 ``queue_abort()`` at once.
+
+This module keeps the batch's bookkeeping (which jobs are pending, ended, aborted); the
+portable transaction is :class:`~sqlalchemy_q4m.consumer.holding.BatchHold`, which talks to
+the :class:`~sqlalchemy_q4m.backends.base.Backend` only, and on Q4M the one job is a
+:class:`~sqlalchemy_q4m.consumer.session.QueueSession`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
@@ -53,23 +57,9 @@ from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from ..backends import Backend
 from ..backends import Claim
-from ..backends import get_backend
-from ..backends.base import RETRYABLE
-from ..backends.base import error_code
-from ..backends.base import give_up_connection
-from ..backends.base import is_conflict
-from ..backends.base import take_connection
-from ..backends.base import translate_errors
-from ..backends.loading import Unloadable
-from ..backends.wakeup import listen_wait
-from ..backends.wakeup import listening_supported
-from ..exc import CompletionFailed
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..exc import QueueAbort
@@ -78,9 +68,9 @@ from ..schema.functions import subscriptions
 from ..server import BackendName
 from .binding import backend_choice
 from .binding import resolve_backend
+from .holding import BatchHold
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Lifecycle
-from .lifecycle import Step
 from .lifecycle import Where
 from .lifecycle import check_wait_options
 from .session import QueueSession
@@ -134,13 +124,8 @@ class QueueBatch(Generic[T]):
         self._claims: dict[int, Claim] = {}  # id(job) -> its claim (portable backend)
         self._pending: set[int] = set()  # id(job) of the jobs neither ended nor aborted
         self._ended: list[Claim] = []
-        self._conn: Connection | None = None  # checked out by us: closed by us
-        self._pinned: Connection | None = None  # holds the claimed rows' locks
-        self._session: Session | None = None  # made on first use
-        self._began = False
+        self._hold: BatchHold | None = None  # the portable backend's transaction
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
-        self._intact = False  # a failed claim held nothing: the caller's connection is kept
-        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
 
     # -- public API -------------------------------------------------------------------------
 
@@ -149,18 +134,9 @@ class QueueBatch(Generic[T]):
         """The ORM session the jobs were loaded in; its writes commit with the batch."""
         if self._single is not None:
             return self._single.session
-        session = self._session
-        if session is None:
-            if self._pinned is None:
-                raise NotOwner("the batch has not claimed yet, or is finished")
-            session = Session(bind=self._pinned, expire_on_commit=False, autoflush=True)
-            self._session = session
-            for job in self.jobs:  # built from their rows, detached: persistent in it
-                if isinstance(job, Unloadable):
-                    continue
-                if self._subs[id(job)].is_orm and job not in session:
-                    session.add(job)
-        return session
+        if self._hold is None:
+            raise NotOwner("the batch has not claimed yet, or is finished")
+        return self._hold.session
 
     @property
     def pending(self) -> list[T]:
@@ -177,7 +153,7 @@ class QueueBatch(Generic[T]):
             self.backend = name
             jobs = self._wait_native() if name == "native" else self._wait_portable()
         except BaseException:
-            self._release(broken=not self._intact)
+            self._release(broken=self._hold is not None and not self._hold.intact)
             raise
         self.jobs = jobs
         if not jobs:
@@ -288,93 +264,18 @@ class QueueBatch(Generic[T]):
         return [job]
 
     def _wait_portable(self) -> list[T]:
-        """Pin the connection and claim on the lifecycle's schedule (see
-        :mod:`~sqlalchemy_q4m.consumer.lifecycle`), as a queue session waits."""
-        bind = self.bind
-        backend = get_backend("portable")
-        if isinstance(bind, Engine):
-            conn = bind.connect().execution_options(isolation_level="READ COMMITTED")
-            self._conn = conn
-        else:
-            conn = bind
-        self._owner_info = take_connection(conn, self)  # refused if it owns a job already
-        self._began = not conn.in_transaction()
-        if not self._began:
-            backend.check_open_transaction(conn)  # no gap locks: refused in REPEATABLE READ
-        sets_isolation = backend.sets_isolation(conn)
-        self._pinned = conn
         life = Lifecycle(self.timeout, self.poll_interval)
-        listening = self._began and listening_supported(conn.dialect)
-        action = life.start(
-            time.monotonic(), blocking=False, listen=self.listen if listening else None
+        hold = BatchHold(
+            self.bind, self.subscriptions, self.size, life, self.listen, self.accept_unloadable
         )
-        while True:
-            step = action.step
-            if step is Step.CLAIM:
-                if sets_isolation and not conn.in_transaction():
-                    with translate_errors("beginning a batch claim"):
-                        backend.begin_claim(conn)  # the transaction we begin: no gap locks
-                jobs = self._claim(backend, conn)
-                if jobs:
-                    life.claimed()
-                    return jobs
-                action = life.missed(time.monotonic())
-            elif step is Step.GIVE_UP:
-                life.gave_up()
-                return []
-            else:
-                if step is Step.LISTEN:
-                    if listen_wait(conn, self.subscriptions, action.seconds):
-                        conn.rollback()  # the wait's guard may hold a row lock
-                else:
-                    time.sleep(action.seconds)
-                action = life.paused(time.monotonic())
-
-    def _claim(self, backend: Backend, conn: Connection) -> list[T]:
+        self._hold = hold
         jobs: list[T] = []
-        for sub in self.subscriptions:
-            want = self.size - len(jobs)
-            if want <= 0:
-                break
-            try:
-                claims = backend.claim_many(self, sub, want)
-            except OperationalError as err:
-                if not is_conflict(err) or jobs:
-                    raise
-                if not self._began:
-                    # the caller's transaction: rolling it back would silently undo the
-                    # caller's own writes; raised, as queue_session does, for the caller to
-                    # retry (nothing of the batch is held, so the connection stays usable)
-                    self._intact = True
-                    raise
-                conn.rollback()  # a deadlock before anything is held: try at the next poll
-                return []
-            for claim in claims:
-                job = claim.job
-                if isinstance(job, Unloadable) and not self.accept_unloadable:
-                    raise job.exception() from job.error  # the batch returns to the queue
-                self._subs[id(job)], self._claims[id(job)] = claim.subscription, claim
-                self._pending.add(id(job))
-                jobs.append(job)
+        for claim in hold.wait():
+            job = claim.job
+            self._subs[id(job)], self._claims[id(job)] = claim.subscription, claim
+            self._pending.add(id(job))
+            jobs.append(job)
         return jobs
-
-    # -- what a backend needs of its holder (see backends.base.Holder) ---------------------
-
-    @property
-    def connection(self) -> Connection:
-        """The pinned connection holding the batch's rows."""
-        if self._pinned is None:
-            raise NotOwner("the batch has not claimed yet, or is finished")
-        return self._pinned
-
-    @property
-    def in_session(self) -> bool:
-        """False: a batch loads its jobs in a session of its own (made on first use)."""
-        return False
-
-    def restart(self) -> bool:
-        """False: a batch claims without retrying (see :meth:`_claim`)."""
-        return False
 
     def _finish(self, *, commit: bool) -> None:
         """Delete the completed jobs and commit (or roll back); everything else returns."""
@@ -386,64 +287,18 @@ class QueueBatch(Generic[T]):
                 self._single.close()
                 self._state = "done"
             return
-        conn = self._pinned
-        ok = False
         try:
-            if conn is not None:
-                if commit:
-                    self._complete(conn)
-                if self._began or self._conn is not None:
-                    if commit:
-                        with translate_errors("committing a batch"):
-                            conn.commit()
-                    elif conn.in_transaction():
-                        conn.rollback()
-            ok = True
+            if self._hold is not None:
+                self._hold.finish(self._ended, commit=commit)
         finally:
             self._state = "done"
             self._pending.clear()
-            self._release(broken=not ok)
-
-    def _complete(self, conn: Connection) -> None:
-        """The batch's own writes, then the backend removes the ended jobs (see
-        :meth:`~sqlalchemy_q4m.backends.portable.PortableBackend.end_many`)."""
-        try:
-            with translate_errors("completing a batch"):
-                session = self._session
-                if session is not None and (session.new or session.dirty or session.deleted):
-                    session.flush()  # they commit with the removal
-                get_backend("portable").end_many(conn, self._ended)
-        except OperationalError as err:
-            code = error_code(err)
-            if code not in RETRYABLE:
-                raise
-            if conn.in_transaction():
-                conn.rollback()
-            raise CompletionFailed(
-                f"batch of {len(self._ended)} job(s) not completed (MySQL error {code}): the "
-                "transaction was rolled back, so every job of the batch will run again"
-            ) from err
-
-    def released(self, what: str) -> None:
-        """The connection's transaction ended while the batch holds jobs: nothing to stop
-        here (a batch's jobs all come back with it; see the module docstring)."""
+            self._release()
 
     def _release(self, *, broken: bool = False) -> None:
         self._state = "done"
-        give_up_connection(self._owner_info, self)
-        self._owner_info = None
-        conn, session = self._conn, self._session
-        if broken and self._pinned is not None and not self._pinned.invalidated:
-            self._pinned.invalidate()  # the server returns every row the batch held
-        try:
-            if session is not None:
-                session.close()
-        except DBAPIError:  # pragma: no cover - the connection is gone already
-            pass
-        finally:
-            if conn is not None:
-                conn.close()
-            self._conn = self._pinned = None
+        if self._hold is not None:
+            self._hold.release(broken=broken)
 
 
 class _Handling(Generic[T]):
