@@ -23,10 +23,10 @@ from ..exc import AlreadyOwning
 from ..exc import ConnectionLost
 from ..schema.functions import Subscription
 from ..server import BackendName
-from .loading import AUTOCOMMIT_KEY
+from .driver import AUTOCOMMIT_KEY
+from .driver import driver_level
+from .driver import on_driver
 from .loading import Loader
-from .loading import driver_level
-from .loading import on_driver
 
 __all__ = [
     "AUTOCOMMIT_KEY",

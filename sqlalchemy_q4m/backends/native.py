@@ -38,8 +38,8 @@ from .base import Backend
 from .base import Claim
 from .base import Holder
 from .base import translate_errors
-from .loading import DriverSQL
-from .loading import dialect_cache
+from .driver import DriverSQL
+from .driver import dialect_cache
 from .loading import loader_for
 
 __all__ = ["NativeBackend"]

@@ -44,10 +44,10 @@ from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
 
-from ..backends.loading import DriverSQL
-from ..backends.loading import _dbapi_error as dbapi_error
-from ..backends.loading import dialect_cache
-from ..backends.loading import driver_level
+from ..backends.driver import DriverSQL
+from ..backends.driver import dbapi_error
+from ..backends.driver import dialect_cache
+from ..backends.driver import driver_level
 from ..backends.wakeup import nobody_listens
 from ..backends.wakeup import wake_committed
 from ..exc import OptionError

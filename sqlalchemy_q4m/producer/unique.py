@@ -61,7 +61,7 @@ from sqlalchemy.schema import CreateTable
 
 from ..backends.base import RETRYABLE
 from ..backends.base import error_code
-from ..backends.loading import dialect_cache
+from ..backends.driver import dialect_cache
 from ..backends.wakeup import notify_committed
 from ..exc import Q4MError
 from ..schema.ddl import JOB_ID
