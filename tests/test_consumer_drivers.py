@@ -11,6 +11,7 @@ sees a ``KeyboardInterrupt``, the asyncio one a cancelled task.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import threading
 import time
@@ -290,16 +291,18 @@ def test_the_poll_schedule_is_fixed(driver: Driver) -> None:
     needle = "queue_wait" if native else "SKIP LOCKED"
 
     async def scenario() -> list[float]:
-        async with statements(driver.events, needle, delay=0.06) as starts:
-            async with driver.session(DJob, timeout=1.2, poll_interval=0.1) as job:
-                assert job is None
+        async with (
+            statements(driver.events, needle, delay=0.06) as starts,
+            driver.session(DJob, timeout=1.2, poll_interval=0.1) as job,
+        ):
+            assert job is None
         return starts
 
     starts = driver.run(scenario)
     if native:
         assert len(starts) == 1, starts
         return
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     assert len(starts) >= 8, starts
     assert statistics.median(gaps) < 0.135, gaps
 
@@ -345,9 +348,9 @@ def test_the_statements_of_an_idle_wait(driver: Driver) -> None:
         async with (
             statements(driver.events, needle) as claims,
             statements(driver.events, "") as everything,
+            driver.session(DJob, timeout=0.5, poll_interval=0.1) as job,
         ):
-            async with driver.session(DJob, timeout=0.5, poll_interval=0.1) as job:
-                assert job is None
+            assert job is None
         return claims, everything
 
     claims, everything = driver.run(scenario)

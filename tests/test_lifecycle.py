@@ -176,7 +176,13 @@ def test_broken_and_finished_states() -> None:
 
 @pytest.mark.parametrize(
     ("timeout", "poll_interval", "listen"),
-    [(-1, 0.05, None), (1, 0, None), (1, float("nan"), None), (1, 0.05, 0), (float("inf"), 1, None)],
+    [
+        (-1, 0.05, None),
+        (1, 0, None),
+        (1, float("nan"), None),
+        (1, 0.05, 0),
+        (float("inf"), 1, None),
+    ],
 )
 def test_bad_wait_options_are_refused(
     timeout: float, poll_interval: float, listen: float | None

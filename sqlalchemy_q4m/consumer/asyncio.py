@@ -128,6 +128,18 @@ class GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
 
+    def release_idle(self) -> None:
+        """Cancelled between two claims: nothing is owned and the connection is idle, so it
+        is rolled back and handed back rather than invalidated."""
+        self._finish_transaction(commit=False)
+        self._release()
+
+    def release_broken(self) -> None:
+        """After a failed or cancelled wait: invalidate the connection (so a row it may own
+        goes back to the queue) and release everything, unless that is done already."""
+        if not self.life.state.finished:
+            self._release(broken=True)
+
 
 #: The former name, kept for one release of the worker's imports.
 _GreenletQueueSession = GreenletQueueSession
@@ -253,7 +265,7 @@ class AsyncQueueSession(Generic[T]):
                     action = life.paused(time.monotonic())
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
-            await run_to_completion(lambda: greenlet_spawn(sync._release_broken))
+            await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
             raise
         await run_to_completion(lambda: greenlet_spawn(sync._give_up))
         return None
@@ -264,7 +276,7 @@ class AsyncQueueSession(Generic[T]):
         try:
             await asyncio.sleep(seconds)
         except BaseException:
-            await run_to_completion(lambda: greenlet_spawn(self._sync._release_idle))
+            await run_to_completion(lambda: greenlet_spawn(self._sync.release_idle))
             raise
 
     async def end(self) -> None:

@@ -334,18 +334,6 @@ class QueueSession(OwnershipWatch, Generic[T]):
         self.life.gave_up()
         self._release()
 
-    def _release_idle(self) -> None:
-        """Stopped between two claims (cancelled): nothing is owned and the connection is
-        idle, so it is rolled back and handed back rather than invalidated."""
-        self._finish_transaction(commit=False)
-        self._release()
-
-    def _release_broken(self) -> None:
-        """After a failed or cancelled wait: invalidate the connection (so a row it may own
-        goes back to the queue) and release everything, unless that is done already."""
-        if not self.life.state.finished:
-            self._release(broken=True)
-
     # -- internals ---------------------------------------------------------------------------
 
     def _owned(self) -> tuple[Claim, Backend]:
