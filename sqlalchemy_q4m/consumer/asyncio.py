@@ -64,19 +64,15 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..backends import Backend
 from ..exc import Q4MError
+from .binding import bound_factory
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Step
 from .lifecycle import Where
 from .session import QueueSession
 
-__all__ = [
-    "AsyncBind",
-    "AsyncQueueSession",
-    "GreenletQueueSession",
-    "async_queue_session",
-    "async_queue_sessionmaker",
-    "run_to_completion",
-]
+#: The public asyncio API (re-exported by :mod:`sqlalchemy_q4m.asyncio`); the worker also uses
+#: :class:`GreenletQueueSession` and :func:`run_to_completion` from here.
+__all__ = ["AsyncBind", "AsyncQueueSession", "async_queue_session", "async_queue_sessionmaker"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -341,15 +337,11 @@ def async_queue_sessionmaker(
     """A factory with ``bind`` and defaults fixed: ``QueueSession =
     async_queue_sessionmaker(async_engine)`` then ``async with QueueSession(ShellJob) as job:``."""
     _sync_bind(bind)  # a bad bind fails here, not at the first job
-    defaults: dict[str, Any] = {
-        "timeout": timeout,
-        "backend": backend,
-        "poll_interval": poll_interval,
-        "listen": listen,
-    }
-
-    def factory(*targets: Any, **kw: Any) -> AsyncQueueSession[Any]:
-        options = {**defaults, **kw}
-        return AsyncQueueSession(*targets, bind=bind, **options)
-
-    return factory
+    return bound_factory(
+        AsyncQueueSession,
+        bind,
+        timeout=timeout,
+        backend=backend,
+        poll_interval=poll_interval,
+        listen=listen,
+    )

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from abc import ABC
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 from typing import Literal
+from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -35,10 +37,29 @@ from ..server import check_server
 from ..server import detect_backend
 from ..server import validate_backend_name
 
-__all__ = ["BackendChoice", "Bind", "Pin", "backend_choice", "check_bind", "resolve_backend"]
+__all__ = [
+    "BackendChoice",
+    "Bind",
+    "Pin",
+    "backend_choice",
+    "bound_factory",
+    "check_bind",
+    "resolve_backend",
+]
 
 Bind = Engine | Connection | Session
 BackendChoice = Literal["native", "portable", "auto"] | None
+S = TypeVar("S")
+
+
+def bound_factory(make: Callable[..., S], bind: Any, **defaults: Any) -> Callable[..., S]:
+    """``make(*targets, bind=bind, **options)`` with ``defaults`` under the options given: what
+    both sessionmakers (sync and asyncio) return."""
+
+    def factory(*targets: Any, **kw: Any) -> S:
+        return make(*targets, bind=bind, **{**defaults, **kw})
+
+    return factory
 
 
 def check_bind(bind: object) -> None:

@@ -71,6 +71,7 @@ from ..exc import QueueAbort
 from ..schema.functions import Subscription
 from ..schema.functions import subscriptions
 from .binding import Bind
+from .binding import bound_factory
 from .binding import check_bind
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Action
@@ -428,15 +429,11 @@ def queue_sessionmaker(
 ) -> Callable[..., QueueSession[Any]]:
     """A factory with ``bind`` and defaults fixed: ``QueueSession = queue_sessionmaker(engine)``
     then ``with QueueSession(ShellJob, timeout=5) as job: ...``."""
-    defaults: dict[str, Any] = {
-        "timeout": timeout,
-        "backend": backend,
-        "poll_interval": poll_interval,
-        "listen": listen,
-    }
-
-    def factory(*targets: Any, **kw: Any) -> QueueSession[Any]:
-        options = {**defaults, **kw}
-        return QueueSession(*targets, bind=bind, **options)
-
-    return factory
+    return bound_factory(
+        QueueSession,
+        bind,
+        timeout=timeout,
+        backend=backend,
+        poll_interval=poll_interval,
+        listen=listen,
+    )
