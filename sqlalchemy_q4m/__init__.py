@@ -13,9 +13,9 @@ from importlib.metadata import version
 from .backends.notify import notify
 from .consumer.batch import QueueBatch
 from .consumer.batch import queue_batch
+from .consumer.entry import queue_session
+from .consumer.entry import queue_sessionmaker
 from .consumer.session import QueueSession
-from .consumer.session import queue_session
-from .consumer.session import queue_sessionmaker
 from .exc import Q4MError
 from .exc import QueueAbort
 from .producer.cron import Schedule

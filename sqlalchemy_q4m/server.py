@@ -38,6 +38,7 @@ __all__ = [
     "check_server",
     "detect_backend",
     "use_backend",
+    "validate_backend_name",
 ]
 
 BackendName = Literal["native", "portable"]
@@ -50,7 +51,9 @@ MIN_MARIADB = (10, 6)
 MIN_MYSQL = (8, 0, 1)
 
 
-def _validate(name: str) -> BackendName:
+def validate_backend_name(name: str) -> BackendName:
+    """``name`` ('native' or 'portable') as a :data:`BackendName`; :class:`BackendError` for
+    any other."""
     if name not in _NAMES:
         raise BackendError(f"unknown queue backend {name!r}: use 'native', 'portable' or 'auto'")
     return "native" if name == "native" else "portable"
@@ -75,7 +78,7 @@ def use_backend(bind: AnyBind, name: Literal["native", "portable", "auto"]) -> N
         if name == "auto":
             _chosen.pop(dialect, None)
         else:
-            _chosen[dialect] = _validate(name)
+            _chosen[dialect] = validate_backend_name(name)
 
 
 def backend_for_dialect(dialect: Dialect) -> BackendName | None:

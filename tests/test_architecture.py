@@ -7,10 +7,6 @@
   its docstring says why with the phrase ``LONG_BECAUSE`` ("Long because ...").
 * No module imports a private name (``_name``) of another module of the package: make it public
   or move it.
-
-Today's offenders are listed in the ``PENDING_*`` allow-lists below, pending the splits of
-issue 12.  An entry that no longer offends fails the test too, so the lists only shrink: delete
-the entry when its split lands.
 """
 
 from __future__ import annotations
@@ -32,26 +28,6 @@ MAX_MODULE_LINES = 500
 MAX_CLASS_LINES = 250
 LONG_BECAUSE = "Long because"
 
-# pending issue 12 splits: modules over MAX_MODULE_LINES today
-PENDING_LONG_MODULES = {
-    "backends/loading.py",
-    "consumer/batch.py",
-    "consumer/session.py",
-}
-
-# pending issue 12 splits: classes over MAX_CLASS_LINES today, without a stated reason
-PENDING_LONG_CLASSES = {
-    "consumer/batch.py:QueueBatch",
-    "consumer/session.py:QueueSession",
-}
-
-# pending issue 12 splits: private names imported from another module of the package
-PENDING_PRIVATE_IMPORTS = {
-    "consumer/batch.py: sqlalchemy_q4m.server._validate",
-    "consumer/session.py: sqlalchemy_q4m.server._validate",
-    "worker/asyncio.py: sqlalchemy_q4m.consumer.asyncio._GreenletQueueSession",
-}
-
 
 def modules() -> Iterator[tuple[str, Path]]:
     """Each module of the package: its path relative to the package, and its file."""
@@ -69,16 +45,6 @@ def dotted_name(relative: str) -> str:
 
 def is_private(name: str) -> bool:
     return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
-
-
-def check_allow_list(found: set[str], pending: set[str], what: str) -> list[str]:
-    """The problems: offenders not allowed, and allowed entries that no longer offend."""
-    problems = [f"{entry}: {what}" for entry in sorted(found - pending)]
-    problems += [
-        f"{entry}: no longer {what}; delete it from the pending allow-list"
-        for entry in sorted(pending - found)
-    ]
-    return problems
 
 
 def test_import_contracts_hold() -> None:
@@ -117,14 +83,11 @@ def test_modules_and_classes_are_short() -> None:
             size = node.end_lineno - node.lineno + 1
             if size > MAX_CLASS_LINES and LONG_BECAUSE not in (ast.get_docstring(node) or ""):
                 long_classes.add(f"{relative}:{node.name}")
-    problems = check_allow_list(
-        long_modules, PENDING_LONG_MODULES, f"module over {MAX_MODULE_LINES} lines"
-    )
-    problems += check_allow_list(
-        long_classes,
-        PENDING_LONG_CLASSES,
-        f"class over {MAX_CLASS_LINES} lines whose docstring does not say '{LONG_BECAUSE} ...'",
-    )
+    problems = [f"{m}: module over {MAX_MODULE_LINES} lines" for m in sorted(long_modules)]
+    problems += [
+        f"{c}: class over {MAX_CLASS_LINES} lines whose docstring does not say '{LONG_BECAUSE} ...'"
+        for c in sorted(long_classes)
+    ]
     assert not problems, "\n".join(problems)
 
 
@@ -176,10 +139,7 @@ def test_no_private_names_imported_across_modules() -> None:
             relative, ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         )
     }
-    problems = check_allow_list(
-        found, PENDING_PRIVATE_IMPORTS, "imports a private name of another module"
-    )
-    assert not problems, "\n".join(problems)
+    assert not found, "imports a private name of another module:\n" + "\n".join(sorted(found))
 
 
 def test_the_checker_sees_private_imports() -> None:

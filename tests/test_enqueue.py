@@ -39,7 +39,7 @@ from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.backends.loading import DriverSQL
+from sqlalchemy_q4m.backends.driver import DriverSQL
 from sqlalchemy_q4m.exc import Q4MError
 from sqlalchemy_q4m.exc import SubscriptionError
 from sqlalchemy_q4m.producer.rows import group_rows

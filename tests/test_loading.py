@@ -38,9 +38,9 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.backends.loading import DriverSQL
+from sqlalchemy_q4m.backends.driver import DriverSQL
+from sqlalchemy_q4m.backends.driver import driver_level
 from sqlalchemy_q4m.backends.loading import claim_statement
-from sqlalchemy_q4m.backends.loading import driver_level
 from sqlalchemy_q4m.backends.loading import loader_for
 from sqlalchemy_q4m.backends.loading import plain_mapping
 from sqlalchemy_q4m.exc import ConnectionLost

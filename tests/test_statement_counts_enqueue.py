@@ -32,9 +32,9 @@ from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.backends.driver import dialect_cache
 from sqlalchemy_q4m.backends.listeners import anchor_for
 from sqlalchemy_q4m.backends.listeners import announce
-from sqlalchemy_q4m.backends.loading import dialect_cache
 from sqlalchemy_q4m.backends.wakeup import listening_supported
 from sqlalchemy_q4m.types import new_job_id
 

@@ -284,19 +284,10 @@ SLOW_CLAIM = 0.05
 
 
 def test_an_idle_portable_consumer_polls_on_a_fixed_schedule(
-    driver: Any, engine: Engine, db_url: URL, queue: Any, request: pytest.FixtureRequest
+    driver: Any, engine: Engine, db_url: URL, queue: Any
 ) -> None:
     """One claim per ``poll_interval``, however long a claim takes: an idle consumer costs
     1 / poll_interval queries a second with either driver."""
-    if driver.name == "asyncio":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="consumer/asyncio.py (AsyncQueueSession.wait, the consumer layer's) "
-                "sleeps a full poll_interval after each claim; its sans-IO session core is "
-                "to take the synchronous fixed schedule",
-            )
-        )
     claims: list[float] = []
 
     def slow_claims(conn: Any, cursor: Any, statement: str, *args: Any) -> None:

@@ -23,10 +23,10 @@ from ..exc import AlreadyOwning
 from ..exc import ConnectionLost
 from ..schema.functions import Subscription
 from ..server import BackendName
-from .loading import AUTOCOMMIT_KEY
+from .driver import AUTOCOMMIT_KEY
+from .driver import driver_level
+from .driver import on_driver
 from .loading import Loader
-from .loading import driver_level
-from .loading import on_driver
 
 __all__ = [
     "AUTOCOMMIT_KEY",
@@ -37,6 +37,7 @@ __all__ = [
     "check_free",
     "error_code",
     "give_up_connection",
+    "is_conflict",
     "take_connection",
     "translate_errors",
 ]
@@ -274,14 +275,26 @@ class Holder(Protocol):
         (after a deadlock); False when it is the caller's, which must not be touched."""
 
 
+def is_conflict(err: BaseException) -> bool:
+    """True for an error a claim may be retried after, once its transaction is rolled back:
+    a deadlock, a lock-wait timeout, or a statement interrupted by a listen wake-up."""
+    code = error_code(err)
+    return code in RETRYABLE or code == QUERY_INTERRUPTED
+
+
 class Backend(ABC):
-    """One way to own a job.  Instances hold no state: the queue session holds it.
+    """One way to own a job.  Instances hold no state: the queue session or batch holds it.
 
     ``attempt`` tries once to own a job for ``holder`` (a queue session: its pinned
     connection, its ORM session made on demand).  A ``blocking`` backend
     waits inside the server for up to ``timeout`` seconds; a non-blocking one returns at once
     and the caller polls.  ``end`` removes the owned job and ``abort`` returns it; the queue
-    session commits or rolls back the transaction around them.
+    session commits or rolls back the transaction around them.  A batch uses the ``_many``
+    forms: ``claim_many`` (no retry: the batch decides), ``end_many``, ``abort_many``.
+
+    The transaction a claim runs in: ``check_open_transaction`` refuses a caller's open one
+    that cannot hold a claim, ``sets_isolation`` says whether each transaction the library
+    begins on a connection needs ``begin_claim`` first (``SET TRANSACTION``).
     """
 
     name: ClassVar[BackendName]
@@ -297,3 +310,30 @@ class Backend(ABC):
 
     @abstractmethod
     def abort(self, conn: Connection, claim: Claim) -> None: ...
+
+    @abstractmethod
+    def claim_many(self, holder: Holder, sub: Subscription, limit: int) -> list[Claim]:
+        """Own up to ``limit`` jobs of ``sub`` at once, without waiting; errors raised as
+        they come (see :func:`is_conflict`)."""
+
+    @abstractmethod
+    def end_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
+        """Remove the owned jobs of ``claims``; the caller commits."""
+
+    @abstractmethod
+    def abort_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
+        """Return the owned jobs of ``claims``; the caller rolls back."""
+
+    @abstractmethod
+    def check_open_transaction(self, conn: Connection) -> None:
+        """Raise :class:`~sqlalchemy_q4m.exc.UnsafeBind` when the transaction open on
+        ``conn`` (the caller's) cannot hold a claim."""
+
+    def sets_isolation(self, conn: Connection) -> bool:
+        """Whether each transaction begun on ``conn`` for a claim needs :meth:`begin_claim`
+        first."""
+        return False
+
+    @abstractmethod
+    def begin_claim(self, conn: Connection) -> None:
+        """Prepare the transaction about to begin on ``conn`` for a claim."""

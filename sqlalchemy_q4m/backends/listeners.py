@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from ..exc import Q4MError
 from ..schema.functions import Subscription
 from ..server import backend_for_dialect
-from .loading import dialect_cache
+from .driver import dialect_cache
 
 __all__ = [
     "ANCHOR_NAME",

@@ -15,11 +15,13 @@ Mappings this cannot reproduce go through the ORM as before: inheritance or poly
 loading, deferred, expression or relationship attributes, ``load``/``refresh`` listeners
 (``@reconstructor``).  Core tables yield SQLAlchemy Rows (``Connection.execute``), and a
 claim with a condition is executed from its statement (the condition's values change).
+
+How the statements reach the driver (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL`,
+:func:`~sqlalchemy_q4m.backends.driver.driver_level`) is :mod:`~sqlalchemy_q4m.backends.driver`.
 """
 
 from __future__ import annotations
 
-import logging
 import traceback
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -36,30 +38,27 @@ from sqlalchemy import delete
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.orm import Mapper
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.attributes import instance_state
-from sqlalchemy.sql import ClauseElement
-from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..exc import QueueTableError
 from ..exc import UnloadableJob
 from ..schema.ddl import claim_order
 from ..schema.functions import Subscription
+from .driver import DriverSQL
+from .driver import Fetched
+from .driver import dialect_cache
 
 __all__ = [
-    "AUTOCOMMIT_KEY",
-    "DriverSQL",
     "Loader",
     "Unloadable",
     "claim_statement",
-    "dialect_cache",
     "loader_for",
-    "on_driver",
+    "plain_mapping",
 ]
 
 _LIMIT = "q4m_limit"
@@ -67,7 +66,6 @@ _KEY = "q4m_key_{}"
 
 R = TypeVar("R")
 Job = Any
-Fetched = tuple[Any, Sequence[Sequence[Any]]]  # a cursor's description and rows
 Key = tuple[Any, ...]  # the job's primary key as the driver sends it (after bind processing)
 
 
@@ -84,132 +82,6 @@ def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | 
 def _order(table: Table) -> list[ColumnElement[Any]]:
     # the order the portable layout's claim index (ddl.CLAIM_INDEX) is kept in
     return [c.desc() if desc else c for c, desc in claim_order(table)]
-
-
-@dataclass(frozen=True)
-class DriverSQL:
-    """A statement compiled once for one dialect: its SQL and how to pass its parameters."""
-
-    sql: str
-    positions: tuple[str, ...] | None  # parameter names in order, for positional paramstyles
-    defaults: dict[str, Any]
-
-    @classmethod
-    def compile(cls, stmt: ClauseElement, dialect: Dialect) -> DriverSQL:
-        compiled = stmt.compile(dialect=dialect)
-        assert isinstance(compiled, SQLCompiler)
-        if compiled.post_compile_params or compiled.literal_execute_params:  # pragma: no cover
-            raise QueueTableError(f"cannot precompile {compiled.string!r}")
-        positions = tuple(compiled.positiontup or ()) if compiled.positional else None
-        return cls(compiled.string, positions, dict(compiled.construct_params() or {}))
-
-    def params(self, values: dict[str, Any]) -> Any:
-        merged = {**self.defaults, **values}
-        if self.positions is None:
-            return merged
-        return tuple(merged[name] for name in self.positions)
-
-    def run(self, conn: Connection, values: dict[str, Any]) -> Fetched:
-        """Execute on ``conn`` in its transaction (begun if none is); the cursor's
-        description and rows.  See :func:`driver_level` for how."""
-        params = self.params(values)
-        if not driver_level(conn):
-            result = conn.exec_driver_sql(self.sql, params)
-            if not result.returns_rows:
-                return None, []
-            description = result.cursor.description if result.cursor is not None else None
-            return description, result.all()
-        return self._on_cursor(conn, params, _fetch)
-
-    def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
-        """Execute once per parameter set in ``params`` (each in the form :meth:`params`
-        gives) with one ``executemany``, on ``conn`` in its transaction (begun if none is)."""
-        if not driver_level(conn):
-            conn.exec_driver_sql(self.sql, list(params))
-            return
-        self._on_cursor(conn, params, _execute_many)
-
-    def _on_cursor(self, conn: Connection, params: Any, call: Callable[[Any, str, Any], R]) -> R:
-        """``call(cursor, sql, params)`` on a DBAPI cursor of ``conn`` (in its transaction,
-        begun if none is); DBAPI errors raised as SQLAlchemy's, as executing would."""
-        cursor = _cursor(conn)
-        try:
-            return call(cursor, self.sql, params)
-        except Exception as err:
-            wrapped = dbapi_error(conn, err, self.sql, params, cursor)
-            if wrapped is None:
-                raise
-            raise wrapped from err
-        except BaseException:
-            conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
-            raise
-        finally:
-            cursor.close()
-
-
-def _fetch(cursor: Any, sql: str, params: Any) -> Fetched:
-    cursor.execute(sql, params)
-    description = cursor.description
-    return description, cursor.fetchall() if description else []
-
-
-def _execute_many(cursor: Any, sql: str, params: Any) -> None:
-    cursor.executemany(sql, params)
-
-
-#: Key in a DBAPI connection's ``info``: the library put it in the driver's autocommit mode
-#: (Q4M consumers); see :func:`sqlalchemy_q4m.backends.base.autocommit_for_queue`.
-AUTOCOMMIT_KEY = "sqlalchemy_q4m.autocommit"
-
-
-def _cursor(conn: Connection) -> Any:
-    """A DBAPI cursor of ``conn``, in its transaction (begun if none is), or outside any on a
-    connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
-    if not conn.in_transaction() and not conn.info.get(AUTOCOMMIT_KEY):
-        conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
-    dbapi_conn = conn.connection.dbapi_connection
-    assert dbapi_conn is not None
-    return dbapi_conn.cursor()
-
-
-def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
-    """``call(dbapi_connection)`` for ``conn``; DBAPI errors raised as SQLAlchemy's (the
-    connection invalidated when it was lost), as executing ``what`` would."""
-    dbapi_conn = conn.connection.dbapi_connection
-    try:
-        return call(dbapi_conn)
-    except Exception as err:
-        wrapped = dbapi_error(conn, err, what, None, None)
-        if wrapped is None:
-            raise
-        raise wrapped from err
-    except BaseException:
-        conn.invalidate()  # interrupted mid-command: the protocol state is unknown
-        raise
-
-
-def dbapi_error(
-    conn: Connection, err: Exception, sql: str, params: Any, cursor: Any
-) -> StatementError | None:
-    """``err`` (raised by the DBAPI on ``cursor``) as SQLAlchemy's ``DBAPIError`` class for
-    it, the connection invalidated when it was lost, as executing would; None for an error
-    that is not the DBAPI's."""
-    dbapi = conn.dialect.loaded_dbapi
-    if not isinstance(err, dbapi.Error):
-        return None
-    dbapi_conn = conn.connection.dbapi_connection
-    lost = conn.dialect.is_disconnect(err, dbapi_conn, cursor)
-    wrapped = DBAPIError.instance(
-        sql,
-        params,
-        err,
-        dbapi.Error,
-        connection_invalidated=lost,
-        dialect=conn.dialect,
-    )
-    if lost:
-        conn.invalidate(wrapped)
-    return wrapped
 
 
 @dataclass
@@ -230,33 +102,6 @@ class Unloadable:
             f"a row of {self.table.name!r} cannot be loaded ({type(self.error).__name__}: "
             f"{self.error}); its values as read: {self.values!r}"
         )
-
-
-def driver_level(conn: Connection) -> bool:
-    """Whether the per-job statements run on the DBAPI cursor of ``conn`` directly.
-
-    SQLAlchemy's statement execution (execution context, result object, event dispatch)
-    costs about as much client CPU per job as the driver itself; the job loop repeats the
-    same three statements per job, so they skip it when nothing would observe it: no
-    statement-level connection events (``before_execute``, ``after_execute``,
-    ``before_cursor_execute``, ``after_cursor_execute``, ``handle_error``), no echo or
-    ``sqlalchemy.engine`` logging.  The
-    transaction still goes through the :class:`~sqlalchemy.Connection` (begin, commit,
-    rollback and their events), DBAPI errors are raised as SQLAlchemy's ``DBAPIError``
-    classes, and a disconnect invalidates the connection, as executing would.
-    """
-    engine = conn.engine
-    if engine.logger.isEnabledFor(logging.INFO):  # echo, or logging configured
-        return False
-    if conn.dialect.dispatch.handle_error:  # error-translating listeners
-        return False
-    # SQLAlchemy's own test before dispatching any connection event (runs per statement)
-    if not (getattr(conn, "_has_events", True) or getattr(engine, "_has_events", True)):
-        return True
-    d = conn.dispatch
-    return not (
-        d.before_cursor_execute or d.after_cursor_execute or d.before_execute or d.after_execute
-    )
 
 
 def plain_mapping(mapper: Mapper[Any], table: Table) -> bool:
@@ -494,22 +339,6 @@ class Loader:
             [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
             for r in raw
         ]
-
-
-_CACHES = "_q4m_caches"
-
-
-def dialect_cache(dialect: Dialect, name: str) -> dict[Any, Any]:
-    """The cache ``name`` of ``dialect``, which lives as long as the dialect (its engine's).
-
-    It is kept on the dialect object itself: what is cached (compiled SQL, type processors,
-    a ``TypeDecorator``'s closing over the dialect) refers back to the dialect, so a
-    module-level mapping keyed by it, even a weak one, would keep every engine's dialect alive.
-    """
-    caches: dict[str, dict[Any, Any]] | None = vars(dialect).get(_CACHES)
-    if caches is None:
-        caches = vars(dialect).setdefault(_CACHES, {})
-    return caches.setdefault(name, {})
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:

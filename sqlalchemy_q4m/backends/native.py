@@ -25,6 +25,7 @@ from sqlalchemy.engine import Dialect
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
+from ..exc import UnsafeBind
 from ..schema.functions import Subscription
 from ..schema.functions import queue_abort
 from ..schema.functions import queue_end
@@ -34,8 +35,8 @@ from .base import Backend
 from .base import Claim
 from .base import Holder
 from .base import translate_errors
-from .loading import DriverSQL
-from .loading import dialect_cache
+from .driver import DriverSQL
+from .driver import dialect_cache
 from .loading import loader_for
 from .unique_keys import claimed
 from .unique_keys import ended
@@ -118,6 +119,30 @@ class NativeBackend(Backend):
         with translate_errors("queue_abort"):
             _call(conn, "abort", {})
             released(conn)
+
+    def claim_many(self, holder: Holder, sub: Subscription, limit: int) -> list[Claim]:
+        """One job at most: a Q4M connection owns one row (``queue_wait`` with no wait)."""
+        claim = self.attempt(holder, [sub], 0)
+        return [] if claim is None else [claim]
+
+    def end_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            self.end(conn, claim)
+
+    def abort_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
+        for claim in claims:
+            self.abort(conn, claim)
+
+    def check_open_transaction(self, conn: Connection) -> None:
+        raise UnsafeBind(
+            "on Q4M queue_end() cannot be part of the transaction open on this "
+            "Connection (Q4M has no transactions): the job would be gone before your "
+            "writes commit, and lost if you crash in between.  Commit before the "
+            "queue session, or bind an Engine"
+        )
+
+    def begin_claim(self, conn: Connection) -> None:
+        """Nothing: Q4M has no transactions, so no isolation level to set."""
 
     @staticmethod
     def _leave(conn: Connection) -> None:

@@ -32,7 +32,7 @@ from sqlalchemy.pool import Pool
 
 from ..server import BackendName
 from .base import autocommit_for_queue
-from .loading import dialect_cache
+from .driver import dialect_cache
 from .portable import READ_COMMITTED_LEVELS
 
 __all__ = ["IDLE", "give_back", "keeps", "kept_connections", "prepare", "take"]

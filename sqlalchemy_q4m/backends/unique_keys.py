@@ -29,7 +29,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.schema import CreateTable
 
 from .base import error_code
-from .loading import dialect_cache
+from .driver import dialect_cache
 
 __all__ = [
     "CLAIM_LOCK_WAIT",

@@ -13,11 +13,12 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 ``bind`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
 :class:`~sqlalchemy.ext.asyncio.AsyncConnection` or
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
-do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses);
-only the portable backend's poll loop lives here, so it sleeps with :func:`asyncio.sleep` and
-never blocks the event loop (with ``listen`` it awaits the wait in the server instead, like any
-query).  Q4M's ``queue_wait`` blocks in the server, which an async driver
-awaits like any other query.
+do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses),
+and both run the same :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only
+performs its steps with awaits, so it polls on the same fixed schedule, sleeping with
+:func:`asyncio.sleep` and never blocking the event loop (with ``listen`` it awaits the wait in
+the server instead, like any query).  Q4M's ``queue_wait`` blocks in the server, which an async
+driver awaits like any other query.
 
 Cancellation: a task cancelled while it waits has its connection invalidated (closed), so a
 row it may have just been given goes back to the queue; a task cancelled inside the block
@@ -63,10 +64,14 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..backends import Backend
 from ..exc import Q4MError
-from .session import POLL_INTERVAL
+from .binding import bound_factory
+from .lifecycle import POLL_INTERVAL
+from .lifecycle import Step
+from .lifecycle import Where
 from .session import QueueSession
-from .session import Where
 
+#: The public asyncio API (re-exported by :mod:`sqlalchemy_q4m.asyncio`); the worker also uses
+#: :class:`GreenletQueueSession` and :func:`run_to_completion` from here.
 __all__ = ["AsyncBind", "AsyncQueueSession", "async_queue_session", "async_queue_sessionmaker"]
 
 T = TypeVar("T")
@@ -98,8 +103,8 @@ async def run_to_completion(call: Callable[[], Awaitable[R]]) -> R:
     return result
 
 
-class _GreenletQueueSession(QueueSession[Any]):
-    """The sync queue session an :class:`AsyncQueueSession` drives call by call, on the sync
+class GreenletQueueSession(QueueSession[Any]):
+    """The sync queue session an :class:`AsyncQueueSession` drives step by step, on the sync
     side of an async bind; its ORM session is the sync half of an :class:`AsyncSession`."""
 
     def __init__(self, *targets: Any, async_bind: AsyncBind, **options: Any) -> None:
@@ -119,15 +124,16 @@ class _GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
 
-    def timed_out(self) -> None:
-        """Nothing arrived: close what the wait began and hand the connection back."""
+    def release_idle(self) -> None:
+        """Cancelled between two claims: nothing is owned and the connection is idle, so it
+        is rolled back and handed back rather than invalidated."""
         self._finish_transaction(commit=False)
         self._release()
 
     def release_broken(self) -> None:
         """After a failed or cancelled wait: invalidate the connection (so a row it may own
         goes back to the queue) and release everything, unless that is done already."""
-        if self._state != "done":
+        if not self.life.state.finished:
             self._release(broken=True)
 
 
@@ -164,7 +170,7 @@ class AsyncQueueSession(Generic[T]):
         listen: float | None = None,
     ) -> None:
         self.bind = bind
-        self._sync = _GreenletQueueSession(
+        self._sync = GreenletQueueSession(
             *targets,
             async_bind=bind,
             where=where,
@@ -180,6 +186,13 @@ class AsyncQueueSession(Generic[T]):
         self.listen = listen
 
     # -- public API -------------------------------------------------------------------------
+
+    @property
+    def sync_session(self) -> GreenletQueueSession:
+        """The sync queue session this one drives (as ``AsyncSession.sync_session``): its
+        job, its settings (``accept_unloadable``) and its ORM session, for code that runs in
+        the greenlet (``run_sync``, the asyncio worker's steps)."""
+        return self._sync
 
     @property
     def job(self) -> T | None:
@@ -217,29 +230,36 @@ class AsyncQueueSession(Generic[T]):
         return await self.session.connection()
 
     async def wait(self) -> T | None:
-        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout."""
+        """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout.
+
+        The awaiting driver of :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: the
+        same steps as :meth:`QueueSession.wait`, each database call in the greenlet, each
+        pause an :func:`asyncio.sleep`."""
         sync = self._sync
-        if sync._state != "new":
-            raise Q4MError("a QueueSession waits once; make a new one for the next job")
+        life = sync.life
+        life.check_idle()
         try:
             backend = await greenlet_spawn(sync._setup)
-            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            action = sync._start(backend)
             while True:
-                remaining = 60.0 if deadline is None else max(0.0, deadline - time.monotonic())
-                if await greenlet_spawn(sync._attempt, backend, remaining):
+                step = action.step
+                if step is Step.CLAIM:
+                    action = await greenlet_spawn(sync._attempt, backend, action.seconds)
+                elif step is Step.OWN:
                     return self.job
-                if deadline is not None and time.monotonic() >= deadline:
+                elif step is Step.GIVE_UP:
                     break
-                if not backend.blocking and sync._listening():
-                    await greenlet_spawn(sync._listen, deadline)  # awaited in the server
-                elif not backend.blocking:
-                    left = self.poll_interval if deadline is None else deadline - time.monotonic()
-                    await self._pause(max(0.0, min(self.poll_interval, left)))
+                else:
+                    if step is Step.LISTEN:
+                        await greenlet_spawn(sync._listen, action.seconds)  # in the server
+                    else:
+                        await self._pause(action.seconds)
+                    action = life.paused(time.monotonic())
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
             await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
             raise
-        await run_to_completion(lambda: greenlet_spawn(sync.timed_out))
+        await run_to_completion(lambda: greenlet_spawn(sync._give_up))
         return None
 
     async def _pause(self, seconds: float) -> None:
@@ -248,7 +268,7 @@ class AsyncQueueSession(Generic[T]):
         try:
             await asyncio.sleep(seconds)
         except BaseException:
-            await run_to_completion(lambda: greenlet_spawn(self._sync.timed_out))
+            await run_to_completion(lambda: greenlet_spawn(self._sync.release_idle))
             raise
 
     async def end(self) -> None:
@@ -313,15 +333,11 @@ def async_queue_sessionmaker(
     """A factory with ``bind`` and defaults fixed: ``QueueSession =
     async_queue_sessionmaker(async_engine)`` then ``async with QueueSession(ShellJob) as job:``."""
     _sync_bind(bind)  # a bad bind fails here, not at the first job
-    defaults: dict[str, Any] = {
-        "timeout": timeout,
-        "backend": backend,
-        "poll_interval": poll_interval,
-        "listen": listen,
-    }
-
-    def factory(*targets: Any, **kw: Any) -> AsyncQueueSession[Any]:
-        options = {**defaults, **kw}
-        return AsyncQueueSession(*targets, bind=bind, **options)
-
-    return factory
+    return bound_factory(
+        AsyncQueueSession,
+        bind,
+        timeout=timeout,
+        backend=backend,
+        poll_interval=poll_interval,
+        listen=listen,
+    )

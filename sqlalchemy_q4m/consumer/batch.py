@@ -39,13 +39,16 @@ Exact semantics on the portable backend (InnoDB + ``SKIP LOCKED``):
 On the native backend (Q4M) a connection owns one row at most, so a batch degrades to one job
 at a time: it holds at most one job, and ``end``/``abort`` call ``queue_end()`` /
 ``queue_abort()`` at once.
+
+This module keeps the batch's bookkeeping (which jobs are pending, ended, aborted); the
+portable transaction is :class:`~sqlalchemy_q4m.consumer.holding.BatchHold`, which talks to
+the :class:`~sqlalchemy_q4m.backends.base.Backend` only, and on Q4M the one job is a
+:class:`~sqlalchemy_q4m.consumer.session.QueueSession`.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from functools import partial
 from types import TracebackType
 from typing import Any
 from typing import Generic
@@ -53,65 +56,31 @@ from typing import Literal
 from typing import TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy import Delete
 from sqlalchemy import Engine
-from sqlalchemy import bindparam
-from sqlalchemy import delete
-from sqlalchemy import type_coerce
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
-from sqlalchemy.types import NullType
 
-from ..backends.base import QUERY_INTERRUPTED
-from ..backends.base import RETRYABLE
-from ..backends.base import error_code
-from ..backends.base import give_up_connection
-from ..backends.base import take_connection
-from ..backends.base import translate_errors
-from ..backends.loading import Loader
-from ..backends.loading import Unloadable
-from ..backends.loading import loader_for
-from ..backends.portable import begin_read_committed
-from ..backends.portable import check_isolation
-from ..backends.portable import retry_lock_wait
-from ..backends.unique_keys import ended_many
-from ..backends.wakeup import listen_wait
-from ..backends.wakeup import listening_supported
-from ..exc import CompletionFailed
+from ..backends import Claim
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..exc import QueueAbort
 from ..schema.functions import Subscription
 from ..schema.functions import subscriptions
 from ..server import BackendName
-from ..server import _validate
-from ..server import check_server
-from ..server import detect_backend
-from .session import POLL_INTERVAL
+from .binding import backend_choice
+from .binding import resolve_backend
+from .holding import BatchHold
+from .lifecycle import POLL_INTERVAL
+from .lifecycle import Lifecycle
+from .lifecycle import Where
+from .lifecycle import check_wait_options
 from .session import QueueSession
-from .session import Where
-from .session import check_wait_options
 
 __all__ = ["QueueBatch", "queue_batch"]
 
 T = TypeVar("T")
 
-#: What the batch keeps per claimed job: its subscription, loader and driver-level key.
-_Key = tuple[Subscription, Loader | None, tuple[Any, ...]]
-
 #: Largest batch accepted: bigger batches only lengthen the at-least-once window.
 MAX_SIZE = 10_000
-
-#: The completion deletes one row per statement, ``DELETE FROM t WHERE id = ?``, sent with one
-#: ``executemany``: an equality on the whole primary key is always a unique-key lookup of a row
-#: this transaction has locked already, so it waits for nobody and cannot deadlock.  A
-#: ``DELETE ... WHERE id IN (...)`` was cheaper in round trips, but on a small table (below
-#: about 2,000 rows on MariaDB 10.11) the optimizer scans it, locking rows other batches own:
-#: 4 consumers of 200-job batches on a busy 600-row table lost 35% of their batches to
-#: deadlocks there (measured with ``tests/batch_contention.py``), and every job of a lost
-#: batch runs again.
-_KEY = "q4m_key"
 
 
 class QueueBatch(Generic[T]):
@@ -147,20 +116,16 @@ class QueueBatch(Generic[T]):
         self.timeout = timeout
         self.poll_interval = poll_interval
         self.listen = listen  # as queue_session's: wait to be woken by notify(), not poll
-        self._backend_name = None if backend in (None, "auto") else _validate(str(backend))
+        self._backend_name = backend_choice(backend)
         self.backend: BackendName | None = None
         self.jobs: list[T] = []
         self._state: Literal["new", "owning", "done"] = "new"
-        self._keys: dict[int, _Key] = {}  # id(job) -> (subscription, loader, key)
+        self._subs: dict[int, Subscription] = {}  # id(job) -> where it was claimed from
+        self._claims: dict[int, Claim] = {}  # id(job) -> its claim (portable backend)
         self._pending: set[int] = set()  # id(job) of the jobs neither ended nor aborted
-        self._ended: list[_Key] = []
-        self._conn: Connection | None = None  # checked out by us: closed by us
-        self._pinned: Connection | None = None  # holds the claimed rows' locks
-        self._session: Session | None = None  # made on first use
-        self._began = False
+        self._ended: list[Claim] = []
+        self._hold: BatchHold | None = None  # the portable backend's transaction
         self._single: QueueSession[T] | None = None  # the native backend's one-job session
-        self._intact = False  # a failed claim held nothing: the caller's connection is kept
-        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
 
     # -- public API -------------------------------------------------------------------------
 
@@ -169,18 +134,9 @@ class QueueBatch(Generic[T]):
         """The ORM session the jobs were loaded in; its writes commit with the batch."""
         if self._single is not None:
             return self._single.session
-        session = self._session
-        if session is None:
-            if self._pinned is None:
-                raise NotOwner("the batch has not claimed yet, or is finished")
-            session = Session(bind=self._pinned, expire_on_commit=False, autoflush=True)
-            self._session = session
-            for job in self.jobs:  # built from their rows, detached: persistent in it
-                if isinstance(job, Unloadable):
-                    continue
-                if self._keys[id(job)][0].is_orm and job not in session:
-                    session.add(job)
-        return session
+        if self._hold is None:
+            raise NotOwner("the batch has not claimed yet, or is finished")
+        return self._hold.session
 
     @property
     def pending(self) -> list[T]:
@@ -197,7 +153,7 @@ class QueueBatch(Generic[T]):
             self.backend = name
             jobs = self._wait_native() if name == "native" else self._wait_portable()
         except BaseException:
-            self._release(broken=not self._intact)
+            self._release(broken=self._hold is not None and not self._hold.intact)
             raise
         self.jobs = jobs
         if not jobs:
@@ -206,11 +162,11 @@ class QueueBatch(Generic[T]):
 
     def end(self, job: T) -> None:
         """Mark ``job`` done: it is removed when the batch commits (at once on Q4M)."""
-        key = self._take(job)
+        self._take(job)
         if self._single is not None:
             self._single.end()
             return
-        self._ended.append(key)
+        self._ended.append(self._claims[id(job)])
 
     def abort(self, job: T) -> None:
         """Return ``job`` to the queue (offered again once the batch ends; at once on Q4M)."""
@@ -226,7 +182,7 @@ class QueueBatch(Generic[T]):
         """The subscription (table) ``job`` was claimed from."""
         if id(job) not in self._pending:
             raise NotOwner(f"{job!r} is not a pending job of this batch")
-        return self._keys[id(job)][0]
+        return self._subs[id(job)]
 
     def give_back(self) -> None:
         """Roll the batch back: every job returns to the queue, the ended ones too (what a
@@ -280,21 +236,14 @@ class QueueBatch(Generic[T]):
     # -- internals ---------------------------------------------------------------------------
 
     def _resolve(self) -> BackendName:
-        if self._backend_name is not None:
-            check_server(self.bind.dialect, self._backend_name)
-            return self._backend_name
-        if isinstance(self.bind, Connection):
-            return detect_backend(self.bind)
-        with self.bind.connect() as conn:
-            return detect_backend(conn)
+        return resolve_backend(self.bind, self._backend_name, remembered=False)
 
-    def _take(self, job: T) -> _Key:
+    def _take(self, job: T) -> None:
         if self._state != "owning":
             raise NotOwner("the batch is finished")
         if id(job) not in self._pending:
             raise NotOwner(f"{job!r} is not a pending job of this batch")
         self._pending.discard(id(job))
-        return self._keys[id(job)]
 
     def _wait_native(self) -> list[T]:
         single: QueueSession[T] = QueueSession(
@@ -310,73 +259,22 @@ class QueueBatch(Generic[T]):
         if job is None:
             return []
         self._single = single
-        self._keys[id(job)] = (single.subscription or self.subscriptions[0], None, ())
+        self._subs[id(job)] = single.subscription or self.subscriptions[0]
         self._pending.add(id(job))
         return [job]
 
     def _wait_portable(self) -> list[T]:
-        bind = self.bind
-        if isinstance(bind, Engine):
-            conn = bind.connect().execution_options(isolation_level="READ COMMITTED")
-            self._conn = conn
-        else:
-            conn = bind
-        self._owner_info = take_connection(conn, self)  # refused if it owns a job already
-        self._began = not conn.in_transaction()
-        if not self._began:
-            check_isolation(conn)  # no gap locks: refused in an open REPEATABLE READ one
-        level = conn.get_execution_options().get("isolation_level")
-        read_committed = level not in ("READ COMMITTED", "READ UNCOMMITTED")
-        self._pinned = conn
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            started = time.monotonic()
-            if read_committed and not conn.in_transaction():
-                with translate_errors("beginning a batch claim"):
-                    begin_read_committed(conn)  # the transaction we begin: no gap locks
-            jobs = self._claim(conn)
-            if jobs or (deadline is not None and time.monotonic() >= deadline):
-                return jobs
-            if self.listen is not None and self._began and listening_supported(conn.dialect):
-                seconds = self.listen
-                if deadline is not None:
-                    seconds = min(seconds, deadline - time.monotonic())
-                if seconds > 0.001 and listen_wait(conn, self.subscriptions, seconds):
-                    conn.rollback()  # the wait's guard may hold a row lock
-                continue
-            wake = started + self.poll_interval  # a fixed schedule, as queue_session polls
-            if deadline is not None:
-                wake = min(wake, deadline)
-            time.sleep(max(0.0, wake - time.monotonic()))
-
-    def _claim(self, conn: Connection) -> list[T]:
+        life = Lifecycle(self.timeout, self.poll_interval)
+        hold = BatchHold(
+            self.bind, self.subscriptions, self.size, life, self.listen, self.accept_unloadable
+        )
+        self._hold = hold
         jobs: list[T] = []
-        for sub in self.subscriptions:
-            want = self.size - len(jobs)
-            if want <= 0:
-                break
-            loader = loader_for(sub, conn.dialect)
-            try:
-                with translate_errors("claiming a batch"):
-                    found = loader.claim(conn, sub, want, lambda: self.session)
-            except OperationalError as err:
-                code = error_code(err)
-                if (code not in RETRYABLE and code != QUERY_INTERRUPTED) or jobs:
-                    raise
-                if not self._began:
-                    # the caller's transaction: rolling it back would silently undo the
-                    # caller's own writes; raised, as queue_session does, for the caller to
-                    # retry (nothing of the batch is held, so the connection stays usable)
-                    self._intact = True
-                    raise
-                conn.rollback()  # a deadlock before anything is held: try at the next poll
-                return []
-            for job, key in found:
-                if isinstance(job, Unloadable) and not self.accept_unloadable:
-                    raise job.exception() from job.error  # the batch returns to the queue
-                self._keys[id(job)] = (sub, loader, key)
-                self._pending.add(id(job))
-                jobs.append(job)
+        for claim in hold.wait():
+            job = claim.job
+            self._subs[id(job)], self._claims[id(job)] = claim.subscription, claim
+            self._pending.add(id(job))
+            jobs.append(job)
         return jobs
 
     def _finish(self, *, commit: bool) -> None:
@@ -389,102 +287,18 @@ class QueueBatch(Generic[T]):
                 self._single.close()
                 self._state = "done"
             return
-        conn = self._pinned
-        ok = False
         try:
-            if conn is not None:
-                if commit:
-                    self._complete(conn)
-                if self._began or self._conn is not None:
-                    if commit:
-                        with translate_errors("committing a batch"):
-                            conn.commit()
-                    elif conn.in_transaction():
-                        conn.rollback()
-            ok = True
+            if self._hold is not None:
+                self._hold.finish(self._ended, commit=commit)
         finally:
             self._state = "done"
             self._pending.clear()
-            self._release(broken=not ok)
-
-    def _complete(self, conn: Connection) -> None:
-        """The batch's own writes, then one ``executemany`` of ``DELETE ... WHERE id = ?`` per
-        table."""
-        by_sub: dict[int, tuple[Subscription, Loader | None, list[tuple[Any, ...]]]] = {}
-        for sub, loader, key in self._ended:
-            by_sub.setdefault(id(sub), (sub, loader, []))[2].append(key)
-        try:
-            with translate_errors("completing a batch"):
-                session = self._session
-                if session is not None and (session.new or session.dirty or session.deleted):
-                    session.flush()  # they commit with the removal
-                for sub, loader, keys in by_sub.values():
-                    stmt = _delete_statement(sub)
-                    if stmt is None:  # a composite key: one DELETE per job
-                        assert loader is not None
-                        for key in keys:
-                            retry_lock_wait(partial(loader.delete, conn, key))
-                        continue
-                    params = [{_KEY: k[0]} for k in keys]
-                    retry_lock_wait(partial(conn.execute, stmt, params))
-                    retry_lock_wait(partial(ended_many, conn, sub.table, keys))
-        except OperationalError as err:
-            code = error_code(err)
-            if code not in RETRYABLE:
-                raise
-            if conn.in_transaction():
-                conn.rollback()
-            raise CompletionFailed(
-                f"batch of {len(self._ended)} job(s) not completed (MySQL error {code}): the "
-                "transaction was rolled back, so every job of the batch will run again"
-            ) from err
-
-    def released(self, what: str) -> None:
-        """The connection's transaction ended while the batch holds jobs: nothing to stop
-        here (a batch's jobs all come back with it; see the module docstring)."""
+            self._release()
 
     def _release(self, *, broken: bool = False) -> None:
         self._state = "done"
-        give_up_connection(self._owner_info, self)
-        self._owner_info = None
-        conn, session = self._conn, self._session
-        if broken and self._pinned is not None and not self._pinned.invalidated:
-            self._pinned.invalidate()  # the server returns every row the batch held
-        try:
-            if session is not None:
-                session.close()
-        except DBAPIError:  # pragma: no cover - the connection is gone already
-            pass
-        finally:
-            if conn is not None:
-                conn.close()
-            self._conn = self._pinned = None
-
-
-#: Completion statements by table: a key arrives as the driver sends it, so it is bound
-#: untyped (no second bind processing).  Bounded: tables made at run time come and go.
-_DELETES: dict[Any, Delete | None] = {}
-_DELETES_SIZE = 256
-
-
-def _delete_statement(sub: Subscription) -> Delete | None:
-    """``DELETE FROM t WHERE id = :q4m_key`` (executed many), built once per table; None for
-    a composite key."""
-    try:
-        return _DELETES[sub.table]
-    except KeyError:  # not built yet (or the cache was just emptied)
-        pass
-    columns = list(sub.table.primary_key.columns)
-    if not columns:
-        raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-    # both sides untyped: the key is bound as the driver sends it (a JobId would process
-    # it again, and refuse a malformed id the worker is burying)
-    where = type_coerce(columns[0], NullType()) == bindparam(_KEY, type_=NullType())
-    stmt = delete(sub.table).where(where) if len(columns) == 1 else None
-    if len(_DELETES) >= _DELETES_SIZE:
-        _DELETES.clear()
-    _DELETES[sub.table] = stmt
-    return stmt
+        if self._hold is not None:
+            self._hold.release(broken=broken)
 
 
 class _Handling(Generic[T]):

@@ -30,9 +30,9 @@ from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from ..backends.driver import dbapi_error
+from ..backends.driver import driver_level
 from ..backends.listeners import nobody_listens
-from ..backends.loading import dbapi_error
-from ..backends.loading import driver_level
 from ..backends.notify import wake_committed
 from ..exc import OptionError
 from ..exc import Q4MError

@@ -17,8 +17,8 @@ from sqlalchemy import bindparam
 from sqlalchemy import insert
 from sqlalchemy.engine import Dialect
 
-from ..backends.loading import DriverSQL
-from ..backends.loading import dialect_cache
+from ..backends.driver import DriverSQL
+from ..backends.driver import dialect_cache
 from ..exc import Q4MError
 from ..exc import RowError
 from ..types import new_job_id

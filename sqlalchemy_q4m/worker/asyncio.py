@@ -55,7 +55,7 @@ from sqlalchemy.util import greenlet_spawn
 
 from ..backends.loading import Unloadable
 from ..consumer.asyncio import AsyncQueueSession
-from ..consumer.asyncio import _GreenletQueueSession
+from ..consumer.asyncio import GreenletQueueSession
 from ..consumer.asyncio import run_to_completion
 from ..exc import Q4MError
 from .consumer import Consumer
@@ -134,7 +134,7 @@ class AsyncJob(Job):
         """The :class:`AsyncSession` the job was claimed in: on the portable backend, writes
         made through it commit atomically with the job's removal (undone on failure)."""
         run = self._run
-        if run is None or run.ended or not isinstance(run.owner, _GreenletQueueSession):
+        if run is None or run.ended or not isinstance(run.owner, GreenletQueueSession):
             raise Q4MError("no job in hand (or it was ended before execute)")
         run.session()  # made on first use, with its savepoint
         assert run.owner.async_session is not None
@@ -210,11 +210,11 @@ class AsyncConsumer(Consumer):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
                 *targets, bind=self._async_connection(conn), **options
             )
-            aqs._sync.accept_unloadable = True  # dead-lettered, as the thread worker does
+            aqs.sync_session.accept_unloadable = True  # dead-lettered, as the thread worker does
             item = await aqs.wait()
             if item is None:
                 continue
-            qs = aqs._sync
+            qs = aqs.sync_session
             try:
                 with self._holding():
                     if isinstance(item, Unloadable):
