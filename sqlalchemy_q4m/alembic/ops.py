@@ -3,8 +3,9 @@
 ``op.create_queue_table()`` and ``op.drop_queue_table()`` are :class:`CreateTableOp` /
 :class:`DropTableOp` subclasses, so everything Alembic does with tables (diffs, reversal,
 rewriters) keeps working; the table they build is a queue table and compiles through the
-``@compiles`` hooks of :mod:`sqlalchemy_q4m.ddl` to the layout of the server the migration runs
-against.  ``op.convert_queue_table()`` turns an existing table into a queue table (or back).
+``@compiles`` hooks of :mod:`sqlalchemy_q4m.schema.ddl` to the layout of the server the
+migration runs against.  ``op.convert_queue_table()`` turns an existing table into a queue
+table (or back).
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class CreateQueueTableOp(ops.CreateTableOp):
     for a keyless Q4M-only table); ``ENGINE=QUEUE`` on a Q4M server, the portable InnoDB layout
     elsewhere, with the same validation as ``create_all``.  ``priority="priority"`` names the
     column the portable claim orders by (``PriorityMixin``): that layout then gets the claim
-    index (:data:`~sqlalchemy_q4m.ddl.CLAIM_INDEX`), as ``create_all`` gives it.
+    index (:data:`~sqlalchemy_q4m.schema.ddl.CLAIM_INDEX`), as ``create_all`` gives it.
     """
 
     def __init__(

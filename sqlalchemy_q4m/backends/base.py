@@ -54,7 +54,8 @@ QUERY_INTERRUPTED = 1317
 @dataclass
 class Claim:
     """A job this connection owns: which subscription it came from, the loaded job, its key
-    as the driver sends it, and the :class:`~sqlalchemy_q4m.loading.Loader` that made it."""
+    as the driver sends it, and the :class:`~sqlalchemy_q4m.backends.loading.Loader` that
+    made it."""
 
     subscription: Subscription
     job: Any

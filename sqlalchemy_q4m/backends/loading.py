@@ -88,7 +88,7 @@ def _order(table: Table) -> list[ColumnElement[Any]]:
 class Unloadable:
     """A claimed (or, on Q4M, owned) row that cannot be loaded as a job: a result processor
     failed on it.  It holds the row as the driver returned it, so the worker can move it to
-    the dead letters and remove it; :class:`~sqlalchemy_q4m.session.QueueSession` and
+    the dead letters and remove it; :class:`~sqlalchemy_q4m.consumer.session.QueueSession` and
     :func:`~sqlalchemy_q4m.queue_batch` raise :class:`~sqlalchemy_q4m.exc.UnloadableJob`."""
 
     table: Table

@@ -8,7 +8,7 @@ silently end the owned row), and a NULL answer becomes :class:`QueueWaitError`.
 The three function calls are compiled by SQLAlchemy once per dialect (``queue_wait`` with its
 table specs and timeout as bound parameters) and sent like the portable claim: on the pinned
 connection's DBAPI cursor, or with ``exec_driver_sql`` when statement listeners are present
-(:class:`~sqlalchemy_q4m.loading.DriverSQL`).
+(:class:`~sqlalchemy_q4m.backends.driver.DriverSQL`).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
             await run(job.command)   # normal exit -> end; exception -> abort, re-raised;
                                      # QueueAbort -> abort, swallowed
 
-The semantics are exactly those of :class:`~sqlalchemy_q4m.session.QueueSession` (the
+The semantics are exactly those of :class:`~sqlalchemy_q4m.consumer.session.QueueSession` (the
 top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSession` when
 ``bind`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
 :class:`~sqlalchemy.ext.asyncio.AsyncConnection` or
@@ -202,7 +202,7 @@ class AsyncQueueSession(Generic[T]):
 
     @property
     def subscription(self) -> Any:
-        """The :class:`~sqlalchemy_q4m.functions.Subscription` the job came from."""
+        """The :class:`~sqlalchemy_q4m.schema.functions.Subscription` the job came from."""
         return self._sync.subscription
 
     @property

@@ -14,7 +14,7 @@ Exact semantics on the portable backend (InnoDB + ``SKIP LOCKED``):
   table (earlier tables first, until ``size`` jobs are held), in a READ COMMITTED transaction
   on one pinned connection.  It waits up to ``timeout`` for at least one job, polling every
   ``poll_interval`` seconds (or, with ``listen``, waiting to be woken by a producer's
-  :func:`~sqlalchemy_q4m.notify.notify`); it never waits to fill the batch.
+  :func:`~sqlalchemy_q4m.notify`); it never waits to fill the batch.
 * **end(job)** marks the job done.  The completed jobs are deleted together right before the
   batch's single COMMIT, one ``DELETE ... WHERE id = ?`` per job sent in one ``executemany``
   per table (a primary-key lookup of a row the batch holds: it never scans, never waits).
@@ -89,7 +89,7 @@ class QueueBatch(Generic[T]):
 
     #: A row that cannot be loaded raises :class:`~sqlalchemy_q4m.exc.UnloadableJob` (the
     #: batch goes back to the queue); the worker sets this to hold it as an
-    #: :class:`~sqlalchemy_q4m.loading.Unloadable` and dead-letter it.
+    #: :class:`~sqlalchemy_q4m.backends.loading.Unloadable` and dead-letter it.
     accept_unloadable: bool = False
 
     def __init__(

@@ -68,8 +68,8 @@ def queue_session(
     :class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` for ``async with``.
 
     ``listen=T``: on MariaDB an idle portable consumer waits up to ``T`` seconds to be woken
-    by a producer's :func:`~sqlalchemy_q4m.notify.notify` instead of polling every
-    ``poll_interval`` (see :mod:`sqlalchemy_q4m.notify`; an async bind awaits that wait).
+    by a producer's :func:`~sqlalchemy_q4m.notify` instead of polling every
+    ``poll_interval`` (see :mod:`sqlalchemy_q4m.backends.wakeup`; an async bind awaits that wait).
     """
     if not isinstance(bind, Engine | Connection | Session):
         return async_queue_session(

@@ -100,8 +100,8 @@ class QueueSession(OwnershipWatch, Generic[T]):
     """
 
     #: A row that cannot be loaded raises :class:`UnloadableJob` (and goes back to the
-    #: queue); the worker sets this to own it as a :class:`~sqlalchemy_q4m.loading.Unloadable`
-    #: and dead-letter it.
+    #: queue); the worker sets this to own it as a
+    #: :class:`~sqlalchemy_q4m.backends.loading.Unloadable` and dead-letter it.
     accept_unloadable: bool = False
 
     def __init__(
@@ -120,7 +120,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
         self.timeout = timeout
         self.poll_interval = poll_interval
         #: Seconds an idle portable consumer waits to be woken by ``notify`` (MariaDB) instead
-        #: of polling; None: poll.  See :mod:`sqlalchemy_q4m.notify`.
+        #: of polling; None: poll.  See :mod:`sqlalchemy_q4m.backends.wakeup`.
         self.listen = listen
         #: The job's life: what to do next, decided without I/O (shared with asyncio).
         self.life = Lifecycle(timeout, poll_interval)
@@ -313,7 +313,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
         )
 
     def _listen(self, seconds: float) -> None:
-        """One :func:`~sqlalchemy_q4m.notify.listen_wait` of ``seconds``."""
+        """One :func:`~sqlalchemy_q4m.backends.wakeup.listen_wait` of ``seconds``."""
         assert self._pinned is not None
         if listen_wait(self._pinned, self.subscriptions, seconds):
             self.restart()  # the guard may hold a row lock: the claim starts afresh

@@ -9,7 +9,7 @@ statement shape instead of once per row: the ``INSERT`` is compiled once per tab
 set and dialect, each row becomes the driver's parameters directly, and the rows go out in
 one DBAPI ``executemany`` per chunk (PyMySQL sends it as multi-row ``INSERT``\\ s).  When
 something observes statements (events, echo; see
-:func:`~sqlalchemy_q4m.backends.loading.driver_level`) the chunk goes through
+:func:`~sqlalchemy_q4m.backends.driver.driver_level`) the chunk goes through
 :meth:`~sqlalchemy.Connection.exec_driver_sql` instead, so it is seen.
 """
 

@@ -6,7 +6,7 @@ each consumer checks out its own and keeps it, reconnecting with backoff when th
 away (the job it owned is returned by the server, not lost).
 
 With ``batch_size = N`` (N > 1) on the portable backend a consumer claims up to N jobs in one
-transaction with :func:`~sqlalchemy_q4m.batch.queue_batch` (earlier tables first, filling the
+transaction with :func:`~sqlalchemy_q4m.queue_batch` (earlier tables first, filling the
 batch from later ones) and runs ``execute`` for each with the same outcomes as one at a time:
 a job that returns is ended, one that aborts is returned, one that raises gets its retry copy
 or dead letter written in the batch's transaction, and each job's writes through

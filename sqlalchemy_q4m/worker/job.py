@@ -79,10 +79,10 @@ class Job:
       expression, a callable ``table -> expression`` (for reflected tables), or a mapping
       from model, Table or table name to either.
     * ``max_attempts`` (5), ``retry_base`` (2 s), ``retry_cap`` (3600 s), ``retry_jitter``
-      (0.5): the :class:`~sqlalchemy_q4m.retry.RetryPolicy`; ``dead_letter_table``.
+      (0.5): the :class:`~sqlalchemy_q4m.RetryPolicy`; ``dead_letter_table``.
     * ``wait_timeout`` (1 s, how often a waiting worker checks for a stop), ``poll_interval``
       (portable backend), ``listen`` (None; seconds an idle portable worker waits to be woken
-      by a producer's :func:`~sqlalchemy_q4m.notify.notify` instead of polling, on MariaDB;
+      by a producer's :func:`~sqlalchemy_q4m.notify` instead of polling, on MariaDB;
       each wait still ends after ``wait_timeout``, so the worker sees a stop in time),
       ``backend``, ``reconnect_max`` (longest pause between reconnects).
     * ``end_before_execute``: remove the job before running it (at most once: a crash loses

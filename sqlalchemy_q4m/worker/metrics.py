@@ -88,7 +88,7 @@ class WorkerMetrics:
         return cls(serve=serve)
 
     def observe(self, outcome: str, table: str | None, seconds: float | None) -> None:
-        """The :class:`~sqlalchemy_q4m.worker.Stats` hook: count and time one job."""
+        """The :class:`~sqlalchemy_q4m.worker.stats.Stats` hook: count and time one job."""
         queue = table or ""
         self.jobs.labels(queue, outcome).inc()
         if outcome in ("retried", "dead"):

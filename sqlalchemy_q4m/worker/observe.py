@@ -1,9 +1,10 @@
 """What watches a worker process: its row in the worker registry and its Prometheus metrics.
 
 :func:`start_observers` is the one hook the runtime calls around a worker process (threads or
-asyncio tasks): it registers the process (:class:`~sqlalchemy_q4m.registry.Heartbeat`) and,
-when asked, records metrics (:mod:`sqlalchemy_q4m.metrics`); both follow the consumers through
-their :class:`~sqlalchemy_q4m.worker.Stats` hooks and their ``holding`` property.
+asyncio tasks): it registers the process (:class:`~sqlalchemy_q4m.worker.registry.Heartbeat`)
+and, when asked, records metrics (:mod:`sqlalchemy_q4m.worker.metrics`); both follow the
+consumers through their :class:`~sqlalchemy_q4m.worker.stats.Stats` hooks and their
+``holding`` property.
 """
 
 from __future__ import annotations

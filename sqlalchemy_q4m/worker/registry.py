@@ -189,7 +189,7 @@ class Heartbeat:
     """Registers this worker process and keeps its row fresh from a daemon thread.
 
     ``in_hand`` is called on each beat and returns the jobs in hand; :meth:`observe` is the
-    hook the consumers' :class:`~sqlalchemy_q4m.worker.Stats` call after each job.  Every
+    hook the consumers' :class:`~sqlalchemy_q4m.worker.stats.Stats` call after each job.  Every
     database error is logged and swallowed: the registry never stops a worker.
     """
 

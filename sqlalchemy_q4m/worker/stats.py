@@ -24,7 +24,7 @@ class Stats:
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     #: Called after each job with (outcome, table, seconds in hand): the worker registry's
-    #: and the metrics' hook (see :mod:`sqlalchemy_q4m.observe`).
+    #: and the metrics' hook (see :mod:`sqlalchemy_q4m.worker.observe`).
     hooks: list[Callable[[str, str | None, float | None], None]] = field(
         default_factory=list, repr=False
     )
