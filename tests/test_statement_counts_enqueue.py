@@ -36,6 +36,7 @@ from sqlalchemy_q4m.backends.driver import dialect_cache
 from sqlalchemy_q4m.backends.listeners import anchor_for
 from sqlalchemy_q4m.backends.listeners import announce
 from sqlalchemy_q4m.backends.wakeup import listening_supported
+from sqlalchemy_q4m.ops import enqueue_rows
 from sqlalchemy_q4m.types import new_job_id
 
 #: The module holding ``LISTENERS_RECHECK`` (``sqlalchemy_q4m.backends.listeners``).
@@ -327,3 +328,22 @@ def test_an_engine_bound_enqueue_raises_sqlalchemy_errors_and_keeps_the_pool_usa
     assert len(enqueue(portable, jobs, [{"n": 1}])) == 1  # the connection went back clean
     with portable.connect() as conn:
         assert conn.scalar(select(1)) == 1
+
+
+@pytest.mark.integration
+def test_asking_whether_anybody_listens_leaves_a_connection_out_of_a_transaction(
+    portable: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ops.enqueue_rows`` on a Connection out of a transaction commits its rows, then asks
+    whether anybody listens.  That look-up is rolled back even when nobody does: left open,
+    the next call on the connection would take it for the caller's transaction and commit
+    nothing, and its jobs would vanish when the connection closed (the demo's producer lost
+    its second batch this way)."""
+    monkeypatch.setattr(notify_module, "LISTENERS_RECHECK", 0.0)  # ask on every call
+    with portable.connect() as conn:
+        for n in range(3):
+            enqueue_rows(conn, jobs, [{"n": n, "note": "conn"}])
+            assert not conn.in_transaction()
+    with portable.connect() as conn:
+        notes = conn.scalars(select(jobs.c.n).where(jobs.c.note == "conn").order_by(jobs.c.n))
+        assert list(notes) == [0, 1, 2]

@@ -128,10 +128,14 @@ def wake_committed(conn: Connection, subs: Sequence[Subscription], jobs: int) ->
     :class:`~sqlalchemy_q4m.backends.listeners.Anchor`) at most every
     :data:`~sqlalchemy_q4m.backends.listeners.LISTENERS_RECHECK` seconds per engine; when
     one does, it is :func:`notify`'s scan.
-    ``conn`` is left out of a transaction (rolled back when anything was sent)."""
-    if not listening_supported(conn.dialect) or not listeners_present(conn, subs):
+    ``conn`` is left out of a transaction (rolled back when anything was sent, the look-up
+    included: a caller's next statement must not find it in a transaction and take it for
+    its own, which would leave the caller's next jobs uncommitted)."""
+    if not listening_supported(conn.dialect):
         return 0
     try:
+        if not listeners_present(conn, subs):
+            return 0
         return _wake(conn, subs, jobs + 1)
     finally:
         if conn.in_transaction():
