@@ -6,11 +6,11 @@ named by ``--url`` (``Q4M_BENCH_URL``, default ``mysql+pymysql://root@127.0.0.1:
 dropped at the end; when the URL names a database, it uses that one and drops only its table.
 
 The server decides the backend, as it does for ``queue_session``: on a server with the Q4M
-engine (``ENGINE=QUEUE``) the queue table is a QUEUE table and the native scenarios run
-(enqueue, and consume against a raw autocommit ``queue_wait``/``SELECT``/``queue_end`` loop);
-their report is the report's native section, written into ``--output`` between its markers
-(the portable part of an existing report is kept).  Elsewhere the portable scenarios run and
-write the whole report (an existing native section is kept).
+engine (``ENGINE=QUEUE``) the queue table is a QUEUE table and every scenario runs against raw
+autocommit ``queue_wait``/``SELECT``/``queue_end`` loops; its report is the report's native
+section, written into ``--output`` between its markers (the portable part of an existing
+report is kept).  Elsewhere the scenarios run against raw SKIP LOCKED loops and write the
+whole report (an existing native section is kept).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import use_backend
 
-from . import scenarios
 from .common import Base
 from .common import server_backend
+from .scenarios import SCENARIOS
 from .scenarios import Report
 from .scenarios import Settings
 
@@ -54,10 +54,6 @@ SERVER_VARIABLES = (
     "innodb_buffer_pool_size",
     "innodb_lock_wait_timeout",
 )
-SCENARIOS = ("enqueue", "consume", "latency", "memory", "batched")
-#: What runs on Q4M: the others are the portable backend's (polling and listen/notify, batches
-#: of SKIP LOCKED claims; a worker's memory does not depend on the backend).
-NATIVE_SCENARIOS = ("enqueue", "consume")
 NATIVE_BEGIN = "<!-- native section: written by `python -m benchmarks --url <a Q4M server>` -->"
 NATIVE_END = "<!-- end of the native section -->"
 
@@ -77,7 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--output", default=str(HERE / "RESULTS.md"), help="report path (default %(default)s)"
     )
     parser.add_argument(
-        "--only", action="append", choices=SCENARIOS, help="run only these scenarios"
+        "--only", action="append", choices=list(SCENARIOS), help="run only these scenarios"
     )
     return parser.parse_args(argv)
 
@@ -147,6 +143,8 @@ def _git_commit() -> str:
 def _fmt(value: float, unit: str) -> str:
     if unit == "jobs/s":
         return f"{value:,.0f}"
+    if unit == "per job":
+        return f"{value:,.2f}"
     return f"{value:,.1f}"
 
 
@@ -302,13 +300,8 @@ def main(argv: list[str] | None = None) -> int:
         Base.metadata.create_all(engine)
         engine.dispose()
         for name in args.only or SCENARIOS:
-            if settings.native and name not in NATIVE_SCENARIOS:
-                report.extra[name] = "a portable-backend scenario: not run on Q4M"
-                continue
             try:
-                getattr(scenarios, name if name != "memory" else "memory")(
-                    url, settings, report, progress
-                )
+                SCENARIOS[name](url, settings, report, progress)
             except Exception:
                 report.errors.append(f"{name}: {traceback.format_exc()}")
                 progress(f"{name} FAILED")
