@@ -184,11 +184,11 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, s:
         "",
         "## Results",
         "",
-        "Each library figure is measured in the same run as its raw-PyMySQL baseline issuing the"
-        " same SQL (alternating, best of "
-        f"{s.repeats} run{'s' if s.repeats > 1 else ''} each; consume: best of"
+        "Each library figure is measured in the same run as its raw baseline issuing the"
+        " same SQL (PyMySQL; the asyncio rows: the same async driver), alternating, best of "
+        f"{s.repeats} run{'s' if s.repeats > 1 else ''} each (one-job consume: best of"
         f" {s.consume_repeats}). `ratio` = library / raw: higher is better for jobs/s, lower is"
-        " better for ms, MB and queries/s.",
+        " better for ms, MB, queries/s and statements per job. Every row has a target.",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",
@@ -224,13 +224,16 @@ def render_native(
         f"- server {info['server']} with Q4M {info.get('q4m', 'n/a')}; Python {info['python']}, "
         f"SQLAlchemy {info['sqlalchemy']}, PyMySQL {info['pymysql']} (both sides)",
         f"- consume: {s.consume_jobs} jobs per run, each figure the best of "
-        f"{s.consume_repeats} alternating run{'s' if s.consume_repeats > 1 else ''}; enqueue: "
-        f"best of {s.repeats}",
+        f"{s.consume_repeats} alternating run{'s' if s.consume_repeats > 1 else ''}; enqueue, "
+        f"batched and asyncio: best of {s.repeats}",
         "- raw baseline: PyMySQL with autocommit on, on the same table (`q4m_bench_jobs`, "
         "`ENGINE=QUEUE`): per job `SELECT queue_wait('q4m_bench_jobs', 0)`, "
         "`SELECT id, payload, enqueued_at FROM q4m_bench_jobs` (the owner sees its row), "
-        "`SELECT queue_end()`; enqueue: `executemany` (or one `INSERT` per job), no COMMIT",
-        "- `ratio` = library / raw, measured in the same run",
+        "`SELECT queue_end()` (also the batched rows' baseline: a Q4M batch holds one job); "
+        "pickup latency: the same loop blocking in `queue_wait('q4m_bench_jobs', 5)`; "
+        "asyncio: the same statements on the same async driver; enqueue: `executemany` (or one "
+        "`INSERT` per job), no COMMIT",
+        "- `ratio` = library / raw, measured in the same run; every row has a target",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",

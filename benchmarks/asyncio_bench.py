@@ -209,7 +209,7 @@ def asyncio_consume(url: URL, s: Settings, report: Report, progress: Progress) -
             progress(f"asyncio {driver}, {n} task(s)")
             sides = ["raw", *(side for side, _ in SIDES)]
             rates = alternate(
-                s.consume_repeats,
+                s.repeats,  # far from their target so far: fewer repeats keep the run short
                 *(
                     lambda n=n, side=side, driver=driver: drain(
                         url, s.consume_jobs, "thread", 1, AsyncDrain, driver, side, n, s.native

@@ -4,6 +4,8 @@ alternating measures and draining the queue with one kind of consumer."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from dataclasses import field
 from dataclasses import replace
@@ -191,20 +193,29 @@ def commands_per_job(url: URL, count: int, loop: Any, *args: Any) -> float:
 def _commands(url: URL, count: int, loop: Any, *args: Any) -> int:
     fill(url, count)
     worker = loop(url, *args)
-    sent = 0
-    original = pymysql.connections.Connection._execute_command
-
-    def counting(self: Any, command: int, sql: Any) -> Any:
-        nonlocal sent
-        sent += 1
-        return original(self, command, sql)
-
-    pymysql.connections.Connection._execute_command = counting
     try:
-        done = worker.consume()
+        with counting() as sent:
+            done = worker.consume()
     finally:
-        pymysql.connections.Connection._execute_command = original
         worker.close()
     if done != count:
         raise RuntimeError(f"{loop.__name__}: {done} of {count} jobs done")
-    return sent
+    return sent[0]
+
+
+@contextmanager
+def counting() -> Iterator[list[int]]:
+    """Count every command PyMySQL sends (queries, COMMIT, ROLLBACK, ping) inside the block:
+    ``with counting() as sent: ...`` then ``sent[0]``."""
+    sent = [0]
+    original = pymysql.connections.Connection._execute_command
+
+    def count(self: Any, command: int, sql: Any) -> Any:
+        sent[0] += 1
+        return original(self, command, sql)
+
+    pymysql.connections.Connection._execute_command = count
+    try:
+        yield sent
+    finally:
+        pymysql.connections.Connection._execute_command = original

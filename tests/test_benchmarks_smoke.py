@@ -72,6 +72,7 @@ def expected(backend: str, batch_size: int, batch_labels: list[str]) -> list[tup
         ("enqueue", "bulk: ORM"),
         ("enqueue", "one job per call"),
         ("enqueue", "one job per transaction"),
+        ("statements", "commands sent per job, one job per call: `enqueue("),
         *[
             ("statements", f"commands sent per job, {name}, 1 thread")
             for name in (*CONSUMERS, CORE, *batch_names)
