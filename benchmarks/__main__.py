@@ -6,11 +6,11 @@ named by ``--url`` (``Q4M_BENCH_URL``, default ``mysql+pymysql://root@127.0.0.1:
 dropped at the end; when the URL names a database, it uses that one and drops only its table.
 
 The server decides the backend, as it does for ``queue_session``: on a server with the Q4M
-engine (``ENGINE=QUEUE``) the queue table is a QUEUE table and the native scenarios run
-(enqueue, and consume against a raw autocommit ``queue_wait``/``SELECT``/``queue_end`` loop);
-their report is the report's native section, written into ``--output`` between its markers
-(the portable part of an existing report is kept).  Elsewhere the portable scenarios run and
-write the whole report (an existing native section is kept).
+engine (``ENGINE=QUEUE``) the queue table is a QUEUE table and every scenario runs against raw
+autocommit ``queue_wait``/``SELECT``/``queue_end`` loops; its report is the report's native
+section, written into ``--output`` between its markers (the portable part of an existing
+report is kept).  Elsewhere the scenarios run against raw SKIP LOCKED loops and write the
+whole report (an existing native section is kept).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import use_backend
 
-from . import scenarios
 from .common import Base
 from .common import server_backend
+from .scenarios import SCENARIOS
 from .scenarios import Report
 from .scenarios import Settings
 
@@ -54,10 +54,6 @@ SERVER_VARIABLES = (
     "innodb_buffer_pool_size",
     "innodb_lock_wait_timeout",
 )
-SCENARIOS = ("enqueue", "consume", "latency", "memory", "batched")
-#: What runs on Q4M: the others are the portable backend's (polling and listen/notify, batches
-#: of SKIP LOCKED claims; a worker's memory does not depend on the backend).
-NATIVE_SCENARIOS = ("enqueue", "consume")
 NATIVE_BEGIN = "<!-- native section: written by `python -m benchmarks --url <a Q4M server>` -->"
 NATIVE_END = "<!-- end of the native section -->"
 
@@ -77,7 +73,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--output", default=str(HERE / "RESULTS.md"), help="report path (default %(default)s)"
     )
     parser.add_argument(
-        "--only", action="append", choices=SCENARIOS, help="run only these scenarios"
+        "--only", action="append", choices=list(SCENARIOS), help="run only these scenarios"
     )
     return parser.parse_args(argv)
 
@@ -147,6 +143,8 @@ def _git_commit() -> str:
 def _fmt(value: float, unit: str) -> str:
     if unit == "jobs/s":
         return f"{value:,.0f}"
+    if unit == "per job":
+        return f"{value:,.2f}"
     return f"{value:,.1f}"
 
 
@@ -186,11 +184,11 @@ def render(info: dict[str, Any], report: Report, quick: bool, seconds: float, s:
         "",
         "## Results",
         "",
-        "Each library figure is measured in the same run as its raw-PyMySQL baseline issuing the"
-        " same SQL (alternating, best of "
-        f"{s.repeats} run{'s' if s.repeats > 1 else ''} each; consume: best of"
+        "Each library figure is measured in the same run as its raw baseline issuing the"
+        " same SQL (PyMySQL; the asyncio rows: the same async driver), alternating, best of "
+        f"{s.repeats} run{'s' if s.repeats > 1 else ''} each (one-job consume: best of"
         f" {s.consume_repeats}). `ratio` = library / raw: higher is better for jobs/s, lower is"
-        " better for ms, MB and queries/s.",
+        " better for ms, MB, queries/s and statements per job. Every row has a target.",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",
@@ -226,13 +224,16 @@ def render_native(
         f"- server {info['server']} with Q4M {info.get('q4m', 'n/a')}; Python {info['python']}, "
         f"SQLAlchemy {info['sqlalchemy']}, PyMySQL {info['pymysql']} (both sides)",
         f"- consume: {s.consume_jobs} jobs per run, each figure the best of "
-        f"{s.consume_repeats} alternating run{'s' if s.consume_repeats > 1 else ''}; enqueue: "
-        f"best of {s.repeats}",
+        f"{s.consume_repeats} alternating run{'s' if s.consume_repeats > 1 else ''}; enqueue, "
+        f"batched and asyncio: best of {s.repeats}",
         "- raw baseline: PyMySQL with autocommit on, on the same table (`q4m_bench_jobs`, "
         "`ENGINE=QUEUE`): per job `SELECT queue_wait('q4m_bench_jobs', 0)`, "
         "`SELECT id, payload, enqueued_at FROM q4m_bench_jobs` (the owner sees its row), "
-        "`SELECT queue_end()`; enqueue: `executemany` (or one `INSERT` per job), no COMMIT",
-        "- `ratio` = library / raw, measured in the same run",
+        "`SELECT queue_end()` (also the batched rows' baseline: a Q4M batch holds one job); "
+        "pickup latency: the same loop blocking in `queue_wait('q4m_bench_jobs', 5)`; "
+        "asyncio: the same statements on the same async driver; enqueue: `executemany` (or one "
+        "`INSERT` per job), no COMMIT",
+        "- `ratio` = library / raw, measured in the same run; every row has a target",
         "",
         "| section | scenario | library | raw PyMySQL | unit | ratio | target | met |",
         "|---|---|---:|---:|---|---:|---|---|",
@@ -302,13 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         Base.metadata.create_all(engine)
         engine.dispose()
         for name in args.only or SCENARIOS:
-            if settings.native and name not in NATIVE_SCENARIOS:
-                report.extra[name] = "a portable-backend scenario: not run on Q4M"
-                continue
             try:
-                getattr(scenarios, name if name != "memory" else "memory")(
-                    url, settings, report, progress
-                )
+                SCENARIOS[name](url, settings, report, progress)
             except Exception:
                 report.errors.append(f"{name}: {traceback.format_exc()}")
                 progress(f"{name} FAILED")

@@ -26,9 +26,9 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_table
-from sqlalchemy_q4m.server import has_queue_engine
 
 #: The table every scenario uses (in the benchmark's own database).
 TABLE = "q4m_bench_jobs"
@@ -99,7 +99,7 @@ def server_backend(url: URL) -> str:
     engine = create_engine(url, poolclass=NullPool)
     try:
         with engine.connect() as conn:
-            return "native" if has_queue_engine(conn) else "portable"
+            return detect_backend(conn)
     finally:
         engine.dispose()
 

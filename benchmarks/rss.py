@@ -1,6 +1,6 @@
 """Worker memory: a fresh interpreter drains the queue with 4 threads and prints its RSS.
 
-``python -m benchmarks.rss library|raw|runtime URL`` prints one JSON object
+``python -m benchmarks.rss library|raw|raw-native|runtime URL`` prints one JSON object
 ``{"jobs": n, "peak_kb": VmHWM, "rss_kb": VmRSS}``; run as a subprocess so nothing of the
 benchmark driver is counted.  The raw worker imports PyMySQL only (no SQLAlchemy), so the
 difference is what the library and its dependencies cost.
@@ -70,11 +70,34 @@ class _PlainRawLoop:
         self.conn.close()
 
 
+class _PlainRawNativeLoop(_PlainRawLoop):
+    """Q4M's raw loop (autocommit on): ``queue_wait``, the owner's ``SELECT``, ``queue_end()``."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.conn.autocommit(True)
+
+    def consume(self) -> int:
+        done = 0
+        with self.conn.cursor() as cur:
+            while True:
+                cur.execute(f"SELECT queue_wait('{TABLE}', 0)")
+                (got,) = cur.fetchone()
+                if not got:
+                    cur.execute("SELECT queue_end()")
+                    return done
+                cur.execute(f"SELECT id FROM {TABLE}")
+                cur.fetchone()
+                cur.execute("SELECT queue_end()")
+                done += 1
+
+
 def main(argv: list[str]) -> int:
     kind, url = argv[0], argv[1]
     loops: list[Any]
-    if kind == "raw":
-        loops = [_PlainRawLoop(url) for _ in range(THREADS)]
+    if kind in ("raw", "raw-native"):
+        raw_class = _PlainRawNativeLoop if kind == "raw-native" else _PlainRawLoop
+        loops = [raw_class(url) for _ in range(THREADS)]
     else:
         from sqlalchemy import make_url
 

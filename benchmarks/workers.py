@@ -12,11 +12,11 @@ from typing import Any
 import pymysql
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 from sqlalchemy_q4m import QueueAbort
+from sqlalchemy_q4m import queue_batch
 from sqlalchemy_q4m import queue_session
-from sqlalchemy_q4m.backends.base import DEADLOCK
-from sqlalchemy_q4m.consumer.batch import queue_batch
 from sqlalchemy_q4m.exc import CompletionFailed
 
 from .common import RAW_CLAIM
@@ -29,6 +29,9 @@ from .common import core_jobs
 from .common import library_engine
 from .common import raw_connect
 from .common import raw_native_connect
+
+#: MariaDB's ER_LOCK_DEADLOCK: the raw loops give the job back, as the library does.
+DEADLOCK = 1213
 
 
 class RawLoop:
@@ -86,6 +89,14 @@ class RawNativeLoop:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class RawNativeBatchLoop(RawNativeLoop):
+    """The raw counterpart of ``queue_batch`` on Q4M, where a connection owns one row at a
+    time and a batch holds one job: the raw one-job loop, with a batch size it ignores."""
+
+    def __init__(self, url: URL, size: int) -> None:
+        super().__init__(url)
 
 
 def warm_up(engine: Engine, target: Any) -> None:
@@ -168,6 +179,34 @@ class EngineSessionLoop(SessionLoop):
             self.engine.dispose()
 
 
+class OrmSessionLoop(SessionLoop):
+    """``with queue_session(BenchJob, bind=session, timeout=0) as job`` on one ORM
+    ``Session(engine)`` kept by the consumer: the job's removal commits with the session's
+    writes (portable); on Q4M the job is owned on a pinned connection beside it."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.engine = engine or library_engine(url)
+        self.own_engine = engine is None
+        warm_up(self.engine, BenchJob)
+        self.session = Session(self.engine)
+
+    def consume(self) -> int:
+        done = 0
+        while True:
+            try:
+                with queue_session(BenchJob, bind=self.session, timeout=0) as job:
+                    if job is None:
+                        return done
+            except CompletionFailed:
+                continue
+            done += 1
+
+    def close(self) -> None:
+        self.session.close()
+        if self.own_engine:
+            self.engine.dispose()
+
+
 def worker_runtime_available() -> bool:
     """True once the worker runtime (issue 3) is in the package with the documented API."""
     try:
@@ -195,7 +234,10 @@ class RuntimeLoop:
         self.own_engine = engine is None
         self.job = NoOpJob(self.engine)
         warm_up(self.engine, BenchJob)
-        self.job._get_consumer().connect()  # connected and prepared, as SessionLoop is
+        # connected and prepared, as SessionLoop is (a private step: skipped if it moves)
+        consumer = getattr(self.job, "_get_consumer", None)
+        if consumer is not None:
+            consumer().connect()
 
     def consume(self) -> int:
         done = 0
@@ -213,8 +255,8 @@ class BatchRuntimeLoop:
     savepoint per job) and a no-op ``execute``; counts only committed jobs."""
 
     def __init__(self, url: URL, size: int) -> None:
-        from sqlalchemy_q4m.worker.consumer import Consumer
-        from sqlalchemy_q4m.worker.job import Job
+        from sqlalchemy_q4m.worker import Consumer
+        from sqlalchemy_q4m.worker import Job
 
         class NoOpJob(Job):
             model = BenchJob

@@ -1,12 +1,14 @@
 """The benchmark entry point, run as users run it, in its tiny mode against the test database.
 
-Asserts that the report is written with the machine header and every scenario row, and that
-each figure and ratio is a positive number.  Wall-clock figures are never asserted: they
+Asserts that the report is written with the machine header and every scenario row (every
+documented path at every concurrency, on both backends), that each figure and ratio is a
+positive number and that every row carries a target.  Wall-clock figures are never asserted: they
 depend on the machine, not on the code.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -23,35 +25,85 @@ pytestmark = pytest.mark.acceptance
 
 ROOT = Path(__file__).resolve().parent.parent
 
-#: (section, scenario text) of every row the tiny run must produce.
-EXPECTED = [
-    ("enqueue", "bulk: `enqueue(engine"),
-    ("enqueue", "bulk: ORM"),
-    ("enqueue", "one job per call"),
-    ("enqueue", "one job per transaction"),
-    *[
-        ("consume", f"`queue_session(bind=connection)`, {label}")
-        for label in (
-            "1 thread",
-            "2 threads",
-            "4 threads",
-            "8 threads",
-            "1 process",
-            "2 processes",
-            "4 processes",
-            "8 processes",
-        )
-    ],
-    ("consume", "`queue_session(bind=engine)`"),
-    ("latency", "pickup p50"),
-    ("latency", "pickup p99"),
-    ("latency", "commands/s sent by an idle worker"),
-    ("memory", "peak RSS of a worker process, 4 threads"),
-    ("batched", "`queue_batch(size=50)`, 1 thread"),
-    ("batched", "`queue_batch(size=50)`, 2 processes"),
-    ("batched", "worker runtime, batch_size=50, 1 thread"),
-    ("batched", "worker runtime, batch_size=50, 2 processes"),
+LABELS = [
+    f"{n} {kind if n == 1 else plural}"
+    for kind, plural in (("thread", "threads"), ("process", "processes"))
+    for n in (1, 2, 4, 8)
 ]
+CONSUMERS = [
+    "`queue_session(bind=connection)`",
+    "`queue_session(bind=engine)`",
+    "`queue_session(bind=Session(engine))`",
+    "worker runtime `Job.run_once`",
+]
+CORE = "`queue_session(core_table, bind=connection)` (yields Rows)"
+ASYNC_SIDES = [
+    "`async_queue_session(bind=AsyncConnection)`",
+    "`async_queue_session(bind=AsyncEngine)`",
+    "`async_queue_session(bind=AsyncSession)`",
+    "`AsyncJob.run_once`",
+]
+LATENCY = {
+    "portable": [
+        "pickup p50, idle queue, listen/notify",
+        "pickup p99, idle queue, listen/notify",
+        "commands/s sent by an idle worker (no jobs), listen/notify",
+        "polling: pickup p50",
+        "polling: pickup p99",
+        "polling: commands/s sent by an idle worker",
+        "commands/s while picking up sparse jobs",
+    ],
+    "native": [
+        "pickup p50, idle queue",
+        "pickup p99, idle queue",
+        "commands/s sent by an idle worker (no jobs)",
+        "commands/s while picking up sparse jobs",
+    ],
+}
+
+
+def expected(backend: str, batch_size: int, batch_labels: list[str]) -> list[tuple[str, str]]:
+    """(section, start of the scenario text) of every row a run must produce: every
+    documented path at every concurrency, on either backend."""
+    drivers = [d for d in ("aiomysql", "asyncmy") if importlib.util.find_spec(d) is not None]
+    batch_names = [f"`queue_batch(size={batch_size})`", f"worker runtime, batch_size={batch_size}"]
+    return [
+        ("enqueue", "bulk: `enqueue(engine"),
+        ("enqueue", "bulk: ORM"),
+        ("enqueue", "one job per call"),
+        ("enqueue", "one job per transaction"),
+        ("statements", "commands sent per job, one job per call: `enqueue("),
+        *[
+            ("statements", f"commands sent per job, {name}, 1 thread")
+            for name in (*CONSUMERS, CORE, *batch_names)
+        ],
+        *[("consume", f"{name}, {label}") for label in LABELS for name in CONSUMERS],
+        ("consume", f"{CORE}, 1 thread"),
+        *[("latency", text) for text in LATENCY[backend]],
+        ("memory", "peak RSS of a worker process, 4 threads"),
+        *[("batched", f"{name}, {label}") for label in batch_labels for name in batch_names],
+        *[
+            ("asyncio", f"{side}, {driver}, {n} {'task' if n == 1 else 'tasks'}")
+            for driver in drivers
+            for n in (1, 2, 4, 8)
+            for side in ASYNC_SIDES
+        ],
+    ]
+
+
+#: Every row the tiny (portable) run must produce.
+EXPECTED = expected("portable", 50, ["1 thread", "2 processes"])
+
+
+def _check_rows(rows: list[list[str]], wanted: list[tuple[str, str]], report: str) -> None:
+    """One row per expected scenario, no other, each with positive figures and a target."""
+    assert len(rows) == len(wanted), report
+    for section, scenario in wanted:
+        matching = [r for r in rows if r[0] == f"| {section}" and r[1].startswith(scenario)]
+        assert len(matching) == 1, f"no single row for {section}: {scenario}\n{report}"
+        library, raw, ratio = (float(matching[0][i].replace(",", "")) for i in (2, 3, 5))
+        assert library > 0 and raw > 0 and ratio > 0, matching[0]
+        assert matching[0][6].strip() and matching[0][7].strip(" |"), matching[0]  # a target
 
 
 def test_tiny_run_writes_every_row(db_url: URL, tmp_path: Path) -> None:
@@ -80,11 +132,7 @@ def test_tiny_run_writes_every_row(db_url: URL, tmp_path: Path) -> None:
     assert re.search(r"- 2 cores|- \d+ cores", report)
     assert "innodb_flush_log_at_trx_commit=" in report and "sync_binlog=" in report
     rows = [line.split(" | ") for line in report.splitlines() if line.startswith("| ")][1:]
-    for section, scenario in EXPECTED:
-        matching = [r for r in rows if r[0] == f"| {section}" and r[1].startswith(scenario)]
-        assert len(matching) == 1, f"no single row for {section}: {scenario}\n{report}"
-        library, raw, ratio = (float(matching[0][i].replace(",", "")) for i in (2, 3, 5))
-        assert library > 0 and raw > 0 and ratio > 0, matching[0]
+    _check_rows(rows, EXPECTED, report)
     # the benchmark cleans up after itself: its table is gone from the test database
     assert "q4m_bench_jobs" not in _tables(db_url)
 
@@ -97,39 +145,8 @@ def _tables(url: URL) -> list[str]:
         engine.dispose()
 
 
-#: Every row of the native section: enqueue, and each library consumer at every concurrency.
-NATIVE_EXPECTED = [
-    ("enqueue", "bulk: `enqueue(engine"),
-    ("enqueue", "bulk: ORM"),
-    ("enqueue", "one job per call"),
-    ("enqueue", "one job per transaction"),
-    *[
-        ("consume", f"{consumer}, {label}")
-        for consumer in (
-            "`queue_session(bind=connection)`",
-            "`queue_session(bind=engine)`",
-            "worker runtime `Job.run_once`",
-        )
-        for label in (
-            "1 thread",
-            "2 threads",
-            "4 threads",
-            "8 threads",
-            "1 process",
-            "2 processes",
-            "4 processes",
-            "8 processes",
-        )
-    ],
-    *[
-        ("statements", f"commands sent per job, {consumer}, 1 thread")
-        for consumer in (
-            "`queue_session(bind=connection)`",
-            "`queue_session(bind=engine)`",
-            "worker runtime `Job.run_once`",
-        )
-    ],
-]
+#: Every row of the native section (the quick run): the same paths as the portable run's.
+NATIVE_EXPECTED = expected("native", 200, LABELS)
 
 
 @pytest.mark.native
@@ -167,12 +184,7 @@ def test_quick_native_run_on_a_q4m_server(q4m_url: URL, tmp_path: Path) -> None:
     section = report[report.index("## Native backend (Q4M, `ENGINE=QUEUE`)") :]
     assert "### Errors" not in section and "with Q4M plugin" in section
     rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ")][1:]
-    assert len(rows) == len(NATIVE_EXPECTED), section
-    for section_name, scenario in NATIVE_EXPECTED:
-        matching = [r for r in rows if r[0] == f"| {section_name}" and r[1].startswith(scenario)]
-        assert len(matching) == 1, f"no single row for {section_name}: {scenario}\n{section}"
-        library, raw, ratio = (float(matching[0][i].replace(",", "")) for i in (2, 3, 5))
-        assert library > 0 and raw > 0 and ratio > 0, matching[0]
+    _check_rows(rows, NATIVE_EXPECTED, section)
     # the benchmark made its own database on the Q4M server and dropped it
     assert {d for d in _databases(server) - before if d.startswith("q4m_bench_")} == set()
 

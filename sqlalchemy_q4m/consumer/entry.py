@@ -7,6 +7,7 @@ neither imports the other."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
 from typing import overload
@@ -15,14 +16,15 @@ from sqlalchemy import Connection
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from .asyncio import AsyncBind
-from .asyncio import AsyncQueueSession
-from .asyncio import async_queue_session
 from .binding import bound_factory
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Where
 from .session import Bind
 from .session import QueueSession
+
+if TYPE_CHECKING:
+    from .asyncio import AsyncBind
+    from .asyncio import AsyncQueueSession
 
 __all__ = ["queue_session", "queue_sessionmaker"]
 
@@ -72,6 +74,10 @@ def queue_session(
     ``poll_interval`` (see :mod:`sqlalchemy_q4m.backends.wakeup`; an async bind awaits that wait).
     """
     if not isinstance(bind, Engine | Connection | Session):
+        # imported here: a program that never passes an asyncio bind does not load
+        # SQLAlchemy's asyncio extension (nor greenlet's machinery) at all
+        from .asyncio import async_queue_session
+
         return async_queue_session(
             *targets,
             bind=bind,

@@ -1,0 +1,98 @@
+"""Consume, one job at a time: every documented bind and the worker against the raw loop of
+the same backend, alternating, at 1, 2, 4 and 8 threads and processes; and the commands each
+sends per job, against the raw loop's."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import URL
+
+from .report import Progress
+from .report import Report
+from .report import Settings
+from .report import alternate
+from .report import commands_per_job
+from .report import drain
+from .report import label
+from .report import rate_row
+from .report import statements_row
+from .workers import BatchLoop
+from .workers import BatchRuntimeLoop
+from .workers import CoreSessionLoop
+from .workers import EngineSessionLoop
+from .workers import OrmSessionLoop
+from .workers import RawBatchLoop
+from .workers import RawLoop
+from .workers import RawNativeBatchLoop
+from .workers import RawNativeLoop
+from .workers import RuntimeLoop
+from .workers import SessionLoop
+
+#: The library consumers of the consume rows, on both backends: (loop, how the row names it).
+CONSUMERS: tuple[tuple[Any, str], ...] = (
+    (SessionLoop, "`queue_session(bind=connection)`"),
+    (EngineSessionLoop, "`queue_session(bind=engine)`"),
+    (OrmSessionLoop, "`queue_session(bind=Session(engine))`"),
+    (RuntimeLoop, "worker runtime `Job.run_once`"),
+)
+
+#: Measured at one thread only: the Core table's Rows instead of ORM instances.
+CORE = (CoreSessionLoop, "`queue_session(core_table, bind=connection)` (yields Rows)")
+
+
+def raw_loop(s: Settings) -> Any:
+    """The raw one-job loop of the backend: SKIP LOCKED + DELETE + COMMIT, or Q4M's
+    ``queue_wait``/owner ``SELECT``/``queue_end`` with autocommit."""
+    return RawNativeLoop if s.native else RawLoop
+
+
+def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
+    raw_class = raw_loop(s)
+    progress("commands per job")
+    statements(url, s, report)
+    for kind in ("thread", "process"):
+        for n in s.concurrency:
+            progress(f"consume {n} {kind}(s)")
+            consumers = [*CONSUMERS, CORE] if (kind, n) == ("thread", 1) else [*CONSUMERS]
+            loops = [raw_class, *(loop for loop, _ in consumers)]
+            rates = alternate(
+                s.consume_repeats,
+                *(
+                    lambda n=n, kind=kind, loop=loop: drain(url, s.consume_jobs, kind, n, loop)
+                    for loop in loops
+                ),
+            )
+            for (_, name), rate in zip(consumers, rates[1:], strict=True):
+                report.rows.append(rate_row("consume", f"{name}, {label(kind, n)}", rate, rates[0]))
+
+
+def statements(url: URL, s: Settings, report: Report) -> None:
+    """What each consumer sends per job, counted at the driver: the round trips behind the
+    ratios, which must be the raw loop's."""
+    count = min(s.consume_jobs, 500)
+    raw_class = raw_loop(s)
+    raw = commands_per_job(url, count, raw_class)
+    for loop, name in (*CONSUMERS, CORE):
+        report.rows.append(
+            statements_row(
+                f"commands sent per job, {name}, 1 thread",
+                commands_per_job(url, count, loop),
+                raw,
+            )
+        )
+    size = s.batch_size
+    batch_raw = commands_per_job(url, count, RawNativeBatchLoop if s.native else RawBatchLoop, size)
+    what = "the raw one-job loop (a Q4M batch holds one job)" if s.native else "the raw batch"
+    for loop, name in (
+        (BatchLoop, f"`queue_batch(size={size})`"),
+        (BatchRuntimeLoop, f"worker runtime, batch_size={size}"),
+    ):
+        report.rows.append(
+            statements_row(
+                f"commands sent per job, {name}, 1 thread",
+                commands_per_job(url, count, loop, size),
+                batch_raw,
+                note=f"vs {what}",
+            )
+        )

@@ -1,0 +1,192 @@
+"""``python -m benchmarks.cpu [--url URL] [--jobs N] [--repeats R] [--top K]``: where
+one consumer's client CPU goes, per job, for each library path and its raw loop.
+
+Client CPU (``time.process_time()``) per job, each loop draining ``N`` jobs in this thread,
+alternating, best of ``R``: unlike throughput it hardly moves when other work shares the
+cores.  Then, for each library path, the functions that cost the most own time per job under
+cProfile timed by ``process_time`` (CPU only: waiting for the server is not counted; the
+profiler inflates every call about alike, so compare the rows, not the absolute µs).
+Works in a database of its own on the server of ``--url``, dropped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import create_engine
+from sqlalchemy import make_url
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from sqlalchemy_q4m import use_backend
+
+from .asyncio_bench import AsyncDrain
+from .asyncio_bench import drivers
+from .common import Base
+from .common import fill
+from .common import server_backend
+from .workers import BatchLoop
+from .workers import BatchRuntimeLoop
+from .workers import CoreSessionLoop
+from .workers import EngineSessionLoop
+from .workers import OrmSessionLoop
+from .workers import RawBatchLoop
+from .workers import RawLoop
+from .workers import RawNativeBatchLoop
+from .workers import RawNativeLoop
+from .workers import RuntimeLoop
+from .workers import SessionLoop
+
+#: (name, loop factory taking the URL) of each path, the raw baseline first in each group.
+Path = tuple[str, Callable[[URL], Any]]
+
+
+def paths(native: bool, size: int) -> list[list[Path]]:
+    raw = RawNativeLoop if native else RawLoop
+    raw_batch = RawNativeBatchLoop if native else RawBatchLoop
+    groups: list[list[Path]] = [
+        [
+            ("raw one-job loop", raw),
+            ("queue_session(bind=connection)", SessionLoop),
+            ("queue_session(bind=engine)", EngineSessionLoop),
+            ("queue_session(bind=Session(engine))", OrmSessionLoop),
+            ("queue_session(core_table, bind=connection)", CoreSessionLoop),
+            ("worker Job.run_once", RuntimeLoop),
+        ],
+        [
+            (f"raw batched loop (size={size})", lambda url: raw_batch(url, size)),
+            (f"queue_batch(size={size})", lambda url: BatchLoop(url, size)),
+            (f"worker batch_size={size}", lambda url: BatchRuntimeLoop(url, size)),
+        ],
+    ]
+    for driver in drivers():
+        groups.append(
+            [
+                (
+                    f"{driver}: {side}",
+                    lambda url, d=driver, side=side: AsyncDrain(url, d, side, 1, native),
+                )
+                for side in ("raw", "connection", "engine", "worker")
+            ]
+        )
+    return groups
+
+
+def _cpu(url: URL, make: Callable[[URL], Any], jobs: int, profile: Any = None) -> float:
+    """Client CPU seconds per job of one loop draining ``jobs`` jobs in this thread."""
+    fill(url, jobs)
+    loop = make(url)
+    try:
+        if profile is not None:
+            profile.enable()
+        start = time.process_time()
+        done = loop.consume()
+        cpu = time.process_time() - start
+        if profile is not None:
+            profile.disable()
+    finally:
+        loop.close()
+    if done != jobs:
+        raise RuntimeError(f"{done} of {jobs} jobs done")
+    return cpu / jobs
+
+
+#: Where a function's own time is counted: the first of these its file path contains.
+PACKAGES = (
+    ("sqlalchemy_q4m/", "sqlalchemy_q4m"),
+    ("sqlalchemy/orm/", "sqlalchemy.orm"),
+    ("sqlalchemy/engine/", "sqlalchemy.engine"),
+    ("sqlalchemy/sql/", "sqlalchemy.sql"),
+    ("sqlalchemy/ext/asyncio/", "sqlalchemy.ext.asyncio"),
+    ("sqlalchemy/", "sqlalchemy (other)"),
+    ("pymysql/", "driver"),
+    ("aiomysql/", "driver"),
+    ("asyncmy", "driver"),
+    ("asyncio/", "asyncio"),
+    ("benchmarks/", "benchmark loop"),
+)
+
+
+def _package(filename: str) -> str:
+    for part, name in PACKAGES:
+        if part in filename:
+            return name
+    return "builtins and C" if filename == "~" else "other"
+
+
+def _top(profile: cProfile.Profile, jobs: int, top: int) -> list[str]:
+    """Own CPU per job by package, then the costliest functions outside the driver."""
+    stats: dict[Any, Any] = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    by_package: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in stats.items():
+        name = _package(filename)
+        by_package[name] = by_package.get(name, 0.0) + tottime
+    parts = sorted(by_package.items(), key=lambda item: -item[1])
+    lines = ["    by package: " + ", ".join(f"{n} {t / jobs * 1e6:.0f}" for n, t in parts)]
+    rows = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)
+    shown = 0
+    for (filename, line, name), (_, calls, tottime, cumtime, _) in rows:
+        if _package(filename) in ("driver", "builtins and C", "asyncio") or shown >= top:
+            continue
+        shown += 1
+        where = filename.split("site-packages/")[-1].split("/wt/bench/")[-1]
+        lines.append(
+            f"    {tottime / jobs * 1e6:6.1f} own {cumtime / jobs * 1e6:7.1f} cum "
+            f"{calls / jobs:5.1f}/job  {name} ({where}:{line})"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__)
+    parser.add_argument(
+        "--url", default=os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
+    )
+    parser.add_argument("--jobs", type=int, default=1_000)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--size", type=int, default=200, help="batch size")
+    args = parser.parse_args(argv)
+    server = make_url(args.url).set(database=None)
+    url = server.set(database=f"q4m_bench_{uuid.uuid4().hex[:10]}")
+    admin = create_engine(server, poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{url.database}`"))
+    try:
+        native = server_backend(url) == "native"
+        engine = create_engine(url, poolclass=NullPool)
+        use_backend(engine, "native" if native else "portable")
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        print(f"backend: {'native' if native else 'portable'}; {args.jobs} jobs per drain")
+        for group in paths(native, args.size):
+            best = [float("inf")] * len(group)
+            for _ in range(args.repeats):
+                for i, (_, make) in enumerate(group):
+                    best[i] = min(best[i], _cpu(url, make, args.jobs))
+            print()
+            for (name, _), cpu in zip(group, best, strict=True):
+                print(f"{name:48} {cpu * 1e6:7.1f} µs CPU/job  CPU {cpu / best[0]:5.2f} x raw")
+            for name, make in group:
+                profile = cProfile.Profile(time.process_time)
+                _cpu(url, make, args.jobs, profile)
+                print(f"  {name}: own CPU µs per job under cProfile")
+                print("\n".join(_top(profile, args.jobs, args.top)))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{url.database}`"))
+        admin.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
