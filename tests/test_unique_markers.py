@@ -212,3 +212,8 @@ def test_a_marker_is_not_a_key(
     with producer.connect() as conn:
         assert count_keys(conn, table.name) == 2
         assert queue_counts(conn, table, "q4m_dead_letters")["unique_keys"] == 2
+
+
+@pytest.mark.unit
+def test_the_first_keyed_enqueue_outwaits_every_memo() -> None:
+    assert unique_keys.FIRST_KEY_WAIT > unique_keys.ABSENT_TTL

@@ -10,7 +10,8 @@ enqueue into the queue (:func:`mark_queue`).  Whether a queue has one is remembe
 worker looks its queues up when it connects (:func:`refresh`), so a job's statements carry no
 look-up.  A "no" believed up to :data:`ABSENT_TTL` after the marker commits would skip a keyed
 job's bookkeeping, so the first keyed enqueue waits :data:`FIRST_KEY_WAIT` after the marker
-commits: by then every such "no" has expired.
+commits: by then every such "no" has expired.  That covers the keys table's creation too: a
+consumer that found no table believes "no marker", and no key comes before a marker.
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ from .base import error_code
 from .driver import dialect_cache
 
 __all__ = [
+    "ABSENT_TTL",
     "CLAIM_LOCK_WAIT",
+    "FIRST_KEY_WAIT",
     "KEYS",
     "KEYS_TABLE",
     "MARKER",
