@@ -6,6 +6,7 @@ claim (``SELECT ... FOR UPDATE SKIP LOCKED``), the ``DELETE`` and the ``COMMIT``
 driver sends is counted (queries, COMMIT, ROLLBACK including the pool's reset-on-return, pings),
 over 100 jobs after a warm-up job (the backend detected, the statements compiled, the
 consumer's connection made ready once).  A count is deterministic, so this is an exact test.
+The same holds for a queue without unique keys in a database where another queue holds some.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import use_backend
+from sqlalchemy_q4m.backends import unique_keys
 from sqlalchemy_q4m.backends.pinned import IDLE
 from sqlalchemy_q4m.backends.pinned import kept_connections
+from sqlalchemy_q4m.backends.unique_keys import count_keys
 
 pytestmark = pytest.mark.integration
 
@@ -419,3 +423,55 @@ def test_the_jobs_writes_still_roll_back(tables: tuple[str, URL], bind_kind: str
         if conn is not None:
             conn.close()
         eng.dispose()
+
+
+# -- unique keys elsewhere in the database -------------------------------------------------------
+
+
+class KeyedJob(QueueMixin, Base):
+    """Another queue of the database, holding unique keys."""
+
+    __tablename__ = "sc_keyed"
+    n: Mapped[int] = mapped_column(Integer)
+
+
+@pytest.fixture(scope="module")
+def keys_elsewhere(tables: tuple[str, URL]) -> Iterator[tuple[str, URL]]:
+    """The keys table exists and ``sc_keyed`` holds a key (its first keyed enqueue's wait is
+    skipped: no consumer has looked yet)."""
+    name, url = tables
+    eng = create_engine(url, poolclass=NullPool)
+    use_backend(eng, name)  # type: ignore[arg-type]
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(unique_keys, "FIRST_KEY_WAIT", 0.0)
+            (held,) = enqueue(eng, KeyedJob, [{"n": 1}], unique_key=lambda row: "k1")
+        assert held.enqueued
+        with eng.connect() as conn:
+            assert count_keys(conn, KeyedJob.__tablename__) == 1
+        yield name, url
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def long_memo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A keyless queue is looked up again every ``ABSENT_TTL`` seconds (a statement then); 100
+    jobs on a busy machine may take longer than the default 5 s, so the count is kept exact."""
+    monkeypatch.setattr(unique_keys, "ABSENT_TTL", 3600.0)
+
+
+@pytest.mark.parametrize("bind_kind", SYNC_BINDS)
+def test_a_keyless_queue_beside_keyed_ones_pays_nothing(
+    keys_elsewhere: tuple[str, URL], long_memo: None, bind_kind: str
+) -> None:
+    name, url = keys_elsewhere
+    assert _run_sync(name, url, bind_kind) == RAW[name]
+
+
+@pytest.mark.parametrize("bind_kind", ASYNC_BINDS)
+def test_a_keyless_queue_beside_keyed_ones_pays_nothing_async(
+    keys_elsewhere: tuple[str, URL], long_memo: None, bind_kind: str
+) -> None:
+    name, url = keys_elsewhere
+    assert asyncio.run(_run_async(name, url, bind_kind)) == RAW[name]

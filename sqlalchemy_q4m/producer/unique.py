@@ -7,7 +7,10 @@ each row naming the job that holds it.  A key is **held** while its job is in th
 dead-lettered, and a retry moves it to the retry's copy.  A key left behind (a crash after the
 job ended) is recognized at the next enqueue because its job is gone, so it never blocks.
 The table and the worker's side (what the backends do to a key around a job they own) are
-:mod:`sqlalchemy_q4m.backends.unique_keys`; this module is the enqueuer's side.
+:mod:`sqlalchemy_q4m.backends.unique_keys`; this module is the enqueuer's side.  Consumers of a
+queue that never held a key do nothing for keys; the first keyed enqueue into a queue marks it
+and waits until every consumer knows (:func:`~sqlalchemy_q4m.backends.unique_keys.mark_queue`,
+once per queue and database; a few seconds).
 
 * **portable**: the key and the job commit in one transaction (the enqueuer's); a worker's
   ``DELETE`` of the key commits with the job's removal.  "Is the job still there" is a plain
@@ -54,8 +57,8 @@ from ..backends.base import RETRYABLE
 from ..backends.base import error_code
 from ..backends.notify import notify_committed
 from ..backends.unique_keys import KEYS
-from ..backends.unique_keys import ensure_keys_table
 from ..backends.unique_keys import job_lock_name
+from ..backends.unique_keys import mark_queue
 from ..exc import Q4MError
 from ..schema.ddl import JOB_ID
 from ..schema.functions import subscriptions
@@ -154,15 +157,14 @@ def enqueue_unique(
         assert isinstance(bind, Engine)
         with bind.connect() as probe:
             backend = detect_backend(probe)
-            ensure_keys_table(probe)
     else:
         backend = detect_backend(conn)
-        ensure_keys_table(conn)
+    engine = conn.engine if conn is not None else bind
+    assert isinstance(engine, Engine)
+    mark_queue(engine, table.name)  # once per queue and engine
     order = sorted(range(len(items)), key=lambda i: keys[i])  # one lock order: no deadlock
     results: dict[int, Unique] = {}
     if backend == "native":
-        engine = conn.engine if conn is not None else bind
-        assert isinstance(engine, Engine)
         with engine.connect() as own:
             own.execution_options(isolation_level="READ COMMITTED")
             for i in order:

@@ -206,7 +206,8 @@ class ConsumerBase:
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
-        refresh_unique_keys(conn)  # the unique keys' hooks need no look-up during a job
+        # the unique keys' hooks need no look-up during a job
+        refresh_unique_keys(conn, [t.table.name for t in self._targets])
         if conn.in_transaction():
             conn.rollback()
 
