@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.tiny() if args.tiny else Settings.quick() if args.quick else Settings()
     args.quick = args.quick or args.tiny
     given = make_url(args.url)
-    server = given.set(database=None)
+    server = given._replace(database=None)  # URL.set(database=None) keeps the database
     own_database = given.database is None
     url = server.set(database=f"q4m_bench_{uuid.uuid4().hex[:10]}") if own_database else given
     admin = create_engine(server, poolclass=NullPool)
@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         if backend == "native":
             settings = settings if args.tiny else settings.for_native()
             settings.backend = "native"
-        progress(f"backend: {backend}")
+        progress(f"backend: {backend}, database {url.database}")
         engine = create_engine(url, poolclass=NullPool)
         use_backend(engine, "native" if backend == "native" else "portable")
         Base.metadata.drop_all(engine)

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--size", type=int, default=200, help="batch size")
     args = parser.parse_args(argv)
-    server = make_url(args.url).set(database=None)
+    server = make_url(args.url)._replace(database=None)  # .set(database=None) keeps it
     url = server.set(database=f"q4m_bench_{uuid.uuid4().hex[:10]}")
     admin = create_engine(server, poolclass=NullPool)
     with admin.connect() as conn:

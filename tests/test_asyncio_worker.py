@@ -484,7 +484,7 @@ def test_recycle_and_end_before_execute(
     asyncmy_url: URL, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
     enqueue(engine, *(f"r{i}" for i in range(5)))
-    objects: set[int] = set()
+    objects: dict[int, Any] = {}  # id -> the object, kept alive so no id() is reused
     runs: list[str] = []
 
     class Recycled(AsyncJob):
@@ -494,7 +494,7 @@ def test_recycle_and_end_before_execute(
         end_before_execute = True  # at most once: a failure is buried, never retried
 
         async def execute(self, job: WJob) -> None:
-            objects.add(id(self))
+            objects[id(self)] = self
             runs.append(job.payload)
             if job.payload == "r0":
                 raise RuntimeError("r0 fails once and for all")

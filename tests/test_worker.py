@@ -321,11 +321,11 @@ def test_end_before_execute_is_at_most_once(engine: Engine, tables: None) -> Non
 
 
 def test_recycle_after_makes_fresh_job_objects(engine: Engine, tables: None) -> None:
-    instances: set[int] = set()
+    instances: dict[int, Any] = {}  # id -> the object, kept alive so no id() is reused
 
     class Counting(Recorder):
         def execute(self, job: Any) -> None:
-            instances.add(id(self))
+            instances[id(self)] = self
 
     put(engine, rows, *({"command": "x", "n": n} for n in range(5)))
     job = Counting(engine, recycle_after=2)
