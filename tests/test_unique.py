@@ -30,6 +30,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy_q4m import enqueue
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m.backends import unique_keys
 from sqlalchemy_q4m.backends.unique_keys import KEYS
 from sqlalchemy_q4m.backends.unique_keys import count_keys
 from sqlalchemy_q4m.producer.unique import Unique
@@ -43,6 +44,15 @@ pytestmark = pytest.mark.integration
 
 def key_of(row: Any) -> str:
     return f"sync:{row['account']}"
+
+
+@pytest.fixture(autouse=True)
+def short_first_key_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In this process a "no keys" answer lasts 0.5 s and a queue's first keyed enqueue waits
+    1 s (not 5 s and 6 s): the order of the two is what makes the wait safe, and
+    tests/test_unique_markers.py tests it.  Subprocesses keep the defaults."""
+    monkeypatch.setattr(unique_keys, "ABSENT_TTL", 0.5)
+    monkeypatch.setattr(unique_keys, "FIRST_KEY_WAIT", 1.0)
 
 
 @pytest.fixture(params=["portable", pytest.param("native", marks=pytest.mark.native)])
