@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -66,6 +65,7 @@ from ..backends import Backend
 from ..exc import Q4MError
 from .binding import bound_factory
 from .lifecycle import POLL_INTERVAL
+from .lifecycle import Action
 from .lifecycle import Step
 from .lifecycle import Where
 from .session import QueueSession
@@ -79,15 +79,12 @@ R = TypeVar("R")
 AsyncBind = AsyncEngine | AsyncConnection | AsyncSession
 
 
-async def run_to_completion(call: Callable[[], Awaitable[R]]) -> R:
-    """Await ``call()`` in a task of its own that a cancellation of the caller cannot cut
-    short; a cancellation received meanwhile is re-raised once it has finished (cleanup that
-    stops halfway could hand a connection that still owns a row back to the pool)."""
-
-    async def run() -> R:
-        return await call()
-
-    task = asyncio.ensure_future(run())
+async def run_to_completion(step: Callable[..., R], *args: Any) -> R:
+    """Run ``step(*args)`` through SQLAlchemy's greenlet bridge in a task of its own that a
+    cancellation of the caller cannot cut short; a cancellation received meanwhile is re-raised
+    once it has finished (cleanup that stops halfway could hand a connection that still owns a
+    row back to the pool)."""
+    task = asyncio.ensure_future(greenlet_spawn(step, *args))
     cancelled: asyncio.CancelledError | None = None
     while True:
         try:
@@ -124,6 +121,26 @@ class GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
 
+    # -- the claim, one crossing of the greenlet bridge ---------------------------------------
+
+    def first_steps(self) -> Action:
+        """Pin the connection, then claim until the lifecycle asks for something else (a job
+        owned, a pause, a listen, giving up): the usual wait crosses the bridge once."""
+        return self.claims(self._start(self._setup()))
+
+    def claims(self, action: Action) -> Action:
+        """Perform the lifecycle's CLAIM steps from ``action`` on; the first other step."""
+        backend = self.backend
+        assert backend is not None
+        while action.step is Step.CLAIM:
+            action = self._attempt(backend, action.seconds)
+        return action
+
+    def listen_then_claim(self, seconds: float) -> Action:
+        """One listen in the server, then the claims the lifecycle asks for after it."""
+        self._listen(seconds)
+        return self.claims(self.life.paused(time.monotonic()))
+
     def release_idle(self) -> None:
         """Cancelled between two claims: nothing is owned and the connection is idle, so it
         is rolled back and handed back rather than invalidated."""
@@ -135,6 +152,28 @@ class GreenletQueueSession(QueueSession[Any]):
         goes back to the queue) and release everything, unless that is done already."""
         if not self.life.state.finished:
             self._release(broken=True)
+
+
+def _first_steps(sync: GreenletQueueSession, then: Callable[[], None] | None) -> Action:
+    """:meth:`GreenletQueueSession.first_steps`, then ``then()`` if a job is owned."""
+    action = sync.first_steps()
+    if then is not None and action.step is Step.OWN:
+        then()
+    return action
+
+
+def _outcome(then: Callable[[Any], R], job: Any) -> Callable[[], R]:
+    """``then(job)`` now; what it returned, or raised, when the result is called."""
+    try:
+        result = then(job)
+    except BaseException as err:
+        error = err
+
+        def failed() -> R:
+            raise error
+
+        return failed
+    return lambda: result
 
 
 def _sync_bind(bind: Any) -> Any:
@@ -233,33 +272,50 @@ class AsyncQueueSession(Generic[T]):
         """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout.
 
         The awaiting driver of :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: the
-        same steps as :meth:`QueueSession.wait`, each database call in the greenlet, each
+        same steps as :meth:`QueueSession.wait`, their database calls in the greenlet (the
+        pinning and the claims up to the next pause in one crossing of the bridge), each
         pause an :func:`asyncio.sleep`."""
+        return await self._wait(None)
+
+    async def wait_then(self, then: Callable[[T], R]) -> Callable[[], R] | None:
+        """As :meth:`wait`, and once a job is owned, ``then(job)`` on the sync side in the same
+        crossing of the greenlet bridge as the claim (the asyncio worker prepares the job
+        there).  None when no job came in time; else a function that returns what ``then``
+        returned, or raises what it raised (call it where the caller handles the errors of a
+        job in hand: the job is owned either way).  ``then`` runs without the protection of
+        :func:`run_to_completion`: it should send no statement."""
+        box: list[Callable[[], R]] = []
+        job = await self._wait(lambda: box.append(_outcome(then, self._sync.job)))
+        if job is None:
+            return None
+        if not box:  # owned by a later step than the first crossing's
+            box.append(await greenlet_spawn(_outcome, then, job))
+        return box[0]
+
+    async def _wait(self, then: Callable[[], None] | None) -> T | None:
         sync = self._sync
         life = sync.life
         life.check_idle()
         try:
-            backend = await greenlet_spawn(sync._setup)
-            action = sync._start(backend)
+            action = await greenlet_spawn(_first_steps, sync, then)
             while True:
                 step = action.step
-                if step is Step.CLAIM:
-                    action = await greenlet_spawn(sync._attempt, backend, action.seconds)
-                elif step is Step.OWN:
+                if step is Step.OWN:
                     return self.job
-                elif step is Step.GIVE_UP:
+                if step is Step.GIVE_UP:
                     break
+                if step is Step.LISTEN:  # in the server
+                    action = await greenlet_spawn(sync.listen_then_claim, action.seconds)
                 else:
-                    if step is Step.LISTEN:
-                        await greenlet_spawn(sync._listen, action.seconds)  # in the server
-                    else:
-                        await self._pause(action.seconds)
+                    await self._pause(action.seconds)
                     action = life.paused(time.monotonic())
+                    if action.step is Step.CLAIM:
+                        action = await greenlet_spawn(sync.claims, action)
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
-            await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
+            await run_to_completion(sync.release_broken)
             raise
-        await run_to_completion(lambda: greenlet_spawn(sync._give_up))
+        await run_to_completion(sync._give_up)
         return None
 
     async def _pause(self, seconds: float) -> None:
@@ -268,20 +324,20 @@ class AsyncQueueSession(Generic[T]):
         try:
             await asyncio.sleep(seconds)
         except BaseException:
-            await run_to_completion(lambda: greenlet_spawn(self._sync.release_idle))
+            await run_to_completion(self._sync.release_idle)
             raise
 
     async def end(self) -> None:
         """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.end))
+        await run_to_completion(self._sync.end)
 
     async def abort(self) -> None:
         """Give the job back: it returns to the queue for the next consumer."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.abort))
+        await run_to_completion(self._sync.abort)
 
     async def close(self) -> None:
         """Abort a job still owned and release the connection; safe to call twice."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.close))
+        await run_to_completion(self._sync.close)
 
     async def __aenter__(self) -> T | None:
         return await self.wait()
@@ -293,7 +349,7 @@ class AsyncQueueSession(Generic[T]):
         tb: TracebackType | None,
     ) -> bool:
         sync = self._sync
-        return await run_to_completion(lambda: greenlet_spawn(sync.__exit__, exc_type, exc, tb))
+        return await run_to_completion(sync.__exit__, exc_type, exc, tb)
 
 
 def async_queue_session(
