@@ -46,6 +46,7 @@ Drivers: ``mysql+asyncmy://`` and ``mysql+aiomysql://`` (``pip install
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from types import TracebackType
@@ -83,21 +84,62 @@ async def run_to_completion(step: Callable[..., R], *args: Any) -> R:
     """Run ``step(*args)`` through SQLAlchemy's greenlet bridge in a task of its own that a
     cancellation of the caller cannot cut short; a cancellation received meanwhile is re-raised
     once it has finished (cleanup that stops halfway could hand a connection that still owns a
-    row back to the pool)."""
-    task = asyncio.ensure_future(greenlet_spawn(step, *args))
-    cancelled: asyncio.CancelledError | None = None
+    row back to the pool).
+
+    The task hands its outcome to the caller's own future itself, so the caller wakes in the
+    loop iteration after the step ends (``asyncio.shield`` would take one more); a cancelled
+    caller's future is cancelled, and the caller then waits for the task in a shield."""
+    done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(_step_task(done, step, args))
+    try:
+        return await done
+    except asyncio.CancelledError:
+        if task.done():  # the step ended (or the task was cancelled): nothing to wait for
+            if done.done() and not done.cancelled():
+                done.exception()  # seen: no "exception was never retrieved" at collection
+            raise
+        cancelled = sys.exc_info()[1]
     while True:
         try:
             result = await asyncio.shield(task)
-        except asyncio.CancelledError as err:
+        except asyncio.CancelledError:
             if task.done():
                 raise
-            cancelled = err
         else:
             break
-    if cancelled is not None:
-        raise cancelled
-    return result
+    assert cancelled is not None
+    if result.error is not None:
+        raise result.error
+    raise cancelled
+
+
+class _Outcome(Generic[R]):
+    """What a step's task ended with: its value, or the error it raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: R | None, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+
+
+async def _step_task(
+    done: asyncio.Future[R], step: Callable[..., R], args: tuple[Any, ...]
+) -> _Outcome[R]:
+    """The task of :func:`run_to_completion`: the step's outcome set on ``done`` (unless the
+    caller was cancelled meanwhile) and returned (never raised: nobody may look)."""
+    try:
+        value = await greenlet_spawn(step, *args)
+    except asyncio.CancelledError as err:  # the task itself was cancelled (loop shutdown)
+        if not done.done():
+            done.cancel()
+        return _Outcome(None, err)
+    except BaseException as err:
+        if not done.done():
+            done.set_exception(err)
+        return _Outcome(None, err)
+    if not done.done():
+        done.set_result(value)
+    return _Outcome(value, None)
 
 
 class GreenletQueueSession(QueueSession[Any]):
