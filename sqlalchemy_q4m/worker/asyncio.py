@@ -40,12 +40,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from collections.abc import Sequence
 from functools import partial
 from typing import Any
 from typing import ClassVar
-from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -73,8 +71,6 @@ __all__ = [
 
 logger = logging.getLogger("sqlalchemy_q4m.worker")
 
-R = TypeVar("R")
-
 
 def _async_bind(bind: Any) -> AsyncEngine | AsyncConnection:
     """The async bind for ``bind``; the sync half of one is wrapped."""
@@ -98,10 +94,9 @@ def _sync_half(bind: AsyncEngine | AsyncConnection) -> Engine | Connection:
     return bind.sync_connection
 
 
-async def _to_completion(step: Callable[..., R], *args: Any) -> R:
-    """Run one of the thread worker's steps through SQLAlchemy's greenlet bridge, to the end
-    even when the task is cancelled meanwhile (the cancellation goes on after it)."""
-    return await run_to_completion(step, *args)
+#: Run one of the thread worker's steps through SQLAlchemy's greenlet bridge, to the end even
+#: when the task is cancelled meanwhile (the cancellation goes on after it).
+_to_completion = run_to_completion
 
 
 def is_async_job_class(cls: Any) -> bool:
