@@ -382,7 +382,7 @@ class AsyncQueueSession(Generic[T]):
         await run_to_completion(self._sync.close)
 
     async def __aenter__(self) -> T | None:
-        return await self.wait()
+        return await self._wait(None)  # wait(), one coroutine frame less on every resume
 
     async def __aexit__(
         self,
