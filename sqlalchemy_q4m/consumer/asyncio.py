@@ -15,8 +15,9 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
 do the work through SQLAlchemy's greenlet bridge (what ``run_sync`` uses), crossing it once per
 half of the block: pinning, claiming and loading the job on entry (up to the next pause), ending
-or aborting it and releasing the connection on exit; and both run the same :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only
-performs its steps with awaits, so it polls on the same fixed schedule, sleeping with
+or aborting it and releasing the connection on exit; and both run the same
+:class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only performs its steps
+with awaits, so it polls on the same fixed schedule, sleeping with
 :func:`asyncio.sleep` and never blocking the event loop (with ``listen`` it awaits the wait in
 the server instead, like any query).  Q4M's ``queue_wait`` blocks in the server, which an async
 driver awaits like any other query.
