@@ -563,3 +563,67 @@ def test_end_runs_to_completion_when_cancelled(async_url: URL, engine: Engine) -
     assert queued(engine) == []  # ended, with the write
     with engine.connect() as conn:
         assert list(conn.execute(select(AioLog.note)).scalars()) == ["after"]
+
+
+@pytest.mark.unit
+def test_run_to_completion_finishes_the_step_and_delivers_its_outcome() -> None:
+    from sqlalchemy.util import await_
+
+    from sqlalchemy_q4m.consumer.asyncio import run_to_completion
+
+    done: list[int] = []
+
+    def step(n: int, fail: bool = False) -> int:
+        await_(asyncio.sleep(0.05))
+        done.append(n)
+        if fail:
+            raise ValueError(n)
+        return n
+
+    async def main() -> None:
+        assert await run_to_completion(step, 1) == 1
+        with pytest.raises(ValueError):
+            await run_to_completion(step, 2, True)
+        task = asyncio.ensure_future(run_to_completion(step, 3))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.sleep(0.01)
+        task.cancel()  # twice: still not cut short
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert done[-1] == 3  # the step ran to its end before the cancellation went on
+        task = asyncio.ensure_future(run_to_completion(step, 4, True))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(ValueError):  # the step's own error wins, as with a shield
+            await task
+        assert done == [1, 2, 3, 4]
+
+    run(main)
+
+
+@pytest.mark.integration
+def test_wait_then_prepares_the_job_in_the_claims_crossing(async_url: URL, engine: Engine) -> None:
+    enqueue(engine, "a", "b")
+
+    async def main() -> None:
+        async with async_engine(async_url) as eng:
+            make = async_queue_sessionmaker(eng, timeout=5)
+            first = make(AioJob)
+            got = await first.wait_then(lambda job: job.payload)
+            assert got is not None and got() == "a" and first.owning
+            await first.end()
+
+            def fails(job: AioJob) -> None:
+                raise LookupError(job.payload)
+
+            second = make(AioJob)
+            raised = await second.wait_then(fails)
+            assert raised is not None and second.owning  # owned: the caller gives it back
+            with pytest.raises(LookupError, match="b"):
+                raised()
+            await second.abort()
+            assert checked_out(eng) == 0
+
+    run(main)
+    assert queued(engine) == ["b"]

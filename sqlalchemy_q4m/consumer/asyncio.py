@@ -13,9 +13,11 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 ``bind`` is an :class:`~sqlalchemy.ext.asyncio.AsyncEngine`,
 :class:`~sqlalchemy.ext.asyncio.AsyncConnection` or
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
-do the work, one call at a time, through SQLAlchemy's greenlet bridge (what ``run_sync`` uses),
-and both run the same :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only
-performs its steps with awaits, so it polls on the same fixed schedule, sleeping with
+do the work through SQLAlchemy's greenlet bridge (what ``run_sync`` uses), crossing it once per
+half of the block: pinning, claiming and loading the job on entry (up to the next pause), ending
+or aborting it and releasing the connection on exit; and both run the same
+:class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only performs its steps
+with awaits, so it polls on the same fixed schedule, sleeping with
 :func:`asyncio.sleep` and never blocking the event loop (with ``listen`` it awaits the wait in
 the server instead, like any query).  Q4M's ``queue_wait`` blocks in the server, which an async
 driver awaits like any other query.
@@ -46,8 +48,8 @@ Drivers: ``mysql+asyncmy://`` and ``mysql+aiomysql://`` (``pip install
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
-from collections.abc import Awaitable
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
@@ -66,6 +68,7 @@ from ..backends import Backend
 from ..exc import Q4MError
 from .binding import bound_factory
 from .lifecycle import POLL_INTERVAL
+from .lifecycle import Action
 from .lifecycle import Step
 from .lifecycle import Where
 from .session import QueueSession
@@ -79,28 +82,66 @@ R = TypeVar("R")
 AsyncBind = AsyncEngine | AsyncConnection | AsyncSession
 
 
-async def run_to_completion(call: Callable[[], Awaitable[R]]) -> R:
-    """Await ``call()`` in a task of its own that a cancellation of the caller cannot cut
-    short; a cancellation received meanwhile is re-raised once it has finished (cleanup that
-    stops halfway could hand a connection that still owns a row back to the pool)."""
+async def run_to_completion(step: Callable[..., R], *args: Any) -> R:
+    """Run ``step(*args)`` through SQLAlchemy's greenlet bridge in a task of its own that a
+    cancellation of the caller cannot cut short; a cancellation received meanwhile is re-raised
+    once it has finished (cleanup that stops halfway could hand a connection that still owns a
+    row back to the pool).
 
-    async def run() -> R:
-        return await call()
-
-    task = asyncio.ensure_future(run())
-    cancelled: asyncio.CancelledError | None = None
+    The task hands its outcome to the caller's own future itself, so the caller wakes in the
+    loop iteration after the step ends (``asyncio.shield`` would take one more); a cancelled
+    caller's future is cancelled, and the caller then waits for the task in a shield."""
+    done: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(_step_task(done, step, args))
+    try:
+        return await done
+    except asyncio.CancelledError:
+        if task.done():  # the step ended (or the task was cancelled): nothing to wait for
+            if done.done() and not done.cancelled():
+                done.exception()  # seen: no "exception was never retrieved" at collection
+            raise
+        cancelled = sys.exc_info()[1]
     while True:
         try:
             result = await asyncio.shield(task)
-        except asyncio.CancelledError as err:
+        except asyncio.CancelledError:
             if task.done():
                 raise
-            cancelled = err
         else:
             break
-    if cancelled is not None:
-        raise cancelled
-    return result
+    assert cancelled is not None
+    if result.error is not None:
+        raise result.error
+    raise cancelled
+
+
+class _Outcome(Generic[R]):
+    """What a step's task ended with: its value, or the error it raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: R | None, error: BaseException | None) -> None:
+        self.value, self.error = value, error
+
+
+async def _step_task(
+    done: asyncio.Future[R], step: Callable[..., R], args: tuple[Any, ...]
+) -> _Outcome[R]:
+    """The task of :func:`run_to_completion`: the step's outcome set on ``done`` (unless the
+    caller was cancelled meanwhile) and returned (never raised: nobody may look)."""
+    try:
+        value = await greenlet_spawn(step, *args)
+    except asyncio.CancelledError as err:  # the task itself was cancelled (loop shutdown)
+        if not done.done():
+            done.cancel()
+        return _Outcome(None, err)
+    except BaseException as err:
+        if not done.done():
+            done.set_exception(err)
+        return _Outcome(None, err)
+    if not done.done():
+        done.set_result(value)
+    return _Outcome(value, None)
 
 
 class GreenletQueueSession(QueueSession[Any]):
@@ -124,6 +165,26 @@ class GreenletQueueSession(QueueSession[Any]):
         self.async_session = AsyncSession(**options)
         return self.async_session.sync_session
 
+    # -- the claim, one crossing of the greenlet bridge ---------------------------------------
+
+    def first_steps(self) -> Action:
+        """Pin the connection, then claim until the lifecycle asks for something else (a job
+        owned, a pause, a listen, giving up): the usual wait crosses the bridge once."""
+        return self.claims(self._start(self._setup()))
+
+    def claims(self, action: Action) -> Action:
+        """Perform the lifecycle's CLAIM steps from ``action`` on; the first other step."""
+        backend = self.backend
+        assert backend is not None
+        while action.step is Step.CLAIM:
+            action = self._attempt(backend, action.seconds)
+        return action
+
+    def listen_then_claim(self, seconds: float) -> Action:
+        """One listen in the server, then the claims the lifecycle asks for after it."""
+        self._listen(seconds)
+        return self.claims(self.life.paused(time.monotonic()))
+
     def release_idle(self) -> None:
         """Cancelled between two claims: nothing is owned and the connection is idle, so it
         is rolled back and handed back rather than invalidated."""
@@ -135,6 +196,28 @@ class GreenletQueueSession(QueueSession[Any]):
         goes back to the queue) and release everything, unless that is done already."""
         if not self.life.state.finished:
             self._release(broken=True)
+
+
+def _first_steps(sync: GreenletQueueSession, then: Callable[[], None] | None) -> Action:
+    """:meth:`GreenletQueueSession.first_steps`, then ``then()`` if a job is owned."""
+    action = sync.first_steps()
+    if then is not None and action.step is Step.OWN:
+        then()
+    return action
+
+
+def _outcome(then: Callable[[Any], R], job: Any) -> Callable[[], R]:
+    """``then(job)`` now; what it returned, or raised, when the result is called."""
+    try:
+        result = then(job)
+    except BaseException as err:
+        error = err
+
+        def failed() -> R:
+            raise error
+
+        return failed
+    return lambda: result
 
 
 def _sync_bind(bind: Any) -> Any:
@@ -233,33 +316,50 @@ class AsyncQueueSession(Generic[T]):
         """Wait up to ``timeout`` seconds for a job; return it (owned), or None on timeout.
 
         The awaiting driver of :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: the
-        same steps as :meth:`QueueSession.wait`, each database call in the greenlet, each
+        same steps as :meth:`QueueSession.wait`, their database calls in the greenlet (the
+        pinning and the claims up to the next pause in one crossing of the bridge), each
         pause an :func:`asyncio.sleep`."""
+        return await self._wait(None)
+
+    async def wait_then(self, then: Callable[[T], R]) -> Callable[[], R] | None:
+        """As :meth:`wait`, and once a job is owned, ``then(job)`` on the sync side in the same
+        crossing of the greenlet bridge as the claim (the asyncio worker prepares the job
+        there).  None when no job came in time; else a function that returns what ``then``
+        returned, or raises what it raised (call it where the caller handles the errors of a
+        job in hand: the job is owned either way).  ``then`` runs without the protection of
+        :func:`run_to_completion`: it should send no statement."""
+        box: list[Callable[[], R]] = []
+        job = await self._wait(lambda: box.append(_outcome(then, self._sync.job)))
+        if job is None:
+            return None
+        if not box:  # owned by a later step than the first crossing's
+            box.append(await greenlet_spawn(_outcome, then, job))
+        return box[0]
+
+    async def _wait(self, then: Callable[[], None] | None) -> T | None:
         sync = self._sync
         life = sync.life
         life.check_idle()
         try:
-            backend = await greenlet_spawn(sync._setup)
-            action = sync._start(backend)
+            action = await greenlet_spawn(_first_steps, sync, then)
             while True:
                 step = action.step
-                if step is Step.CLAIM:
-                    action = await greenlet_spawn(sync._attempt, backend, action.seconds)
-                elif step is Step.OWN:
+                if step is Step.OWN:
                     return self.job
-                elif step is Step.GIVE_UP:
+                if step is Step.GIVE_UP:
                     break
+                if step is Step.LISTEN:  # in the server
+                    action = await greenlet_spawn(sync.listen_then_claim, action.seconds)
                 else:
-                    if step is Step.LISTEN:
-                        await greenlet_spawn(sync._listen, action.seconds)  # in the server
-                    else:
-                        await self._pause(action.seconds)
+                    await self._pause(action.seconds)
                     action = life.paused(time.monotonic())
+                    if action.step is Step.CLAIM:
+                        action = await greenlet_spawn(sync.claims, action)
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
-            await run_to_completion(lambda: greenlet_spawn(sync.release_broken))
+            await run_to_completion(sync.release_broken)
             raise
-        await run_to_completion(lambda: greenlet_spawn(sync._give_up))
+        await run_to_completion(sync._give_up)
         return None
 
     async def _pause(self, seconds: float) -> None:
@@ -268,23 +368,23 @@ class AsyncQueueSession(Generic[T]):
         try:
             await asyncio.sleep(seconds)
         except BaseException:
-            await run_to_completion(lambda: greenlet_spawn(self._sync.release_idle))
+            await run_to_completion(self._sync.release_idle)
             raise
 
     async def end(self) -> None:
         """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.end))
+        await run_to_completion(self._sync.end)
 
     async def abort(self) -> None:
         """Give the job back: it returns to the queue for the next consumer."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.abort))
+        await run_to_completion(self._sync.abort)
 
     async def close(self) -> None:
         """Abort a job still owned and release the connection; safe to call twice."""
-        await run_to_completion(lambda: greenlet_spawn(self._sync.close))
+        await run_to_completion(self._sync.close)
 
     async def __aenter__(self) -> T | None:
-        return await self.wait()
+        return await self._wait(None)  # wait(), one coroutine frame less on every resume
 
     async def __aexit__(
         self,
@@ -293,7 +393,7 @@ class AsyncQueueSession(Generic[T]):
         tb: TracebackType | None,
     ) -> bool:
         sync = self._sync
-        return await run_to_completion(lambda: greenlet_spawn(sync.__exit__, exc_type, exc, tb))
+        return await run_to_completion(sync.__exit__, exc_type, exc, tb)
 
 
 def async_queue_session(

@@ -40,11 +40,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 from typing import ClassVar
-from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -60,6 +59,7 @@ from ..consumer.asyncio import run_to_completion
 from ..exc import Q4MError
 from .consumer import Consumer
 from .job import Job
+from .jobrun import JobRun
 from .loop import LOOP_ERRORS
 from .stats import Stats
 
@@ -70,8 +70,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("sqlalchemy_q4m.worker")
-
-R = TypeVar("R")
 
 
 def _async_bind(bind: Any) -> AsyncEngine | AsyncConnection:
@@ -96,10 +94,9 @@ def _sync_half(bind: AsyncEngine | AsyncConnection) -> Engine | Connection:
     return bind.sync_connection
 
 
-async def _to_completion(step: Callable[..., R], *args: Any) -> R:
-    """Run one of the thread worker's steps through SQLAlchemy's greenlet bridge, to the end
-    even when the task is cancelled meanwhile (the cancellation goes on after it)."""
-    return await run_to_completion(lambda: greenlet_spawn(step, *args))
+#: Run one of the thread worker's steps through SQLAlchemy's greenlet bridge, to the end even
+#: when the task is cancelled meanwhile (the cancellation goes on after it).
+_to_completion = run_to_completion
 
 
 def is_async_job_class(cls: Any) -> bool:
@@ -204,23 +201,28 @@ class AsyncConsumer(Consumer):
 
     async def run_once(self, timeout: float | None = None) -> bool:  # type: ignore[override]
         """Wait for one job of any target and handle it; False when none came in time."""
-        conn = await greenlet_spawn(self.connect)
+        conn = self._conn
+        if not (self._ready and conn is not None and not conn.closed and not conn.invalidated):
+            conn = await greenlet_spawn(self.connect)  # what connect() returns at once else
         self._one_at_a_time("the asyncio worker has no batch mode")
         for targets, options in self._waits(timeout):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
                 *targets, bind=self._async_connection(conn), **options
             )
-            aqs.sync_session.accept_unloadable = True  # dead-lettered, as the thread worker does
-            item = await aqs.wait()
-            if item is None:
-                continue
             qs = aqs.sync_session
+            qs.accept_unloadable = True  # dead-lettered, as the thread worker does
+            prepared = await aqs.wait_then(partial(self._prepare_run, qs))
+            if prepared is None:
+                continue
+            item = qs.job
             try:
                 with self._holding():
                     if isinstance(item, Unloadable):
                         self._count(await _to_completion(self._bury_unloadable, qs, item))
                         return True
-                    run = await _to_completion(self._before_execute, qs, item)
+                    run = prepared()
+                    if run is None:  # it sends statements: run to completion
+                        run = await _to_completion(self._before_execute, qs, item)
                     job = run.job
                     assert isinstance(job, AsyncJob)
                     with run.executing():
@@ -231,6 +233,17 @@ class AsyncConsumer(Consumer):
                     await _to_completion(self._give_back, qs)
             return True
         return False
+
+    def _prepare_run(self, qs: GreenletQueueSession, item: Any) -> JobRun | None:
+        """In the claim's crossing of the greenlet bridge: the job object made ready for
+        ``execute`` when that sends no statement (no ``end_before_execute``), else None."""
+        if isinstance(item, Unloadable):
+            return None
+        sub = qs.subscription
+        assert sub is not None
+        if self._by_table[sub.table].job.end_before_execute:
+            return None
+        return self._before_execute(qs, item)
 
     # -- the loop: the thread worker's, awaited -------------------------------------------------
 
