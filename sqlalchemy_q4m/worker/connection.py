@@ -203,20 +203,23 @@ class ConsumerBase:
         """Resolve the tables (reflecting named ones) and create missing dead-letter tables;
         done before any claim because DDL commits implicitly."""
         if self._targets is None:
-            targets = resolve_targets(self.jobs, conn)
-            self._targets = targets
-            self._models = [t.target for t in targets]
-            self._by_table = {t.table: t for t in targets}
-            self._timed = any(RUN_AT in t.table.columns for t in targets)
-            self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
-            self._where_static = not any(calls_where(t.job) for t in targets)
-            self._where_cache = None
+            self._serve(resolve_targets(self.jobs, conn))
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
         refresh_unique_keys(conn)  # the unique keys' hooks need no look-up during a job
         if conn.in_transaction():
             conn.rollback()
+
+    def _serve(self, targets: list[Target]) -> None:
+        """Take ``targets`` and work out, once, what each wait and each job reads of them."""
+        self._targets = targets
+        self._models = [t.target for t in targets]
+        self._by_table = {t.table: t for t in targets}
+        self._timed = any(RUN_AT in t.table.columns for t in targets)
+        self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
+        self._where_static = not any(calls_where(t.job) for t in targets)
+        self._where_cache = None
 
     def _holding(self) -> Holding:
         """Around a job in hand: a database error on the way counts it as lost (the server
