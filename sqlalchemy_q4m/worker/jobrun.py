@@ -92,7 +92,9 @@ class JobRun:
 
     def executing(self) -> JobRun:
         """Start the clock; the ``with`` block around ``execute`` records how it ends."""
-        self.log.debug("started (attempt %d)", self.attempts + 1)
+        log = self.log
+        if log.logger.isEnabledFor(logging.DEBUG):  # one call, not four, when it is off
+            log.debug("started (attempt %d)", self.attempts + 1)
         self.started = time.monotonic()
         return self
 
