@@ -81,8 +81,9 @@ class Target:
     row_type: Callable[..., Any] | None
     payload_names: list[str]
 
-    @property
+    @functools.cached_property
     def orm(self) -> bool:
+        """The target is a mapped class (read per job: worked out once)."""
         return not isinstance(self.target, Table)
 
     @functools.cached_property
