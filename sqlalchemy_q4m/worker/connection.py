@@ -31,6 +31,7 @@ from .loop import LOOP_ERRORS
 from .policy import Outcome
 from .stats import Stats
 from .targets import Target
+from .targets import calls_where
 from .targets import job_where
 from .targets import resolve_targets
 
@@ -97,6 +98,10 @@ class ConsumerBase:
         self._models: list[Any] = []
         self._by_table: dict[Table, Target] = {}
         self._timed = self._conditional = False
+        #: The waits' conditions do not change within a second (no callable ``where``), and
+        #: (second, conditions) of the last ones built.
+        self._where_static = True
+        self._where_cache: tuple[int, dict[Any, Any] | None] | None = None
         self._backend: BackendName | None = None
         self._ready = False  # the pinned connection is prepared (backend, tables)
         self._stop = threading.Event()
@@ -115,6 +120,7 @@ class ConsumerBase:
         self.backend_option = first.backend
         self.batch_size = int(first.batch_size)
         self._batch_noted = False  # "one job at a time" logged once
+        self._holder = Holding(self)  # no state of its own: one for every job
 
     @property
     def in_hand(self) -> str | None:
@@ -197,12 +203,7 @@ class ConsumerBase:
         """Resolve the tables (reflecting named ones) and create missing dead-letter tables;
         done before any claim because DDL commits implicitly."""
         if self._targets is None:
-            targets = resolve_targets(self.jobs, conn)
-            self._targets = targets
-            self._models = [t.target for t in targets]
-            self._by_table = {t.table: t for t in targets}
-            self._timed = any(RUN_AT in t.table.columns for t in targets)
-            self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
+            self._serve(resolve_targets(self.jobs, conn))
         for dead_name in {job.dead_letter_table for job in self.jobs}:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
@@ -211,10 +212,20 @@ class ConsumerBase:
         if conn.in_transaction():
             conn.rollback()
 
+    def _serve(self, targets: list[Target]) -> None:
+        """Take ``targets`` and work out, once, what each wait and each job reads of them."""
+        self._targets = targets
+        self._models = [t.target for t in targets]
+        self._by_table = {t.table: t for t in targets}
+        self._timed = any(RUN_AT in t.table.columns for t in targets)
+        self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
+        self._where_static = not any(calls_where(t.job) for t in targets)
+        self._where_cache = None
+
     def _holding(self) -> Holding:
         """Around a job in hand: a database error on the way counts it as lost (the server
         returns it, or undid its completion) and goes on to the loop, which reconnects."""
-        return Holding(self)
+        return self._holder
 
     def _count(self, outcome: Outcome) -> None:
         self.stats.add(outcome, *self._held_for())

@@ -27,6 +27,7 @@ the asyncio driver (:mod:`.asyncio`), which performs the same decisions with its
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -48,6 +49,7 @@ from .loop import wait_slices
 from .policy import Outcome
 from .stats import Stats
 from .steps import JobSteps
+from .targets import Target
 from .targets import where_for
 
 if TYPE_CHECKING:
@@ -201,13 +203,26 @@ class Consumer(JobSteps):
             yield (
                 models,
                 {
-                    "where": where_for(targets) if conditional else None,
+                    "where": self._where_now(targets) if conditional else None,
                     "timeout": seconds,
                     "backend": self._backend,
                     "poll_interval": self.poll_interval,
                     "listen": self.listen,
                 },
             )
+
+    def _where_now(self, targets: list[Target]) -> dict[Any, Any] | None:
+        """:func:`.targets.where_for` now, built once per second (``run_at <= now`` compares
+        whole seconds) unless a job's ``where`` is a callable, which is called per wait."""
+        now = time.time()
+        second = int(now)
+        cached = self._where_cache
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        where = where_for(targets, now)
+        if self._where_static:
+            self._where_cache = (second, where)
+        return where
 
     # -- the loop ---------------------------------------------------------------------------
     # What it decides (go on, recycle, back off, stop when drained) is the sans-IO RunLoop;

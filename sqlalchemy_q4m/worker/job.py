@@ -189,8 +189,15 @@ class Job:
         """Wait up to ``timeout`` (default ``wait_timeout``) seconds for one job (with
         ``batch_size`` > 1 on the portable backend: one batch) and handle it; True if a job
         was handled.  Database errors are raised."""
-        with self._using():
+        # the body of _using, inlined: run_once runs once per job
+        lock = self._in_use
+        if not lock.acquire(blocking=False):
+            raise self._in_use_error()
+        self._user = threading.current_thread().name
+        try:
             return self._get_consumer().run_once(timeout)
+        finally:
+            lock.release()
 
     def run(self, *, burst: bool = False, max_jobs: int | None = None) -> None:
         """Handle jobs until :meth:`stop` (or, with ``burst``, until the queue is empty, or
@@ -215,15 +222,18 @@ class Job:
         (or this one, re-entering from ``execute``) holds it: its consumer's connection
         serves one thread at a time.  Another thread may use it once this one is done."""
         if not self._in_use.acquire(blocking=False):
-            raise JobInUse(
-                f"this {type(self).__name__} object is running in thread {self._user!r}: "
-                "one Job object serves one thread at a time; make one per thread"
-            )
+            raise self._in_use_error()
         self._user = threading.current_thread().name
         try:
             yield
         finally:
             self._in_use.release()
+
+    def _in_use_error(self) -> JobInUse:
+        return JobInUse(
+            f"this {type(self).__name__} object is running in thread {self._user!r}: "
+            "one Job object serves one thread at a time; make one per thread"
+        )
 
     def _renewed(self) -> Job:
         """A fresh job object with the same bind, logger and options (``recycle_after``)."""

@@ -92,7 +92,9 @@ class JobRun:
 
     def executing(self) -> JobRun:
         """Start the clock; the ``with`` block around ``execute`` records how it ends."""
-        self.log.debug("started (attempt %d)", self.attempts + 1)
+        log = self.log
+        if log.logger.isEnabledFor(logging.DEBUG):  # one call, not four, when it is off
+            log.debug("started (attempt %d)", self.attempts + 1)
         self.started = time.monotonic()
         return self
 
@@ -143,6 +145,10 @@ class Owner(Protocol):
     def close(self) -> None: ...
 
 
+#: The backend of every batch slot (a batch of more than one job is portable).
+_PORTABLE = get_backend("portable")
+
+
 class BatchSlot:
     """One job of a :class:`QueueBatch`, seen as the job steps see a queue session: ``end``
     marks it done (removed when the batch commits), ``abort`` returns it with the batch."""
@@ -152,7 +158,7 @@ class BatchSlot:
     def __init__(self, batch: QueueBatch[Any], item: Any) -> None:
         self.batch, self.item = batch, item
         self.subscription: Subscription | None = batch.subscription_of(item)
-        self.backend: Backend | None = get_backend("portable")
+        self.backend: Backend | None = _PORTABLE
 
     @property
     def session(self) -> Session:

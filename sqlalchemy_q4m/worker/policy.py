@@ -124,6 +124,11 @@ class Aborted:
     give_back: bool
 
 
+#: The decisions without a value of their own, made once (settle runs for every job).
+_END = {True: Done(end=True), False: Done(end=False)}
+_GIVE_BACK = {True: Aborted(give_back=True), False: Aborted(give_back=False)}
+
+
 def settle(
     policy: RetryPolicy,
     previous_failures: int,
@@ -144,8 +149,8 @@ def settle(
     """
     if not failed:
         if aborted:
-            return Aborted(give_back=not ended)
-        return Done(end=not ended)
+            return _GIVE_BACK[not ended]
+        return _END[not ended]
     return decide(policy, previous_failures, now=now, rand=rand, can_retry=can_retry and not ended)
 
 

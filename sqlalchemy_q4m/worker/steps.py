@@ -110,7 +110,8 @@ class JobSteps(ConsumerBase):
         if isinstance(decision, Done):
             if decision.end:
                 qs.end()
-            log.info("done in %.3fs", run.elapsed)
+            if log.logger.isEnabledFor(logging.INFO):  # one call, not four, when it is off
+                log.info("done in %.3fs", run.elapsed)
             return "done"
         assert error is not None
         if nested is not None:

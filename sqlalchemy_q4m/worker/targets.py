@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Target",
+    "calls_where",
     "check_retry_columns",
     "declared_of",
     "resolve_targets",
@@ -80,12 +81,15 @@ class Target:
     row_type: Callable[..., Any] | None
     payload_names: list[str]
 
-    @property
+    @functools.cached_property
     def orm(self) -> bool:
+        """The target is a mapped class (read per job: worked out once)."""
         return not isinstance(self.target, Table)
 
-    @property
+    @functools.cached_property
     def can_retry(self) -> bool:
+        """The table has the ``attempts`` and ``run_at`` columns a retry needs (read per
+        job: worked out once, the table does not change under a target)."""
         return ATTEMPTS in self.table.columns and RUN_AT in self.table.columns
 
     @functools.cached_property
@@ -169,6 +173,15 @@ def job_where(job: Job) -> Any:
     """The job's ``where``: from the instance (an option) or the class (not bound: a plain
     function)."""
     return vars(job).get("where", type(job).where)
+
+
+def calls_where(job: Job) -> bool:
+    """True when the job's ``where`` (or a value of its mapping) is a callable: called at
+    each wait, so its conditions are not reused."""
+    user = job_where(job)
+    if isinstance(user, Mapping):
+        return any(callable(value) for value in user.values())
+    return callable(user)
 
 
 def where_for(
