@@ -208,6 +208,7 @@ class ConsumerBase:
             if not inspect(conn).has_table(dead_name):
                 ensure_dead_letter_table(conn, dead_letter_table(dead_name))
         # the unique keys' hooks need no look-up during a job
+        assert self._targets is not None  # set by _serve
         refresh_unique_keys(conn, [t.table.name for t in self._targets])
         if conn.in_transaction():
             conn.rollback()
