@@ -63,6 +63,8 @@ __all__ = [
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
+#: Most claim statements a loader keeps (one per batch size in use).
+_STATEMENTS = 16
 
 R = TypeVar("R")
 Job = Any
@@ -153,6 +155,10 @@ class Loader:
         self._claim_sql: DriverSQL | None = None
         self._owned_sql: DriverSQL | None = None
         self._delete_sql: DriverSQL | None = None
+        #: Claim statements without a condition, by (limit, unconverted); see _statement.
+        self._statements: dict[tuple[int, bool], Any] = {}
+        #: The owner's ``SELECT`` of every column (Q4M).
+        self._owned = select(*columns)
 
     # -- building jobs ---------------------------------------------------------------------
 
@@ -213,29 +219,44 @@ class Loader:
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
-        raw_claim = claim_statement(sub, limit, self.columns)  # the same rows, unconverted
-        if self.mapper is not None and (in_session or not self.direct):
-            return self._or_unloadable(
-                conn,
-                raw_claim,
-                lambda: self._orm_jobs(orm().execute(claim_statement(sub, limit)).scalars().all()),
-            )
-        if sub.where is None and self.direct:
+        if sub.where is None and self.direct and not in_session:
             sql = self._claim_sql
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             raw = self._rows(sql.run(conn, {_LIMIT: limit}))
             return self._jobs(self._convert(raw), raw)
+        raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
+        if self.mapper is not None and (in_session or not self.direct):
+            claim = self._statement(sub, limit, raw=False)
+            return self._or_unloadable(
+                conn,
+                raw_claim,
+                lambda: self._orm_jobs(orm().execute(claim).scalars().all()),
+            )
         return self._or_unloadable(
             conn, raw_claim, lambda: self._jobs(conn.execute(raw_claim).all(), None)
         )
+
+    def _statement(self, sub: Subscription, limit: int, *, raw: bool) -> Any:
+        """:func:`claim_statement` for ``sub`` (of its columns when ``raw``), built once per
+        limit for a subscription without a condition (the same statement every claim)."""
+        if sub.where is not None:
+            return claim_statement(sub, limit, self.columns if raw else None)
+        key = (limit, raw)
+        stmt = self._statements.get(key)
+        if stmt is None:
+            if len(self._statements) >= _STATEMENTS:
+                self._statements.clear()
+            stmt = claim_statement(sub, limit, self.columns if raw else None)
+            self._statements[key] = stmt
+        return stmt
 
     def load_owned(
         self, conn: Connection, sub: Subscription, orm: Callable[[], Session]
     ) -> tuple[Job, Key] | None:
         """The one row a Q4M owner sees (``SELECT ... FROM t`` in owner mode)."""
-        owned = select(*self.columns)
+        owned = self._owned
         if self.mapper is not None and not self.direct:
             found = self._or_unloadable(
                 conn,
