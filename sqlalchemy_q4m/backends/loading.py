@@ -38,6 +38,8 @@ from sqlalchemy import delete
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.orm import Mapper
@@ -159,6 +161,10 @@ class Loader:
         self._statements: dict[tuple[int, bool], Any] = {}
         #: The owner's ``SELECT`` of every column (Q4M).
         self._owned = select(*columns)
+        #: Core rows built from driver rows (None: a Core table whose Rows cannot be).
+        self._row_meta = row_metadata(columns) if mapper is None else None
+        #: Jobs built from driver rows: instances (``direct``) or a Core table's Rows.
+        self.from_driver = self.direct or self._row_meta is not None
 
     # -- building jobs ---------------------------------------------------------------------
 
@@ -219,13 +225,13 @@ class Loader:
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
-        if sub.where is None and self.direct and not in_session:
+        if sub.where is None and self.from_driver and not (in_session and self.direct):
             sql = self._claim_sql
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             raw = self._rows(sql.run(conn, {_LIMIT: limit}))
-            return self._jobs(self._convert(raw), raw)
+            return self._jobs(self._driver_jobs(raw), raw)
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
         if self.mapper is not None and (in_session or not self.direct):
             claim = self._statement(sub, limit, raw=False)
@@ -263,12 +269,14 @@ class Loader:
                 owned,
                 lambda: self._orm_jobs(orm().execute(select(sub.target)).scalars().all()[:1]),
             )
-        elif self.direct:
+        elif self.from_driver:
+            # on the driver's cursor: on a Q4M consumer's connection (autocommit) this sends
+            # no BEGIN and needs no COMMIT, unlike Connection.execute
             sql = self._owned_sql
             if sql is None:
                 sql = self._owned_sql = DriverSQL.compile(owned, self.dialect)
             raw = self._rows(sql.run(conn, {}))[:1]
-            found = self._jobs(self._convert(raw), raw)
+            found = self._jobs(self._driver_jobs(raw), raw)
         else:
             found = self._or_unloadable(
                 conn, owned, lambda: self._jobs(conn.execute(owned).all()[:1], None)
@@ -289,6 +297,12 @@ class Loader:
         sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)})
 
     # -- result processing -----------------------------------------------------------------
+
+    def _driver_jobs(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
+        """Driver rows converted (:meth:`_convert`), as a Core table's Rows for one."""
+        converted = self._convert(raw)
+        meta = self._row_meta
+        return converted if meta is None else core_rows(meta, converted)
 
     def _rows(self, fetched: Fetched) -> Sequence[Sequence[Any]]:
         """The driver rows fetched; on first use, the columns' result processors are looked
@@ -360,6 +374,27 @@ class Loader:
             [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
             for r in raw
         ]
+
+
+def row_metadata(columns: Sequence[Column[Any]]) -> SimpleResultMetaData | None:
+    """How to make the Rows ``Connection.execute(select(*columns))`` returns from converted
+    values: each value under its column's name, the column itself and its key, as the
+    cursor result's keys are; None when names and keys overlap (left to SQLAlchemy)."""
+    names = [c.name for c in columns]
+    extra = [(c,) if c.key == c.name else (c, c.key) for c in columns]
+    keys = [*names, *(c.key for c in columns if c.key != c.name)]
+    if len(set(keys)) != len(keys):
+        return None
+    return SimpleResultMetaData(names, extra=extra)
+
+
+def core_rows(
+    meta: SimpleResultMetaData, values: Sequence[Sequence[Any] | Unloadable]
+) -> list[Sequence[Any] | Unloadable]:
+    """``values`` (converted) as Rows of ``meta``; an :class:`Unloadable` stays as it is."""
+    plain = [v for v in values if not isinstance(v, Unloadable)]
+    rows = iter(IteratorResult(meta, iter([tuple(v) for v in plain])).all())
+    return [v if isinstance(v, Unloadable) else next(rows) for v in values]
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:
