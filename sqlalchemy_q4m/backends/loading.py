@@ -219,19 +219,24 @@ class Loader:
     ) -> list[tuple[Job, Key]]:
         """Lock up to ``limit`` unowned jobs of ``sub`` (portable backend); ``orm`` gives the
         session the ORM loads them in when they cannot be built directly, or when
-        ``in_session`` (the caller's own Session: its identity map and events apply)."""
+        ``in_session`` (the caller's own Session: its identity map and events apply) and
+        building them directly would not load them as the ORM does (:func:`orm_bypassable`;
+        the caller adds the built job to it, and one whose identity the Session holds
+        already is that instance, :func:`in_identity_map`)."""
         if not self.key_columns:
             raise QueueTableError(
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
-        if sub.where is None and self.from_driver and not (in_session and self.direct):
+        session = orm() if in_session and self.direct else None
+        if sub.where is None and self.from_driver and (session is None or orm_bypassable(session)):
             sql = self._claim_sql
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             raw = self._rows(sql.run(conn, {_LIMIT: limit}))
-            return self._jobs(self._driver_jobs(raw), raw)
+            jobs = self._jobs(self._driver_jobs(raw), raw)
+            return jobs if session is None else in_identity_map(session, jobs)
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
         if self.mapper is not None and (in_session or not self.direct):
             claim = self._statement(sub, limit, raw=False)
@@ -374,6 +379,32 @@ class Loader:
             [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
             for r in raw
         ]
+
+
+def orm_bypassable(session: Session) -> bool:
+    """Whether a job built from the driver's row, then added to ``session``, is what the
+    ORM's own load in it would give: no autoflush due (nothing pending), no
+    ``do_orm_execute`` or ``loaded_as_persistent`` listener to see the load."""
+    dispatch = session.dispatch
+    if dispatch.do_orm_execute or dispatch.loaded_as_persistent:
+        return False
+    return not (session.autoflush and (session.new or session.deleted or session.dirty))
+
+
+def in_identity_map(session: Session, jobs: list[tuple[Job, Key]]) -> list[tuple[Job, Key]]:
+    """``jobs`` built from driver rows, each replaced by the instance ``session`` holds for
+    its identity already, if any (the ORM's load would return that one: ``Session.get``)."""
+    identity_map = session.identity_map
+    out = jobs
+    for i, (job, key) in enumerate(jobs):
+        if isinstance(job, Unloadable):
+            continue
+        state = instance_state(job)
+        if state.key is not None and state.key in identity_map:
+            out = list(out) if out is jobs else out
+            held = session.get(state.class_, state.key[1])
+            out[i] = (job if held is None else held, key)
+    return out
 
 
 def row_metadata(columns: Sequence[Column[Any]]) -> SimpleResultMetaData | None:
