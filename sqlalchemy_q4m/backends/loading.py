@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -240,11 +241,8 @@ class Loader:
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
         if self.mapper is not None and (in_session or not self.direct):
             claim = self._statement(sub, limit, raw=False)
-            return self._or_unloadable(
-                conn,
-                raw_claim,
-                lambda: self._orm_jobs(orm().execute(claim).scalars().all()),
-            )
+            load = lambda: self._orm_jobs(orm().execute(claim).scalars().all())  # noqa: E731
+            return self._or_unloadable(conn, raw_claim, load)
         return self._or_unloadable(
             conn, raw_claim, lambda: self._jobs(conn.execute(raw_claim).all(), None)
         )
@@ -252,15 +250,13 @@ class Loader:
     def _statement(self, sub: Subscription, limit: int, *, raw: bool) -> Any:
         """:func:`claim_statement` for ``sub`` (of its columns when ``raw``), built once per
         limit for a subscription without a condition (the same statement every claim)."""
-        if sub.where is not None:
-            return claim_statement(sub, limit, self.columns if raw else None)
-        key = (limit, raw)
-        stmt = self._statements.get(key)
+        stmt = None if sub.where is not None else self._statements.get((limit, raw))
         if stmt is None:
-            if len(self._statements) >= _STATEMENTS:
-                self._statements.clear()
             stmt = claim_statement(sub, limit, self.columns if raw else None)
-            self._statements[key] = stmt
+            if sub.where is None:
+                if len(self._statements) >= _STATEMENTS:
+                    self._statements.clear()
+                self._statements[(limit, raw)] = stmt
         return stmt
 
     def load_owned(
@@ -424,7 +420,7 @@ def core_rows(
 ) -> list[Sequence[Any] | Unloadable]:
     """``values`` (converted) as Rows of ``meta``; an :class:`Unloadable` stays as it is."""
     plain = [v for v in values if not isinstance(v, Unloadable)]
-    rows = iter(IteratorResult(meta, iter([tuple(v) for v in plain])).all())
+    rows: Iterator[Any] = iter(IteratorResult(meta, iter([tuple(v) for v in plain])).all())
     return [v if isinstance(v, Unloadable) else next(rows) for v in values]
 
 
