@@ -354,3 +354,46 @@ def test_a_killed_connection_is_invalidated_and_reported_lost(db: Engine, db_url
     finally:
         engine.dispose()
     assert left(db, PlainJob) == 1  # nothing was lost
+
+
+# -- a Session bind: the job built from the driver's row, as the ORM's load would give it ------
+
+
+@pytest.mark.integration
+def test_a_session_bind_gets_a_persistent_job_built_from_the_row(db: Engine) -> None:
+    put(db, PlainJob(command="built", n=3))
+    with Session(db) as session, queue_session(PlainJob, bind=session, timeout=1) as job:
+        assert job.command == "built" and job.n == 3
+        state = inspect(job)
+        assert state.persistent and job in session and not state.modified
+        assert session.get(PlainJob, job.id) is job
+    assert left(db, PlainJob) == 0
+
+
+@pytest.mark.integration
+def test_a_session_bind_returns_the_instance_its_identity_map_holds(db: Engine) -> None:
+    put(db, PlainJob(command="held"))
+    with Session(db) as session:
+        held = session.scalars(select(PlainJob)).one()
+        session.commit()  # expire_on_commit: the next access refreshes it
+        with queue_session(PlainJob, bind=session, timeout=1) as job:
+            assert job is held and job.command == "held"
+    assert left(db, PlainJob) == 0
+
+
+@pytest.mark.integration
+def test_a_session_bind_with_an_orm_execute_listener_loads_through_the_orm(
+    db: Engine,
+) -> None:
+    put(db, PlainJob(command="a"), PlainJob(command="b"))
+    with Session(db) as session:
+        executed: list[Any] = []
+
+        def seen(state: Any) -> None:
+            executed.append(state)
+
+        event.listen(session, "do_orm_execute", seen)
+        with queue_session(PlainJob, bind=session, timeout=1) as job:
+            assert job.command == "a"
+        assert len(executed) == 1  # the claim went through the ORM: the listener saw it
+    assert left(db, PlainJob) == 1

@@ -320,6 +320,25 @@ def test_session_bind(db: Engine) -> None:
     assert total(db) == 1
 
 
+def test_session_bind_untouched_commits_only_when_observed(db: Engine) -> None:
+    """A Session the block left untouched is not committed (nothing to commit), unless a
+    listener would see that commit: then it is, as before."""
+    enqueue(db, ShellJob(command="a"), ShellJob(command="b"))
+    with Session(db) as session:
+        with queue_session(ShellJob, bind=session, timeout=2) as job:
+            assert job is not None and not session.in_transaction()
+        commits: list[Session] = []
+
+        def committed(orm: Session) -> None:
+            commits.append(orm)
+
+        event.listen(session, "after_commit", committed)
+        with queue_session(ShellJob, bind=session, timeout=2) as job:
+            assert job is not None
+        assert commits == [session]
+    assert total(db) == 0
+
+
 # -- many consumers --------------------------------------------------------------------------
 
 

@@ -188,10 +188,12 @@ def _run_sync(
     write: bool = False,
     level: str = "READ COMMITTED",
     seen: list[str] | None = None,
+    target: Any = CountJob,
 ) -> list[str]:
-    """The statements of each of 100 jobs (after a warm-up job) consumed with a ``bind_kind``
-    bind; with ``write``, each job inserts an ``Effect`` through ``qs.session``; with
-    ``seen``, a ``before_cursor_execute`` listener appends every statement it sees."""
+    """The statements of each of 100 jobs (after a warm-up job) of ``target`` consumed with a
+    ``bind_kind`` bind; with ``write``, each job inserts an ``Effect`` through
+    ``qs.session``; with ``seen``, a ``before_cursor_execute`` listener appends every
+    statement it sees."""
     log = Log()
     eng = _counting_engine(url, log)
     use_backend(eng, name)  # type: ignore[arg-type]
@@ -218,7 +220,7 @@ def _run_sync(
         for i in range(JOBS + 1):
             if i == 1:
                 start = len(log.sent)
-            qs = queue_session(CountJob, bind=bind, timeout=5)
+            qs = queue_session(target, bind=bind, timeout=5)
             with qs as job:
                 assert job is not None
                 done.append(job.n)
@@ -251,6 +253,17 @@ def test_each_sync_bind_sends_the_raw_loops_statements(
 ) -> None:
     name, url = tables
     assert _run_sync(name, url, bind_kind) == RAW[name]
+
+
+@pytest.mark.parametrize("bind_kind", SYNC_BINDS)
+def test_a_core_table_sends_the_raw_loops_statements(
+    tables: tuple[str, URL], bind_kind: str
+) -> None:
+    """The queue's Core ``Table`` as the target (Rows, not instances): the same statements.
+    On Q4M the owner's SELECT is read in the consumer's autocommit too (no BEGIN, no
+    COMMIT around it)."""
+    name, url = tables
+    assert _run_sync(name, url, bind_kind, target=CountJob.__table__) == RAW[name]
 
 
 @pytest.mark.parametrize("bind_kind", SYNC_BINDS)

@@ -186,9 +186,11 @@ def driver_level(conn: Connection) -> bool:
     if conn.dialect.dispatch.handle_error:  # error-translating listeners
         return False
     # SQLAlchemy's own test before dispatching any connection event (runs per statement)
-    if not (getattr(conn, "_has_events", True) or getattr(engine, "_has_events", True)):
+    conn_events = getattr(conn, "_has_events", True)
+    if not (conn_events or getattr(engine, "_has_events", True)):
         return True
-    d = conn.dispatch
+    # without listeners of its own a connection dispatches its engine's: asked directly
+    d = conn.dispatch if conn_events else engine.dispatch
     return not (
         d.before_cursor_execute or d.after_cursor_execute or d.before_execute or d.after_execute
     )

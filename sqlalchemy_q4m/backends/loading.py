@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import traceback
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +39,8 @@ from sqlalchemy import delete
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.engine.result import IteratorResult
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.orm import Mapper
@@ -63,6 +66,8 @@ __all__ = [
 
 _LIMIT = "q4m_limit"
 _KEY = "q4m_key_{}"
+#: Most claim statements a loader keeps (one per batch size in use).
+_STATEMENTS = 16
 
 R = TypeVar("R")
 Job = Any
@@ -153,6 +158,14 @@ class Loader:
         self._claim_sql: DriverSQL | None = None
         self._owned_sql: DriverSQL | None = None
         self._delete_sql: DriverSQL | None = None
+        #: Claim statements without a condition, by (limit, unconverted); see _statement.
+        self._statements: dict[tuple[int, bool], Any] = {}
+        #: The owner's ``SELECT`` of every column (Q4M).
+        self._owned = select(*columns)
+        #: Core rows built from driver rows (None: a Core table whose Rows cannot be).
+        self._row_meta = row_metadata(columns) if mapper is None else None
+        #: Jobs built from driver rows: instances (``direct``) or a Core table's Rows.
+        self.from_driver = self.direct or self._row_meta is not None
 
     # -- building jobs ---------------------------------------------------------------------
 
@@ -207,47 +220,64 @@ class Loader:
     ) -> list[tuple[Job, Key]]:
         """Lock up to ``limit`` unowned jobs of ``sub`` (portable backend); ``orm`` gives the
         session the ORM loads them in when they cannot be built directly, or when
-        ``in_session`` (the caller's own Session: its identity map and events apply)."""
+        ``in_session`` (the caller's own Session: its identity map and events apply) and
+        building them directly would not load them as the ORM does (:func:`orm_bypassable`;
+        the caller adds the built job to it, and one whose identity the Session holds
+        already is that instance, :func:`in_identity_map`)."""
         if not self.key_columns:
             raise QueueTableError(
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
-        raw_claim = claim_statement(sub, limit, self.columns)  # the same rows, unconverted
-        if self.mapper is not None and (in_session or not self.direct):
-            return self._or_unloadable(
-                conn,
-                raw_claim,
-                lambda: self._orm_jobs(orm().execute(claim_statement(sub, limit)).scalars().all()),
-            )
-        if sub.where is None and self.direct:
+        session = orm() if in_session and self.direct else None
+        if sub.where is None and self.from_driver and (session is None or orm_bypassable(session)):
             sql = self._claim_sql
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             raw = self._rows(sql.run(conn, {_LIMIT: limit}))
-            return self._jobs(self._convert(raw), raw)
+            jobs = self._jobs(self._driver_jobs(raw), raw)
+            return jobs if session is None else in_identity_map(session, jobs)
+        raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
+        if self.mapper is not None and (in_session or not self.direct):
+            claim = self._statement(sub, limit, raw=False)
+            load = lambda: self._orm_jobs(orm().execute(claim).scalars().all())  # noqa: E731
+            return self._or_unloadable(conn, raw_claim, load)
         return self._or_unloadable(
             conn, raw_claim, lambda: self._jobs(conn.execute(raw_claim).all(), None)
         )
+
+    def _statement(self, sub: Subscription, limit: int, *, raw: bool) -> Any:
+        """:func:`claim_statement` for ``sub`` (of its columns when ``raw``), built once per
+        limit for a subscription without a condition (the same statement every claim)."""
+        stmt = None if sub.where is not None else self._statements.get((limit, raw))
+        if stmt is None:
+            stmt = claim_statement(sub, limit, self.columns if raw else None)
+            if sub.where is None:
+                if len(self._statements) >= _STATEMENTS:
+                    self._statements.clear()
+                self._statements[(limit, raw)] = stmt
+        return stmt
 
     def load_owned(
         self, conn: Connection, sub: Subscription, orm: Callable[[], Session]
     ) -> tuple[Job, Key] | None:
         """The one row a Q4M owner sees (``SELECT ... FROM t`` in owner mode)."""
-        owned = select(*self.columns)
+        owned = self._owned
         if self.mapper is not None and not self.direct:
             found = self._or_unloadable(
                 conn,
                 owned,
                 lambda: self._orm_jobs(orm().execute(select(sub.target)).scalars().all()[:1]),
             )
-        elif self.direct:
+        elif self.from_driver:
+            # on the driver's cursor: on a Q4M consumer's connection (autocommit) this sends
+            # no BEGIN and needs no COMMIT, unlike Connection.execute
             sql = self._owned_sql
             if sql is None:
                 sql = self._owned_sql = DriverSQL.compile(owned, self.dialect)
             raw = self._rows(sql.run(conn, {}))[:1]
-            found = self._jobs(self._convert(raw), raw)
+            found = self._jobs(self._driver_jobs(raw), raw)
         else:
             found = self._or_unloadable(
                 conn, owned, lambda: self._jobs(conn.execute(owned).all()[:1], None)
@@ -268,6 +298,12 @@ class Loader:
         sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)})
 
     # -- result processing -----------------------------------------------------------------
+
+    def _driver_jobs(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
+        """Driver rows converted (:meth:`_convert`), as a Core table's Rows for one."""
+        converted = self._convert(raw)
+        meta = self._row_meta
+        return converted if meta is None else core_rows(meta, converted)
 
     def _rows(self, fetched: Fetched) -> Sequence[Sequence[Any]]:
         """The driver rows fetched; on first use, the columns' result processors are looked
@@ -339,6 +375,53 @@ class Loader:
             [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
             for r in raw
         ]
+
+
+def orm_bypassable(session: Session) -> bool:
+    """Whether a job built from the driver's row, then added to ``session``, is what the
+    ORM's own load in it would give: no autoflush due (nothing pending), no
+    ``do_orm_execute`` or ``loaded_as_persistent`` listener to see the load."""
+    dispatch = session.dispatch
+    if dispatch.do_orm_execute or dispatch.loaded_as_persistent:
+        return False
+    return not (session.autoflush and (session.new or session.deleted or session.dirty))
+
+
+def in_identity_map(session: Session, jobs: list[tuple[Job, Key]]) -> list[tuple[Job, Key]]:
+    """``jobs`` built from driver rows, each replaced by the instance ``session`` holds for
+    its identity already, if any (the ORM's load would return that one: ``Session.get``)."""
+    identity_map = session.identity_map
+    out = jobs
+    for i, (job, key) in enumerate(jobs):
+        if isinstance(job, Unloadable):
+            continue
+        state = instance_state(job)
+        if state.key is not None and state.key in identity_map:
+            out = list(out) if out is jobs else out
+            held = session.get(state.class_, state.key[1])
+            out[i] = (job if held is None else held, key)
+    return out
+
+
+def row_metadata(columns: Sequence[Column[Any]]) -> SimpleResultMetaData | None:
+    """How to make the Rows ``Connection.execute(select(*columns))`` returns from converted
+    values: each value under its column's name, the column itself and its key, as the
+    cursor result's keys are; None when names and keys overlap (left to SQLAlchemy)."""
+    names = [c.name for c in columns]
+    extra = [(c,) if c.key == c.name else (c, c.key) for c in columns]
+    keys = [*names, *(c.key for c in columns if c.key != c.name)]
+    if len(set(keys)) != len(keys):
+        return None
+    return SimpleResultMetaData(names, extra=extra)
+
+
+def core_rows(
+    meta: SimpleResultMetaData, values: Sequence[Sequence[Any] | Unloadable]
+) -> list[Sequence[Any] | Unloadable]:
+    """``values`` (converted) as Rows of ``meta``; an :class:`Unloadable` stays as it is."""
+    plain = [v for v in values if not isinstance(v, Unloadable)]
+    rows: Iterator[Any] = iter(IteratorResult(meta, iter([tuple(v) for v in plain])).all())
+    return [v if isinstance(v, Unloadable) else next(rows) for v in values]
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:

@@ -54,6 +54,29 @@ def wait_arguments(subs: Sequence[Subscription], timeout: float) -> list[str | i
     return [*(sub.q4m_spec() for sub in subs), seconds]
 
 
+#: ``queue_wait`` parameters by (id of the subscriptions tuple, seconds): each kept with the
+#: tuple it was made for (so that an id is not reused while it is cached).  A worker's
+#: subscriptions are one tuple for its life (``subscriptions()`` memoizes them), so its
+#: arguments are escaped once, not per job.  Bounded: conditions made per call come and go.
+_WAIT_VALUES: dict[tuple[int, int], tuple[Sequence[Subscription], dict[str, Any]]] = {}
+_WAIT_VALUES_SIZE = 256
+
+
+def wait_values(subs: Sequence[Subscription], timeout: float) -> dict[str, Any]:
+    """The parameters of :func:`_sql`'s ``queue_wait`` statement for ``subs`` and
+    ``timeout`` (:func:`wait_arguments`), made once per tuple of subscriptions and seconds."""
+    seconds = max(0, min(MAX_WAIT, math.ceil(timeout)))
+    key = (id(subs), seconds)
+    cached = _WAIT_VALUES.get(key)
+    if cached is not None and cached[0] is subs:
+        return cached[1]
+    values = {f"q4m_w{i}": arg for i, arg in enumerate(wait_arguments(subs, seconds))}
+    if len(_WAIT_VALUES) >= _WAIT_VALUES_SIZE:
+        _WAIT_VALUES.clear()
+    _WAIT_VALUES[key] = (subs, values)
+    return values
+
+
 def _sql(dialect: Dialect, key: int | str) -> DriverSQL:
     """``SELECT queue_wait(?, ..., ?)`` for ``key`` tables, or ``queue_end()`` /
     ``queue_abort()``: compiled once per dialect."""
@@ -81,13 +104,11 @@ class NativeBackend(Backend):
 
     def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
         conn = holder.connection
-        args = wait_arguments(subs, timeout)
-        values = {f"q4m_w{i}": arg for i, arg in enumerate(args)}
         with translate_errors("queue_wait"):
-            index = _call(conn, len(subs), values)
+            index = _call(conn, len(subs), wait_values(subs, timeout))
         if index is None:
             self._leave(conn)
-            specs = ", ".join(repr(a) for a in args[:-1])
+            specs = ", ".join(repr(sub.q4m_spec()) for sub in subs)
             raise QueueWaitError(
                 f"queue_wait({specs}) returned NULL: a table is missing or not ENGINE=QUEUE, "
                 "or a condition uses a non-integer column (see the server's error log)"

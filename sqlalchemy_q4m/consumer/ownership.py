@@ -10,6 +10,7 @@ tell; see :mod:`~sqlalchemy_q4m.consumer.session`.
 
 from __future__ import annotations
 
+import weakref
 from abc import abstractmethod
 
 from sqlalchemy import event
@@ -24,6 +25,18 @@ from .binding import Bind
 from .binding import Pin
 
 __all__ = ["OwnershipWatch"]
+
+#: ORM sessions with the library's ``before_commit`` listener (added once per session: adding
+#: and removing one per job cost more than the rest of the guard), and the queue session
+#: guarding each now (one at most: a session's connection owns one job).
+_hooked: weakref.WeakSet[Session] = weakref.WeakSet()
+_guards: weakref.WeakKeyDictionary[Session, OwnershipWatch] = weakref.WeakKeyDictionary()
+
+
+def _before_commit(orm: Session) -> None:
+    guard = _guards.get(orm)
+    if guard is not None:
+        guard.before_commit(orm)
 
 
 class OwnershipWatch(Pin):
@@ -67,10 +80,14 @@ class OwnershipWatch(Pin):
         """Stop a commit of ``orm``'s transaction (not of a savepoint) before it starts while
         the job is owned in it (portable backend)."""
         if self.backend is not None and self.backend.name == "portable":
-            event.listen(orm, "before_commit", self._before_commit)
+            if orm not in _hooked:
+                event.listen(orm, "before_commit", _before_commit)
+                _hooked.add(orm)
+            _guards[orm] = self
             self._guarded.append(orm)
 
-    def _before_commit(self, orm: Session) -> None:
+    def before_commit(self, orm: Session) -> None:
+        """``orm`` (guarded by this) is about to commit."""
         if orm.get_nested_transaction() is None:  # the transaction, not a savepoint
             self.released("committed")
 
@@ -112,6 +129,7 @@ class OwnershipWatch(Pin):
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back (see :meth:`Pin._release`), unwatched."""
         for guarded in self._guarded:
-            event.remove(guarded, "before_commit", self._before_commit)
+            if _guards.get(guarded) is self:
+                del _guards[guarded]
         self._guarded.clear()
         super()._release(broken=broken)

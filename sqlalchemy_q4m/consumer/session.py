@@ -87,6 +87,25 @@ __all__ = [
 T = TypeVar("T")
 
 
+#: The ``Session`` events an empty ``commit()`` (autobegin, then commit) dispatches.
+_EMPTY_COMMIT_EVENTS = (
+    "after_transaction_create",
+    "before_commit",
+    "after_commit",
+    "after_transaction_end",
+)
+
+
+def idle_session(session: Session) -> bool:
+    """True when committing ``session`` would do nothing anyone sees: no transaction begun
+    (so nothing pending, no connection) and no listener for the events an empty commit
+    dispatches.  (Q4M, a Session bind: the job's end then skips the Session's commit.)"""
+    if session.in_transaction():
+        return False
+    dispatch = session.dispatch
+    return not any(getattr(dispatch, name) for name in _EMPTY_COMMIT_EVENTS)
+
+
 class QueueSession(OwnershipWatch, Generic[T]):
     """One job's lifetime on one pinned connection; see the module docstring.
 
@@ -190,8 +209,9 @@ class QueueSession(OwnershipWatch, Generic[T]):
         self._finishing = True
         try:
             self._check_not_released()
-            if self._user_session is not None:
-                self._user_session.commit()
+            user = self._user_session
+            if user is not None and not idle_session(user):
+                user.commit()
             orm = self._orm
             try:
                 with translate_errors("completing a job"):
