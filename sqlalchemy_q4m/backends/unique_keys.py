@@ -227,8 +227,10 @@ def job_id_of(key: tuple[Any, ...]) -> uuid.UUID | None:
 def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
     """Q4M, right after ``queue_wait`` owned a job: take its named lock if it holds a key (one
     statement: the lock is taken only when the key row exists).  Nothing is committed."""
+    if not uses_keys(conn, table.name):  # a memo look-up: before building any UUID
+        return
     job_id = job_id_of(key)
-    if job_id is None or not uses_keys(conn, table.name):
+    if job_id is None:
         return
     name = job_lock_name(job_id)
     result = _hook(
@@ -246,16 +248,17 @@ def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
     queue session commits next (portable: with the job's ``DELETE``; Q4M: after
     ``queue_end``), then release the job's named lock (Q4M).  Until that commit the key row's
     InnoDB lock keeps an enqueuer of the same key waiting."""
-    job_id = job_id_of(key)
-    if job_id is not None and uses_keys(conn, table.name):
+    if uses_keys(conn, table.name) and (job_id := job_id_of(key)) is not None:
         _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
     released(conn)
 
 
 def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) -> None:
     """:func:`ended` for the jobs of a portable batch, in its transaction (one ``DELETE``)."""
+    if not uses_keys(conn, table.name):
+        return
     ids = [str(i) for key in keys if (i := job_id_of(key)) is not None]
-    if ids and uses_keys(conn, table.name):
+    if ids:
         _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id.in_(ids)))
 
 
