@@ -34,6 +34,8 @@ __all__ = [
     "dbapi_error",
     "dialect_cache",
     "driver_level",
+    "execute_many",
+    "on_cursor",
     "on_driver",
 ]
 
@@ -82,24 +84,32 @@ class DriverSQL:
         if not driver_level(conn):
             conn.exec_driver_sql(self.sql, list(params))
             return
-        self._on_cursor(conn, params, _execute_many)
+        self._on_cursor(conn, params, execute_many)
 
     def _on_cursor(self, conn: Connection, params: Any, call: Callable[[Any, str, Any], R]) -> R:
         """``call(cursor, sql, params)`` on a DBAPI cursor of ``conn`` (in its transaction,
         begun if none is); DBAPI errors raised as SQLAlchemy's, as executing would."""
-        cursor = _cursor(conn)
-        try:
-            return call(cursor, self.sql, params)
-        except Exception as err:
-            wrapped = dbapi_error(conn, err, self.sql, params, cursor)
-            if wrapped is None:
-                raise
-            raise wrapped from err
-        except BaseException:
-            conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
+        return on_cursor(conn, _cursor(conn), self.sql, params, call)
+
+
+def on_cursor(
+    conn: Connection, cursor: Any, sql: str, params: Any, call: Callable[[Any, str, Any], R]
+) -> R:
+    """``call(cursor, sql, params)``, then close ``cursor`` (a DBAPI cursor of ``conn``): DBAPI
+    errors raised as SQLAlchemy's, as executing would; an interrupt mid-statement invalidates
+    ``conn`` (the protocol state is unknown)."""
+    try:
+        return call(cursor, sql, params)
+    except Exception as err:
+        wrapped = dbapi_error(conn, err, sql, params, cursor)
+        if wrapped is None:
             raise
-        finally:
-            cursor.close()
+        raise wrapped from err
+    except BaseException:
+        conn.invalidate()
+        raise
+    finally:
+        cursor.close()
 
 
 def _fetch(cursor: Any, sql: str, params: Any) -> Fetched:
@@ -108,7 +118,7 @@ def _fetch(cursor: Any, sql: str, params: Any) -> Fetched:
     return description, cursor.fetchall() if description else []
 
 
-def _execute_many(cursor: Any, sql: str, params: Any) -> None:
+def execute_many(cursor: Any, sql: str, params: Any) -> None:
     cursor.executemany(sql, params)
 
 

@@ -30,8 +30,9 @@ from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from ..backends.driver import dbapi_error
 from ..backends.driver import driver_level
+from ..backends.driver import execute_many
+from ..backends.driver import on_cursor
 from ..backends.listeners import nobody_listens
 from ..backends.notify import wake_committed
 from ..exc import OptionError
@@ -182,9 +183,11 @@ def _produce(
         check_sizes(conn, groups)
         ids, chunks = prepare(conn.dialect, shape, groups, run_at, chunk_size)
         dbapi_conn = conn.connection.dbapi_connection
-        if not conn.in_transaction() and driver_level(conn) and _open(dbapi_conn) is not None:
+        bare = dbapi_conn is not None and _open(dbapi_conn) is not None
+        if bare and not conn.in_transaction() and driver_level(conn):
+            assert dbapi_conn is not None
             for plan, params in chunks:  # in the server's implicit transaction, if any
-                _run_bare(conn, dbapi_conn, plan.sql.sql, params)
+                on_cursor(conn, dbapi_conn.cursor(), plan.sql.sql, params, execute_many)
             if _open(dbapi_conn):  # rows of a transactional table: commit them
                 conn.begin()  # sends nothing: SQLAlchemy's view (and its events) stay exact
                 conn.commit()
@@ -298,24 +301,6 @@ def _open(dbapi_conn: Any) -> bool | None:
     if isinstance(status, bool) or not isinstance(status, int):
         return None
     return bool(status & _IN_TRANS)
-
-
-def _run_bare(conn: Connection, dbapi_conn: Any, sql: str, params: list[Any]) -> None:
-    """``executemany`` on a cursor of ``conn`` with no SQLAlchemy transaction begun (see
-    :func:`_produce`); DBAPI errors raised as SQLAlchemy's, as executing would."""
-    cursor = dbapi_conn.cursor()
-    try:
-        cursor.executemany(sql, params)
-    except Exception as err:
-        wrapped = dbapi_error(conn, err, sql, params, cursor)
-        if wrapped is None:
-            raise
-        raise wrapped from err
-    except BaseException:
-        conn.invalidate()  # interrupted mid-statement: the protocol state is unknown
-        raise
-    finally:
-        cursor.close()
 
 
 def _close_committed(conn: Connection) -> None:
