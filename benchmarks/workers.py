@@ -118,13 +118,14 @@ class SessionLoop:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
         self.conn = self.engine.connect().execution_options(isolation_level="READ COMMITTED")
+        self.bind: Any = self.conn
         warm_up(self.engine, self.target)
 
     def consume(self) -> int:
         done = 0
         while True:
             try:
-                with queue_session(BenchJob, bind=self.conn, timeout=0) as job:
+                with queue_session(self.target, bind=self.bind, timeout=0) as job:
                     if job is None:
                         return done
             except CompletionFailed:  # a deadlock victim: the job returns and runs again
@@ -142,17 +143,6 @@ class CoreSessionLoop(SessionLoop):
 
     target = core_jobs
 
-    def consume(self) -> int:
-        done = 0
-        while True:
-            try:
-                with queue_session(core_jobs, bind=self.conn, timeout=0) as row:
-                    if row is None:
-                        return done
-            except CompletionFailed:
-                continue
-            done += 1
-
 
 class EngineSessionLoop(SessionLoop):
     """``with queue_session(BenchJob, bind=engine, timeout=0) as job``: a pooled connection
@@ -161,18 +151,8 @@ class EngineSessionLoop(SessionLoop):
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
+        self.bind = self.engine
         warm_up(self.engine, BenchJob)  # and the pool holds a connection
-
-    def consume(self) -> int:
-        done = 0
-        while True:
-            try:
-                with queue_session(BenchJob, bind=self.engine, timeout=0) as job:
-                    if job is None:
-                        return done
-            except CompletionFailed:
-                continue
-            done += 1
 
     def close(self) -> None:
         if self.own_engine:
@@ -188,18 +168,7 @@ class OrmSessionLoop(SessionLoop):
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
         warm_up(self.engine, BenchJob)
-        self.session = Session(self.engine)
-
-    def consume(self) -> int:
-        done = 0
-        while True:
-            try:
-                with queue_session(BenchJob, bind=self.session, timeout=0) as job:
-                    if job is None:
-                        return done
-            except CompletionFailed:
-                continue
-            done += 1
+        self.session = self.bind = Session(self.engine)
 
     def close(self) -> None:
         self.session.close()
