@@ -340,6 +340,8 @@ class FakeCursor:
 
     def execute(self, statement: str, parameters: Any = None) -> int:
         params = tuple(parameters or ())
+        if parameters is not None:
+            statement = _interpolated(statement)
         with self.server.cond:
             self.conn._check_open()
             self._execute(" ".join(statement.split()), params)
@@ -657,15 +659,24 @@ def _split(body: str) -> list[str]:
 
 
 def _arguments(text: str, params: tuple[Any, ...]) -> list[Any]:
+    """A function call's arguments: ``%s`` placeholders (from ``params``), string literals
+    (quoted as MariaDB reads them: ``''`` and backslash escapes) and integers."""
     values, it = [], iter(params)
-    for raw in [a.strip() for a in text.split(",")] if text.strip() else []:
+    for m in re.finditer(r"\s*('(?:[^'\\]|''|\\.)*'|[^,]+?)\s*(?:,|$)", text):
+        raw = m.group(1)
         if raw == "%s":
             values.append(next(it))
-        elif raw.startswith("'") and raw.endswith("'"):
-            values.append(raw[1:-1])
+        elif raw.startswith("'"):
+            values.append(re.sub(r"''|\\(.)", lambda e: e.group(1) or "'", raw[1:-1]))
         else:
             values.append(int(raw))
     return values
+
+
+def _interpolated(statement: str) -> str:
+    """What a pyformat driver sends when it is given parameters: ``%%`` becomes ``%``
+    (placeholders are left for :func:`_arguments` and the statement parsers)."""
+    return re.sub(r"%(%|s)", lambda m: "%" if m.group(1) == "%" else m.group(0), statement)
 
 
 _INT_MIN, _INT_MAX = -(2**63), 2**63 - 1

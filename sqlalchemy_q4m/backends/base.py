@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from abc import ABC
 from abc import abstractmethod
+from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -61,6 +63,9 @@ class Claim:
     job: Any
     key: tuple[Any, ...]
     loader: Loader
+    #: :func:`~sqlalchemy_q4m.backends.driver.driver_level` for the job's connection, as its
+    #: holder asked it once (None: asked per statement).
+    unobserved: bool | None = None
 
 
 def error_code(err: BaseException) -> int | None:
@@ -93,10 +98,11 @@ class _Translate:
             raise ConnectionLost(f"{self.what}: connection lost ({exc.orig})") from exc
 
 
-def translate_errors(what: str) -> _Translate:
-    """A context manager turning a lost connection into :class:`ConnectionLost`; other
-    errors pass unchanged."""
-    return _Translate(what)
+#: ``translate_errors(what)``: a context manager turning a lost connection into
+#: :class:`ConnectionLost`; other errors pass unchanged.  One (stateless) instance per
+#: ``what``, cached by C code: a job's every statement enters one, so its call costs no
+#: Python frame.
+translate_errors: Callable[[str], _Translate] = functools.lru_cache(maxsize=256)(_Translate)
 
 
 # -- one owner per connection ------------------------------------------------------------------
@@ -152,6 +158,9 @@ _watched: weakref.WeakSet[Engine] = weakref.WeakSet()
 _watch_lock = threading.Lock()
 
 
+_autocommit_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
 def _watch(engine: Engine) -> None:
     """Listen (once per engine) for transactions ended and connections returned while owning."""
     if engine in _watched:
@@ -162,9 +171,22 @@ def _watch(engine: Engine) -> None:
         event.listen(engine, "commit", _on_commit)
         event.listen(engine, "rollback", _on_rollback)
         event.listen(engine, "reset", _on_reset)
+        _watched.add(engine)
+
+
+def _watch_autocommit(engine: Engine) -> None:
+    """Listen (once per engine) for transactions begun on, and connections returned from, the
+    library's autocommit (:func:`autocommit_for_queue`).  Only engines with a Q4M consumer
+    pay for these two events: a portable consumer's ``begin`` dispatches no listener of ours."""
+    _watch(engine)
+    if engine in _autocommit_watched:
+        return
+    with _watch_lock:
+        if engine in _autocommit_watched:
+            return
         event.listen(engine, "begin", _on_begin)
         event.listen(engine, "checkin", _on_checkin)
-        _watched.add(engine)
+        _autocommit_watched.add(engine)
 
 
 def _owner_of(conn: Connection) -> Owner | None:
@@ -224,7 +246,7 @@ def autocommit_for_queue(conn: Connection) -> bool:
     dbapi_conn = conn.connection.dbapi_connection
     if not callable(getattr(dbapi_conn, "autocommit", None)):
         return False
-    _watch(conn.engine)  # before the mark: every later BEGIN is sent
+    _watch_autocommit(conn.engine)  # before the mark: every later BEGIN is sent
     on_driver(conn, "SET autocommit = 1", lambda c: c.autocommit(True))
     info[AUTOCOMMIT_KEY] = True
     return True
@@ -270,6 +292,11 @@ class Holder(Protocol):
     @property
     def in_session(self) -> bool:
         """True when ``session`` is the caller's own: it loads every job (identity map)."""
+
+    @property
+    def unobserved(self) -> bool | None:
+        """:func:`~sqlalchemy_q4m.backends.driver.driver_level` for ``connection``, asked
+        once per job; None: ask per statement."""
 
     def restart(self) -> bool:
         """Roll back the transaction if this queue session began it and holds no job yet

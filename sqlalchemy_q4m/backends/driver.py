@@ -52,8 +52,13 @@ class DriverSQL:
     defaults: dict[str, Any]
 
     @classmethod
-    def compile(cls, stmt: ClauseElement, dialect: Dialect) -> DriverSQL:
-        compiled = stmt.compile(dialect=dialect)
+    def compile(
+        cls, stmt: ClauseElement, dialect: Dialect, *, literal_binds: bool = False
+    ) -> DriverSQL:
+        """``stmt`` compiled for ``dialect``; with ``literal_binds`` its values are rendered
+        in the SQL (quoted and escaped by the dialect), leaving no parameter to send."""
+        kw = {"literal_binds": True} if literal_binds else {}
+        compiled = stmt.compile(dialect=dialect, compile_kwargs=kw)
         assert isinstance(compiled, SQLCompiler)
         if compiled.post_compile_params or compiled.literal_execute_params:  # pragma: no cover
             raise QueueTableError(f"cannot precompile {compiled.string!r}")
@@ -61,22 +66,45 @@ class DriverSQL:
         return cls(compiled.string, positions, dict(compiled.construct_params() or {}))
 
     def params(self, values: dict[str, Any]) -> Any:
+        if not values and not self.defaults:  # queue_end(), queue_wait(), the owner's SELECT
+            if "%" not in self.sql:
+                return None  # the driver has nothing to interpolate
+            return {} if self.positions is None else ()  # it turns "%%" into "%"
         merged = {**self.defaults, **values}
         if self.positions is None:
             return merged
         return tuple(merged[name] for name in self.positions)
 
-    def run(self, conn: Connection, values: dict[str, Any]) -> Fetched:
+    def run(
+        self, conn: Connection, values: dict[str, Any], unobserved: bool | None = None
+    ) -> Fetched:
         """Execute on ``conn`` in its transaction (begun if none is); the cursor's
-        description and rows.  See :func:`driver_level` for how."""
+        description and rows.  See :func:`driver_level` for how; ``unobserved`` is its
+        answer when the caller has it already (a queue session asks once per job)."""
         params = self.params(values)
-        if not driver_level(conn):
+        if not (driver_level(conn) if unobserved is None else unobserved):
             result = conn.exec_driver_sql(self.sql, params)
             if not result.returns_rows:
                 return None, []
             description = result.cursor.description if result.cursor is not None else None
             return description, result.all()
-        return self._on_cursor(conn, params, _fetch)
+        # what on_cursor() does, written out: it runs for every statement of every job
+        cursor = _cursor(conn)
+        sql = self.sql
+        try:
+            cursor.execute(sql, params)
+            description = cursor.description
+            return description, cursor.fetchall() if description else []
+        except Exception as err:
+            wrapped = dbapi_error(conn, err, sql, params, cursor)
+            if wrapped is None:
+                raise
+            raise wrapped from err
+        except BaseException:
+            conn.invalidate()
+            raise
+        finally:
+            cursor.close()
 
     def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
         """Execute once per parameter set in ``params`` (each in the form :meth:`params`
@@ -112,12 +140,6 @@ def on_cursor(
         cursor.close()
 
 
-def _fetch(cursor: Any, sql: str, params: Any) -> Fetched:
-    cursor.execute(sql, params)
-    description = cursor.description
-    return description, cursor.fetchall() if description else []
-
-
 def execute_many(cursor: Any, sql: str, params: Any) -> None:
     cursor.executemany(sql, params)
 
@@ -130,9 +152,10 @@ AUTOCOMMIT_KEY = "sqlalchemy_q4m.autocommit"
 def _cursor(conn: Connection) -> Any:
     """A DBAPI cursor of ``conn``, in its transaction (begun if none is), or outside any on a
     connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
-    if not conn.in_transaction() and not conn.info.get(AUTOCOMMIT_KEY):
+    fairy = conn.connection  # what conn.info would look up again
+    if not conn.in_transaction() and not fairy.info.get(AUTOCOMMIT_KEY):
         conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
-    dbapi_conn = conn.connection.dbapi_connection
+    dbapi_conn = fairy.dbapi_connection
     assert dbapi_conn is not None
     return dbapi_conn.cursor()
 
@@ -216,7 +239,10 @@ def dialect_cache(dialect: Dialect, name: str) -> dict[Any, Any]:
     a ``TypeDecorator``'s closing over the dialect) refers back to the dialect, so a
     module-level mapping keyed by it, even a weak one, would keep every engine's dialect alive.
     """
-    caches: dict[str, dict[Any, Any]] | None = vars(dialect).get(_CACHES)
-    if caches is None:
-        caches = vars(dialect).setdefault(_CACHES, {})
+    try:
+        cache: dict[Any, Any] = dialect.__dict__[_CACHES][name]
+        return cache
+    except KeyError:
+        pass
+    caches: dict[str, dict[Any, Any]] = vars(dialect).setdefault(_CACHES, {})
     return caches.setdefault(name, {})

@@ -217,6 +217,7 @@ class Loader:
         limit: int,
         orm: Callable[[], Session],
         in_session: bool = False,
+        unobserved: bool | None = None,
     ) -> list[tuple[Job, Key]]:
         """Lock up to ``limit`` unowned jobs of ``sub`` (portable backend); ``orm`` gives the
         session the ORM loads them in when they cannot be built directly, or when
@@ -235,7 +236,7 @@ class Loader:
             if sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
-            raw = self._rows(sql.run(conn, {_LIMIT: limit}))
+            raw = self._rows(sql.run(conn, {_LIMIT: limit}, unobserved))
             jobs = self._jobs(self._driver_jobs(raw), raw)
             return jobs if session is None else in_identity_map(session, jobs)
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
@@ -260,7 +261,11 @@ class Loader:
         return stmt
 
     def load_owned(
-        self, conn: Connection, sub: Subscription, orm: Callable[[], Session]
+        self,
+        conn: Connection,
+        sub: Subscription,
+        orm: Callable[[], Session],
+        unobserved: bool | None = None,
     ) -> tuple[Job, Key] | None:
         """The one row a Q4M owner sees (``SELECT ... FROM t`` in owner mode)."""
         owned = self._owned
@@ -276,7 +281,7 @@ class Loader:
             sql = self._owned_sql
             if sql is None:
                 sql = self._owned_sql = DriverSQL.compile(owned, self.dialect)
-            raw = self._rows(sql.run(conn, {}))[:1]
+            raw = self._rows(sql.run(conn, {}, unobserved))[:1]
             found = self._jobs(self._driver_jobs(raw), raw)
         else:
             found = self._or_unloadable(
@@ -284,7 +289,7 @@ class Loader:
             )
         return found[0] if found else None
 
-    def delete(self, conn: Connection, key: Key) -> None:
+    def delete(self, conn: Connection, key: Key, unobserved: bool | None = None) -> None:
         """``DELETE FROM t WHERE id = ?`` for one owned job, in the caller's transaction."""
         sql = self._delete_sql
         if sql is None:
@@ -295,7 +300,7 @@ class Loader:
             sql = self._delete_sql = DriverSQL.compile(
                 delete(self.table).where(where), self.dialect
             )
-        sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)})
+        sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)}, unobserved)
 
     # -- result processing -----------------------------------------------------------------
 

@@ -5,8 +5,9 @@
 left with ``queue_end()`` at once; ``queue_wait`` is never called while owning (that would
 silently end the owned row), and a NULL answer becomes :class:`QueueWaitError`.
 
-The three function calls are compiled by SQLAlchemy once per dialect (``queue_wait`` with its
-table specs and timeout as bound parameters) and sent like the portable claim: on the pinned
+The three function calls are compiled by SQLAlchemy once per dialect (``queue_wait`` once per
+tuple of subscriptions and timeout, its table specs and seconds rendered as literals) and sent
+like the portable claim: on the pinned
 connection's DBAPI cursor, or with ``exec_driver_sql`` when statement listeners are present
 (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL`).
 """
@@ -19,7 +20,9 @@ from typing import Any
 from typing import ClassVar
 
 from sqlalchemy import Connection
-from sqlalchemy import bindparam
+from sqlalchemy import Integer
+from sqlalchemy import String
+from sqlalchemy import literal
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
 
@@ -54,47 +57,50 @@ def wait_arguments(subs: Sequence[Subscription], timeout: float) -> list[str | i
     return [*(sub.q4m_spec() for sub in subs), seconds]
 
 
-#: ``queue_wait`` parameters by (id of the subscriptions tuple, seconds): each kept with the
-#: tuple it was made for (so that an id is not reused while it is cached).  A worker's
-#: subscriptions are one tuple for its life (``subscriptions()`` memoizes them), so its
-#: arguments are escaped once, not per job.  Bounded: conditions made per call come and go.
-_WAIT_VALUES: dict[tuple[int, int], tuple[Sequence[Subscription], dict[str, Any]]] = {}
-_WAIT_VALUES_SIZE = 256
+#: ``queue_wait`` statements kept per dialect, by (id of the subscriptions tuple, seconds):
+#: each kept with the tuple it was made for (so that an id is not reused while it is cached).
+#: A worker's subscriptions are one tuple for its life (``subscriptions()`` memoizes them), so
+#: its ``queue_wait`` is compiled once, not per job.  Bounded: conditions made per call come
+#: and go.
+_WAIT_SQL_SIZE = 256
 
 
-def wait_values(subs: Sequence[Subscription], timeout: float) -> dict[str, Any]:
-    """The parameters of :func:`_sql`'s ``queue_wait`` statement for ``subs`` and
-    ``timeout`` (:func:`wait_arguments`), made once per tuple of subscriptions and seconds."""
+def wait_sql(dialect: Dialect, subs: Sequence[Subscription], timeout: float) -> DriverSQL:
+    """``SELECT queue_wait('t1'[, 't2:cond' ...], seconds)`` for ``subs`` and ``timeout``
+    (:func:`wait_arguments`), its arguments rendered as literals by the dialect (quoted and
+    escaped as the server reads them: the driver then has nothing to interpolate per job),
+    compiled once per dialect, tuple of subscriptions and seconds."""
     seconds = max(0, min(MAX_WAIT, math.ceil(timeout)))
+    cache = dialect_cache(dialect, "native_wait")
     key = (id(subs), seconds)
-    cached = _WAIT_VALUES.get(key)
+    cached = cache.get(key)
     if cached is not None and cached[0] is subs:
-        return cached[1]
-    values = {f"q4m_w{i}": arg for i, arg in enumerate(wait_arguments(subs, seconds))}
-    if len(_WAIT_VALUES) >= _WAIT_VALUES_SIZE:
-        _WAIT_VALUES.clear()
-    _WAIT_VALUES[key] = (subs, values)
-    return values
+        sql: DriverSQL = cached[1]
+        return sql
+    args = [
+        literal(arg, Integer() if isinstance(arg, int) else String())
+        for arg in wait_arguments(subs, seconds)
+    ]
+    sql = DriverSQL.compile(select(queue_wait(*args)), dialect, literal_binds=True)
+    if len(cache) >= _WAIT_SQL_SIZE:
+        cache.clear()
+    cache[key] = (subs, sql)
+    return sql
 
 
-def _sql(dialect: Dialect, key: int | str) -> DriverSQL:
-    """``SELECT queue_wait(?, ..., ?)`` for ``key`` tables, or ``queue_end()`` /
-    ``queue_abort()``: compiled once per dialect."""
+def _sql(dialect: Dialect, key: str) -> DriverSQL:
+    """``SELECT queue_end()`` or ``SELECT queue_abort()``: compiled once per dialect."""
     cache = dialect_cache(dialect, "native")
     sql: DriverSQL | None = cache.get(key)
     if sql is None:
-        if isinstance(key, int):
-            args: list[Any] = [bindparam(f"q4m_w{i}", None) for i in range(key + 1)]
-            stmt = select(queue_wait(*args))
-        else:
-            stmt = select(queue_end() if key == "end" else queue_abort())
+        stmt = select(queue_end() if key == "end" else queue_abort())
         sql = cache[key] = DriverSQL.compile(stmt, dialect)
     return sql
 
 
-def _call(conn: Connection, key: int | str, values: dict[str, Any]) -> Any:
-    """Run one of :func:`_sql`'s statements on ``conn``; its one value."""
-    _description, rows = _sql(conn.dialect, key).run(conn, values)
+def _call(conn: Connection, sql: DriverSQL, unobserved: bool | None = None) -> Any:
+    """Run one of the statements above on ``conn``; its one value."""
+    _description, rows = sql.run(conn, {}, unobserved)
     return rows[0][0] if rows else None
 
 
@@ -104,8 +110,9 @@ class NativeBackend(Backend):
 
     def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
         conn = holder.connection
+        unobserved = holder.unobserved
         with translate_errors("queue_wait"):
-            index = _call(conn, len(subs), wait_values(subs, timeout))
+            index = _call(conn, wait_sql(conn.dialect, subs, timeout), unobserved)
         if index is None:
             self._leave(conn)
             specs = ", ".join(repr(sub.q4m_spec()) for sub in subs)
@@ -122,23 +129,23 @@ class NativeBackend(Backend):
         sub = subs[index - 1]
         loader = loader_for(sub, conn.dialect)
         with translate_errors("loading the owned row"):
-            found = loader.load_owned(conn, sub, lambda: holder.session)
+            found = loader.load_owned(conn, sub, lambda: holder.session, unobserved)
         if found is None:  # cannot happen on a sane server; never keep owning an unseen row
             with translate_errors("queue_abort"):
-                _call(conn, "abort", {})
+                _call(conn, _sql(conn.dialect, "abort"))
             raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
         with translate_errors("locking the job's unique key"):
             claimed(conn, sub.table, found[1])
-        return Claim(sub, found[0], found[1], loader)
+        return Claim(sub, found[0], found[1], loader, unobserved)
 
     def end(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_end"):
-            _call(conn, "end", {})
+            _call(conn, _sql(conn.dialect, "end"), claim.unobserved)
             ended(conn, claim.subscription.table, claim.key)
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_abort"):
-            _call(conn, "abort", {})
+            _call(conn, _sql(conn.dialect, "abort"))
             released(conn)
 
     def claim_many(self, holder: Holder, sub: Subscription, limit: int) -> list[Claim]:
@@ -168,4 +175,4 @@ class NativeBackend(Backend):
     @staticmethod
     def _leave(conn: Connection) -> None:
         with translate_errors("queue_end"):
-            _call(conn, "end", {})
+            _call(conn, _sql(conn.dialect, "end"))

@@ -105,19 +105,27 @@ def retry_lock_wait(statement: Callable[[], R]) -> R:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _remove(conn: Connection, claim: Claim) -> None:
+    """The job's ``DELETE`` and its unique key's (if its queue has keys).  Tried again whole
+    after a lock-wait timeout: deleting a row this transaction deleted already is a no-op."""
+    claim.loader.delete(conn, claim.key, claim.unobserved)
+    ended(conn, claim.subscription.table, claim.key)
+
+
 class PortableBackend(Backend):
     name: ClassVar[BackendName] = "portable"
     blocking: ClassVar[bool] = False
 
     def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
         conn = holder.connection
+        unobserved = holder.unobserved
         for sub in subs:
             loader = loader_for(sub, conn.dialect)
             for attempt in range(RETRIES + 1):
                 try:
                     with translate_errors("claiming a job"):
                         found = loader.claim(
-                            conn, sub, 1, lambda: holder.session, holder.in_session
+                            conn, sub, 1, lambda: holder.session, holder.in_session, unobserved
                         )
                     break
                 except OperationalError as err:
@@ -129,13 +137,12 @@ class PortableBackend(Backend):
                     _pause(attempt)
             if found:
                 job, key = found[0]
-                return Claim(sub, job, key, loader)
+                return Claim(sub, job, key, loader, unobserved)
         return None
 
     def end(self, conn: Connection, claim: Claim) -> None:
         """The ``DELETE``; the queue session commits (and translates a lost connection)."""
-        retry_lock_wait(lambda: claim.loader.delete(conn, claim.key))
-        retry_lock_wait(lambda: ended(conn, claim.subscription.table, claim.key))
+        retry_lock_wait(partial(_remove, conn, claim))
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         """Nothing to send: the queue session's ROLLBACK returns the job."""

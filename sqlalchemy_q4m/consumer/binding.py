@@ -28,6 +28,7 @@ from ..backends.base import check_free
 from ..backends.base import give_up_connection
 from ..backends.base import take_connection
 from ..backends.base import translate_errors
+from ..backends.driver import driver_level
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..schema.functions import Subscription
@@ -112,6 +113,9 @@ class Pin(ABC):
         self._began = False
         self._read_committed = False  # SET TRANSACTION before each transaction we begin
         self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
+        #: Nothing observes statements on the pinned connection (``driver_level``): asked
+        #: once per job, when it is pinned.
+        self.unobserved: bool | None = None
 
     @property
     def connection(self) -> Connection:
@@ -156,6 +160,7 @@ class Pin(ABC):
             self._pin(bind, resolve_backend(bind, self._backend_name))
         assert self.backend is not None and self._pinned is not None
         self._owner_info = take_connection(self._pinned, self)
+        self.unobserved = driver_level(self._pinned)
         if self._read_committed:
             try:
                 self._begin_claim()

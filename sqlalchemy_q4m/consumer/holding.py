@@ -44,6 +44,9 @@ __all__ = ["BatchHold"]
 class BatchHold:
     """Up to ``size`` rows of ``subs`` claimed in one transaction; see the module docstring."""
 
+    #: Statement listeners are looked for per statement (a batch sends few).
+    unobserved: bool | None = None
+
     def __init__(
         self,
         bind: Engine | Connection,

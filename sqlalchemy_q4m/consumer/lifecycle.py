@@ -66,11 +66,23 @@ UNBOUNDED_CLAIM = 60.0
 MIN_LISTEN = 0.001
 
 
+_PLAIN = (int, float)  # checked by class: a bool is not a number of seconds
+_INF = float("inf")
+
+
 def check_wait_options(
     timeout: float | None, poll_interval: float, listen: float | None = None
 ) -> None:
     """Refuse a negative ``timeout``, a non-positive ``poll_interval`` or ``listen``, and NaN
     or infinity in any, with an :class:`~sqlalchemy_q4m.exc.OptionError`."""
+    if (
+        timeout.__class__ in _PLAIN
+        and poll_interval.__class__ is float
+        and listen is None
+        and 0 <= timeout < _INF  # NaN fails every comparison
+        and 0 < poll_interval < _INF
+    ):
+        return  # the common case (a queue session per job): nothing more to check
     check_seconds("timeout", timeout, optional=True)
     check_seconds("poll_interval", poll_interval, positive=True)
     check_seconds("listen", listen, positive=True, optional=True)
