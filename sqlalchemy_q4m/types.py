@@ -103,6 +103,19 @@ def _job_id_bytes(value: Any) -> bytes | None:
     return uuid.UUID(str(value)).bytes
 
 
+def _job_id_from_bytes(value: Any) -> uuid.UUID | None:
+    """``uuid.UUID(bytes=bytes(value))`` for a loaded id, less its generic argument checks
+    (as :func:`new_job_id` builds one)."""
+    if value is None:
+        return None
+    if len(value) != 16:
+        raise ValueError("bytes is not a 16-char string")
+    job_id: uuid.UUID = _new_object(_UUID)
+    _set_attr(job_id, "int", int.from_bytes(value, "big"))
+    _set_attr(job_id, "is_safe", _SAFE_UNKNOWN)
+    return job_id
+
+
 class JobId(TypeDecorator[uuid.UUID]):
     """A :class:`uuid.UUID` stored as ``BINARY(16)`` (big-endian, so byte order is time order)."""
 
@@ -132,6 +145,14 @@ class JobId(TypeDecorator[uuid.UUID]):
         if value is None:
             return None
         return uuid.UUID(bytes=bytes(value))
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Callable[[Any], Any] | None:
+        """One plain function per loaded id (every claimed job has one), instead of the
+        generic wrapper that calls :meth:`process_result_value` and ``uuid.UUID``'s checks;
+        the same UUIDs, and the same ``ValueError`` for a value that is not 16 bytes."""
+        if self.impl_instance.result_processor(dialect, coltype) is not None:
+            return super().result_processor(dialect, coltype)  # pragma: no cover - no driver
+        return _job_id_from_bytes
 
     @property
     def python_type(self) -> type[uuid.UUID]:
