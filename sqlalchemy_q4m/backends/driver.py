@@ -11,6 +11,7 @@ dialect (:func:`dialect_cache`).  :mod:`~sqlalchemy_q4m.backends.loading` builds
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -88,23 +89,24 @@ class DriverSQL:
                 return None, []
             description = result.cursor.description if result.cursor is not None else None
             return description, result.all()
-        # what on_cursor() does, written out: it runs for every statement of every job
-        cursor = _cursor(conn)
+        # what on_cursor() does, written out (it runs for every statement of every job), on
+        # the connection's kept cursor
+        cursor = _kept_cursor(conn)
         sql = self.sql
         try:
             cursor.execute(sql, params)
             description = cursor.description
             return description, cursor.fetchall() if description else []
         except Exception as err:
+            _drop_kept_cursor(conn, cursor)
             wrapped = dbapi_error(conn, err, sql, params, cursor)
             if wrapped is None:
                 raise
             raise wrapped from err
         except BaseException:
+            _drop_kept_cursor(conn, cursor)
             conn.invalidate()
             raise
-        finally:
-            cursor.close()
 
     def run_many(self, conn: Connection, params: Sequence[Any]) -> None:
         """Execute once per parameter set in ``params`` (each in the form :meth:`params`
@@ -158,6 +160,41 @@ def _cursor(conn: Connection) -> Any:
     dbapi_conn = fairy.dbapi_connection
     assert dbapi_conn is not None
     return dbapi_conn.cursor()
+
+
+#: Key in a DBAPI connection's ``info``: (that DBAPI connection, the cursor the library's
+#: per-job statements run on).  One cursor for the connection's life rather than a new one
+#: per statement: under SQLAlchemy's asyncio adapters opening and closing a cursor are an
+#: await each, twice the statement's own.  ``info`` is cleared when the connection is
+#: invalidated, and the cursor is dropped after any error.
+CURSOR_KEY = "sqlalchemy_q4m.cursor"
+
+
+def _kept_cursor(conn: Connection) -> Any:
+    """The kept DBAPI cursor of ``conn`` (see :data:`CURSOR_KEY`), in its transaction (begun
+    if none is), or outside any in the library's autocommit, as :func:`_cursor`."""
+    fairy = conn.connection
+    info = fairy.info
+    if not conn.in_transaction() and not info.get(AUTOCOMMIT_KEY):
+        conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
+    dbapi_conn = fairy.dbapi_connection
+    kept = info.get(CURSOR_KEY)
+    if kept is not None and kept[0] is dbapi_conn:
+        return kept[1]
+    assert dbapi_conn is not None
+    cursor = dbapi_conn.cursor()
+    info[CURSOR_KEY] = (dbapi_conn, cursor)
+    return cursor
+
+
+def _drop_kept_cursor(conn: Connection, cursor: Any) -> None:
+    """After an error on it: forget and close ``cursor`` (its state is the error's)."""
+    if not conn.closed and not conn.invalidated:
+        kept = conn.connection.info.get(CURSOR_KEY)
+        if kept is not None and kept[1] is cursor:
+            del conn.connection.info[CURSOR_KEY]
+    with contextlib.suppress(Exception):
+        cursor.close()
 
 
 def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
