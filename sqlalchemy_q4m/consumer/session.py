@@ -106,6 +106,12 @@ def idle_session(session: Session) -> bool:
     return not any(getattr(dispatch, name) for name in _EMPTY_COMMIT_EVENTS)
 
 
+def _expunge_job(orm: Session, claim: Claim) -> None:
+    """Take the ended job out of ``orm`` (the caller's session), if it is in it."""
+    if claim.subscription.is_orm and claim.job in orm:
+        orm.expunge(claim.job)
+
+
 class QueueSession(OwnershipWatch, Generic[T]):
     """One job's lifetime on one pinned connection; see the module docstring.
 
@@ -223,6 +229,10 @@ class QueueSession(OwnershipWatch, Generic[T]):
                         # again: at least once, never lost)
                         self._finish_transaction(commit=True)
                     backend.end(conn, claim)
+                    if orm is not None and not self._own_orm:
+                        # the caller's session: the row is gone.  Before its commit, which
+                        # then has nothing of the job's to expire (its values stay loaded)
+                        _expunge_job(orm, claim)
                     self._finish_transaction(commit=True)
             except OperationalError as err:
                 code = error_code(err)
@@ -234,10 +244,6 @@ class QueueSession(OwnershipWatch, Generic[T]):
                     "the transaction was rolled back, so the job is back in the queue and will "
                     "run again"
                 ) from err
-            in_orm = orm is not None and claim.subscription.is_orm and claim.job in orm
-            if in_orm and not self._own_orm:
-                assert orm is not None
-                orm.expunge(claim.job)  # the caller's session: the row is gone
             ok = True
         finally:
             if ok:
