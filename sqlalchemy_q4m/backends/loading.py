@@ -337,14 +337,11 @@ class Loader:
             try:
                 out.append(self._apply([row])[0])
             except Exception as err:
-                out.append(self._unloadable(row, err))
+                key = tuple([row[j] for j in self._key_at])
+                values = {c.name: v for c, v in zip(self.columns, row, strict=True)}
+                details = "".join(traceback.format_exception(err))
+                out.append(Unloadable(self.table, values, key, err, details))
         return out
-
-    def _unloadable(self, row: Sequence[Any], err: BaseException) -> Unloadable:
-        key = tuple([row[j] for j in self._key_at])
-        values = {c.name: v for c, v in zip(self.columns, row, strict=True)}
-        details = "".join(traceback.format_exception(err))
-        return Unloadable(self.table, values, key, err, details)
 
     def _or_unloadable(
         self, conn: Connection, raw_stmt: Any, load: Callable[[], list[tuple[Job, Key]]]
