@@ -240,7 +240,7 @@ def _produce_on_pool(
     ids, chunks = prepare(dialect, shape, groups, run_at, chunk_size)
     fairy = engine.raw_connection()
     dbapi_conn: Any = fairy.dbapi_connection
-    if type(getattr(dbapi_conn, "server_status", None)) is not int:  # see _open
+    if _open(dbapi_conn) is None:
         fairy.close()
         return None
     sql: str | None = None
@@ -255,7 +255,7 @@ def _produce_on_pool(
             else:
                 cursor.executemany(sql, params)
         sql, params = "COMMIT", None
-        if dbapi_conn.server_status & _IN_TRANS:  # rows of a transactional table: commit them
+        if dbapi_conn.server_status & _IN_TRANS:  # rows of a transactional table: commit
             dbapi_conn.commit()
     except Exception as err:
         dbapi = dialect.loaded_dbapi
