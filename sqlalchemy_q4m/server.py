@@ -9,7 +9,6 @@ instance, which an engine owns) and remembered: detected on first use, or set by
 from __future__ import annotations
 
 import threading
-import weakref
 from typing import TYPE_CHECKING
 from typing import Literal
 from typing import TypeAlias
@@ -43,7 +42,9 @@ __all__ = [
 
 BackendName = Literal["native", "portable"]
 _NAMES: tuple[BackendName, ...] = ("native", "portable")
-_chosen: weakref.WeakKeyDictionary[Dialect, BackendName] = weakref.WeakKeyDictionary()
+#: The dialect attribute holding its chosen backend: it lives exactly as long as the dialect
+#: (its engine's), and reading it costs a dict look-up, not a weak reference per call.
+_CHOSEN = "_q4m_backend"
 _lock = threading.Lock()
 
 #: Oldest servers with ``SELECT ... FOR UPDATE SKIP LOCKED``.
@@ -76,14 +77,15 @@ def use_backend(bind: AnyBind, name: Literal["native", "portable", "auto"]) -> N
     dialect = _dialect_of(bind)
     with _lock:
         if name == "auto":
-            _chosen.pop(dialect, None)
+            vars(dialect).pop(_CHOSEN, None)
         else:
-            _chosen[dialect] = validate_backend_name(name)
+            vars(dialect)[_CHOSEN] = validate_backend_name(name)
 
 
 def backend_for_dialect(dialect: Dialect) -> BackendName | None:
     """The backend chosen for this dialect, or None when nothing has been detected yet."""
-    return _chosen.get(dialect)
+    chosen: BackendName | None = vars(dialect).get(_CHOSEN)
+    return chosen
 
 
 def has_queue_engine(connection: Connection) -> bool:
@@ -120,7 +122,7 @@ def detect_backend(connection: Connection) -> BackendName:
     """The backend for ``connection``'s engine: the one fixed by :func:`use_backend`, else
     ``native`` when the server has the QUEUE engine and ``portable`` otherwise (remembered)."""
     dialect = connection.dialect
-    chosen = _chosen.get(dialect)
+    chosen = backend_for_dialect(dialect)
     if chosen is None:
         began = not connection.in_transaction()
         try:
@@ -129,6 +131,6 @@ def detect_backend(connection: Connection) -> BackendName:
             if began:
                 connection.rollback()
         with _lock:
-            chosen = _chosen.setdefault(dialect, detected)
+            chosen = vars(dialect).setdefault(_CHOSEN, detected)
     check_server(dialect, chosen)
     return chosen

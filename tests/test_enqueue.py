@@ -18,6 +18,7 @@ from sqlalchemy import Column
 from sqlalchemy import Engine
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
+from sqlalchemy import Numeric
 from sqlalchemy import String
 from sqlalchemy import Table
 from sqlalchemy import Text
@@ -239,6 +240,75 @@ def test_percent_signs_survive_the_positional_form() -> None:
     converted = _positional(sql, create_engine(UNREACHABLE).dialect)
     assert converted.sql == "INSERT INTO t (a, b) VALUES (%s, '100%%'), (%%(b)s)"
     assert converted.positions == ("a",)
+
+
+typed_md = MetaData()
+typed_jobs = queue_table(
+    "eq_typed_jobs",
+    typed_md,
+    Column("n", Integer, nullable=False),
+    Column("s", String(5)),
+    Column("amount", Numeric(5, 2)),
+    Column("body", mysql.LONGTEXT),
+)
+
+
+def _grouped(shape: Any, rows: Any) -> Any:
+    """``group_rows`` as (keys, first, rows, large) per group, or the error's type and text."""
+    try:
+        return [(g.keys, g.first, g.rows, g.large) for g in group_rows(shape, rows, False)]
+    except Exception as err:
+        return type(err), str(err), getattr(err, "row", None), getattr(err, "column", None)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"n": 1},
+        {"n": 1, "s": "abc", "amount": 1.5},
+        {"n": "42", "amount": "1.25"},  # converted, in a copy of the row
+        {"n": True},
+        {"n": 2**31},
+        {"n": None},
+        {"n": "oops"},
+        {"n": 1, "s": "toolong"},
+        {"n": 1, "s": 7},
+        {"n": 1, "s": "\ud800"},
+        {"n": 1, "s": "é"},
+        {"n": 1, "amount": "12345"},
+        {"n": 1, "amount": float("nan")},
+        {"n": 1, "body": "x" * 300_000},  # measured against max_allowed_packet
+        {"n": 1, "body": None},
+        {"n": 1, "nope": 2},
+        {"s": "a"},
+        {"n": 1, "id": uuid.uuid4()},
+        ("n", 1),
+    ],
+)
+def test_one_row_is_checked_as_in_a_batch(row: Any) -> None:
+    """``enqueue(bind, target, [row])`` takes a shorter way through ``group_rows``: the same
+    groups (values converted alike, large rows noted alike) or the same error."""
+    shape = shape_for(typed_jobs, typed_jobs)
+    one = _grouped(shape, [row])
+    assert one == _grouped(shape, iter([row]))  # an iterator takes the general way
+    if isinstance(one, list) and row == {"n": "42", "amount": "1.25"}:
+        assert one[0][2][0] is not row and one[0][2][0]["n"] == 42
+
+
+@pytest.mark.unit
+def test_a_row_giving_no_column_gets_the_id_alone() -> None:
+    """A plain plan whose statement holds the id and nothing else (every other column left
+    to the server) used to fail making the parameters (an empty ``itemgetter``)."""
+    md = MetaData()
+    bare = queue_table("eq_bare_jobs", md, Column("note", String(8)))
+    dialect = create_engine(UNREACHABLE).dialect
+    for rows in ([{}], [{}, {}]):
+        plan, group = _plan(bare, rows, dialect)
+        assert plan.sql.positions == ("id",)
+        ids: list[uuid.UUID] = []
+        assert _params(plan, group.rows, None, ids) == [(i.bytes,) for i in ids]
+        assert len(ids) == len(rows)
 
 
 # -- integration ---------------------------------------------------------------------------

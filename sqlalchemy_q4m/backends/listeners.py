@@ -288,9 +288,20 @@ _LISTENERS = "listeners"
 
 def _presence(db: str) -> Select[Any]:
     """``SELECT COALESCE(IS_USED_LOCK(<slot 0 of db>), ...)``: NULL when no process listens
-    on the queues of ``db``."""
-    names: list[Any] = [literal_column(f"'{_slot_name(db, k)}'") for k in range(LISTENER_SLOTS)]
-    return select(func.coalesce(*(func.is_used_lock(name) for name in names)))
+    on the queues of ``db``.  Made once per database (building its 64 calls cost a producer
+    more than the rest of its look-up) and shared: a statement is never changed in place."""
+    query = _PRESENCE.get(db)
+    if query is None:
+        names: list[Any] = [literal_column(f"'{_slot_name(db, k)}'") for k in range(LISTENER_SLOTS)]
+        query = select(func.coalesce(*(func.is_used_lock(name) for name in names)))
+        if len(_PRESENCE) >= 256:
+            _PRESENCE.clear()
+        _PRESENCE[db] = query
+    return query
+
+
+#: :func:`_presence` by database name (it refers to no engine or dialect).
+_PRESENCE: dict[str, Select[Any]] = {}
 
 
 def nobody_listens(dialect: Dialect, subs: Sequence[Subscription]) -> bool:

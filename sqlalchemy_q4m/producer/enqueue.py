@@ -139,7 +139,7 @@ def enqueue(
         delay = check_seconds("delay", delay)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise Q4MError(f"chunk_size must be an integer >= 1, not {chunk_size!r}")
-    if not isinstance(bind, Engine | Connection | Session):
+    if not isinstance(bind, (Engine, Connection, Session)):  # a tuple: cheaper than a union
         raise Q4MError(f"enqueue needs an Engine, a Connection or a Session, not {bind!r}")
     groups = group_rows(shape, rows, delay is not None)
     if not groups:
@@ -220,6 +220,8 @@ def _unobserved(engine: Engine, groups: list[Group]) -> bool:
         return False
     if engine.logger.isEnabledFor(logging.INFO):
         return False
+    if len(groups) == 1:
+        return groups[0].large is None
     return not any(g.large for g in groups)
 
 
@@ -253,7 +255,7 @@ def _produce_on_pool(
             else:
                 cursor.executemany(sql, params)
         sql, params = "COMMIT", None
-        if _open(dbapi_conn):  # rows of a transactional table: commit them
+        if dbapi_conn.server_status & _IN_TRANS:  # rows of a transactional table: commit
             dbapi_conn.commit()
     except Exception as err:
         dbapi = dialect.loaded_dbapi

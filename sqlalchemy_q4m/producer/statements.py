@@ -62,6 +62,10 @@ class Plan:
     id_bind: Processor | None
     run_at: tuple[str, Processor | None] | None  # column key of run_at, when delayed
     plain: bool  # the rows give every other column, as the driver takes them
+    #: for a ``plain`` plan with positional parameters: where the id goes, and a row -> the
+    #: tuple of its other values in statement order
+    id_at: int = 0
+    rest: Callable[[Mapping[str, Any]], tuple[Any, ...]] | None = None
 
 
 def plan_for(shape: Shape, group: Group, delayed: bool, dialect: Dialect) -> Plan:
@@ -139,6 +143,11 @@ def _build_plan(shape: Shape, group: Group, delayed: bool, dialect: Dialect) -> 
         constants[column.key] = value if processor is None else processor(value)
     renames = {k: shape.columns[k].key for k in group.keys if k != shape.columns[k].key}
     processors = tuple((c.key, p) for c in given if (p := _bind_processor(c, dialect)) is not None)
+    plain = not (renames or constants or calls or processors or run_at is not None)
+    id_at, rest = 0, None
+    if plain and sql.positions is not None:
+        id_at = sql.positions.index(id_column.key)
+        rest = _picker(sql.positions[:id_at] + sql.positions[id_at + 1 :])
     return Plan(
         sql=sql,
         renames=renames or None,
@@ -149,7 +158,9 @@ def _build_plan(shape: Shape, group: Group, delayed: bool, dialect: Dialect) -> 
         id_key=id_column.key,
         id_bind=_bind_processor(id_column, dialect),
         run_at=None if run_at is None else (run_at.key, _bind_processor(run_at, dialect)),
-        plain=not (renames or constants or calls or processors or run_at is not None),
+        plain=plain,
+        id_at=id_at,
+        rest=rest,
     )
 
 
@@ -183,6 +194,9 @@ def prepare(
     for group in groups:
         plan = plan_for(shape, group, run_at is not None, dialect)
         rows = group.rows
+        if len(rows) <= chunk_size:  # one chunk (one job per call, say): no copy of it
+            chunks.append((plan, _params(plan, rows, run_at, ids, group.first)))
+            continue
         for start in range(0, len(rows), chunk_size):
             chunk = rows[start : start + chunk_size]
             chunks.append((plan, _params(plan, chunk, run_at, ids, group.first + start)))
@@ -199,9 +213,9 @@ def _params(
     """The driver's parameters for ``rows`` (the first is row number ``first``), in the
     statement's paramstyle; the new job ids are appended to ``ids``.  A value a bind
     processor or a column default refuses is a :class:`RowError`."""
+    if plan.rest is not None and run_at is None:
+        return _plain_params(plan, plan.rest, rows, ids)
     positions = plan.sql.positions
-    if plan.plain and positions is not None and run_at is None:
-        return _plain_params(plan, positions, rows, ids)
     constants, raw_constants = plan.constants, plan.raw_constants
     if plan.run_at is not None:
         key, processor = plan.run_at
@@ -243,15 +257,24 @@ def _params(
 
 
 def _plain_params(
-    plan: Plan, positions: tuple[str, ...], rows: list[Mapping[str, Any]], ids: list[uuid.UUID]
+    plan: Plan,
+    rest: Callable[[Mapping[str, Any]], tuple[Any, ...]],
+    rows: list[Mapping[str, Any]],
+    ids: list[uuid.UUID],
 ) -> list[Any]:
     """:func:`_params` when each row gives every column but the id, as is: the common case,
     and the one that costs least (no dict per row)."""
-    id_at = positions.index(plan.id_key)
-    rest = _picker(positions[:id_at] + positions[id_at + 1 :])
-    id_bind = plan.id_bind or (lambda value: value)
+    id_at = plan.id_at
+    id_bind = plan.id_bind or _same
     new_id = new_job_id
     add_id = ids.append
+    if len(rows) == 1:  # one job per call
+        job_id = new_id()
+        add_id(job_id)
+        values = rest(rows[0])
+        if id_at == 0:
+            return [(id_bind(job_id), *values)]
+        return [(*values[:id_at], id_bind(job_id), *values[id_at:])]
     out: list[tuple[Any, ...]] = []
     add = out.append
     if id_at == 0:
@@ -268,8 +291,14 @@ def _plain_params(
     return out
 
 
+def _same(value: Any) -> Any:
+    return value
+
+
 def _picker(names: tuple[str, ...]) -> Callable[[Mapping[str, Any]], tuple[Any, ...]]:
     """``params`` -> the tuple of its values at ``names``, in order."""
+    if not names:
+        return lambda params: ()
     if len(names) == 1:
         (name,) = names
         return lambda params: (params[name],)
