@@ -31,6 +31,7 @@ from sqlalchemy import Integer
 from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import insert
+from sqlalchemy import literal
 from sqlalchemy import make_url
 from sqlalchemy import select
 from sqlalchemy.engine import URL
@@ -400,6 +401,49 @@ def test_the_callers_own_connections_keep_their_mode(tables: tuple[str, URL]) ->
         assert kept.closed
         with eng.connect() as conn:
             assert conn.get_isolation_level() == default and not _autocommit(conn)
+    finally:
+        eng.dispose()
+
+
+def test_a_kept_connection_never_makes_the_caller_wait(tables: tuple[str, URL]) -> None:
+    """A pool with no connection to spare keeps none: the caller's ``engine.connect()`` right
+    after a queue session gets the pool's one connection at once (it used to wait for
+    ``pool_timeout`` and fail: the consumer connection was kept outside the pool)."""
+    name, url = tables
+    _fill(url, 1)
+    eng = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=2)
+    use_backend(eng, name)  # type: ignore[arg-type]
+    try:
+        with queue_session(CountJob, bind=eng, timeout=5) as job:
+            assert job is not None
+        assert kept_connections(eng) == []
+        started = time.monotonic()
+        with eng.connect() as conn:
+            assert conn.scalar(select(literal(1))) == 1
+        assert time.monotonic() - started < 1.0
+    finally:
+        eng.dispose()
+
+
+def test_an_unused_kept_connection_goes_back_to_the_pool_by_itself(
+    tables: tuple[str, URL],
+) -> None:
+    """Kept connections unused for ``IDLE`` seconds go back to the pool without waiting for
+    the engine's next queue session (a timer returns them)."""
+    name, url = tables
+    _fill(url, 1)
+    eng = create_engine(url, pool_size=2, max_overflow=0)
+    use_backend(eng, name)  # type: ignore[arg-type]
+    try:
+        with queue_session(CountJob, bind=eng, timeout=5) as job:
+            assert job is not None
+        assert len(kept_connections(eng)) == 1
+        assert eng.pool.checkedout() == 1  # type: ignore[attr-defined]
+        deadline = time.monotonic() + IDLE + 2.0
+        while kept_connections(eng) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kept_connections(eng) == []
+        assert eng.pool.checkedout() == 0  # type: ignore[attr-defined]
     finally:
         eng.dispose()
 

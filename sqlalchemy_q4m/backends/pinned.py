@@ -11,9 +11,12 @@ next queue session of the same engine takes it.  The user's own ``engine.connect
 gets one of them, so their isolation level and transactions are untouched.
 
 What stays bounded: at most as many connections are kept as the pool's ``size()`` (4 for a pool
-without one), and one left unused for :data:`IDLE` seconds goes back to the pool at the next
-take (which then applies the pool's ``pre_ping`` and ``recycle`` to a fresh checkout), as do
-all of them on ``engine.dispose()``.  Only a plain engine keeps connections: an
+without one), and only while the pool could still hand the caller's ``engine.connect()`` a
+connection at once (one idle in it, or room to open one): a kept connection never makes the
+caller wait for the pool.  One left unused for :data:`IDLE` seconds goes back to the pool (a
+timer thread per engine returns it, while any are kept; the next take would too), which then
+applies its ``pre_ping`` and ``recycle`` to a fresh checkout, as do all of them on
+``engine.dispose()``.  Only a plain engine keeps connections: an
 ``engine.execution_options(...)`` copy (often made per call) checks out per job as before.  A
 forked child never touches its parent's connections (their sockets are the parent's).
 """
@@ -24,6 +27,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -54,13 +58,14 @@ os.register_at_fork(after_in_child=_after_fork)
 class _Kept:
     """The connections kept for one engine in one process."""
 
-    __slots__ = ("conns", "generation", "pid", "pool")
+    __slots__ = ("__weakref__", "conns", "generation", "pid", "pool", "timer")
 
     def __init__(self, pool: Pool) -> None:
         self.conns: list[tuple[Connection, float]] = []
         self.generation = 0  # bumped by dispose(): connections taken before go to the pool
         self.pid = os.getpid()
         self.pool = pool  # the engine's pool the connections came from
+        self.timer: threading.Timer | None = None  # returns idle ones; set while any are kept
 
 
 def _kept(engine: Engine) -> _Kept | None:
@@ -93,6 +98,9 @@ def _disposed(engine: Engine) -> None:
     with _lock:
         conns, kept.conns = kept.conns, []
         kept.generation += 1
+        if kept.timer is not None:
+            kept.timer.cancel()  # nothing left to return: its thread ends now
+            kept.timer = None
         old, kept.pool = kept.pool, engine.pool  # dispose() has made a new pool already
     for conn, _since in conns:
         _close(conn)  # checked in to the pool they came from (its events see them) ...
@@ -147,13 +155,57 @@ def give_back(engine: Engine, conn: Connection, generation: int) -> None:
     if kept is None or conn.closed or conn.invalidated or conn.in_transaction():
         _close(conn)
         return
-    size = getattr(engine.pool, "size", None)
+    pool = engine.pool
+    size = getattr(pool, "size", None)
     limit = size() if callable(size) else 4
     with _lock:
-        if generation == kept.generation and len(kept.conns) < max(1, limit):
+        if generation == kept.generation and len(kept.conns) < max(1, limit) and _headroom(pool):
             kept.conns.append((conn, time.monotonic()))
+            if kept.timer is None:
+                kept.timer = _sweep_after(kept, IDLE)
             return
     _close(conn)
+
+
+def _headroom(pool: Pool) -> bool:
+    """Whether ``pool`` could give a connection at once besides the ones checked out (kept
+    ones included): one is idle in it, or it may open another.  A pool that does not say
+    (no ``checkedin()``: NullPool and the like) never makes anybody wait."""
+    checkedin = getattr(pool, "checkedin", None)
+    if not callable(checkedin) or checkedin() > 0:
+        return True
+    max_overflow = getattr(pool, "_max_overflow", -1)  # QueuePool's; -1: no limit
+    overflow = getattr(pool, "overflow", None)
+    if not isinstance(max_overflow, int) or max_overflow < 0 or not callable(overflow):
+        return True
+    return bool(overflow() < max_overflow)
+
+
+def _sweep_after(kept: _Kept, delay: float) -> threading.Timer:
+    """A daemon timer that returns ``kept``'s connections unused for :data:`IDLE` seconds to
+    the pool, and starts the next one while any are kept (call with ``_lock`` held)."""
+    timer = threading.Timer(delay, _sweep, (weakref.ref(kept),))  # keeps no engine alive
+    timer.daemon = True
+    timer.name = "sqlalchemy-q4m-kept-connections"
+    timer.start()
+    return timer
+
+
+def _sweep(ref: weakref.ref[_Kept]) -> None:
+    kept = ref()
+    if kept is None or kept.pid != os.getpid():  # its engine is gone (or, never, a fork)
+        return
+    now = time.monotonic()
+    with _lock:
+        stale = [conn for conn, since in kept.conns if now - since >= IDLE]
+        kept.conns = [(conn, since) for conn, since in kept.conns if now - since < IDLE]
+        if kept.conns:
+            oldest = min(since for _conn, since in kept.conns)
+            kept.timer = _sweep_after(kept, max(0.05, IDLE - (now - oldest)))
+        else:
+            kept.timer = None
+    for conn in stale:
+        _close(conn)  # not in use: only the kept list held it
 
 
 def kept_connections(engine: Engine) -> list[Connection]:
