@@ -17,6 +17,7 @@ from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+from typing import NoReturn
 from typing import TypeVar
 
 from sqlalchemy import Connection
@@ -38,6 +39,7 @@ __all__ = [
     "execute_many",
     "on_cursor",
     "on_driver",
+    "raise_translated",
 ]
 
 R = TypeVar("R")
@@ -99,10 +101,7 @@ class DriverSQL:
             return description, cursor.fetchall() if description else []
         except Exception as err:
             _drop_kept_cursor(conn, cursor)
-            wrapped = dbapi_error(conn, err, sql, params, cursor)
-            if wrapped is None:
-                raise
-            raise wrapped from err
+            raise_translated(conn, err, sql, params, cursor)
         except BaseException:
             _drop_kept_cursor(conn, cursor)
             conn.invalidate()
@@ -131,10 +130,7 @@ def on_cursor(
     try:
         return call(cursor, sql, params)
     except Exception as err:
-        wrapped = dbapi_error(conn, err, sql, params, cursor)
-        if wrapped is None:
-            raise
-        raise wrapped from err
+        raise_translated(conn, err, sql, params, cursor)
     except BaseException:
         conn.invalidate()
         raise
@@ -151,13 +147,18 @@ def execute_many(cursor: Any, sql: str, params: Any) -> None:
 AUTOCOMMIT_KEY = "sqlalchemy_q4m.autocommit"
 
 
-def _cursor(conn: Connection) -> Any:
-    """A DBAPI cursor of ``conn``, in its transaction (begun if none is), or outside any on a
-    connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
+def _begun(conn: Connection) -> Any:
+    """``conn``'s pooled connection, in its transaction (begun if none is), or outside any on
+    a connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
     fairy = conn.connection  # what conn.info would look up again
     if not conn.in_transaction() and not fairy.info.get(AUTOCOMMIT_KEY):
         conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
-    dbapi_conn = fairy.dbapi_connection
+    return fairy
+
+
+def _cursor(conn: Connection) -> Any:
+    """A new DBAPI cursor of ``conn``, in a transaction as :func:`_begun` says."""
+    dbapi_conn = _begun(conn).dbapi_connection
     assert dbapi_conn is not None
     return dbapi_conn.cursor()
 
@@ -171,12 +172,10 @@ CURSOR_KEY = "sqlalchemy_q4m.cursor"
 
 
 def _kept_cursor(conn: Connection) -> Any:
-    """The kept DBAPI cursor of ``conn`` (see :data:`CURSOR_KEY`), in its transaction (begun
-    if none is), or outside any in the library's autocommit, as :func:`_cursor`."""
-    fairy = conn.connection
+    """The kept DBAPI cursor of ``conn`` (see :data:`CURSOR_KEY`), in a transaction as
+    :func:`_begun` says."""
+    fairy = _begun(conn)
     info = fairy.info
-    if not conn.in_transaction() and not info.get(AUTOCOMMIT_KEY):
-        conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
     dbapi_conn = fairy.dbapi_connection
     kept = info.get(CURSOR_KEY)
     if kept is not None and kept[0] is dbapi_conn:
@@ -204,13 +203,21 @@ def on_driver(conn: Connection, what: str, call: Callable[[Any], R]) -> R:
     try:
         return call(dbapi_conn)
     except Exception as err:
-        wrapped = dbapi_error(conn, err, what, None, None)
-        if wrapped is None:
-            raise
-        raise wrapped from err
+        raise_translated(conn, err, what, None, None)
     except BaseException:
         conn.invalidate()  # interrupted mid-command: the protocol state is unknown
         raise
+
+
+def raise_translated(
+    conn: Connection, err: Exception, sql: str, params: Any, cursor: Any
+) -> NoReturn:
+    """Raise ``err`` as :func:`dbapi_error` translates it (unchanged when it is not the
+    DBAPI's): what every ``except`` around a driver call here does."""
+    wrapped = dbapi_error(conn, err, sql, params, cursor)
+    if wrapped is None:
+        raise err
+    raise wrapped from err
 
 
 def dbapi_error(
