@@ -8,13 +8,23 @@ SKIP LOCKED pool watch); ``test_native_integration.py`` has the Q4M side of thos
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import test_session as portable
 from native_support import native_engine
 from native_support import private_database
+from sqlalchemy import Column
 from sqlalchemy import Engine
+from sqlalchemy import Integer
+from sqlalchemy import MetaData
+from sqlalchemy import String
+from sqlalchemy import event
 from sqlalchemy.engine import URL
+
+from sqlalchemy_q4m import enqueue
+from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m import queue_table
 
 # The portable module's scenarios, collected here again with this module's fixtures.
 tables = portable.tables
@@ -57,3 +67,42 @@ def db_url(q4m_url: URL) -> Iterator[URL]:
 def engine(db_url: URL) -> Iterator[Engine]:
     with native_engine(db_url, 20) as eng:
         yield eng
+
+
+@pytest.mark.parametrize("observed", [False, True], ids=["cursor", "exec_driver_sql"])
+def test_a_condition_with_a_percent_sign_reaches_the_engine_intact(
+    engine: Engine, observed: bool
+) -> None:
+    """``queue_wait``'s arguments are sent as literals: ``priority // 2`` is rendered with a
+    ``%`` (``mod``), which must arrive as one ``%`` on the driver's cursor and through
+    ``exec_driver_sql`` (a statement listener present) alike; -7 // 2 is -4 on the engine."""
+    md = MetaData()
+    table = queue_table(
+        "qs_percent_jobs", md, Column("priority", Integer), Column("cmd", String(8))
+    )
+    md.drop_all(engine)
+    md.create_all(engine)
+    seen: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        seen.append(statement)
+
+    try:
+        enqueue(engine, table, [{"priority": p, "cmd": str(p)} for p in (-7, -6, -5, 5)])
+        if observed:
+            event.listen(engine, "before_cursor_execute", record)
+        owned = []
+        for _ in range(4):
+            with queue_session(
+                table, bind=engine, where=table.c.priority // 2 == -3, timeout=0
+            ) as job:
+                if job is None:
+                    break
+                owned.append(job.cmd)
+        assert sorted(owned) == ["-5", "-6"]
+        if observed:
+            assert any("queue_wait('qs_percent_jobs:" in s and "%" in s for s in seen)
+    finally:
+        if observed:
+            event.remove(engine, "before_cursor_execute", record)
+        md.drop_all(engine)
