@@ -1,11 +1,14 @@
 """``python -m benchmarks.cpu [--url URL] [--jobs N] [--repeats R] [--top K]``: where
 one consumer's client CPU goes, per job, for each library path and its raw loop.
 
-Client CPU (``time.process_time()``) per job, each loop draining ``N`` jobs in this thread,
-alternating, best of ``R``: unlike throughput it hardly moves when other work shares the
-cores.  Then, for each library path, the functions that cost the most own time per job under
-cProfile timed by ``process_time`` (CPU only: waiting for the server is not counted; the
-profiler inflates every call about alike, so compare the rows, not the absolute µs).
+Client CPU (``time.process_time()``, and user CPU alone) per job, each loop draining ``N``
+jobs in this thread, alternating, best of ``R``: unlike throughput it hardly moves when other
+work shares the cores.  The first group takes the one-consumer path apart
+(:mod:`benchmarks.layers`): the library's statements alone, then with the job built from the
+row, then the queue session, then the worker, each row adding one layer.  Then, for each
+library path, the functions that cost the most own time per job under cProfile timed by
+``process_time`` (CPU only: waiting for the server is not counted; the profiler inflates
+every call about alike, so compare the rows, not the absolute µs).
 Works in a database of its own on the server of ``--url``, dropped at the end.
 """
 
@@ -15,6 +18,7 @@ import argparse
 import cProfile
 import os
 import pstats
+import resource
 import sys
 import time
 import uuid
@@ -34,6 +38,8 @@ from .asyncio_bench import drivers
 from .common import Base
 from .common import fill
 from .common import server_backend
+from .layers import JobObjectLoop
+from .layers import StatementLoop
 from .workers import BatchLoop
 from .workers import BatchRuntimeLoop
 from .workers import CoreSessionLoop
@@ -54,6 +60,13 @@ def paths(native: bool, size: int) -> list[list[Path]]:
     raw = RawNativeLoop if native else RawLoop
     raw_batch = RawNativeBatchLoop if native else RawBatchLoop
     groups: list[list[Path]] = [
+        [
+            ("raw one-job loop", raw),
+            ("library statements only (layers.py)", StatementLoop),
+            ("  + the job built from the row", JobObjectLoop),
+            ("  + queue_session(bind=connection)", SessionLoop),
+            ("  + the worker (Job.run_once)", RuntimeLoop),
+        ],
         [
             ("raw one-job loop", raw),
             ("queue_session(bind=connection)", SessionLoop),
@@ -81,23 +94,31 @@ def paths(native: bool, size: int) -> list[list[Path]]:
     return groups
 
 
-def _cpu(url: URL, make: Callable[[URL], Any], jobs: int, profile: Any = None) -> float:
-    """Client CPU seconds per job of one loop draining ``jobs`` jobs in this thread."""
+def _user_time() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_utime
+
+
+def _cpu(
+    url: URL, make: Callable[[URL], Any], jobs: int, profile: Any = None
+) -> tuple[float, float]:
+    """Client CPU seconds per job of one loop draining ``jobs`` jobs in this thread: all of
+    it (``process_time``), and user CPU only (without the kernel's socket work, the same for
+    every loop sending the same statements: what the library's own code adds shows best)."""
     fill(url, jobs)
     loop = make(url)
     try:
         if profile is not None:
             profile.enable()
-        start = time.process_time()
+        start, user = time.process_time(), _user_time()
         done = loop.consume()
-        cpu = time.process_time() - start
+        cpu, user = time.process_time() - start, _user_time() - user
         if profile is not None:
             profile.disable()
     finally:
         loop.close()
     if done != jobs:
         raise RuntimeError(f"{done} of {jobs} jobs done")
-    return cpu / jobs
+    return cpu / jobs, user / jobs
 
 
 #: Where a function's own time is counted: the first of these its file path contains.
@@ -168,14 +189,21 @@ def main(argv: list[str] | None = None) -> int:
         Base.metadata.create_all(engine)
         engine.dispose()
         print(f"backend: {'native' if native else 'portable'}; {args.jobs} jobs per drain")
-        for group in paths(native, args.size):
+        for index, group in enumerate(paths(native, args.size)):
             best = [float("inf")] * len(group)
+            user = [float("inf")] * len(group)
             for _ in range(args.repeats):
                 for i, (_, make) in enumerate(group):
-                    best[i] = min(best[i], _cpu(url, make, args.jobs))
+                    cpu, own = _cpu(url, make, args.jobs)
+                    best[i], user[i] = min(best[i], cpu), min(user[i], own)
             print()
-            for (name, _), cpu in zip(group, best, strict=True):
-                print(f"{name:48} {cpu * 1e6:7.1f} µs CPU/job  CPU {cpu / best[0]:5.2f} x raw")
+            for (name, _), cpu, own in zip(group, best, user, strict=True):
+                print(
+                    f"{name:48} {cpu * 1e6:7.1f} µs CPU/job  CPU {cpu / best[0]:5.2f} x raw"
+                    f"   user {own * 1e6:6.1f} µs  {own / user[0]:5.2f} x raw"
+                )
+            if index == 0:  # the layers: their rows are profiled in the groups below
+                continue
             for name, make in group:
                 profile = cProfile.Profile(time.process_time)
                 _cpu(url, make, args.jobs, profile)

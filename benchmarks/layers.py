@@ -1,0 +1,116 @@
+"""The library's consume path taken apart, for :mod:`benchmarks.cpu`: loops that stop below
+``queue_session``, so that the client CPU each layer adds over the raw loop can be told apart.
+
+* :class:`StatementLoop`: the library's own compiled statements (the claim or the Q4M owner's
+  ``SELECT``, the completion) run as ``queue_session`` runs them
+  (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL` on the connection's kept DBAPI cursor),
+  the fetched rows left as the driver returns them.
+* :class:`JobObjectLoop`: the same, with each row made the job a user gets (the columns' result
+  processors, then a mapped instance) by the backend's
+  :class:`~sqlalchemy_q4m.backends.loading.Loader`.
+
+What ``queue_session`` adds on top of :class:`JobObjectLoop` (its pinning, the one-owner
+record, the lifecycle, the error translation and the ownership watch) is then the difference
+with the ``queue_session(bind=connection)`` row, and the worker's own part the difference
+between that row and the worker's.  These loops are no API: they skip every check a queue
+session makes, and use the library's internals.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import bindparam
+from sqlalchemy import delete
+from sqlalchemy.engine import URL
+
+from sqlalchemy_q4m.backends.base import autocommit_for_queue
+from sqlalchemy_q4m.backends.driver import DriverSQL
+from sqlalchemy_q4m.backends.loading import claim_statement
+from sqlalchemy_q4m.backends.loading import loader_for
+from sqlalchemy_q4m.backends.native import _sql
+from sqlalchemy_q4m.backends.native import wait_sql
+from sqlalchemy_q4m.schema.functions import subscriptions
+
+from .common import BenchJob
+from .common import library_engine
+from .common import server_backend
+
+__all__ = ["JobObjectLoop", "StatementLoop"]
+
+
+class StatementLoop:
+    """The library's per-job statements through ``DriverSQL.run``, rows not converted."""
+
+    #: Build each job as ``queue_session`` does (:class:`JobObjectLoop`).
+    build_jobs = False
+
+    def __init__(self, url: URL) -> None:
+        self.engine = library_engine(url)
+        self.native = server_backend(url) == "native"
+        conn = self.engine.connect()
+        if self.native:
+            autocommit_for_queue(conn)  # as a Q4M consumer's connection is
+        else:
+            conn = conn.execution_options(isolation_level="READ COMMITTED")
+        self.conn = conn
+        self.subs = subscriptions((BenchJob,), None)
+        sub = self.subs[0]
+        self.loader = loader = loader_for(sub, conn.dialect)
+        dialect = conn.dialect
+        if self.native:
+            self.wait = wait_sql(dialect, self.subs, 0)
+            self.end = _sql(dialect, "end")
+            self.select = DriverSQL.compile(loader._owned, dialect)
+        else:
+            stmt = claim_statement(sub, 1, loader.columns)
+            self.select = DriverSQL.compile(stmt, dialect)
+            where = loader.key_columns[0] == bindparam("key", None)
+            self.delete = DriverSQL.compile(delete(loader.table).where(where), dialect)
+
+    def consume(self) -> int:
+        return self._native() if self.native else self._portable()
+
+    def _job(self, fetched: Any) -> Any:
+        """The job made from the fetched row (or the row itself); its key."""
+        rows = self.loader._rows(fetched)[:1]
+        if not rows:
+            return None
+        if not self.build_jobs:
+            return rows[0], (rows[0][0],)
+        return self.loader._jobs(self.loader._driver_jobs(rows), rows)[0]
+
+    def _native(self) -> int:
+        conn, done = self.conn, 0
+        wait, end, select = self.wait, self.end, self.select
+        while True:
+            _description, rows = wait.run(conn, {}, True)
+            if not rows[0][0]:
+                end.run(conn, {}, True)
+                return done
+            if self._job(select.run(conn, {}, True)) is None:
+                raise RuntimeError("the owner sees no row")
+            end.run(conn, {}, True)
+            done += 1
+
+    def _portable(self) -> int:
+        conn, done = self.conn, 0
+        claim, remove = self.select, self.delete
+        while True:
+            found = self._job(claim.run(conn, {}, True))
+            if found is None:
+                conn.rollback()
+                return done
+            remove.run(conn, {"key": found[1][0]}, True)
+            conn.commit()
+            done += 1
+
+    def close(self) -> None:
+        self.conn.close()
+        self.engine.dispose()
+
+
+class JobObjectLoop(StatementLoop):
+    """:class:`StatementLoop`, each row made the job ``queue_session`` yields."""
+
+    build_jobs = True

@@ -1,0 +1,87 @@
+"""``benchmarks/layers.py``: the loops ``python -m benchmarks.cpu`` takes the consume path apart
+with drain a queue exactly (every job removed once, none left), on both servers, and the
+job-building one yields the jobs a queue session would."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine
+from sqlalchemy import func
+from sqlalchemy import select
+from sqlalchemy import text
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import NullPool
+
+from benchmarks.common import Base
+from benchmarks.common import BenchJob
+from benchmarks.common import fill
+from benchmarks.layers import JobObjectLoop
+from benchmarks.layers import StatementLoop
+from sqlalchemy_q4m import use_backend
+
+pytestmark = pytest.mark.integration
+
+
+def _database(server: URL, backend: str) -> Iterator[URL]:
+    """A database of its own on ``server`` holding the benchmark's queue table."""
+    name = f"q4m_layers_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server, poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}`"))
+    url = server.set(database=name)
+    try:
+        engine = create_engine(url, poolclass=NullPool)
+        use_backend(engine, backend)
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["portable", pytest.param("native", marks=pytest.mark.native)])
+def bench_url(request: pytest.FixtureRequest, server_url: URL) -> Iterator[URL]:
+    if request.param == "native":
+        server = request.getfixturevalue("q4m_url")._replace(database=None)
+    else:
+        server = server_url
+    yield from _database(server, request.param)
+
+
+def _left(url: URL) -> int:
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(BenchJob)).scalar_one())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("loop_class", [StatementLoop, JobObjectLoop])
+def test_a_layer_loop_drains_the_queue_once(bench_url: URL, loop_class: type) -> None:
+    fill(bench_url, 57)
+    loop = loop_class(bench_url)
+    try:
+        assert loop.consume() == 57
+        assert loop.consume() == 0  # nothing left, nothing taken twice
+    finally:
+        loop.close()
+    assert _left(bench_url) == 0
+
+
+def test_the_job_building_loop_yields_mapped_jobs(bench_url: URL) -> None:
+    fill(bench_url, 3)
+    loop = JobObjectLoop(bench_url)
+    try:
+        # the claim (portable) or, outside owner mode, every row (Q4M): the first one built
+        job, key = loop._job(loop.select.run(loop.conn, {}, True))
+    finally:
+        loop.conn.rollback()
+        loop.close()
+    assert isinstance(job, BenchJob) and isinstance(job.id, uuid.UUID)
+    assert key == (job.id.bytes,) and job.payload.startswith("job ")
