@@ -55,8 +55,12 @@ __all__ = ["CHUNK_SIZE", "enqueue"]
 
 notify_logger = logging.getLogger("sqlalchemy_q4m.notify")
 
-#: Rows sent per ``executemany`` (PyMySQL further splits them by statement length).
-CHUNK_SIZE = 1000
+#: Rows sent per ``executemany``.  Every row's parameters are made before anything is sent,
+#: so this bounds no memory; PyMySQL further splits a chunk into multi-row ``INSERT``\ s of
+#: up to about 1 MB each.  Large enough not to cut those shorter: on Q4M each ``INSERT`` is a
+#: durable write of its own (20,000 rows in chunks of 1,000 ran at 0.84-0.90 of one raw
+#: ``executemany``, in chunks of 10,000 at 0.89-0.92).
+CHUNK_SIZE = 10_000
 
 Bind = Engine | Connection | Session
 
