@@ -41,6 +41,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Dialect
 from sqlalchemy.engine.result import IteratorResult
 from sqlalchemy.engine.result import SimpleResultMetaData
+from sqlalchemy.exc import CompileError
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
 from sqlalchemy.orm import Mapper
@@ -221,24 +222,26 @@ class Loader:
     ) -> list[tuple[Job, Key]]:
         """Lock up to ``limit`` unowned jobs of ``sub`` (portable backend); ``orm`` gives the
         session the ORM loads them in when they cannot be built directly, or when
-        ``in_session`` (the caller's own Session: its identity map and events apply) and
-        building them directly would not load them as the ORM does (:func:`orm_bypassable`;
-        the caller adds the built job to it, and one whose identity the Session holds
-        already is that instance, :func:`in_identity_map`)."""
+        ``in_session`` (the caller's own Session) and building them directly would not load
+        them as the ORM does (:func:`orm_bypassable`; the caller adds the built job to it,
+        or the instance it holds for that identity: :func:`in_identity_map`)."""
         if not self.key_columns:
             raise QueueTableError(
                 f"queue table {sub.name!r} has no job id: the portable backend needs a key to "
                 "own and delete one job; declare it with QueueMixin or queue_table()"
             )
         session = orm() if in_session and self.direct else None
-        if sub.where is None and self.from_driver and (session is None or orm_bypassable(session)):
-            sql = self._claim_sql
-            if sql is None:
+        if self.from_driver and (session is None or orm_bypassable(session)):
+            sql, params = self._claim_sql, {_LIMIT: limit}
+            if sub.where is not None:
+                sql, params = conditional_claim(self, sub, limit), {}
+            elif sql is None:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
-            raw = self._rows(sql.run(conn, {_LIMIT: limit}, unobserved))
-            jobs = self._jobs(self._driver_jobs(raw), raw)
-            return jobs if session is None else in_identity_map(session, jobs)
+            if sql is not None:
+                raw = self._rows(sql.run(conn, params, unobserved))
+                jobs = self._jobs(self._driver_jobs(raw), raw)
+                return jobs if session is None else in_identity_map(session, jobs)
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
         if self.mapper is not None and (in_session or not self.direct):
             claim = self._statement(sub, limit, raw=False)
@@ -377,6 +380,34 @@ class Loader:
             [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
             for r in raw
         ]
+
+
+#: Claim statements of subscriptions with a condition, compiled with their values rendered
+#: as literals, per dialect, by (id of the subscription, limit): each kept with its
+#: subscription (so that an id is not reused while it is cached).  None: a value has no
+#: literal form, so SQLAlchemy executes the claim.  A worker's condition changes once a
+#: second at most (``run_at <= now``): compiled that often, not per job.
+_CONDITIONAL_CLAIMS = "conditional_claims"
+
+
+def conditional_claim(loader: Loader, sub: Subscription, limit: int) -> DriverSQL | None:
+    """``claim_statement(sub, limit)`` of ``loader``'s columns, ``sub`` having a condition,
+    compiled once per subscription and limit (see :data:`_CONDITIONAL_CLAIMS`)."""
+    cache = dialect_cache(loader.dialect, _CONDITIONAL_CLAIMS)
+    key = (id(sub), limit)
+    cached = cache.get(key)
+    if cached is not None and cached[0] is sub:
+        sql: DriverSQL | None = cached[1]
+        return sql
+    stmt = claim_statement(sub, limit, loader.columns)
+    try:
+        sql = DriverSQL.compile(stmt, loader.dialect, literal_binds=True)
+    except (CompileError, QueueTableError):  # a value with no literal form
+        sql = None
+    if len(cache) >= _STATEMENTS * 16:
+        cache.clear()
+    cache[key] = (sub, sql)
+    return sql
 
 
 def orm_bypassable(session: Session) -> bool:

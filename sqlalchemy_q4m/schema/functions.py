@@ -408,30 +408,40 @@ def subscriptions(
     """Build validated subscriptions, earlier targets first.
 
     ``where`` is one expression (for the single target, or for the one target whose columns
-    it uses) or a mapping ``{target: expression}``.  Without ``where`` the result is
-    memoized per tuple of targets: a worker calling ``queue_session(Job)`` once per job
-    validates its subscription once, not once per job.
+    it uses) or a mapping ``{target: expression}``.  The result is memoized per tuple of
+    targets, and with ``where`` per identity of its expressions (SQLAlchemy expressions do
+    not change once built): a worker calling ``queue_session(Job)`` once per job validates
+    its subscriptions once, not once per job, and one whose table has ``run_at`` once per
+    second (its condition, ``run_at <= now``, is rebuilt each second), so the statements made
+    from them are compiled as rarely.
     """
     if where is None:
-        key = tuple(targets)
-        try:
-            cached = _UNCONDITIONAL.get(key)
-        except TypeError:  # an unhashable target: never valid, let the checks below say why
-            return _subscriptions(targets, None)
-        if cached is not None:
-            return cached
-        built = _subscriptions(targets, None)
-        if built:
-            if len(_UNCONDITIONAL) >= _MEMO_SIZE:
-                _UNCONDITIONAL.clear()
-            _UNCONDITIONAL[key] = built
-        return built
-    return _subscriptions(targets, where)
+        exprs: tuple[Any, ...] = ()
+        key: tuple[Any, ...] = tuple(targets)
+    else:
+        mapping = isinstance(where, Mapping)
+        exprs = tuple(where.values()) if mapping else (where,)
+        key = (*targets, _SEP, *(where if mapping else ()), _SEP, *map(id, exprs))
+    try:
+        cached = _MEMO.get(key)
+    except TypeError:  # an unhashable target: never valid, let the checks below say why
+        return _subscriptions(targets, where)
+    if cached is not None and all(a is b for a, b in zip(cached[0], exprs, strict=True)):
+        return cached[1]
+    built = _subscriptions(targets, where)
+    if built:
+        if len(_MEMO) >= _MEMO_SIZE:
+            _MEMO.clear()
+        _MEMO[key] = (exprs, built)
+    return built
 
 
-#: ``subscriptions(targets)`` without ``where``, by targets (classes and Tables: few).
-_UNCONDITIONAL: dict[tuple[Any, ...], tuple[Subscription, ...]] = {}
+#: :func:`subscriptions` by targets (classes and Tables: few), and with ``where`` by the ids of
+#: its expressions too: each kept with those expressions, so that an id is not reused while
+#: it is cached.
+_MEMO: dict[tuple[Any, ...], tuple[tuple[Any, ...], tuple[Subscription, ...]]] = {}
 _MEMO_SIZE = 256
+_SEP = object()  # in a key: no target is this
 
 
 def _subscriptions(
