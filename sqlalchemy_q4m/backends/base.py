@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import threading
-import weakref
 from abc import ABC
 from abc import abstractmethod
 from collections.abc import Callable
@@ -40,6 +39,7 @@ __all__ = [
     "error_code",
     "give_up_connection",
     "is_conflict",
+    "raise_if_lost",
     "take_connection",
     "translate_errors",
 ]
@@ -100,9 +100,16 @@ class _Translate:
 
 #: ``translate_errors(what)``: a context manager turning a lost connection into
 #: :class:`ConnectionLost`; other errors pass unchanged.  One (stateless) instance per
-#: ``what``, cached by C code: a job's every statement enters one, so its call costs no
-#: Python frame.
+#: ``what``, cached by C code, so its call costs no Python frame.
 translate_errors: Callable[[str], _Translate] = functools.lru_cache(maxsize=256)(_Translate)
+
+
+def raise_if_lost(err: BaseException, what: str) -> None:
+    """What leaving a ``translate_errors(what)`` block with ``err`` does, for the statements
+    of every job: ``except DBAPIError as err: raise_if_lost(err, what); raise`` costs nothing
+    until an error (a ``with`` block costs two Python calls per statement)."""
+    if isinstance(err, DBAPIError) and err.connection_invalidated:
+        raise ConnectionLost(f"{what}: connection lost ({err.orig})") from err
 
 
 # -- one owner per connection ------------------------------------------------------------------
@@ -154,24 +161,26 @@ def give_up_connection(info: dict[Any, Any] | None, owner: object) -> None:
         del info[OWNER_KEY]
 
 
-_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
 _watch_lock = threading.Lock()
 
-
-_autocommit_watched: weakref.WeakSet[Engine] = weakref.WeakSet()
+#: Attributes an engine (each ``execution_options()`` copy is one) is marked with once its
+#: listeners are registered: a look-up in its ``__dict__`` costs the job no call (a
+#: ``WeakSet`` membership test made a weak reference per job).
+_WATCHED = "_q4m_watched"
+_AUTOCOMMIT_WATCHED = "_q4m_autocommit_watched"
 
 
 def _watch(engine: Engine) -> None:
     """Listen (once per engine) for transactions ended and connections returned while owning."""
-    if engine in _watched:
+    if _WATCHED in engine.__dict__:
         return
     with _watch_lock:
-        if engine in _watched:
+        if _WATCHED in engine.__dict__:
             return
         event.listen(engine, "commit", _on_commit)
         event.listen(engine, "rollback", _on_rollback)
         event.listen(engine, "reset", _on_reset)
-        _watched.add(engine)
+        engine.__dict__[_WATCHED] = True
 
 
 def _watch_autocommit(engine: Engine) -> None:
@@ -179,14 +188,14 @@ def _watch_autocommit(engine: Engine) -> None:
     library's autocommit (:func:`autocommit_for_queue`).  Only engines with a Q4M consumer
     pay for these two events: a portable consumer's ``begin`` dispatches no listener of ours."""
     _watch(engine)
-    if engine in _autocommit_watched:
+    if _AUTOCOMMIT_WATCHED in engine.__dict__:
         return
     with _watch_lock:
-        if engine in _autocommit_watched:
+        if _AUTOCOMMIT_WATCHED in engine.__dict__:
             return
         event.listen(engine, "begin", _on_begin)
         event.listen(engine, "checkin", _on_checkin)
-        _autocommit_watched.add(engine)
+        engine.__dict__[_AUTOCOMMIT_WATCHED] = True
 
 
 def _owner_of(conn: Connection) -> Owner | None:

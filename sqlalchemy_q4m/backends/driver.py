@@ -16,6 +16,7 @@ import logging
 from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Any
 from typing import NoReturn
 from typing import TypeVar
@@ -53,6 +54,12 @@ class DriverSQL:
     sql: str
     positions: tuple[str, ...] | None  # parameter names in order, for positional paramstyles
     defaults: dict[str, Any]
+    #: Sent with no parameters at all when given none (:meth:`params`): nothing to bind, no
+    #: ``%`` for the driver to un-double.
+    bare: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bare", not self.defaults and "%" not in self.sql)
 
     @classmethod
     def compile(
@@ -84,7 +91,7 @@ class DriverSQL:
         """Execute on ``conn`` in its transaction (begun if none is); the cursor's
         description and rows.  See :func:`driver_level` for how; ``unobserved`` is its
         answer when the caller has it already (a queue session asks once per job)."""
-        params = self.params(values)
+        params = None if self.bare and not values else self.params(values)
         if not (driver_level(conn) if unobserved is None else unobserved):
             result = conn.exec_driver_sql(self.sql, params)
             if not result.returns_rows:
@@ -173,9 +180,11 @@ CURSOR_KEY = "sqlalchemy_q4m.cursor"
 
 def _kept_cursor(conn: Connection) -> Any:
     """The kept DBAPI cursor of ``conn`` (see :data:`CURSOR_KEY`), in a transaction as
-    :func:`_begun` says."""
-    fairy = _begun(conn)
+    :func:`_begun` says (written out: this runs for every statement of every job)."""
+    fairy = conn.connection
     info = fairy.info
+    if not conn.in_transaction() and not info.get(AUTOCOMMIT_KEY):
+        conn.begin()
     dbapi_conn = fairy.dbapi_connection
     kept = info.get(CURSOR_KEY)
     if kept is not None and kept[0] is dbapi_conn:

@@ -25,6 +25,7 @@ from sqlalchemy import String
 from sqlalchemy import literal
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
+from sqlalchemy.exc import DBAPIError
 
 from ..exc import Q4MError
 from ..exc import QueueWaitError
@@ -37,6 +38,7 @@ from ..server import BackendName
 from .base import Backend
 from .base import Claim
 from .base import Holder
+from .base import raise_if_lost
 from .base import translate_errors
 from .driver import DriverSQL
 from .driver import dialect_cache
@@ -111,8 +113,12 @@ class NativeBackend(Backend):
     def attempt(self, holder: Holder, subs: Sequence[Subscription], timeout: float) -> Claim | None:
         conn = holder.connection
         unobserved = holder.unobserved
-        with translate_errors("queue_wait"):
-            index = _call(conn, wait_sql(conn.dialect, subs, timeout), unobserved)
+        dialect = conn.dialect
+        try:
+            index = _call(conn, wait_sql(dialect, subs, timeout), unobserved)
+        except DBAPIError as err:
+            raise_if_lost(err, "queue_wait")
+            raise
         if index is None:
             self._leave(conn)
             specs = ", ".join(repr(sub.q4m_spec()) for sub in subs)
@@ -127,21 +133,28 @@ class NativeBackend(Backend):
             self._leave(conn)
             raise Q4MError(f"queue_wait returned {index!r} for {len(subs)} table(s)")
         sub = subs[index - 1]
-        loader = loader_for(sub, conn.dialect)
-        with translate_errors("loading the owned row"):
+        loader = loader_for(sub, dialect)
+        what = "loading the owned row"
+        try:
             found = loader.load_owned(conn, sub, lambda: holder.session, unobserved)
-        if found is None:  # cannot happen on a sane server; never keep owning an unseen row
-            with translate_errors("queue_abort"):
-                _call(conn, _sql(conn.dialect, "abort"))
-            raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
-        with translate_errors("locking the job's unique key"):
+            if found is None:  # cannot happen on a sane server; never keep owning an unseen row
+                what = "queue_abort"
+                _call(conn, _sql(dialect, "abort"))
+                raise Q4MError(f"queue_wait owned a row of {sub.name!r} that the owner cannot see")
+            what = "locking the job's unique key"
             claimed(conn, sub.table, found[1])
+        except DBAPIError as err:
+            raise_if_lost(err, what)
+            raise
         return Claim(sub, found[0], found[1], loader, unobserved)
 
     def end(self, conn: Connection, claim: Claim) -> None:
-        with translate_errors("queue_end"):
+        try:
             _call(conn, _sql(conn.dialect, "end"), claim.unobserved)
             ended(conn, claim.subscription.table, claim.key)
+        except DBAPIError as err:
+            raise_if_lost(err, "queue_end")
+            raise
 
     def abort(self, conn: Connection, claim: Claim) -> None:
         with translate_errors("queue_abort"):

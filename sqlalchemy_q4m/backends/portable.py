@@ -24,6 +24,7 @@ from sqlalchemy import bindparam
 from sqlalchemy import delete
 from sqlalchemy import text
 from sqlalchemy import type_coerce
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.types import NullType
 
@@ -38,6 +39,7 @@ from .base import Backend
 from .base import Claim
 from .base import Holder
 from .base import error_code
+from .base import raise_if_lost
 from .base import translate_errors
 from .loading import claim_statement
 from .loading import loader_for
@@ -123,18 +125,21 @@ class PortableBackend(Backend):
             loader = loader_for(sub, conn.dialect)
             for attempt in range(RETRIES + 1):
                 try:
-                    with translate_errors("claiming a job"):
-                        found = loader.claim(
-                            conn, sub, 1, lambda: holder.session, holder.in_session, unobserved
-                        )
+                    found = loader.claim(
+                        conn, sub, 1, lambda: holder.session, holder.in_session, unobserved
+                    )
                     break
                 except OperationalError as err:
+                    raise_if_lost(err, "claiming a job")
                     code = error_code(err)
                     if (code not in RETRYABLE and code != QUERY_INTERRUPTED) or attempt == RETRIES:
                         raise
                     if not holder.restart():  # the caller's transaction: theirs to retry
                         raise
                     _pause(attempt)
+                except DBAPIError as err:
+                    raise_if_lost(err, "claiming a job")
+                    raise
             if found:
                 job, key = found[0]
                 return Claim(sub, job, key, loader, unobserved)

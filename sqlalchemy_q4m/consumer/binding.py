@@ -39,6 +39,7 @@ from ..server import detect_backend
 from ..server import validate_backend_name
 
 __all__ = [
+    "SYNC_BINDS",
     "BackendChoice",
     "Bind",
     "Pin",
@@ -63,9 +64,13 @@ def bound_factory(make: Callable[..., S], bind: Any, **defaults: Any) -> Callabl
     return factory
 
 
+#: The blocking binds (a tuple: ``isinstance`` with a ``|`` union builds the union per call).
+SYNC_BINDS = (Engine, Connection, Session)
+
+
 def check_bind(bind: object) -> None:
     """Refuse a ``bind`` that is not an Engine, a Connection or a Session."""
-    if not isinstance(bind, Engine | Connection | Session):
+    if not isinstance(bind, SYNC_BINDS):
         raise Q4MError(f"bind must be an Engine, a Connection or a Session, not {bind!r}")
 
 

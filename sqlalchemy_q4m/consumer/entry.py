@@ -12,10 +12,7 @@ from typing import Any
 from typing import Literal
 from typing import overload
 
-from sqlalchemy import Connection
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
-
+from .binding import SYNC_BINDS
 from .binding import bound_factory
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Where
@@ -73,7 +70,7 @@ def queue_session(
     by a producer's :func:`~sqlalchemy_q4m.notify` instead of polling every
     ``poll_interval`` (see :mod:`sqlalchemy_q4m.backends.wakeup`; an async bind awaits that wait).
     """
-    if not isinstance(bind, Engine | Connection | Session):
+    if not isinstance(bind, SYNC_BINDS):
         # imported here: a program that never passes an asyncio bind does not load
         # SQLAlchemy's asyncio extension (nor greenlet's machinery) at all
         from .asyncio import async_queue_session

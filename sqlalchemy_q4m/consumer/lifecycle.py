@@ -127,6 +127,11 @@ class Action:
     seconds: float = 0.0
 
 
+#: The actions without seconds, made once (every job takes one).
+_OWN = Action(Step.OWN)
+_GIVE_UP = Action(Step.GIVE_UP)
+
+
 class Exit(enum.Enum):
     """What leaving a queue session's block does."""
 
@@ -189,14 +194,14 @@ class Lifecycle:
         """The claim got a job: it is owned."""
         self._expect(State.WAITING)
         self.state = State.OWNING
-        return Action(Step.OWN)
+        return _OWN
 
     def missed(self, now: float) -> Action:
         """The claim found nothing at ``now``: give up, claim again, listen or sleep."""
         self._expect(State.WAITING)
         deadline = self._deadline
         if deadline is not None and now >= deadline:
-            return Action(Step.GIVE_UP)
+            return _GIVE_UP
         if self._blocking:
             return self._claim(now)
         if self._listen is not None:

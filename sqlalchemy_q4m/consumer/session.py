@@ -49,6 +49,7 @@ from typing import Generic
 from typing import Literal
 from typing import TypeVar
 
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -56,7 +57,7 @@ from ..backends import Backend
 from ..backends import Claim
 from ..backends.base import RETRYABLE
 from ..backends.base import error_code
-from ..backends.base import translate_errors
+from ..backends.base import raise_if_lost
 from ..backends.loading import Unloadable
 from ..backends.wakeup import listen_wait
 from ..backends.wakeup import listening_supported
@@ -220,21 +221,21 @@ class QueueSession(OwnershipWatch, Generic[T]):
                 user.commit()
             orm = self._orm
             try:
-                with translate_errors("completing a job"):
-                    if orm is not None and (orm.new or orm.dirty or orm.deleted):
-                        orm.flush()  # the block's own writes first: they commit with them
-                    if backend.name == "native":
-                        # Q4M: queue_end() is durable at once, outside any transaction, so
-                        # the job's writes commit before it (a crash in between runs the job
-                        # again: at least once, never lost)
-                        self._finish_transaction(commit=True)
-                    backend.end(conn, claim)
-                    if orm is not None and not self._own_orm:
-                        # the caller's session: the row is gone.  Before its commit, which
-                        # then has nothing of the job's to expire (its values stay loaded)
-                        _expunge_job(orm, claim)
+                if orm is not None and (orm.new or orm.dirty or orm.deleted):
+                    orm.flush()  # the block's own writes first: they commit with them
+                if backend.name == "native":
+                    # Q4M: queue_end() is durable at once, outside any transaction, so the
+                    # job's writes commit before it (a crash in between runs the job again:
+                    # at least once, never lost)
                     self._finish_transaction(commit=True)
+                backend.end(conn, claim)
+                if orm is not None and not self._own_orm:
+                    # the caller's session: the row is gone.  Before its commit, which then
+                    # has nothing of the job's to expire (its values stay loaded)
+                    _expunge_job(orm, claim)
+                self._finish_transaction(commit=True)
             except OperationalError as err:
+                raise_if_lost(err, "completing a job")
                 code = error_code(err)
                 if code not in RETRYABLE:
                     raise
@@ -244,6 +245,9 @@ class QueueSession(OwnershipWatch, Generic[T]):
                     "the transaction was rolled back, so the job is back in the queue and will "
                     "run again"
                 ) from err
+            except DBAPIError as err:
+                raise_if_lost(err, "completing a job")
+                raise
             ok = True
         finally:
             if ok:
