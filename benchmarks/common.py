@@ -26,6 +26,7 @@ from sqlalchemy.orm import mapped_column
 from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
+from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_table
@@ -46,6 +47,18 @@ RAW_WAIT = f"SELECT queue_wait('{TABLE}', 0)"
 RAW_OWNED = f"SELECT id, payload, enqueued_at FROM {TABLE}"
 RAW_END = "SELECT queue_end()"
 
+#: The table of the retry rows: ``RetryMixin`` (``attempts``, ``run_at``), so the worker waits
+#: with the condition ``run_at <= now``, and its raw baseline claims with the same one.
+RETRY_TABLE = "q4m_bench_retry_jobs"
+_RETRY_COLUMNS = "id, payload, enqueued_at, attempts, run_at"
+RAW_RETRY_CLAIM = (
+    f"SELECT {_RETRY_COLUMNS} FROM {RETRY_TABLE} WHERE run_at <= %s "
+    "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+)
+RAW_RETRY_DELETE_ONE = f"DELETE FROM {RETRY_TABLE} WHERE id = %s"
+RAW_RETRY_WAIT = f"SELECT queue_wait('{RETRY_TABLE}:run_at<=%d', 0)"  # % the epoch second
+RAW_RETRY_OWNED = f"SELECT {_RETRY_COLUMNS} FROM {RETRY_TABLE}"
+
 
 class Base(DeclarativeBase):
     pass
@@ -55,6 +68,15 @@ class BenchJob(QueueMixin, Base):
     """A no-op job: a short payload and the moment it was enqueued (for pickup latency)."""
 
     __tablename__ = TABLE
+    payload: Mapped[str] = mapped_column(String(64))
+    enqueued_at: Mapped[float] = mapped_column(Double, default=0.0)
+
+
+class RetryBenchJob(RetryMixin, QueueMixin, Base):
+    """The no-op job on a table with retries and delays: what the README's worker with
+    ``RetryMixin`` consumes (its waits carry the condition ``run_at <= now``)."""
+
+    __tablename__ = RETRY_TABLE
     payload: Mapped[str] = mapped_column(String(64))
     enqueued_at: Mapped[float] = mapped_column(Double, default=0.0)
 
@@ -109,25 +131,27 @@ def library_engine(url: URL, pool: int = 1, **kw: Any) -> Engine:
     return create_engine(url, pool_size=pool, max_overflow=pool, **kw)
 
 
-def fill(url: URL, count: int) -> None:
-    """Empty the queue, then enqueue ``count`` jobs with the fast raw path."""
+def fill(url: URL, count: int, table: str = TABLE) -> None:
+    """Empty the queue ``table``, then enqueue ``count`` jobs with the fast raw path (due at
+    once: ``run_at`` is 0 on the retry table)."""
+    insert = RAW_INSERT.replace(TABLE, table, 1)
     conn = raw_connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"DELETE FROM {TABLE}")
+            cur.execute(f"DELETE FROM {table}")
             rows = [(new_job_id().bytes, f"job {i}", 0.0) for i in range(count)]
             for start in range(0, count, 5000):
-                cur.executemany(RAW_INSERT, rows[start : start + 5000])
+                cur.executemany(insert, rows[start : start + 5000])
         conn.commit()
     finally:
         conn.close()
 
 
-def remaining(url: URL) -> int:
+def remaining(url: URL, table: str = TABLE) -> int:
     conn = raw_connect(url)
     try:
         with conn.cursor() as cur:
-            cur.execute(f"SELECT COUNT(*) FROM {TABLE}")
+            cur.execute(f"SELECT COUNT(*) FROM {table}")
             (n,) = cur.fetchone()
         conn.rollback()
         return int(n)

@@ -26,6 +26,9 @@ from .workers import RawBatchLoop
 from .workers import RawLoop
 from .workers import RawNativeBatchLoop
 from .workers import RawNativeLoop
+from .workers import RawNativeRetryLoop
+from .workers import RawRetryLoop
+from .workers import RetryRuntimeLoop
 from .workers import RuntimeLoop
 from .workers import SessionLoop
 
@@ -40,11 +43,20 @@ CONSUMERS: tuple[tuple[Any, str], ...] = (
 #: Measured at one thread only: the Core table's Rows instead of ORM instances.
 CORE = (CoreSessionLoop, "`queue_session(core_table, bind=connection)` (yields Rows)")
 
+#: The worker on a ``RetryMixin`` table (its waits have the condition ``run_at <= now``),
+#: against a raw loop claiming with the same condition, on a table of its own.
+RETRY = (RetryRuntimeLoop, "worker runtime on a `RetryMixin` table (`run_at <= now`)")
+
 
 def raw_loop(s: Settings) -> Any:
     """The raw one-job loop of the backend: SKIP LOCKED + DELETE + COMMIT, or Q4M's
     ``queue_wait``/owner ``SELECT``/``queue_end`` with autocommit."""
     return RawNativeLoop if s.native else RawLoop
+
+
+def raw_retry_loop(s: Settings) -> Any:
+    """:func:`raw_loop` on the retry table, with the condition ``run_at <= now``."""
+    return RawNativeRetryLoop if s.native else RawRetryLoop
 
 
 def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
@@ -65,6 +77,22 @@ def consume(url: URL, s: Settings, report: Report, progress: Progress) -> None:
             )
             for (_, name), rate in zip(consumers, rates[1:], strict=True):
                 report.rows.append(rate_row("consume", f"{name}, {label(kind, n)}", rate, rates[0]))
+            raw_rate, rate = alternate(
+                s.consume_repeats,
+                *(
+                    lambda n=n, kind=kind, loop=loop: drain(url, s.consume_jobs, kind, n, loop)
+                    for loop in (raw_retry_loop(s), RETRY[0])
+                ),
+            )
+            report.rows.append(
+                rate_row(
+                    "consume",
+                    f"{RETRY[1]}, {label(kind, n)}",
+                    rate,
+                    raw_rate,
+                    note="vs the raw loop claiming with the same condition",
+                )
+            )
 
 
 def statements(url: URL, s: Settings, report: Report) -> None:
@@ -81,6 +109,14 @@ def statements(url: URL, s: Settings, report: Report) -> None:
                 raw,
             )
         )
+    report.rows.append(
+        statements_row(
+            f"commands sent per job, {RETRY[1]}, 1 thread",
+            commands_per_job(url, count, RETRY[0]),
+            commands_per_job(url, count, raw_retry_loop(s)),
+            note="vs the raw loop claiming with the same condition",
+        )
+    )
     size = s.batch_size
     batch_raw = commands_per_job(url, count, RawNativeBatchLoop if s.native else RawBatchLoop, size)
     what = "the raw one-job loop (a Q4M batch holds one job)" if s.native else "the raw batch"

@@ -35,6 +35,7 @@ from sqlalchemy_q4m import use_backend
 
 from .asyncio_bench import AsyncDrain
 from .asyncio_bench import drivers
+from .common import TABLE
 from .common import Base
 from .common import fill
 from .common import server_backend
@@ -49,6 +50,9 @@ from .workers import RawBatchLoop
 from .workers import RawLoop
 from .workers import RawNativeBatchLoop
 from .workers import RawNativeLoop
+from .workers import RawNativeRetryLoop
+from .workers import RawRetryLoop
+from .workers import RetryRuntimeLoop
 from .workers import RuntimeLoop
 from .workers import SessionLoop
 
@@ -74,6 +78,10 @@ def paths(native: bool, size: int) -> list[list[Path]]:
             ("queue_session(bind=Session(engine))", OrmSessionLoop),
             ("queue_session(core_table, bind=connection)", CoreSessionLoop),
             ("worker Job.run_once", RuntimeLoop),
+        ],
+        [
+            ("raw one-job loop, `run_at <= now`", RawNativeRetryLoop if native else RawRetryLoop),
+            ("worker on a RetryMixin table", RetryRuntimeLoop),
         ],
         [
             (f"raw batched loop (size={size})", lambda url: raw_batch(url, size)),
@@ -104,7 +112,7 @@ def _cpu(
     """Client CPU seconds per job of one loop draining ``jobs`` jobs in this thread: all of
     it (``process_time``), and user CPU only (without the kernel's socket work, the same for
     every loop sending the same statements: what the library's own code adds shows best)."""
-    fill(url, jobs)
+    fill(url, jobs, getattr(make, "table", TABLE))  # the retry loops: their own table
     loop = make(url)
     try:
         if profile is not None:

@@ -14,6 +14,7 @@ from typing import Any
 import pymysql
 from sqlalchemy.engine import URL
 
+from .common import TABLE
 from .common import fill
 from .common import remaining
 from .common import run_parallel
@@ -171,9 +172,10 @@ def alternate(repeats: int, *measures: Callable[[], float]) -> list[float]:
 def drain(url: URL, count: int, kind: str, workers: int, factory: Any, *args: Any) -> float:
     """Fill the queue with ``count`` jobs, drain it with ``workers`` consumers made by
     ``factory`` in threads or processes, check every job was done once: jobs/s."""
-    fill(url, count)
+    table = getattr(factory, "table", TABLE)  # the retry rows' loops: their own table
+    fill(url, count, table)
     run = run_parallel(kind, workers, factory, url, *args)
-    left = remaining(url)
+    left = remaining(url, table)
     if left or run.jobs != count:
         raise RuntimeError(
             f"{factory.__name__} x{workers} {kind}: {run.jobs} of {count} jobs done, "
@@ -191,7 +193,7 @@ def commands_per_job(url: URL, count: int, loop: Any, *args: Any) -> float:
 
 
 def _commands(url: URL, count: int, loop: Any, *args: Any) -> int:
-    fill(url, count)
+    fill(url, count, getattr(loop, "table", TABLE))
     worker = loop(url, *args)
     try:
         with counting() as sent:

@@ -7,6 +7,7 @@ Each class connects in ``__init__`` (before the start signal), drains the queue 
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
 
 import pymysql
@@ -23,8 +24,15 @@ from .common import RAW_CLAIM
 from .common import RAW_DELETE_ONE
 from .common import RAW_END
 from .common import RAW_OWNED
+from .common import RAW_RETRY_CLAIM
+from .common import RAW_RETRY_DELETE_ONE
+from .common import RAW_RETRY_OWNED
+from .common import RAW_RETRY_WAIT
 from .common import RAW_WAIT
+from .common import RETRY_TABLE
+from .common import TABLE
 from .common import BenchJob
+from .common import RetryBenchJob
 from .common import core_jobs
 from .common import library_engine
 from .common import raw_connect
@@ -37,20 +45,24 @@ DEADLOCK = 1213
 class RawLoop:
     """``SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED`` → no-op → ``DELETE`` → ``COMMIT``."""
 
+    table = TABLE
+    timed = False  # the claim's condition: run_at <= the current epoch second
+    claim, delete = RAW_CLAIM, RAW_DELETE_ONE
+
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         self.conn = raw_connect(url)
 
     def consume(self) -> int:
-        conn, done = self.conn, 0
+        conn, done, timed, claim, delete = self.conn, 0, self.timed, self.claim, self.delete
         with conn.cursor() as cur:
             while True:
-                cur.execute(RAW_CLAIM, (1,))
+                cur.execute(claim, (int(time.time()), 1) if timed else (1,))
                 row = cur.fetchone()
                 if row is None:
                     conn.rollback()
                     return done
                 try:
-                    cur.execute(RAW_DELETE_ONE, (row[0],))
+                    cur.execute(delete, (row[0],))
                 except pymysql.err.OperationalError as err:
                     if err.args[0] != DEADLOCK:
                         raise
@@ -68,27 +80,46 @@ class RawNativeLoop:
     owner's ``SELECT`` (it sees only its row) → no-op → ``SELECT queue_end()``; after a 0
     (nothing left) ``queue_end()`` leaves owner mode, as the library does."""
 
+    table = TABLE
+    timed = False  # the wait's condition: run_at <= the current epoch second
+    wait, owned = RAW_WAIT, RAW_OWNED
+
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         self.conn = raw_native_connect(url)
 
     def consume(self) -> int:
-        done = 0
+        done, timed, wait, owned = 0, self.timed, self.wait, self.owned
         with self.conn.cursor() as cur:
             while True:
-                cur.execute(RAW_WAIT)
+                cur.execute(wait % int(time.time()) if timed else wait)
                 (index,) = cur.fetchone()
                 if index is None:
-                    raise RuntimeError(f"{RAW_WAIT} returned NULL: not a QUEUE table?")
+                    raise RuntimeError(f"{wait} returned NULL: not a QUEUE table?")
                 if not index:
                     cur.execute(RAW_END)
                     return done
-                cur.execute(RAW_OWNED)
+                cur.execute(owned)
                 cur.fetchone()
                 cur.execute(RAW_END)
                 done += 1
 
     def close(self) -> None:
         self.conn.close()
+
+
+class RawRetryLoop(RawLoop):
+    """:class:`RawLoop` on the retry table, claiming with ``run_at <= now`` as the worker does."""
+
+    table, timed = RETRY_TABLE, True
+    claim, delete = RAW_RETRY_CLAIM, RAW_RETRY_DELETE_ONE
+
+
+class RawNativeRetryLoop(RawNativeLoop):
+    """:class:`RawNativeLoop` on the retry table, waiting with ``run_at<=now`` as the worker
+    does (the condition written for each wait, with the current second)."""
+
+    table, timed = RETRY_TABLE, True
+    wait, owned = RAW_RETRY_WAIT, RAW_RETRY_OWNED
 
 
 class RawNativeBatchLoop(RawNativeLoop):
@@ -189,12 +220,16 @@ def worker_runtime_available() -> bool:
 class RuntimeLoop:
     """The worker runtime's job class (``Job.run_once``) with a no-op ``execute``."""
 
+    table = TABLE
+    model: Any = BenchJob
+    attempts = 1  # the table has no retry columns (and a no-op never fails)
+
     def __init__(self, url: URL, engine: Engine | None = None) -> None:
         job_class: Any = importlib.import_module("sqlalchemy_q4m.worker").Job
 
         class NoOpJob(job_class):  # type: ignore[misc]
-            model = BenchJob
-            max_attempts = 1  # the table has no retry columns (and a no-op never fails)
+            model = self.model
+            max_attempts = self.attempts
 
             def execute(self, job: Any) -> None:
                 return None
@@ -202,7 +237,7 @@ class RuntimeLoop:
         self.engine = engine or library_engine(url)
         self.own_engine = engine is None
         self.job = NoOpJob(self.engine)
-        warm_up(self.engine, BenchJob)
+        warm_up(self.engine, self.model)
         # connected and prepared, as SessionLoop is (a private step: skipped if it moves)
         consumer = getattr(self.job, "_get_consumer", None)
         if consumer is not None:
@@ -217,6 +252,15 @@ class RuntimeLoop:
     def close(self) -> None:
         if self.own_engine:
             self.engine.dispose()
+
+
+class RetryRuntimeLoop(RuntimeLoop):
+    """:class:`RuntimeLoop` on the retry table (``RetryMixin``): each wait has the condition
+    ``run_at <= now``, rebuilt once a second."""
+
+    table = RETRY_TABLE
+    model = RetryBenchJob
+    attempts = 3
 
 
 class BatchRuntimeLoop:

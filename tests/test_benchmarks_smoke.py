@@ -37,6 +37,7 @@ CONSUMERS = [
     "worker runtime `Job.run_once`",
 ]
 CORE = "`queue_session(core_table, bind=connection)` (yields Rows)"
+RETRY = "worker runtime on a `RetryMixin` table (`run_at <= now`)"
 ASYNC_SIDES = [
     "`async_queue_session(bind=AsyncConnection)`",
     "`async_queue_session(bind=AsyncEngine)`",
@@ -75,9 +76,9 @@ def expected(backend: str, batch_size: int, batch_labels: list[str]) -> list[tup
         ("statements", "commands sent per job, one job per call: `enqueue("),
         *[
             ("statements", f"commands sent per job, {name}, 1 thread")
-            for name in (*CONSUMERS, CORE, *batch_names)
+            for name in (*CONSUMERS, CORE, RETRY, *batch_names)
         ],
-        *[("consume", f"{name}, {label}") for label in LABELS for name in CONSUMERS],
+        *[("consume", f"{name}, {label}") for label in LABELS for name in (*CONSUMERS, RETRY)],
         ("consume", f"{CORE}, 1 thread"),
         *[("latency", text) for text in LATENCY[backend]],
         ("memory", "peak RSS of a worker process, 4 threads"),

@@ -23,7 +23,6 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
-from sqlalchemy.orm import mapped_column
 
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import ScheduledMixin
@@ -157,7 +156,8 @@ def test_the_portable_claim_with_a_condition_is_the_precompiled_statement(db_url
         Base.metadata.create_all(engine)
         _fill(engine, [{"n": 1, "run_at": 0}])
         with engine.connect() as conn:
-            with queue_session(CondJob, bind=conn, where=CondJob.n < 5, timeout=0) as job:
+            qs = queue_session(CondJob, bind=conn, where=CondJob.n < 5, timeout=0)
+            with qs as job:
                 assert job is not None and job.n == 1
         claims = [s for s in seen if "SKIP LOCKED" in s]
         assert len(claims) == 1 and "n < 5" in claims[0], claims
