@@ -26,6 +26,7 @@ from ..backends import pinned as keeping
 from ..backends.base import autocommit_for_queue
 from ..backends.base import check_free
 from ..backends.base import give_up_connection
+from ..backends.base import raise_if_lost
 from ..backends.base import take_connection
 from ..backends.base import translate_errors
 from ..backends.driver import driver_level
@@ -230,8 +231,11 @@ class Pin(ABC):
             elif name == "portable":
                 self._read_committed = backend.sets_isolation(conn)
             else:
-                with translate_errors("preparing the consumer's connection"):
+                try:
                     autocommit_for_queue(conn)  # once per DBAPI connection: no COMMIT per job
+                except DBAPIError as err:
+                    raise_if_lost(err, "preparing the consumer's connection")
+                    raise
         self.backend = backend
         self._pinned = conn
         self._began = began

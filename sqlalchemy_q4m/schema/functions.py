@@ -13,6 +13,7 @@ its ``'table:expr'`` syntax and refuses everything else before it reaches the se
 
 from __future__ import annotations
 
+import operator
 import re
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -426,7 +427,7 @@ def subscriptions(
         cached = _MEMO.get(key)
     except TypeError:  # an unhashable target: never valid, let the checks below say why
         return _subscriptions(targets, where)
-    if cached is not None and all(a is b for a, b in zip(cached[0], exprs, strict=True)):
+    if cached is not None and (not exprs or all(map(operator.is_, cached[0], exprs))):
         return cached[1]
     built = _subscriptions(targets, where)
     if built:
