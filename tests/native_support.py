@@ -6,7 +6,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from sqlalchemy import Engine
+from sqlalchemy import MetaData
 from sqlalchemy import create_engine
 from sqlalchemy import text
 from sqlalchemy.engine import URL
@@ -42,3 +44,26 @@ def native_engine(url: URL, pool_size: int = 20) -> Iterator[Engine]:
         yield eng
     finally:
         eng.dispose()
+
+
+@contextmanager
+def tables_on(
+    request: pytest.FixtureRequest, backend: str, metadata: MetaData, prefix: str
+) -> Iterator[tuple[URL, Engine]]:
+    """For a fixture parametrized by backend: the database of ``backend`` (this run's own on
+    MariaDB, a private one named ``<prefix>_<random>`` on the Q4M server) and an engine on it,
+    with ``metadata``'s tables created (dropped afterwards)."""
+    if backend == "portable":
+        url: URL = request.getfixturevalue("db_url")
+        eng = create_engine(url, pool_size=5, max_overflow=5)
+        try:
+            metadata.create_all(eng)
+            yield url, eng
+            metadata.drop_all(eng)
+        finally:
+            eng.dispose()
+        return
+    q4m_url: URL = request.getfixturevalue("q4m_url")
+    with private_database(q4m_url, prefix) as url, native_engine(url, 5) as eng:
+        metadata.create_all(eng)
+        yield url, eng

@@ -11,8 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from native_support import native_engine
-from native_support import private_database
+from native_support import tables_on
 from sqlalchemy import Engine
 from sqlalchemy import and_
 from sqlalchemy import create_engine
@@ -103,20 +102,8 @@ SERVERS = [
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Engine]]:
     """The backend's name and an engine on a database with the table."""
-    if request.param == "portable":
-        url: URL = request.getfixturevalue("db_url")
-        eng = create_engine(url, pool_size=5, max_overflow=5)
-        try:
-            Base.metadata.create_all(eng)
-            yield "portable", eng
-            Base.metadata.drop_all(eng)
-        finally:
-            eng.dispose()
-        return
-    q4m_url: URL = request.getfixturevalue("q4m_url")
-    with private_database(q4m_url, "q4m_cond") as url, native_engine(url, 5) as eng:
-        Base.metadata.create_all(eng)
-        yield "native", eng
+    with tables_on(request, request.param, Base.metadata, "q4m_cond") as (_url, eng):
+        yield request.param, eng
 
 
 def _fill(engine: Engine, rows: list[dict[str, Any]]) -> None:

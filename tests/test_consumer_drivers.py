@@ -25,11 +25,9 @@ from typing import Any
 from typing import TypeVar
 
 import pytest
-from native_support import native_engine
-from native_support import private_database
+from native_support import tables_on
 from sqlalchemy import Engine
 from sqlalchemy import Text
-from sqlalchemy import create_engine
 from sqlalchemy import event
 from sqlalchemy import insert
 from sqlalchemy import select
@@ -68,20 +66,8 @@ SERVERS = [
 @pytest.fixture(scope="module", params=SERVERS)
 def server(request: pytest.FixtureRequest) -> Iterator[tuple[str, URL, Engine]]:
     """The backend's name, its database URL and a sync engine on it, with the table."""
-    if request.param == "portable":
-        url: URL = request.getfixturevalue("db_url")
-        eng = create_engine(url, pool_size=5, max_overflow=5)
-        try:
-            Base.metadata.create_all(eng)
-            yield "portable", url, eng
-            Base.metadata.drop_all(eng)
-        finally:
-            eng.dispose()
-        return
-    q4m_url: URL = request.getfixturevalue("q4m_url")
-    with private_database(q4m_url, "q4m_drivers") as url, native_engine(url, 5) as eng:
-        Base.metadata.create_all(eng)
-        yield "native", url, eng
+    with tables_on(request, request.param, Base.metadata, "q4m_drivers") as (url, eng):
+        yield request.param, url, eng
 
 
 class SyncAdapter:
