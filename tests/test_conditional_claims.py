@@ -93,6 +93,23 @@ def test_queue_wait_is_compiled_once_per_memoized_subscriptions() -> None:
     assert "test_conditional_claims_jobs:(`run_at` <= 17)" in made.sql
 
 
+@pytest.mark.unit
+def test_a_condition_written_in_each_call_is_compiled_once() -> None:
+    """``queue_session(Model, where=Model.n >= 5)`` in a loop builds new subscriptions per
+    call: their statements are found by the rendered condition, not compiled again."""
+    first = subscriptions([CondJob], CondJob.n >= 5)
+    again = subscriptions([CondJob], CondJob.n >= 5)
+    assert first is not again
+    assert wait_sql(DIALECT, again, 0) is wait_sql(DIALECT, first, 0)
+    loader = loader_for(first[0], DIALECT)
+    claim = conditional_claim(loader, first[0], 1)
+    assert claim is not None and conditional_claim(loader, again[0], 1) is claim
+    other = subscriptions([CondJob], CondJob.n >= 6)
+    assert wait_sql(DIALECT, other, 0) is not wait_sql(DIALECT, first, 0)
+    assert conditional_claim(loader, other[0], 1) is not claim
+    assert "n >= 6" in (conditional_claim(loader, other[0], 1) or claim).sql
+
+
 SERVERS = [
     pytest.param("portable", marks=pytest.mark.integration),
     pytest.param("native", marks=[pytest.mark.native, pytest.mark.integration]),

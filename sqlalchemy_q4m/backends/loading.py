@@ -386,7 +386,10 @@ class Loader:
 #: as literals, per dialect, by (id of the subscription, limit): each kept with its
 #: subscription (so that an id is not reused while it is cached).  None: a value has no
 #: literal form, so SQLAlchemy executes the claim.  A worker's condition changes once a
-#: second at most (``run_at <= now``): compiled that often, not per job.
+#: second at most (``run_at <= now``): compiled that often, not per job.  A subscription not
+#: seen yet (a condition written in the ``queue_session`` call is a new one per call) finds
+#: the statement by its target and rendered condition (:func:`render_condition`'s text, which
+#: stands for the condition exactly).
 _CONDITIONAL_CLAIMS = "conditional_claims"
 
 
@@ -399,14 +402,19 @@ def conditional_claim(loader: Loader, sub: Subscription, limit: int) -> DriverSQ
     if cached is not None and cached[0] is sub:
         sql: DriverSQL | None = cached[1]
         return sql
-    stmt = claim_statement(sub, limit, loader.columns)
-    try:
-        sql = DriverSQL.compile(stmt, loader.dialect, literal_binds=True)
-    except (CompileError, QueueTableError):  # a value with no literal form
-        sql = None
+    by_condition = (sub.target, sub.condition, limit)
+    if by_condition in cache:
+        sql = cache[by_condition]
+    else:
+        stmt = claim_statement(sub, limit, loader.columns)
+        try:
+            sql = DriverSQL.compile(stmt, loader.dialect, literal_binds=True)
+        except (CompileError, QueueTableError):  # a value with no literal form
+            sql = None
     if len(cache) >= _STATEMENTS * 16:
         cache.clear()
     cache[key] = (sub, sql)
+    cache[by_condition] = sql
     return sql
 
 

@@ -62,8 +62,9 @@ def wait_arguments(subs: Sequence[Subscription], timeout: float) -> list[str | i
 #: ``queue_wait`` statements kept per dialect, by (id of the subscriptions tuple, seconds):
 #: each kept with the tuple it was made for (so that an id is not reused while it is cached).
 #: A worker's subscriptions are one tuple for its life (``subscriptions()`` memoizes them), so
-#: its ``queue_wait`` is compiled once, not per job.  Bounded: conditions made per call come
-#: and go.
+#: its ``queue_wait`` is compiled once, not per job.  A tuple not seen yet (a condition written
+#: in the ``queue_session`` call builds new subscriptions per call) finds the statement by its
+#: arguments, the rendered ``'table:condition'`` specs.  Bounded: conditions come and go.
 _WAIT_SQL_SIZE = 256
 
 
@@ -79,14 +80,18 @@ def wait_sql(dialect: Dialect, subs: Sequence[Subscription], timeout: float) -> 
     if cached is not None and cached[0] is subs:
         sql: DriverSQL = cached[1]
         return sql
-    args = [
-        literal(arg, Integer() if isinstance(arg, int) else String())
-        for arg in wait_arguments(subs, seconds)
-    ]
-    sql = DriverSQL.compile(select(queue_wait(*args)), dialect, literal_binds=True)
+    arguments = wait_arguments(subs, seconds)
+    by_arguments = tuple(arguments)
+    same = cache.get(by_arguments)
+    if same is not None:
+        sql = same
+    else:
+        args = [literal(a, Integer() if isinstance(a, int) else String()) for a in arguments]
+        sql = DriverSQL.compile(select(queue_wait(*args)), dialect, literal_binds=True)
     if len(cache) >= _WAIT_SQL_SIZE:
         cache.clear()
     cache[key] = (subs, sql)
+    cache[by_arguments] = sql
     return sql
 
 
