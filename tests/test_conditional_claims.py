@@ -27,6 +27,7 @@ from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import ScheduledMixin
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.backends import driver
+from sqlalchemy_q4m.backends.driver import dialect_cache
 from sqlalchemy_q4m.backends.loading import conditional_claim
 from sqlalchemy_q4m.backends.loading import loader_for
 from sqlalchemy_q4m.backends.native import wait_sql
@@ -108,6 +109,17 @@ def test_a_condition_written_in_each_call_is_compiled_once() -> None:
     assert wait_sql(DIALECT, other, 0) is not wait_sql(DIALECT, first, 0)
     assert conditional_claim(loader, other[0], 1) is not claim
     assert "n >= 6" in (conditional_claim(loader, other[0], 1) or claim).sql
+    # found by their condition, the per-call subscriptions are not kept: the caches stay put
+    waits, claims = (
+        dialect_cache(DIALECT, "native_wait"),
+        dialect_cache(DIALECT, "conditional_claims"),
+    )
+    sizes = len(waits), len(claims)
+    for _ in range(300):
+        subs = subscriptions([CondJob], CondJob.n >= 5)
+        assert wait_sql(DIALECT, subs, 0) is wait_sql(DIALECT, first, 0)
+        assert conditional_claim(loader, subs[0], 1) is claim
+    assert (len(waits), len(claims)) == sizes
 
 
 SERVERS = [

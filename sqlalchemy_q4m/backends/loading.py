@@ -403,14 +403,14 @@ def conditional_claim(loader: Loader, sub: Subscription, limit: int) -> DriverSQ
         sql: DriverSQL | None = cached[1]
         return sql
     by_condition = (sub.target, sub.condition, limit)
-    if by_condition in cache:
-        sql = cache[by_condition]
-    else:
-        stmt = claim_statement(sub, limit, loader.columns)
-        try:
-            sql = DriverSQL.compile(stmt, loader.dialect, literal_binds=True)
-        except (CompileError, QueueTableError):  # a value with no literal form
-            sql = None
+    if by_condition in cache:  # a subscription made for one call: not kept by its id
+        same: DriverSQL | None = cache[by_condition]
+        return same
+    stmt = claim_statement(sub, limit, loader.columns)
+    try:
+        sql = DriverSQL.compile(stmt, loader.dialect, literal_binds=True)
+    except (CompileError, QueueTableError):  # a value with no literal form
+        sql = None
     if len(cache) >= _STATEMENTS * 16:
         cache.clear()
     cache[key] = (sub, sql)

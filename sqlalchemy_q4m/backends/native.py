@@ -82,12 +82,11 @@ def wait_sql(dialect: Dialect, subs: Sequence[Subscription], timeout: float) -> 
         return sql
     arguments = wait_arguments(subs, seconds)
     by_arguments = tuple(arguments)
-    same = cache.get(by_arguments)
-    if same is not None:
-        sql = same
-    else:
-        args = [literal(a, Integer() if isinstance(a, int) else String()) for a in arguments]
-        sql = DriverSQL.compile(select(queue_wait(*args)), dialect, literal_binds=True)
+    same: DriverSQL | None = cache.get(by_arguments)
+    if same is not None:  # subscriptions made for one call: not kept by their id
+        return same
+    args = [literal(a, Integer() if isinstance(a, int) else String()) for a in arguments]
+    sql = DriverSQL.compile(select(queue_wait(*args)), dialect, literal_binds=True)
     if len(cache) >= _WAIT_SQL_SIZE:
         cache.clear()
     cache[key] = (subs, sql)
