@@ -26,6 +26,7 @@ from sqlalchemy import String
 from sqlalchemy import Text
 from sqlalchemy import create_engine
 from sqlalchemy import event
+from sqlalchemy import exc
 from sqlalchemy import insert
 from sqlalchemy import select
 from sqlalchemy.orm import DeclarativeBase
@@ -417,6 +418,33 @@ def test_failing_abort_closes_the_connection(
     assert any("returning the job failed" in note for note in err.value.__notes__)
     assert fake.connections[fake.waiters()[-1]].closed
     assert fake.owner_of("fq_shell_jobs") == [None]
+    assert_clean(fake, checkins)
+
+
+def test_lost_connection_in_queue_wait(fake: FakeQ4M, engine: Engine, checkins: list[str]) -> None:
+    enqueue(engine, ShellJob(command="x"))
+    fake.fail_next("wait", OperationalError(2013, "Lost connection to MySQL server during query"))
+    qs = queue_session(ShellJob, bind=engine, timeout=1)
+    with pytest.raises(ConnectionLost, match=r"^queue_wait: connection lost"), qs:
+        pytest.fail("the block must not run")  # pragma: no cover
+    assert fake.owner_of("fq_shell_jobs") == [None]
+    with queue_session(ShellJob, bind=engine, timeout=1) as job:  # the job is there still
+        assert job is not None and job.command == "x"
+    assert_clean(fake, checkins)
+
+
+def test_another_error_in_queue_wait_is_raised_unchanged(
+    fake: FakeQ4M, engine: Engine, checkins: list[str]
+) -> None:
+    """Only a lost connection becomes ConnectionLost; any other error is SQLAlchemy's."""
+    enqueue(engine, ShellJob(command="x"))
+    fake.fail_next("wait", OperationalError(1205, "Lock wait timeout exceeded"))
+    qs = queue_session(ShellJob, bind=engine, timeout=1)
+    with pytest.raises(exc.OperationalError) as err, qs:
+        pytest.fail("the block must not run")  # pragma: no cover
+    assert not isinstance(err.value, ConnectionLost) and err.value.orig.args[0] == 1205
+    with queue_session(ShellJob, bind=engine, timeout=1) as job:
+        assert job is not None and job.command == "x"
     assert_clean(fake, checkins)
 
 

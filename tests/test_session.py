@@ -427,6 +427,23 @@ def test_killed_owner_connection_returns_the_job(watched: tuple[Engine, list[str
     assert problems == []
 
 
+def test_a_connection_lost_before_the_claim_raises_connection_lost(db: Engine) -> None:
+    """The claim's statement finds its connection killed: ConnectionLost naming the step,
+    the connection invalidated, the job still there for the next consumer."""
+    (job_id,) = enqueue(db, ShellJob(command="x"))
+    with db.connect() as conn:
+        conn = conn.execution_options(isolation_level="READ COMMITTED")  # no SET TRANSACTION
+        own = conn.execute(text("SELECT CONNECTION_ID()")).scalar_one()
+        conn.commit()
+        with db.connect() as killer:
+            killer.execute(text(f"KILL {int(own)}"))
+        qs = queue_session(ShellJob, bind=conn, timeout=0)
+        with pytest.raises(ConnectionLost, match=r"^claiming a job: connection lost"), qs:
+            pytest.fail("the block must not run")  # pragma: no cover
+        assert conn.invalidated
+    assert claimable(db) == [job_id]
+
+
 # -- lock waits and deadlocks ------------------------------------------------------------------
 
 
