@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import functools
 import threading
 from abc import ABC
 from abc import abstractmethod
-from collections.abc import Callable
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -78,7 +76,7 @@ def error_code(err: BaseException) -> int | None:
 
 
 class _Translate:
-    """What :func:`translate_errors` returns (a class: it wraps every statement of a job)."""
+    """What :func:`translate_errors` returns."""
 
     __slots__ = ("what",)
 
@@ -94,20 +92,21 @@ class _Translate:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-            raise ConnectionLost(f"{self.what}: connection lost ({exc.orig})") from exc
+        if exc is not None:
+            raise_if_lost(exc, self.what)
 
 
-#: ``translate_errors(what)``: a context manager turning a lost connection into
-#: :class:`ConnectionLost`; other errors pass unchanged.  One (stateless) instance per
-#: ``what``, cached by C code, so its call costs no Python frame.
-translate_errors: Callable[[str], _Translate] = functools.lru_cache(maxsize=256)(_Translate)
+def translate_errors(what: str) -> _Translate:
+    """A context manager turning a lost connection into :class:`ConnectionLost`; other
+    errors pass unchanged (see :func:`raise_if_lost`)."""
+    return _Translate(what)
 
 
 def raise_if_lost(err: BaseException, what: str) -> None:
-    """What leaving a ``translate_errors(what)`` block with ``err`` does, for the statements
-    of every job: ``except DBAPIError as err: raise_if_lost(err, what); raise`` costs nothing
-    until an error (a ``with`` block costs two Python calls per statement)."""
+    """Raise :class:`ConnectionLost` for ``err`` when it lost (invalidated) the connection,
+    while doing ``what``; return otherwise.  The per-job statements use it as
+    ``except DBAPIError as err: raise_if_lost(err, what); raise``, which costs nothing until
+    an error (a ``translate_errors`` block costs two Python calls per statement)."""
     if isinstance(err, DBAPIError) and err.connection_invalidated:
         raise ConnectionLost(f"{what}: connection lost ({err.orig})") from err
 

@@ -77,7 +77,7 @@ class DriverSQL:
 
     def params(self, values: dict[str, Any]) -> Any:
         if not values and not self.defaults:  # queue_end(), queue_wait(), the owner's SELECT
-            if "%" not in self.sql:
+            if self.bare:
                 return None  # the driver has nothing to interpolate
             return {} if self.positions is None else ()  # it turns "%%" into "%"
         merged = {**self.defaults, **values}
@@ -180,11 +180,9 @@ CURSOR_KEY = "sqlalchemy_q4m.cursor"
 
 def _kept_cursor(conn: Connection) -> Any:
     """The kept DBAPI cursor of ``conn`` (see :data:`CURSOR_KEY`), in a transaction as
-    :func:`_begun` says (written out: this runs for every statement of every job)."""
-    fairy = conn.connection
+    :func:`_begun` says."""
+    fairy = _begun(conn)
     info = fairy.info
-    if not conn.in_transaction() and not info.get(AUTOCOMMIT_KEY):
-        conn.begin()
     dbapi_conn = fairy.dbapi_connection
     kept = info.get(CURSOR_KEY)
     if kept is not None and kept[0] is dbapi_conn:
