@@ -96,8 +96,22 @@ def has_queue_engine(connection: Connection) -> bool:
     return str(support or "").upper() in ("YES", "DEFAULT")
 
 
+#: Key in a dialect's ``__dict__``: the backends :func:`check_server` has accepted for it (a
+#: dialect's server does not change: every queue session checks it without a call).
+_CHECKED = "_q4m_server_checked"
+
+
 def check_server(dialect: Dialect, backend: BackendName) -> None:
     """Raise :class:`UnsupportedServer` when ``backend`` cannot run on this dialect's server."""
+    checked = vars(dialect).get(_CHECKED)
+    if checked is not None and backend in checked:
+        return
+    _check_server(dialect, backend)
+    if dialect.server_version_info:  # known: the answer holds for the dialect's life
+        vars(dialect)[_CHECKED] = frozenset({backend, *(checked or ())})
+
+
+def _check_server(dialect: Dialect, backend: BackendName) -> None:
     if dialect.name not in ("mysql", "mariadb"):
         raise UnsupportedServer(
             f"sqlalchemy-q4m needs MySQL or MariaDB, not the {dialect.name!r} dialect"

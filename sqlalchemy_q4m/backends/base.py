@@ -136,21 +136,29 @@ def check_free(conn: Connection, owner: object = None) -> None:
     ``owner`` (no statement is sent)."""
     current = conn.info.get(OWNER_KEY)
     if current is not None and current is not owner:
-        raise AlreadyOwning(
-            f"this connection already owns a job for {current!r}: one connection owns one job "
-            "at a time (a second claim would take the same row again on InnoDB, and end the "
-            "first job on Q4M); finish that job first, or give this owner its own connection "
-            "(bind=engine)"
-        )
+        raise _already_owning(current)
+
+
+def _already_owning(current: object) -> AlreadyOwning:
+    return AlreadyOwning(
+        f"this connection already owns a job for {current!r}: one connection owns one job "
+        "at a time (a second claim would take the same row again on InnoDB, and end the "
+        "first job on Q4M); finish that job first, or give this owner its own connection "
+        "(bind=engine)"
+    )
 
 
 def take_connection(conn: Connection, owner: Owner) -> dict[Any, Any]:
-    """Record ``owner`` as the owner of ``conn`` (after :func:`check_free`) and watch its
-    engine; returns the ``info`` dict, for :func:`give_up_connection`."""
-    check_free(conn, owner)
+    """Record ``owner`` as the owner of ``conn`` (refused as :func:`check_free` refuses) and
+    watch its engine; returns the ``info`` dict, for :func:`give_up_connection`."""
     info = conn.info
+    current = info.get(OWNER_KEY)
+    if current is not None and current is not owner:
+        raise _already_owning(current)
     info[OWNER_KEY] = owner
-    _watch(conn.engine)
+    engine = conn.engine
+    if _WATCHED not in engine.__dict__:
+        _watch(engine)
     return info
 
 

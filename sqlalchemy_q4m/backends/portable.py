@@ -43,8 +43,8 @@ from .base import raise_if_lost
 from .base import translate_errors
 from .loading import claim_statement
 from .loading import loader_for
-from .unique_keys import ended
 from .unique_keys import ended_many
+from .unique_keys import key_ended
 
 __all__ = [
     "PortableBackend",
@@ -111,7 +111,7 @@ def _remove(conn: Connection, claim: Claim) -> None:
     """The job's ``DELETE`` and its unique key's (if its queue has keys).  Tried again whole
     after a lock-wait timeout: deleting a row this transaction deleted already is a no-op."""
     claim.loader.delete(conn, claim.key, claim.unobserved)
-    ended(conn, claim.subscription.table, claim.key)
+    key_ended(conn, claim.subscription.table, claim.key)
 
 
 class PortableBackend(Backend):

@@ -59,6 +59,7 @@ __all__ = [
     "ended_many",
     "job_id_of",
     "job_lock_name",
+    "key_ended",
     "key_moved",
     "keys_table",
     "mark_queue",
@@ -244,13 +245,19 @@ def claimed(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
 
 
 def ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
-    """The job was removed (done or dead-lettered): delete its key in the transaction the
-    queue session commits next (portable: with the job's ``DELETE``; Q4M: after
-    ``queue_end``), then release the job's named lock (Q4M).  Until that commit the key row's
-    InnoDB lock keeps an enqueuer of the same key waiting."""
+    """Q4M: the job was removed (done or dead-lettered): :func:`key_ended`, then release the
+    job's named lock."""
+    key_ended(conn, table, key)
+    released(conn)
+
+
+def key_ended(conn: Connection, table: Table, key: tuple[Any, ...]) -> None:
+    """The job was removed: delete its key in the transaction the queue session commits next
+    (portable: with the job's ``DELETE``; Q4M: after ``queue_end``).  Until that commit the
+    key row's InnoDB lock keeps an enqueuer of the same key waiting.  (A portable job holds
+    no named lock: :func:`claimed` is Q4M's.)"""
     if uses_keys(conn, table.name) and (job_id := job_id_of(key)) is not None:
         _hook(conn, delete(KEYS).where(KEYS.c.queue == table.name, KEYS.c.job_id == str(job_id)))
-    released(conn)
 
 
 def ended_many(conn: Connection, table: Table, keys: Iterable[tuple[Any, ...]]) -> None:

@@ -105,23 +105,26 @@ class Pin(ABC):
     The base of the queue session: one object, so that the backends and the connection's
     owner record see one holder, written in two modules by concern."""
 
+    # The state of one queue session's pinning, as class-level defaults: a queue session is
+    # made per job, and each attribute set in ``__init__`` would cost it a store.
+    backend: Backend | None = None
+    _conn: Connection | None = None  # checked out by us: closed (or kept) by us
+    _keep: int | None = None  # kept for the engine's next queue session (generation)
+    _pinned: Connection | None = None  # runs queue_wait/queue_end (ours or the caller's)
+    _orm: Session | None = None  # made on first use, or the caller's
+    _own_orm = False
+    _user_session: Session | None = None  # committed before queue_end (native)
+    _began = False
+    _read_committed = False  # SET TRANSACTION before each transaction we begin
+    _owner_info: dict[Any, Any] | None = None  # the pinned connection's info
+    #: Nothing observes statements on the pinned connection (``driver_level``): asked once
+    #: per job, when it is pinned.
+    unobserved: bool | None = None
+
     def __init__(self, bind: Bind, backend: BackendChoice, subs: tuple[Subscription, ...]) -> None:
         self.subscriptions = subs
         self.bind = bind
-        self._backend_name = backend_choice(backend)
-        self.backend: Backend | None = None
-        self._conn: Connection | None = None  # checked out by us: closed (or kept) by us
-        self._keep: int | None = None  # kept for the engine's next queue session (generation)
-        self._pinned: Connection | None = None  # runs queue_wait/queue_end (ours or the caller's)
-        self._orm: Session | None = None  # made on first use, or the caller's
-        self._own_orm = False
-        self._user_session: Session | None = None  # committed before queue_end (native)
-        self._began = False
-        self._read_committed = False  # SET TRANSACTION before each transaction we begin
-        self._owner_info: dict[Any, Any] | None = None  # the pinned connection's info
-        #: Nothing observes statements on the pinned connection (``driver_level``): asked
-        #: once per job, when it is pinned.
-        self.unobserved: bool | None = None
+        self._backend_name = None if backend is None else backend_choice(backend)
 
     @property
     def connection(self) -> Connection:

@@ -183,7 +183,8 @@ class Lifecycle:
         """The wait begins at ``now``: the first claim.  ``blocking``: the backend waits in
         the server; ``listen``: idle pauses wait up to that long to be woken instead of
         sleeping (None: poll)."""
-        self.check_idle()
+        if self.state is not State.IDLE:
+            self.check_idle()  # raises
         self.state = State.WAITING
         self._deadline = None if self.timeout is None else now + self.timeout
         self._blocking = blocking
@@ -192,7 +193,8 @@ class Lifecycle:
 
     def claimed(self) -> Action:
         """The claim got a job: it is owned."""
-        self._expect(State.WAITING)
+        if self.state is not State.WAITING:
+            self._expect(State.WAITING)  # raises
         self.state = State.OWNING
         return _OWN
 
@@ -248,7 +250,8 @@ class Lifecycle:
 
     def ended(self) -> None:
         """The job was removed from the queue."""
-        self._expect(State.OWNING)
+        if self.state is not State.OWNING:
+            self._expect(State.OWNING)  # raises
         self.state = State.ENDED
 
     def aborted(self) -> None:
@@ -264,7 +267,7 @@ class Lifecycle:
     def finish(self) -> None:
         """The connection was released cleanly: a final state stays, else CLOSED (a driver
         releases an owned job only by ending or aborting it, or broken)."""
-        if not self.state.finished:
+        if self.state not in _FINISHED:
             self.state = State.CLOSED
 
     def _expect(self, state: State) -> None:

@@ -20,8 +20,6 @@ from ..backends.base import give_up_connection
 from ..backends.base import take_connection
 from ..exc import OwnershipReleased
 from ..schema.functions import Subscription
-from .binding import BackendChoice
-from .binding import Bind
 from .binding import Pin
 
 __all__ = ["OwnershipWatch"]
@@ -45,11 +43,10 @@ class OwnershipWatch(Pin):
     #: The subscription the owned job came from (set by the queue session).
     subscription: Subscription | None = None
 
-    def __init__(self, bind: Bind, backend: BackendChoice, subs: tuple[Subscription, ...]) -> None:
-        super().__init__(bind, backend, subs)
-        self._finishing = False  # our own commit/rollback: not the caller releasing the job
-        self._released: str | None = None  # what the caller did to the transaction, if any
-        self._guarded: list[Session] = []  # ORM sessions whose commit would free the job
+    # class-level defaults, as :class:`Pin`'s
+    _finishing = False  # our own commit/rollback: not the caller releasing the job
+    _released: str | None = None  # what the caller did to the transaction, if any
+    _guarded: tuple[Session, ...] = ()  # ORM sessions whose commit would free the job
 
     @property
     @abstractmethod
@@ -84,7 +81,7 @@ class OwnershipWatch(Pin):
                 event.listen(orm, "before_commit", _before_commit)
                 _hooked.add(orm)
             _guards[orm] = self
-            self._guarded.append(orm)
+            self._guarded += (orm,)
 
     def before_commit(self, orm: Session) -> None:
         """``orm`` (guarded by this) is about to commit."""
@@ -128,8 +125,9 @@ class OwnershipWatch(Pin):
 
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back (see :meth:`Pin._release`), unwatched."""
-        for guarded in self._guarded:
-            if _guards.get(guarded) is self:
-                del _guards[guarded]
-        self._guarded.clear()
+        if self._guarded:
+            for guarded in self._guarded:
+                if _guards.get(guarded) is self:
+                    del _guards[guarded]
+            self._guarded = ()
         super()._release(broken=broken)

@@ -64,8 +64,8 @@ from ..backends.wakeup import listening_supported
 from ..exc import CompletionFailed
 from ..exc import NotOwner
 from ..exc import QueueAbort
-from ..schema.functions import Subscription
 from ..schema.functions import subscriptions
+from .binding import SYNC_BINDS
 from .binding import Bind
 from .binding import check_bind
 from .lifecycle import POLL_INTERVAL
@@ -130,6 +130,10 @@ class QueueSession(OwnershipWatch, Generic[T]):
     #: :class:`~sqlalchemy_q4m.backends.loading.Unloadable` and dead-letter it.
     accept_unloadable: bool = False
 
+    # class-level defaults, as :class:`~sqlalchemy_q4m.consumer.binding.Pin`'s
+    job: T | None = None
+    _claim: Claim | None = None
+
     def __init__(
         self,
         *targets: Any,
@@ -140,7 +144,8 @@ class QueueSession(OwnershipWatch, Generic[T]):
         poll_interval: float = POLL_INTERVAL,
         listen: float | None = None,
     ) -> None:
-        check_bind(bind)
+        if not isinstance(bind, SYNC_BINDS):
+            check_bind(bind)
         check_wait_options(timeout, poll_interval, listen)
         super().__init__(bind, backend, subscriptions(targets, where))
         self.timeout = timeout
@@ -150,9 +155,6 @@ class QueueSession(OwnershipWatch, Generic[T]):
         self.listen = listen
         #: The job's life: what to do next, decided without I/O (shared with asyncio).
         self.life = Lifecycle(timeout, poll_interval)
-        self.job: T | None = None
-        self.subscription: Subscription | None = None
-        self._claim: Claim | None = None
 
     # -- public API -------------------------------------------------------------------------
 
@@ -305,7 +307,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
 
     def _start(self, backend: Backend) -> Action:
         """The lifecycle's first step, once the connection is pinned."""
-        listen = self.listen if self._listening() else None
+        listen = None if self.listen is None or not self._listening() else self.listen
         return self.life.start(time.monotonic(), blocking=backend.blocking, listen=listen)
 
     def _attempt(self, backend: Backend, timeout: float) -> Action:
