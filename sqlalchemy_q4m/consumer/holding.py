@@ -207,8 +207,8 @@ class BatchHold:
         try:
             with translate_errors("completing a batch"):
                 session = self._session
-                if session is not None and (session.new or session.dirty or session.deleted):
-                    session.flush()  # they commit with the removal
+                if session is not None:
+                    session.flush()  # they commit with the removal (nothing to do: no call)
                 self.backend.end_many(conn, ended)
         except OperationalError as err:
             code = error_code(err)

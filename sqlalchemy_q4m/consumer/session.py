@@ -223,8 +223,10 @@ class QueueSession(OwnershipWatch, Generic[T]):
                 user.commit()
             orm = self._orm
             try:
-                if orm is not None and (orm.new or orm.dirty or orm.deleted):
-                    orm.flush()  # the block's own writes first: they commit with them
+                if orm is not None:
+                    # the block's own writes first: they commit with them (a clean session's
+                    # flush returns at once, cheaper than asking it for new/dirty/deleted)
+                    orm.flush()
                 if backend.name == "native":
                     # Q4M: queue_end() is durable at once, outside any transaction, so the
                     # job's writes commit before it (a crash in between runs the job again:

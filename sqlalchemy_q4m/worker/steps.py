@@ -177,9 +177,7 @@ class JobSteps(ConsumerBase):
             if run.nested is not None:
                 run.nested.commit()
             else:
-                session = qs.session
-                if session.new or session.dirty or session.deleted:
-                    session.flush()
+                qs.session.flush()  # returns at once when it holds nothing to write
         except Exception as err:
             if self._connection_lost() or (
                 isinstance(err, DBAPIError) and err.connection_invalidated
