@@ -25,10 +25,13 @@ from ..backends import get_backend
 from ..backends import pinned as keeping
 from ..backends.base import autocommit_for_queue
 from ..backends.base import check_free
+from ..backends.base import check_info_free
 from ..backends.base import give_up_connection
 from ..backends.base import raise_if_lost
+from ..backends.base import record_owner
 from ..backends.base import take_connection
 from ..backends.base import translate_errors
+from ..backends.driver import AUTOCOMMIT_KEY
 from ..backends.driver import driver_level
 from ..exc import NotOwner
 from ..exc import Q4MError
@@ -163,13 +166,21 @@ class Pin(ABC):
             else:
                 self._user_session = bind
                 self._pin(engine_or_conn, name)
+        elif isinstance(bind, Connection):
+            # the common case (a worker's connection): its info looked up once, for the
+            # refusal before any statement, the autocommit mark and the owner record
+            info = bind.info
+            check_info_free(info)
+            self._pin(bind, resolve_backend(bind, self._backend_name), info)
+            self._owner_info = record_owner(info, self, bind.engine)
+            self.unobserved = driver_level(bind)
         else:
-            if isinstance(bind, Connection):
-                check_free(bind)
             self._pin(bind, resolve_backend(bind, self._backend_name))
-        assert self.backend is not None and self._pinned is not None
-        self._owner_info = take_connection(self._pinned, self)
-        self.unobserved = driver_level(self._pinned)
+        pinned = self._pinned
+        assert self.backend is not None and pinned is not None
+        if self._owner_info is None:
+            self._owner_info = take_connection(pinned, self)
+            self.unobserved = driver_level(pinned)
         if self._read_committed:
             try:
                 self._begin_claim()
@@ -221,7 +232,11 @@ class Pin(ABC):
         self._conn, self._keep = conn, generation
         return conn
 
-    def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
+    def _pin(
+        self, bind: Engine | Connection, name: BackendName, info: dict[Any, Any] | None = None
+    ) -> None:
+        """Pin ``bind`` (a kept connection of an Engine) for ``name``; ``info``: the
+        Connection's, when the caller has looked it up."""
         backend = get_backend(name)
         if isinstance(bind, Engine):
             conn = self._kept_connection(bind, name)
@@ -233,7 +248,7 @@ class Pin(ABC):
                 backend.check_open_transaction(conn)  # on Q4M: refused (no transactions)
             elif name == "portable":
                 self._read_committed = backend.sets_isolation(conn)
-            else:
+            elif info is None or not info.get(AUTOCOMMIT_KEY):
                 try:
                     autocommit_for_queue(conn)  # once per DBAPI connection: no COMMIT per job
                 except DBAPIError as err:
