@@ -153,6 +153,8 @@ class Loader:
             columns, self.attrs = list(table.columns), []
         self.columns = columns
         self._key_at = [columns.index(c) for c in self.key_columns if c in columns]
+        #: The DELETE's parameter for each key column.
+        self._key_names = [_KEY.format(i) for i in range(len(self.key_columns))]
         impls = [c.type.dialect_impl(dialect) for c in self.key_columns]
         self._key_binds = [impl.bind_processor(dialect) for impl in impls]
         self._processors: list[Callable[[Any], Any] | None] | None = None
@@ -296,14 +298,18 @@ class Loader:
         """``DELETE FROM t WHERE id = ?`` for one owned job, in the caller's transaction."""
         sql = self._delete_sql
         if sql is None:
-            names = [_KEY.format(i) for i in range(len(self.key_columns))]
+            names = self._key_names
             where = and_(
                 *(c == bindparam(n, None) for c, n in zip(self.key_columns, names, strict=True))
             )
             sql = self._delete_sql = DriverSQL.compile(
                 delete(self.table).where(where), self.dialect
             )
-        sql.run(conn, {_KEY.format(i): v for i, v in enumerate(key)}, unobserved)
+        names = self._key_names
+        if len(names) == 1:  # the job id: no loop to build its one parameter
+            sql.run(conn, {names[0]: key[0]}, unobserved)
+        else:
+            sql.run(conn, dict(zip(names, key, strict=False)), unobserved)
 
     # -- result processing -----------------------------------------------------------------
 
