@@ -39,6 +39,7 @@ from .common import TABLE
 from .common import Base
 from .common import fill
 from .common import server_backend
+from .layers import GuardedLoop
 from .layers import JobObjectLoop
 from .layers import StatementLoop
 from .workers import BatchLoop
@@ -68,6 +69,7 @@ def paths(native: bool, size: int) -> list[list[Path]]:
             ("raw one-job loop", raw),
             ("library statements only (layers.py)", StatementLoop),
             ("  + the job built from the row", JobObjectLoop),
+            ("  + the per-job guarantees (owner record, watch, keys)", GuardedLoop),
             ("  + queue_session(bind=connection)", SessionLoop),
             ("  + the worker (Job.run_once)", RuntimeLoop),
         ],

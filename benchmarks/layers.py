@@ -9,11 +9,16 @@
   processors, then a mapped instance) by the backend's
   :class:`~sqlalchemy_q4m.backends.loading.Loader`.
 
-What ``queue_session`` adds on top of :class:`JobObjectLoop` (its pinning, the one-owner
-record, the lifecycle, the error translation and the ownership watch) is then the difference
-with the ``queue_session(bind=connection)`` row, and the worker's own part the difference
-between that row and the worker's.  These loops are no API: they skip every check a queue
-session makes, and use the library's internals.
+* :class:`GuardedLoop`: the same, with what a queue session keeps per job for its guarantees
+  and nothing else: the one-owner record on the connection (its engine watched, so each
+  COMMIT dispatches the ownership watch's ``commit`` event) and the unique-key look-ups after
+  the claim (Q4M) and the end.
+
+What ``queue_session`` adds on top of :class:`GuardedLoop` (its object and lifecycle, the bind
+and backend resolution, the backend dispatch, the error translation, the end and release
+steps) is then the difference with the ``queue_session(bind=connection)`` row, and the
+worker's own part the difference between that row and the worker's.  These loops are no API:
+they skip every check a queue session makes, and use the library's internals.
 """
 
 from __future__ import annotations
@@ -25,18 +30,23 @@ from sqlalchemy import delete
 from sqlalchemy.engine import URL
 
 from sqlalchemy_q4m.backends.base import autocommit_for_queue
+from sqlalchemy_q4m.backends.base import give_up_connection
+from sqlalchemy_q4m.backends.base import take_connection
 from sqlalchemy_q4m.backends.driver import DriverSQL
 from sqlalchemy_q4m.backends.loading import claim_statement
 from sqlalchemy_q4m.backends.loading import loader_for
 from sqlalchemy_q4m.backends.native import _sql
 from sqlalchemy_q4m.backends.native import wait_sql
+from sqlalchemy_q4m.backends.unique_keys import claimed
+from sqlalchemy_q4m.backends.unique_keys import ended
+from sqlalchemy_q4m.backends.unique_keys import key_ended
 from sqlalchemy_q4m.schema.functions import subscriptions
 
 from .common import BenchJob
 from .common import library_engine
 from .common import server_backend
 
-__all__ = ["JobObjectLoop", "StatementLoop"]
+__all__ = ["GuardedLoop", "JobObjectLoop", "StatementLoop"]
 
 
 class StatementLoop:
@@ -114,3 +124,49 @@ class JobObjectLoop(StatementLoop):
     """:class:`StatementLoop`, each row made the job ``queue_session`` yields."""
 
     build_jobs = True
+
+
+class GuardedLoop(JobObjectLoop):
+    """:class:`JobObjectLoop` with the per-job guarantees of a queue session (see the module
+    docstring): the owner record taken before the claim and given up after the end, the key
+    look-ups.  Its own owner: a caller's COMMIT inside a job would be reported to it."""
+
+    def released(self, what: str) -> None:
+        """The watch reports a COMMIT while this loop owns the job: its own (ignored)."""
+
+    def _native(self) -> int:
+        conn, done, table = self.conn, 0, self.loader.table
+        wait, end, select = self.wait, self.end, self.select
+        while True:
+            info = take_connection(conn, self)
+            _description, rows = wait.run(conn, {}, True)
+            if not rows[0][0]:
+                end.run(conn, {}, True)
+                give_up_connection(info, self)
+                return done
+            found = self._job(select.run(conn, {}, True))
+            if found is None:
+                raise RuntimeError("the owner sees no row")
+            claimed(conn, table, found[1])
+            end.run(conn, {}, True)
+            ended(conn, table, found[1])
+            if conn.in_transaction():  # a key look-up began one: as a queue session ends it
+                conn.commit()
+            give_up_connection(info, self)
+            done += 1
+
+    def _portable(self) -> int:
+        conn, done, table = self.conn, 0, self.loader.table
+        claim, remove = self.select, self.delete
+        while True:
+            info = take_connection(conn, self)
+            found = self._job(claim.run(conn, {}, True))
+            if found is None:
+                conn.rollback()
+                give_up_connection(info, self)
+                return done
+            remove.run(conn, {"key": found[1][0]}, True)
+            key_ended(conn, table, found[1])
+            conn.commit()
+            give_up_connection(info, self)
+            done += 1

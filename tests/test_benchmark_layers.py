@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine
@@ -18,9 +19,13 @@ from sqlalchemy.pool import NullPool
 from benchmarks.common import Base
 from benchmarks.common import BenchJob
 from benchmarks.common import fill
+from benchmarks.layers import GuardedLoop
 from benchmarks.layers import JobObjectLoop
 from benchmarks.layers import StatementLoop
 from sqlalchemy_q4m import use_backend
+from sqlalchemy_q4m.backends.base import OWNER_KEY
+from sqlalchemy_q4m.backends.base import check_free
+from sqlalchemy_q4m.exc import AlreadyOwning
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +67,7 @@ def _left(url: URL) -> int:
         engine.dispose()
 
 
-@pytest.mark.parametrize("loop_class", [StatementLoop, JobObjectLoop])
+@pytest.mark.parametrize("loop_class", [StatementLoop, JobObjectLoop, GuardedLoop])
 def test_a_layer_loop_drains_the_queue_once(bench_url: URL, loop_class: type) -> None:
     fill(bench_url, 57)
     loop = loop_class(bench_url)
@@ -85,3 +90,29 @@ def test_the_job_building_loop_yields_mapped_jobs(bench_url: URL) -> None:
         loop.close()
     assert isinstance(job, BenchJob) and isinstance(job.id, uuid.UUID)
     assert key == (job.id.bytes,) and job.payload.startswith("job ")
+
+
+def test_the_guarded_loop_owns_each_job_as_a_queue_session_does(bench_url: URL) -> None:
+    """It records itself as the connection's owner around each job (a queue session on the
+    same connection is refused meanwhile) and leaves no owner behind."""
+    fill(bench_url, 2)
+    loop = GuardedLoop(bench_url)
+    refused: list[str] = []
+    original = loop._job
+
+    def job_then_try_a_queue_session(fetched: Any) -> Any:
+        found = original(fetched)
+        if found is not None:
+            with pytest.raises(AlreadyOwning) as caught:
+                check_free(loop.conn)
+            refused.append(str(caught.value))
+        return found
+
+    loop._job = job_then_try_a_queue_session  # type: ignore[method-assign]
+    try:
+        assert loop.consume() == 2
+        assert OWNER_KEY not in loop.conn.info
+    finally:
+        loop.close()
+    assert len(refused) == 2 and "already owns a job" in refused[0]
+    assert _left(bench_url) == 0
