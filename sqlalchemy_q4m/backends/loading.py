@@ -135,8 +135,7 @@ class Loader:
     docstring.  Made by :func:`loader_for`, shared by every consumer of that engine."""
 
     def __init__(self, target: Any, table: Table, dialect: Dialect) -> None:
-        self.table = table
-        self.dialect = dialect
+        self.table, self.dialect = table, dialect
         self.key_columns = list(table.primary_key.columns)
         mapper: Mapper[Any] | None = None if isinstance(target, Table) else inspect(target)
         self.mapper = mapper
@@ -153,8 +152,7 @@ class Loader:
             columns, self.attrs = list(table.columns), []
         self.columns = columns
         self._key_at = [columns.index(c) for c in self.key_columns if c in columns]
-        #: The DELETE's parameter for each key column.
-        self._key_names = [_KEY.format(i) for i in range(len(self.key_columns))]
+        self._key_names = [_KEY.format(i) for i in range(len(self.key_columns))]  # DELETE's
         impls = [c.type.dialect_impl(dialect) for c in self.key_columns]
         self._key_binds = [impl.bind_processor(dialect) for impl in impls]
         self._processors: list[Callable[[Any], Any] | None] | None = None
@@ -305,11 +303,7 @@ class Loader:
             sql = self._delete_sql = DriverSQL.compile(
                 delete(self.table).where(where), self.dialect
             )
-        names = self._key_names
-        if len(names) == 1:  # the job id: no loop to build its one parameter
-            sql.run(conn, {names[0]: key[0]}, unobserved)
-        else:
-            sql.run(conn, dict(zip(names, key, strict=False)), unobserved)
+        sql.run(conn, dict(zip(self._key_names, key, strict=False)), unobserved)
 
     # -- result processing -----------------------------------------------------------------
 
