@@ -7,9 +7,11 @@ and the guarantee that no pool ever receives a connection that still owns a job.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -392,6 +394,40 @@ def kept_dbapi_connections(eng: Engine) -> list[Any]:
     from sqlalchemy_q4m.backends.pinned import kept_connections
 
     return [conn.connection.dbapi_connection for conn in kept_connections(eng)]
+
+
+def test_a_forked_child_keeps_no_connection_of_its_parent(db: Engine) -> None:
+    """The kept connections are per process (looked up by a process id the library keeps, not
+    asked of the kernel per job): a child forked while its parent keeps one takes a
+    connection of its own, never the parent's socket, and the parent's is still kept."""
+    enqueue(db, ShellJob(command="parent"), ShellJob(command="child"))
+    with queue_session(ShellJob, bind=db, timeout=1) as job:
+        assert job is not None
+    parent_kept = kept_dbapi_connections(db)
+    assert len(parent_kept) == 1
+    read, write = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # 3.12+: fork with threads running
+        pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        code = 1
+        try:
+            before = kept_dbapi_connections(db)
+            db.pool = db.pool.recreate()  # the parent's pooled sockets are not the child's
+            with queue_session(ShellJob, bind=db, timeout=1) as job:
+                got = job is not None and job.command == "child"
+            after = kept_dbapi_connections(db)
+            ok = before == [] and got and len(after) == 1 and after[0] not in parent_kept
+            os.write(write, b"ok" if ok else f"{before} {got} {after}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        report = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and report == b"ok", report
+    assert kept_dbapi_connections(db) == parent_kept
 
 
 def test_the_pool_watch_sees_a_connection_that_owns_a_row(

@@ -46,10 +46,15 @@ IDLE = 1.0
 
 _lock = threading.Lock()
 
+#: This process's id, kept here: ``os.getpid()`` is a system call, and each job looks it up
+#: twice (its take and its give-back).
+_pid = os.getpid()
+
 
 def _after_fork() -> None:
-    global _lock
+    global _lock, _pid
     _lock = threading.Lock()  # a lock held by another thread at fork time stays held
+    _pid = os.getpid()
 
 
 os.register_at_fork(after_in_child=_after_fork)
@@ -63,7 +68,7 @@ class _Kept:
     def __init__(self, pool: Pool) -> None:
         self.conns: list[tuple[Connection, float]] = []
         self.generation = 0  # bumped by dispose(): connections taken before go to the pool
-        self.pid = os.getpid()
+        self.pid = _pid
         self.pool = pool  # the engine's pool the connections came from
         self.timer: threading.Timer | None = None  # returns idle ones; set while any are kept
 
@@ -73,12 +78,13 @@ def _kept(engine: Engine) -> _Kept | None:
     if not keeps(engine):
         return None  # engine.execution_options(...): not kept (see the module docstring)
     per_pid = dialect_cache(engine.dialect, "pinned")
-    kept: _Kept | None = per_pid.get(os.getpid())
+    pid = _pid
+    kept: _Kept | None = per_pid.get(pid)
     if kept is None:
         with _lock:
-            kept = per_pid.get(os.getpid())
+            kept = per_pid.get(pid)
             if kept is None:
-                kept = per_pid[os.getpid()] = _Kept(engine.pool)
+                kept = per_pid[pid] = _Kept(engine.pool)
                 if not per_pid.get("hooked"):
                     per_pid["hooked"] = True
                     event.listen(engine, "engine_disposed", _disposed)
@@ -92,7 +98,7 @@ def keeps(engine: Engine) -> bool:
 
 def _disposed(engine: Engine) -> None:
     """``engine.dispose()``: this process's kept connections go back to the pool."""
-    kept = dialect_cache(engine.dialect, "pinned").get(os.getpid())
+    kept = dialect_cache(engine.dialect, "pinned").get(_pid)
     if kept is None:
         return
     with _lock:
@@ -193,7 +199,7 @@ def _sweep_after(kept: _Kept, delay: float) -> threading.Timer:
 
 def _sweep(ref: weakref.ref[_Kept]) -> None:
     kept = ref()
-    if kept is None or kept.pid != os.getpid():  # its engine is gone (or, never, a fork)
+    if kept is None or kept.pid != _pid:  # its engine is gone (or, never, a fork)
         return
     now = time.monotonic()
     with _lock:
