@@ -143,16 +143,12 @@ def check_info_free(info: dict[Any, Any], owner: object = None) -> None:
     """:func:`check_free` given the connection's ``info``."""
     current = info.get(OWNER_KEY)
     if current is not None and current is not owner:
-        raise _already_owning(current)
-
-
-def _already_owning(current: object) -> AlreadyOwning:
-    return AlreadyOwning(
-        f"this connection already owns a job for {current!r}: one connection owns one job "
-        "at a time (a second claim would take the same row again on InnoDB, and end the "
-        "first job on Q4M); finish that job first, or give this owner its own connection "
-        "(bind=engine)"
-    )
+        raise AlreadyOwning(
+            f"this connection already owns a job for {current!r}: one connection owns one job "
+            "at a time (a second claim would take the same row again on InnoDB, and end the "
+            "first job on Q4M); finish that job first, or give this owner its own connection "
+            "(bind=engine)"
+        )
 
 
 def take_connection(conn: Connection, owner: Owner) -> dict[Any, Any]:
@@ -164,9 +160,7 @@ def take_connection(conn: Connection, owner: Owner) -> dict[Any, Any]:
 def record_owner(info: dict[Any, Any], owner: Owner, engine: Engine) -> dict[Any, Any]:
     """:func:`take_connection` given the connection's ``info`` and its ``engine`` (a queue
     session has them at hand: one look-up of ``Connection.info`` costs four calls)."""
-    current = info.get(OWNER_KEY)
-    if current is not None and current is not owner:
-        raise _already_owning(current)
+    check_info_free(info, owner)
     info[OWNER_KEY] = owner
     if _WATCHED not in engine.__dict__:
         _watch(engine)

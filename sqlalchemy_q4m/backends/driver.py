@@ -91,7 +91,7 @@ class DriverSQL:
         """Execute on ``conn`` in its transaction (begun if none is); the cursor's
         description and rows.  See :func:`driver_level` for how; ``unobserved`` is its
         answer when the caller has it already (a queue session asks once per job)."""
-        params = None if self.bare and not values else self.params(values)
+        params = self.params(values)
         if not (driver_level(conn) if unobserved is None else unobserved):
             result = conn.exec_driver_sql(self.sql, params)
             if not result.returns_rows:

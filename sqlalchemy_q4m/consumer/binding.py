@@ -29,9 +29,7 @@ from ..backends.base import check_info_free
 from ..backends.base import give_up_connection
 from ..backends.base import raise_if_lost
 from ..backends.base import record_owner
-from ..backends.base import take_connection
 from ..backends.base import translate_errors
-from ..backends.driver import AUTOCOMMIT_KEY
 from ..backends.driver import driver_level
 from ..exc import NotOwner
 from ..exc import Q4MError
@@ -127,7 +125,7 @@ class Pin(ABC):
     def __init__(self, bind: Bind, backend: BackendChoice, subs: tuple[Subscription, ...]) -> None:
         self.subscriptions = subs
         self.bind = bind
-        self._backend_name = None if backend is None else backend_choice(backend)
+        self._backend_name = backend_choice(backend)
 
     @property
     def connection(self) -> Connection:
@@ -146,6 +144,7 @@ class Pin(ABC):
         a job, and on the portable backend when the caller's open transaction would take gap
         locks; recorded as owned by this queue session."""
         bind = self.bind
+        info: dict[Any, Any] | None = None  # a Connection bind's, looked up once
         if isinstance(bind, Session):
             sub = self.subscriptions[0]
             engine_or_conn = bind.get_bind(mapper=sub.target if sub.is_orm else None)
@@ -166,21 +165,15 @@ class Pin(ABC):
             else:
                 self._user_session = bind
                 self._pin(engine_or_conn, name)
-        elif isinstance(bind, Connection):
-            # the common case (a worker's connection): its info looked up once, for the
-            # refusal before any statement, the autocommit mark and the owner record
-            info = bind.info
-            check_info_free(info)
-            self._pin(bind, resolve_backend(bind, self._backend_name), info)
-            self._owner_info = record_owner(info, self, bind.engine)
-            self.unobserved = driver_level(bind)
         else:
+            if isinstance(bind, Connection):
+                info = bind.info  # for the refusal before any statement, and the owner record
+                check_info_free(info)
             self._pin(bind, resolve_backend(bind, self._backend_name))
         pinned = self._pinned
         assert self.backend is not None and pinned is not None
-        if self._owner_info is None:
-            self._owner_info = take_connection(pinned, self)
-            self.unobserved = driver_level(pinned)
+        self._owner_info = record_owner(pinned.info if info is None else info, self, pinned.engine)
+        self.unobserved = driver_level(pinned)
         if self._read_committed:
             try:
                 self._begin_claim()
@@ -232,11 +225,7 @@ class Pin(ABC):
         self._conn, self._keep = conn, generation
         return conn
 
-    def _pin(
-        self, bind: Engine | Connection, name: BackendName, info: dict[Any, Any] | None = None
-    ) -> None:
-        """Pin ``bind`` (a kept connection of an Engine) for ``name``; ``info``: the
-        Connection's, when the caller has looked it up."""
+    def _pin(self, bind: Engine | Connection, name: BackendName) -> None:
         backend = get_backend(name)
         if isinstance(bind, Engine):
             conn = self._kept_connection(bind, name)
@@ -248,7 +237,7 @@ class Pin(ABC):
                 backend.check_open_transaction(conn)  # on Q4M: refused (no transactions)
             elif name == "portable":
                 self._read_committed = backend.sets_isolation(conn)
-            elif info is None or not info.get(AUTOCOMMIT_KEY):
+            else:
                 try:
                     autocommit_for_queue(conn)  # once per DBAPI connection: no COMMIT per job
                 except DBAPIError as err:

@@ -208,7 +208,7 @@ class BatchHold:
             with translate_errors("completing a batch"):
                 session = self._session
                 if session is not None:
-                    session.flush()  # they commit with the removal (nothing to do: no call)
+                    session.flush()  # they commit with the removal (returns at once if clean)
                 self.backend.end_many(conn, ended)
         except OperationalError as err:
             code = error_code(err)

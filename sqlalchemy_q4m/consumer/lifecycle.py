@@ -183,8 +183,7 @@ class Lifecycle:
         """The wait begins at ``now``: the first claim.  ``blocking``: the backend waits in
         the server; ``listen``: idle pauses wait up to that long to be woken instead of
         sleeping (None: poll)."""
-        if self.state is not State.IDLE:
-            self.check_idle()  # raises
+        self.check_idle()
         self.state = State.WAITING
         self._deadline = None if self.timeout is None else now + self.timeout
         self._blocking = blocking
@@ -193,8 +192,7 @@ class Lifecycle:
 
     def claimed(self) -> Action:
         """The claim got a job: it is owned."""
-        if self.state is not State.WAITING:
-            self._expect(State.WAITING)  # raises
+        self._expect(State.WAITING)
         self.state = State.OWNING
         return _OWN
 
@@ -250,8 +248,7 @@ class Lifecycle:
 
     def ended(self) -> None:
         """The job was removed from the queue."""
-        if self.state is not State.OWNING:
-            self._expect(State.OWNING)  # raises
+        self._expect(State.OWNING)
         self.state = State.ENDED
 
     def aborted(self) -> None:

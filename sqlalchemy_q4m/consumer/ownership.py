@@ -125,9 +125,8 @@ class OwnershipWatch(Pin):
 
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back (see :meth:`Pin._release`), unwatched."""
-        if self._guarded:
-            for guarded in self._guarded:
-                if _guards.get(guarded) is self:
-                    del _guards[guarded]
-            self._guarded = ()
+        for guarded in self._guarded:
+            if _guards.get(guarded) is self:
+                del _guards[guarded]
+        self._guarded = ()
         super()._release(broken=broken)

@@ -65,7 +65,6 @@ from ..exc import CompletionFailed
 from ..exc import NotOwner
 from ..exc import QueueAbort
 from ..schema.functions import subscriptions
-from .binding import SYNC_BINDS
 from .binding import Bind
 from .binding import check_bind
 from .lifecycle import POLL_INTERVAL
@@ -144,8 +143,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
         poll_interval: float = POLL_INTERVAL,
         listen: float | None = None,
     ) -> None:
-        if not isinstance(bind, SYNC_BINDS):
-            check_bind(bind)
+        check_bind(bind)
         check_wait_options(timeout, poll_interval, listen)
         super().__init__(bind, backend, subscriptions(targets, where))
         self.timeout = timeout
@@ -309,7 +307,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
 
     def _start(self, backend: Backend) -> Action:
         """The lifecycle's first step, once the connection is pinned."""
-        listen = None if self.listen is None or not self._listening() else self.listen
+        listen = self.listen if self._listening() else None
         return self.life.start(time.monotonic(), blocking=backend.blocking, listen=listen)
 
     def _attempt(self, backend: Backend, timeout: float) -> Action:
