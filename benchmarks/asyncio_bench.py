@@ -15,6 +15,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import greenlet_spawn
 
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m.asyncio import async_queue_session
@@ -111,6 +112,50 @@ async def _raw_task(conn: Any, native: bool) -> int:
             done += 1
 
 
+async def _bridge_task(dbapi: Any, native: bool) -> int:
+    """The raw loop's statements through SQLAlchemy's asyncio DBAPI adapter (``dbapi``: an
+    ``AsyncConnection``'s), crossing its greenlet bridge twice per job as a queue session does
+    (the claim on entry; the end on exit): what SQLAlchemy's asyncio layer alone costs, the
+    floor of every library row."""
+    cur = await greenlet_spawn(dbapi.cursor)
+
+    def claim() -> Any:
+        if native:
+            cur.execute(RAW_WAIT)
+            (got,) = cur.fetchone()
+            if not got:
+                cur.execute(RAW_END)
+                return None
+            cur.execute(RAW_OWNED)
+            return cur.fetchone()
+        cur.execute(RAW_CLAIM, (1,))
+        row = cur.fetchone()
+        if row is None:
+            dbapi.rollback()
+        return row
+
+    def end(key: Any) -> bool:
+        if native:
+            cur.execute(RAW_END)
+            return True
+        try:
+            cur.execute(RAW_DELETE_ONE, (key,))
+        except Exception as err:
+            if not err.args or err.args[0] != DEADLOCK:
+                raise
+            dbapi.rollback()  # the job returns, as with the raw loop
+            return False
+        dbapi.commit()
+        return True
+
+    done = 0
+    while True:
+        row = await greenlet_spawn(claim)
+        if row is None:
+            return done
+        done += await greenlet_spawn(end, row[0])
+
+
 async def _library_task(bind: Any) -> int:
     done = 0
     while True:
@@ -139,6 +184,7 @@ class AsyncDrain:
         self.side, self.native = side, native
         self.engine: AsyncEngine | None = None
         self.binds: list[Any] = []
+        self.dbapis: list[Any] = []  # the "bridge" side's adapted DBAPI connections
         self.loop.run_until_complete(self._setup(url, driver, tasks))
 
     async def _setup(self, url: URL, driver: str, tasks: int) -> None:
@@ -149,6 +195,13 @@ class AsyncDrain:
             url.set(drivername=f"mysql+{driver}"), pool_size=tasks, max_overflow=2
         )
         conns = [await engine.connect() for _ in range(tasks)]  # the pool holds `tasks`
+        if self.side == "bridge":  # the raw loop's mode, set through SQLAlchemy
+            level = "AUTOCOMMIT" if self.native else "READ COMMITTED"
+            for conn in conns:
+                await conn.execution_options(isolation_level=level)
+                self.dbapis.append((await conn.get_raw_connection()).dbapi_connection)
+            self.binds = conns
+            return
         async with async_queue_session(BenchJob, bind=conns[0], timeout=0) as job:
             if job is not None:  # backend detected, statements compiled; the job goes back
                 raise QueueAbort
@@ -174,6 +227,13 @@ class AsyncDrain:
             def task(conn: Any) -> Awaitable[int]:
                 return _raw_task(conn, self.native)
 
+        elif self.side == "bridge":
+
+            async def run_bridge() -> int:
+                tasks = (_bridge_task(dbapi, self.native) for dbapi in self.dbapis)
+                return sum(await asyncio.gather(*tasks))
+
+            return self.loop.run_until_complete(run_bridge())
         else:
             task = _worker_task if self.side == "worker" else _library_task
 

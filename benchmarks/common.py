@@ -8,7 +8,10 @@ import queue
 import threading
 import time
 import traceback
+import uuid
 from collections.abc import Callable
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +22,8 @@ from sqlalchemy import Engine
 from sqlalchemy import MetaData
 from sqlalchemy import String
 from sqlalchemy import create_engine
+from sqlalchemy import make_url
+from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
@@ -30,6 +35,7 @@ from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import detect_backend
 from sqlalchemy_q4m import new_job_id
 from sqlalchemy_q4m import queue_table
+from sqlalchemy_q4m import use_backend
 
 #: The table every scenario uses (in the benchmark's own database).
 TABLE = "q4m_bench_jobs"
@@ -124,6 +130,29 @@ def server_backend(url: URL) -> str:
             return detect_backend(conn)
     finally:
         engine.dispose()
+
+
+@contextmanager
+def bench_database(server_url: str) -> Iterator[tuple[URL, bool]]:
+    """A database of its own on the server of ``server_url`` (its database name ignored),
+    holding the benchmark's queue tables made for the server's backend, dropped at the end:
+    its URL, and whether the server is Q4M's (the native backend)."""
+    server = make_url(server_url)._replace(database=None)  # .set(database=None) keeps it
+    url = server.set(database=f"q4m_bench_{uuid.uuid4().hex[:10]}")
+    admin = create_engine(server, poolclass=NullPool)
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE `{url.database}`"))
+    try:
+        native = server_backend(url) == "native"
+        engine = create_engine(url, poolclass=NullPool)
+        use_backend(engine, "native" if native else "portable")
+        Base.metadata.create_all(engine)
+        engine.dispose()
+        yield url, native
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{url.database}`"))
+        admin.dispose()
 
 
 def library_engine(url: URL, pool: int = 1, **kw: Any) -> Engine:

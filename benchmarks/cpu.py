@@ -21,26 +21,19 @@ import pstats
 import resource
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import create_engine
-from sqlalchemy import make_url
-from sqlalchemy import text
 from sqlalchemy.engine import URL
-from sqlalchemy.pool import NullPool
-
-from sqlalchemy_q4m import use_backend
 
 from .asyncio_bench import AsyncDrain
 from .asyncio_bench import drivers
 from .common import TABLE
-from .common import Base
+from .common import bench_database
 from .common import fill
-from .common import server_backend
 from .layers import GuardedLoop
 from .layers import JobObjectLoop
+from .layers import SessionFloorLoop
 from .layers import StatementLoop
 from .workers import BatchLoop
 from .workers import BatchRuntimeLoop
@@ -56,6 +49,9 @@ from .workers import RawRetryLoop
 from .workers import RetryRuntimeLoop
 from .workers import RuntimeLoop
 from .workers import SessionLoop
+
+#: How the asyncio groups name a side that is not a library path.
+SIDE_NAMES = {"bridge": "SQLAlchemy's greenlet bridge alone (raw SQL)"}
 
 #: (name, loop factory taking the URL) of each path, the raw baseline first in each group.
 Path = tuple[str, Callable[[URL], Any]]
@@ -81,6 +77,12 @@ def paths(native: bool, size: int) -> list[list[Path]]:
             ("queue_session(core_table, bind=connection)", CoreSessionLoop),
             ("worker Job.run_once", RuntimeLoop),
         ],
+    ]
+    if not native:  # a portable Session bind claims in the Session's transaction
+        groups[-1][4:4] = [
+            ("  its floor: SQLAlchemy's Session alone (layers.py)", SessionFloorLoop)
+        ]
+    groups += [
         [
             ("raw one-job loop, `run_at <= now`", RawNativeRetryLoop if native else RawRetryLoop),
             ("worker on a RetryMixin table", RetryRuntimeLoop),
@@ -95,10 +97,10 @@ def paths(native: bool, size: int) -> list[list[Path]]:
         groups.append(
             [
                 (
-                    f"{driver}: {side}",
+                    f"{driver}: {SIDE_NAMES.get(side, side)}",
                     lambda url, d=driver, side=side: AsyncDrain(url, d, side, 1, native),
                 )
-                for side in ("raw", "connection", "engine", "worker")
+                for side in ("raw", "bridge", "connection", "engine", "worker")
             ]
         )
     return groups
@@ -187,17 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--size", type=int, default=200, help="batch size")
     args = parser.parse_args(argv)
-    server = make_url(args.url)._replace(database=None)  # .set(database=None) keeps it
-    url = server.set(database=f"q4m_bench_{uuid.uuid4().hex[:10]}")
-    admin = create_engine(server, poolclass=NullPool)
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE `{url.database}`"))
-    try:
-        native = server_backend(url) == "native"
-        engine = create_engine(url, poolclass=NullPool)
-        use_backend(engine, "native" if native else "portable")
-        Base.metadata.create_all(engine)
-        engine.dispose()
+    with bench_database(args.url) as (url, native):
         print(f"backend: {'native' if native else 'portable'}; {args.jobs} jobs per drain")
         for index, group in enumerate(paths(native, args.size)):
             best = [float("inf")] * len(group)
@@ -219,10 +211,6 @@ def main(argv: list[str] | None = None) -> int:
                 _cpu(url, make, args.jobs, profile)
                 print(f"  {name}: own CPU µs per job under cProfile")
                 print("\n".join(_top(profile, args.jobs, args.top)))
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f"DROP DATABASE IF EXISTS `{url.database}`"))
-        admin.dispose()
     return 0
 
 

@@ -14,6 +14,11 @@
   COMMIT dispatches the ownership watch's ``commit`` event) and the unique-key look-ups after
   the claim (Q4M) and the end.
 
+* :class:`SessionFloorLoop` (portable only): :class:`JobObjectLoop` in an ORM ``Session``'s
+  transaction, as a ``Session`` bind claims: what SQLAlchemy's ``Session`` itself charges per
+  job (its transaction begun on the connection, the job added to it and taken out, its commit),
+  the floor of the ``queue_session(bind=Session(engine))`` row.
+
 What ``queue_session`` adds on top of :class:`GuardedLoop` (its object and lifecycle, the bind
 and backend resolution, the backend dispatch, the error translation, the end and release
 steps) is then the difference with the ``queue_session(bind=connection)`` row, and the
@@ -28,6 +33,7 @@ from typing import Any
 from sqlalchemy import bindparam
 from sqlalchemy import delete
 from sqlalchemy.engine import URL
+from sqlalchemy.orm import Session
 
 from sqlalchemy_q4m.backends.base import autocommit_for_queue
 from sqlalchemy_q4m.backends.base import give_up_connection
@@ -46,7 +52,7 @@ from .common import BenchJob
 from .common import library_engine
 from .common import server_backend
 
-__all__ = ["GuardedLoop", "JobObjectLoop", "StatementLoop"]
+__all__ = ["GuardedLoop", "JobObjectLoop", "SessionFloorLoop", "StatementLoop"]
 
 
 class StatementLoop:
@@ -170,3 +176,38 @@ class GuardedLoop(JobObjectLoop):
             conn.commit()
             give_up_connection(info, self)
             done += 1
+
+
+class SessionFloorLoop(JobObjectLoop):
+    """:class:`JobObjectLoop` in the transaction of an ORM ``Session(engine)`` kept by the
+    consumer, as ``queue_session(bind=session)`` claims on the portable backend: the Session's
+    transaction begun on the loop's connection, each job added to the Session (persistent),
+    the DELETE, the job taken out of the Session, and the Session committed.  No guarantee of
+    a queue session: only what SQLAlchemy's ``Session`` charges per job.  Portable only (on
+    Q4M a ``Session`` bind owns its job on a connection of its own, outside the Session)."""
+
+    def __init__(self, url: URL) -> None:
+        super().__init__(url)
+        if self.native:
+            raise ValueError("SessionFloorLoop is the portable Session bind's floor")
+        self.orm = Session(self.engine)
+
+    def _portable(self) -> int:
+        conn, orm, done = self.conn, self.orm, 0
+        claim, remove = self.select, self.delete
+        while True:
+            orm.connection(bind_arguments={"bind": conn})  # the Session's transaction on it
+            found = self._job(claim.run(conn, {}, True))
+            if found is None:
+                orm.rollback()
+                return done
+            job, key = found
+            orm.add(job)
+            remove.run(conn, {"key": key[0]}, True)
+            orm.expunge(job)
+            orm.commit()
+            done += 1
+
+    def close(self) -> None:
+        self.orm.close()
+        super().close()

@@ -1,6 +1,8 @@
-"""``benchmarks/layers.py``: the loops ``python -m benchmarks.cpu`` takes the consume path apart
-with drain a queue exactly (every job removed once, none left), on both servers, and the
-job-building one yields the jobs a queue session would."""
+"""``benchmarks/layers.py``: the loops ``python -m benchmarks.cpu`` and ``benchmarks.floors``
+take the consume path apart with drain a queue exactly (every job removed once, none left), on
+both servers, and the job-building one yields the jobs a queue session would; so do the
+asyncio floor (the raw statements through SQLAlchemy's greenlet bridge) and the ORM
+``Session``'s floor."""
 
 from __future__ import annotations
 
@@ -16,11 +18,15 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from benchmarks.asyncio_bench import AsyncDrain
+from benchmarks.asyncio_bench import drivers
 from benchmarks.common import Base
 from benchmarks.common import BenchJob
 from benchmarks.common import fill
+from benchmarks.common import server_backend
 from benchmarks.layers import GuardedLoop
 from benchmarks.layers import JobObjectLoop
+from benchmarks.layers import SessionFloorLoop
 from benchmarks.layers import StatementLoop
 from sqlalchemy_q4m import use_backend
 from sqlalchemy_q4m.backends.base import OWNER_KEY
@@ -115,4 +121,45 @@ def test_the_guarded_loop_owns_each_job_as_a_queue_session_does(bench_url: URL) 
     finally:
         loop.close()
     assert len(refused) == 2 and "already owns a job" in refused[0]
+    assert _left(bench_url) == 0
+
+
+def test_the_session_floor_loop_drains_in_the_sessions_transaction(bench_url: URL) -> None:
+    """Portable: each job claimed in the Session's transaction, in the Session while it is
+    held, out of it after the commit; on Q4M (no Session transaction holds a job) refused."""
+    if server_backend(bench_url) == "native":
+        with pytest.raises(ValueError, match="portable"):
+            SessionFloorLoop(bench_url)
+        return
+    fill(bench_url, 5)
+    loop = SessionFloorLoop(bench_url)
+    held: list[bool] = []
+    original = loop._job
+
+    def job_then_look(fetched: Any) -> Any:
+        found = original(fetched)
+        held.append(loop.orm.in_transaction())
+        return found
+
+    loop._job = job_then_look  # type: ignore[method-assign]
+    try:
+        assert loop.consume() == 5
+        assert loop.consume() == 0
+        assert not loop.orm.in_transaction() and len(loop.orm.identity_map) == 0
+    finally:
+        loop.close()
+    assert held == [True] * 7  # every claim, the two empty ones too, in the Session's
+    assert _left(bench_url) == 0
+
+
+@pytest.mark.parametrize("driver", drivers())
+def test_the_greenlet_bridge_floor_drains_the_queue_once(bench_url: URL, driver: str) -> None:
+    fill(bench_url, 41)
+    native = server_backend(bench_url) == "native"
+    drain = AsyncDrain(bench_url, driver, "bridge", 3, native)  # three tasks, one loop
+    try:
+        assert drain.consume() == 41
+        assert drain.consume() == 0
+    finally:
+        drain.close()
     assert _left(bench_url) == 0
