@@ -177,14 +177,19 @@ async def _worker_task(job: NoOpAsyncJob) -> int:
 
 class AsyncDrain:
     """``tasks`` consumers of one ``side`` (``raw`` or a library side) in one event loop:
-    connected in ``__init__``, before the start signal, like the thread consumers."""
+    connected in ``__init__``, before the start signal, like the thread consumers.  Two more
+    sides are floors for ``benchmarks.cpu`` and ``benchmarks.floors``: ``bridge`` (the raw
+    loop's statements through SQLAlchemy's greenlet bridge, :func:`_bridge_task`) and
+    ``driver`` (the raw loop on the driver connections under an ``AsyncEngine``'s pool: what
+    awaiting the statements directly, without the bridge, would cost)."""
 
     def __init__(self, url: URL, driver: str, side: str, tasks: int, native: bool) -> None:
         self.loop = asyncio.new_event_loop()
         self.side, self.native = side, native
         self.engine: AsyncEngine | None = None
         self.binds: list[Any] = []
-        self.dbapis: list[Any] = []  # the "bridge" side's adapted DBAPI connections
+        #: The "bridge" side's adapted DBAPI connections, the "driver" side's driver ones.
+        self.dbapis: list[Any] = []
         self.loop.run_until_complete(self._setup(url, driver, tasks))
 
     async def _setup(self, url: URL, driver: str, tasks: int) -> None:
@@ -195,11 +200,16 @@ class AsyncDrain:
             url.set(drivername=f"mysql+{driver}"), pool_size=tasks, max_overflow=2
         )
         conns = [await engine.connect() for _ in range(tasks)]  # the pool holds `tasks`
-        if self.side == "bridge":  # the raw loop's mode, set through SQLAlchemy
+        if self.side in ("bridge", "driver"):  # the raw loop's mode, set through SQLAlchemy
             level = "AUTOCOMMIT" if self.native else "READ COMMITTED"
             for conn in conns:
                 await conn.execution_options(isolation_level=level)
-                self.dbapis.append((await conn.get_raw_connection()).dbapi_connection)
+                pooled = await conn.get_raw_connection()
+                # the adapter SQLAlchemy's own statements go through, or the driver's own
+                # connection under it
+                self.dbapis.append(
+                    pooled.dbapi_connection if self.side == "bridge" else pooled.driver_connection
+                )
             self.binds = conns
             return
         async with async_queue_session(BenchJob, bind=conns[0], timeout=0) as job:
@@ -227,13 +237,16 @@ class AsyncDrain:
             def task(conn: Any) -> Awaitable[int]:
                 return _raw_task(conn, self.native)
 
-        elif self.side == "bridge":
+        elif self.side in ("bridge", "driver"):
 
-            async def run_bridge() -> int:
-                tasks = (_bridge_task(dbapi, self.native) for dbapi in self.dbapis)
+            async def run_direct() -> int:
+                if self.side == "bridge":
+                    tasks = [_bridge_task(dbapi, self.native) for dbapi in self.dbapis]
+                else:  # the raw loop itself, on connections SQLAlchemy's pool made
+                    tasks = [_raw_task(conn, self.native) for conn in self.dbapis]
                 return sum(await asyncio.gather(*tasks))
 
-            return self.loop.run_until_complete(run_bridge())
+            return self.loop.run_until_complete(run_direct())
         else:
             task = _worker_task if self.side == "worker" else _library_task
 

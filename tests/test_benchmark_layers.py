@@ -152,11 +152,12 @@ def test_the_session_floor_loop_drains_in_the_sessions_transaction(bench_url: UR
     assert _left(bench_url) == 0
 
 
+@pytest.mark.parametrize("side", ["bridge", "driver"])
 @pytest.mark.parametrize("driver", drivers())
-def test_the_greenlet_bridge_floor_drains_the_queue_once(bench_url: URL, driver: str) -> None:
+def test_the_asyncio_floors_drain_the_queue_once(bench_url: URL, driver: str, side: str) -> None:
     fill(bench_url, 41)
     native = server_backend(bench_url) == "native"
-    drain = AsyncDrain(bench_url, driver, "bridge", 3, native)  # three tasks, one loop
+    drain = AsyncDrain(bench_url, driver, side, 3, native)  # three tasks, one loop
     try:
         assert drain.consume() == 41
         assert drain.consume() == 0
