@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -130,6 +132,18 @@ def server_backend(url: URL) -> str:
             return detect_backend(conn)
     finally:
         engine.dispose()
+
+
+def bench_parser(prog: str, doc: str | None, jobs: int) -> argparse.ArgumentParser:
+    """The options every measuring tool shares: ``--url`` (``Q4M_BENCH_URL``), ``--jobs``
+    (default ``jobs``) and ``--repeats``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument(
+        "--url", default=os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
+    )
+    parser.add_argument("--jobs", type=int, default=jobs)
+    parser.add_argument("--repeats", type=int, default=3)
+    return parser
 
 
 @contextmanager

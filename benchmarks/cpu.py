@@ -14,9 +14,7 @@ Works in a database of its own on the server of ``--url``, dropped at the end.
 
 from __future__ import annotations
 
-import argparse
 import cProfile
-import os
 import pstats
 import resource
 import sys
@@ -30,6 +28,7 @@ from .asyncio_bench import AsyncDrain
 from .asyncio_bench import drivers
 from .common import TABLE
 from .common import bench_database
+from .common import bench_parser
 from .common import fill
 from .layers import GuardedLoop
 from .layers import JobObjectLoop
@@ -183,12 +182,7 @@ def _top(profile: cProfile.Profile, jobs: int, top: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.cpu", description=__doc__)
-    parser.add_argument(
-        "--url", default=os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
-    )
-    parser.add_argument("--jobs", type=int, default=1_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser("python -m benchmarks.cpu", __doc__, 1_000)
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--size", type=int, default=200, help="batch size")
     args = parser.parse_args(argv)

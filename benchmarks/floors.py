@@ -16,8 +16,6 @@ of ``--url``, dropped at the end.
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 from .asyncio_bench import AsyncDrain
 from .asyncio_bench import drivers
 from .common import bench_database
+from .common import bench_parser
 from .layers import GuardedLoop
 from .layers import JobObjectLoop
 from .layers import SessionFloorLoop
@@ -76,12 +75,7 @@ def _line(url: Any, jobs: int, repeats: int, kind: str, workers: int, sides: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.floors", description=__doc__)
-    parser.add_argument(
-        "--url", default=os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
-    )
-    parser.add_argument("--jobs", type=int, default=4_000)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser = bench_parser("python -m benchmarks.floors", __doc__, 4_000)
     parser.add_argument("--consumers", default="1,2,8", help="comma-separated counts")
     parser.add_argument("--kind", choices=("thread", "process"), default="thread")
     args = parser.parse_args(argv)

@@ -7,6 +7,7 @@ asyncio floor (the raw statements through SQLAlchemy's greenlet bridge) and the 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from collections.abc import Iterator
 from typing import Any
 
@@ -73,6 +74,18 @@ def _left(url: URL) -> int:
         engine.dispose()
 
 
+def _after_each_claim(loop: Any, probe: Callable[[Any], None]) -> None:
+    """Make ``loop`` call ``probe(found)`` after each claim, with what it found (None: no job)."""
+    original = loop._job
+
+    def job_then_probe(fetched: Any) -> Any:
+        found = original(fetched)
+        probe(found)
+        return found
+
+    loop._job = job_then_probe
+
+
 @pytest.mark.parametrize("loop_class", [StatementLoop, JobObjectLoop, GuardedLoop])
 def test_a_layer_loop_drains_the_queue_once(bench_url: URL, loop_class: type) -> None:
     fill(bench_url, 57)
@@ -104,17 +117,14 @@ def test_the_guarded_loop_owns_each_job_as_a_queue_session_does(bench_url: URL) 
     fill(bench_url, 2)
     loop = GuardedLoop(bench_url)
     refused: list[str] = []
-    original = loop._job
 
-    def job_then_try_a_queue_session(fetched: Any) -> Any:
-        found = original(fetched)
+    def try_a_queue_session(found: Any) -> None:
         if found is not None:
             with pytest.raises(AlreadyOwning) as caught:
                 check_free(loop.conn)
             refused.append(str(caught.value))
-        return found
 
-    loop._job = job_then_try_a_queue_session  # type: ignore[method-assign]
+    _after_each_claim(loop, try_a_queue_session)
     try:
         assert loop.consume() == 2
         assert OWNER_KEY not in loop.conn.info
@@ -134,14 +144,7 @@ def test_the_session_floor_loop_drains_in_the_sessions_transaction(bench_url: UR
     fill(bench_url, 5)
     loop = SessionFloorLoop(bench_url)
     held: list[bool] = []
-    original = loop._job
-
-    def job_then_look(fetched: Any) -> Any:
-        found = original(fetched)
-        held.append(loop.orm.in_transaction())
-        return found
-
-    loop._job = job_then_look  # type: ignore[method-assign]
+    _after_each_claim(loop, lambda _found: held.append(loop.orm.in_transaction()))
     try:
         assert loop.consume() == 5
         assert loop.consume() == 0
