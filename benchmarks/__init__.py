@@ -8,6 +8,8 @@ Modules: ``scenarios`` (the registry) over ``produce`` (enqueue), ``consume`` (e
 the worker, and statements per job), ``batched``, ``latency`` (pickup latency, idle cost,
 memory) and ``asyncio_bench``; ``workers`` holds the consumer loops, ``report`` the settings,
 rows and targets, ``common`` the table and raw connections.  ``python -m benchmarks.cpu``
-prints each path's client CPU per job against its raw loop, ``benchmarks.rss`` measures a
-worker's memory and ``benchmarks.dashboard`` the dashboard's queries.
+prints each path's client CPU per job against its raw loop (``layers`` takes the consume path
+apart for it), ``benchmarks.floors`` the throughput of each of those layers (and of
+SQLAlchemy's own asyncio bridge and ``Session``) against the raw loop, ``benchmarks.rss``
+measures a worker's memory and ``benchmarks.dashboard`` the dashboard's queries.
 """
