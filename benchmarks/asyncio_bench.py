@@ -232,26 +232,24 @@ class AsyncDrain:
 
     def consume(self) -> int:
         task: Callable[[Any], Awaitable[int]]
-        if self.side == "raw":
+        targets = self.binds
+        if self.side in ("raw", "driver"):  # the raw loop (on the pool's driver connections)
 
             def task(conn: Any) -> Awaitable[int]:
                 return _raw_task(conn, self.native)
 
-        elif self.side in ("bridge", "driver"):
+            targets = self.dbapis if self.side == "driver" else self.binds
+        elif self.side == "bridge":
 
-            async def run_direct() -> int:
-                if self.side == "bridge":
-                    tasks = [_bridge_task(dbapi, self.native) for dbapi in self.dbapis]
-                else:  # the raw loop itself, on connections SQLAlchemy's pool made
-                    tasks = [_raw_task(conn, self.native) for conn in self.dbapis]
-                return sum(await asyncio.gather(*tasks))
+            def task(dbapi: Any) -> Awaitable[int]:
+                return _bridge_task(dbapi, self.native)
 
-            return self.loop.run_until_complete(run_direct())
+            targets = self.dbapis
         else:
             task = _worker_task if self.side == "worker" else _library_task
 
         async def run() -> int:
-            return sum(await asyncio.gather(*(task(bind) for bind in self.binds)))
+            return sum(await asyncio.gather(*(task(target) for target in targets)))
 
         return self.loop.run_until_complete(run())
 

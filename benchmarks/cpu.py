@@ -62,6 +62,12 @@ Path = tuple[str, Callable[[URL], Any]]
 def paths(native: bool, size: int) -> list[list[Path]]:
     raw = RawNativeLoop if native else RawLoop
     raw_batch = RawNativeBatchLoop if native else RawBatchLoop
+    # a portable Session bind claims in the Session's transaction: what that alone costs
+    session_floor: list[Path] = (
+        []
+        if native
+        else [("  its floor: SQLAlchemy's Session alone (layers.py)", SessionFloorLoop)]
+    )
     groups: list[list[Path]] = [
         [
             ("raw one-job loop", raw),
@@ -76,15 +82,10 @@ def paths(native: bool, size: int) -> list[list[Path]]:
             ("queue_session(bind=connection)", SessionLoop),
             ("queue_session(bind=engine)", EngineSessionLoop),
             ("queue_session(bind=Session(engine))", OrmSessionLoop),
+            *session_floor,
             ("queue_session(core_table, bind=connection)", CoreSessionLoop),
             ("worker Job.run_once", RuntimeLoop),
         ],
-    ]
-    if not native:  # a portable Session bind claims in the Session's transaction
-        groups[-1][4:4] = [
-            ("  its floor: SQLAlchemy's Session alone (layers.py)", SessionFloorLoop)
-        ]
-    groups += [
         [
             ("raw one-job loop, `run_at <= now`", RawNativeRetryLoop if native else RawRetryLoop),
             ("worker on a RetryMixin table", RetryRuntimeLoop),

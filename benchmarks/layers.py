@@ -189,6 +189,7 @@ class SessionFloorLoop(JobObjectLoop):
     def __init__(self, url: URL) -> None:
         super().__init__(url)
         if self.native:
+            super().close()  # the connection and engine just made
             raise ValueError("SessionFloorLoop is the portable Session bind's floor")
         self.orm = Session(self.engine)
 
