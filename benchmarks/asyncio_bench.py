@@ -9,12 +9,14 @@ import asyncio
 import importlib.util
 from collections.abc import Awaitable
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.util import await_only
 from sqlalchemy.util import greenlet_spawn
 
 from sqlalchemy_q4m import QueueAbort
@@ -112,6 +114,60 @@ async def _raw_task(conn: Any, native: bool) -> int:
             done += 1
 
 
+def _raw_steps(
+    native: bool,
+    query: Callable[[str, Any], Sequence[Any]],
+    rollback: Callable[[], Any],
+    commit: Callable[[], Any],
+) -> tuple[Callable[[], Any], Callable[[Any], bool]]:
+    """The raw loop's claim (the job's row, or None when the queue is empty) and end (False:
+    a deadlock victim, rolled back) as two sync functions, their I/O done by ``query(sql,
+    params)`` (the rows), ``rollback()`` and ``commit()``: the halves a queue session runs on
+    entry and on exit, for the floors that cross SQLAlchemy's greenlet bridge."""
+
+    def claim() -> Any:
+        if native:
+            ((got,),) = query(RAW_WAIT, None)
+            if not got:
+                query(RAW_END, None)
+                return None
+            return query(RAW_OWNED, None)[0]
+        rows = query(RAW_CLAIM, (1,))
+        if not rows:
+            rollback()
+            return None
+        return rows[0]
+
+    def end(key: Any) -> bool:
+        if native:
+            query(RAW_END, None)
+            return True
+        try:
+            query(RAW_DELETE_ONE, (key,))
+        except Exception as err:
+            if not err.args or err.args[0] != DEADLOCK:
+                raise
+            rollback()  # the job returns, as with the raw loop
+            return False
+        commit()
+        return True
+
+    return claim, end
+
+
+async def _crossing_task(
+    cross: Callable[..., Awaitable[Any]], claim: Callable[[], Any], end: Callable[[Any], bool]
+) -> int:
+    """Drain with ``claim`` and ``end``, each run through ``cross`` (one crossing of a greenlet
+    bridge per half of a job, as a queue session crosses it)."""
+    done = 0
+    while True:
+        row = await cross(claim)
+        if row is None:
+            return done
+        done += await cross(end, row[0])
+
+
 async def _bridge_task(dbapi: Any, native: bool) -> int:
     """The raw loop's statements through SQLAlchemy's asyncio DBAPI adapter (``dbapi``: an
     ``AsyncConnection``'s), crossing its greenlet bridge twice per job as a queue session does
@@ -119,41 +175,110 @@ async def _bridge_task(dbapi: Any, native: bool) -> int:
     floor of every library row."""
     cur = await greenlet_spawn(dbapi.cursor)
 
-    def claim() -> Any:
-        if native:
-            cur.execute(RAW_WAIT)
-            (got,) = cur.fetchone()
-            if not got:
-                cur.execute(RAW_END)
-                return None
-            cur.execute(RAW_OWNED)
-            return cur.fetchone()
-        cur.execute(RAW_CLAIM, (1,))
-        row = cur.fetchone()
-        if row is None:
-            dbapi.rollback()
-        return row
+    def query(sql: str, params: Any) -> Sequence[Any]:
+        cur.execute(sql, params)
+        rows: Sequence[Any] = cur.fetchall()
+        return rows
 
-    def end(key: Any) -> bool:
-        if native:
-            cur.execute(RAW_END)
-            return True
-        try:
-            cur.execute(RAW_DELETE_ONE, (key,))
-        except Exception as err:
-            if not err.args or err.args[0] != DEADLOCK:
-                raise
-            dbapi.rollback()  # the job returns, as with the raw loop
-            return False
-        dbapi.commit()
-        return True
+    claim, end = _raw_steps(native, query, dbapi.rollback, dbapi.commit)
+    return await _crossing_task(greenlet_spawn, claim, end)
 
-    done = 0
-    while True:
-        row = await greenlet_spawn(claim)
-        if row is None:
-            return done
-        done += await greenlet_spawn(end, row[0])
+
+async def _execute(cur: Any, sql: str, params: Any) -> Sequence[Any]:
+    """One statement on a driver's own cursor: its rows (none for a statement without)."""
+    await cur.execute(sql, params)
+    return await cur.fetchall() if cur.description else ()
+
+
+async def _unadapted_task(conn: Any, native: bool) -> int:
+    """The bridge without SQLAlchemy's DBAPI adapter: the same two ``greenlet_spawn`` per
+    job, each statement awaited (``await_only``) on the driver's own connection ``conn``."""
+    cur = conn.cursor()
+    if asyncio.iscoroutine(cur):  # asyncmy's cursor() is a plain call, aiomysql's a coroutine
+        cur = await cur
+
+    def query(sql: str, params: Any) -> Sequence[Any]:
+        result: Sequence[Any] = await_only(_execute(cur, sql, params))
+        return result
+
+    claim, end = _raw_steps(
+        native, query, lambda: await_only(conn.rollback()), lambda: await_only(conn.commit())
+    )
+    return await _crossing_task(greenlet_spawn, claim, end)
+
+
+async def _reused_task(conn: Any, native: bool) -> int:
+    """As :func:`_unadapted_task`, crossing into ONE greenlet made for the task and reused
+    for every half of every job (``greenlet_spawn`` makes a new one per crossing): what is
+    left of the bridge is its switches."""
+    cur = conn.cursor()
+    if asyncio.iscoroutine(cur):
+        cur = await cur
+    crossing = _Crossing()
+
+    def query(sql: str, params: Any) -> Sequence[Any]:
+        result: Sequence[Any] = crossing.wait(_execute(cur, sql, params))
+        return result
+
+    claim, end = _raw_steps(
+        native, query, lambda: crossing.wait(conn.rollback()), lambda: crossing.wait(conn.commit())
+    )
+    try:
+        return await _crossing_task(crossing.run, claim, end)
+    finally:
+        crossing.close()
+
+
+class _Crossing:
+    """A greenlet that runs sync functions for one task, one at a time, reused: ``await
+    run(fn, *args)`` switches into it, and each ``wait(awaitable)`` inside ``fn`` switches
+    back to the task, which awaits the awaitable and switches in again with its outcome."""
+
+    def __init__(self) -> None:
+        import greenlet  # type: ignore[import-untyped]  # SQLAlchemy[asyncio] installs it
+
+        self._greenlet = greenlet.greenlet(self._serve, greenlet.getcurrent())
+
+    def _serve(self, fn: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
+        while fn is not None:
+            try:
+                outcome: tuple[bool, Any] = (True, fn(*args))
+            except BaseException as err:  # a cancellation thrown in too
+                outcome = (False, err)
+            fn, args = self._greenlet.parent.switch(outcome)
+
+    def wait(self, awaitable: Awaitable[Any]) -> Any:
+        """In ``fn``: the outcome of ``awaitable``, awaited by the task."""
+        return self._greenlet.parent.switch(awaitable)
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        result = self._greenlet.switch(fn, args)
+        while not isinstance(result, tuple):  # an awaitable from wait()
+            try:
+                value = await result
+            except BaseException as err:
+                result = self._greenlet.throw(err)
+            else:
+                result = self._greenlet.switch(value)
+        ok, value = result
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if not self._greenlet.dead:
+            self._greenlet.switch(None, ())
+
+
+#: The floor sides of :class:`AsyncDrain`, from the whole bridge down to none of it: the raw
+#: loop's statements through SQLAlchemy's greenlet bridge and DBAPI adapter, without the
+#: adapter, in one reused greenlet, and awaited directly on the driver's connections.
+FLOORS: dict[str, Callable[[Any, bool], Awaitable[int]]] = {
+    "bridge": _bridge_task,
+    "unadapted": _unadapted_task,
+    "reused": _reused_task,
+    "driver": _raw_task,
+}
 
 
 async def _library_task(bind: Any) -> int:
@@ -177,18 +302,18 @@ async def _worker_task(job: NoOpAsyncJob) -> int:
 
 class AsyncDrain:
     """``tasks`` consumers of one ``side`` (``raw`` or a library side) in one event loop:
-    connected in ``__init__``, before the start signal, like the thread consumers.  Two more
-    sides are floors for ``benchmarks.cpu`` and ``benchmarks.floors``: ``bridge`` (the raw
-    loop's statements through SQLAlchemy's greenlet bridge, :func:`_bridge_task`) and
-    ``driver`` (the raw loop on the driver connections under an ``AsyncEngine``'s pool: what
-    awaiting the statements directly, without the bridge, would cost)."""
+    connected in ``__init__``, before the start signal, like the thread consumers.  The other
+    sides (:data:`FLOORS`) are floors for ``benchmarks.cpu`` and ``benchmarks.floors``: the raw
+    loop's statements through SQLAlchemy's greenlet bridge, then with each part of the bridge
+    taken away, down to the raw loop on the driver connections under an ``AsyncEngine``'s
+    pool (what awaiting the statements directly, without the bridge, would cost)."""
 
     def __init__(self, url: URL, driver: str, side: str, tasks: int, native: bool) -> None:
         self.loop = asyncio.new_event_loop()
         self.side, self.native = side, native
         self.engine: AsyncEngine | None = None
         self.binds: list[Any] = []
-        #: The "bridge" side's adapted DBAPI connections, the "driver" side's driver ones.
+        #: The "bridge" side's adapted DBAPI connections, the other floors' driver ones.
         self.dbapis: list[Any] = []
         self.loop.run_until_complete(self._setup(url, driver, tasks))
 
@@ -200,7 +325,7 @@ class AsyncDrain:
             url.set(drivername=f"mysql+{driver}"), pool_size=tasks, max_overflow=2
         )
         conns = [await engine.connect() for _ in range(tasks)]  # the pool holds `tasks`
-        if self.side in ("bridge", "driver"):  # the raw loop's mode, set through SQLAlchemy
+        if self.side in FLOORS:  # the raw loop's mode, set through SQLAlchemy
             level = "AUTOCOMMIT" if self.native else "READ COMMITTED"
             for conn in conns:
                 await conn.execution_options(isolation_level=level)
@@ -233,18 +358,14 @@ class AsyncDrain:
     def consume(self) -> int:
         task: Callable[[Any], Awaitable[int]]
         targets = self.binds
-        if self.side in ("raw", "driver"):  # the raw loop (on the pool's driver connections)
+        if self.side == "raw" or self.side in FLOORS:  # the raw loop, or one of its floors
+            loop_task = FLOORS.get(self.side, _raw_task)
 
             def task(conn: Any) -> Awaitable[int]:
-                return _raw_task(conn, self.native)
+                return loop_task(conn, self.native)
 
-            targets = self.dbapis if self.side == "driver" else self.binds
-        elif self.side == "bridge":
-
-            def task(dbapi: Any) -> Awaitable[int]:
-                return _bridge_task(dbapi, self.native)
-
-            targets = self.dbapis
+            if self.side != "raw":
+                targets = self.dbapis
         else:
             task = _worker_task if self.side == "worker" else _library_task
 

@@ -51,8 +51,10 @@ from .workers import SessionLoop
 
 #: How the asyncio groups name a side that is not a library path.
 SIDE_NAMES = {
-    "bridge": "SQLAlchemy's greenlet bridge alone (raw SQL)",
     "driver": "raw SQL awaited on SQLAlchemy's driver_connection",
+    "reused": "  + crossing into one greenlet, reused",
+    "unadapted": "  + a new greenlet per crossing (greenlet_spawn)",
+    "bridge": "  + SQLAlchemy's DBAPI adapter: the greenlet bridge alone",
 }
 
 #: (name, loop factory taking the URL) of each path, the raw baseline first in each group.
@@ -103,7 +105,7 @@ def paths(native: bool, size: int) -> list[list[Path]]:
                     f"{driver}: {SIDE_NAMES.get(side, side)}",
                     lambda url, d=driver, side=side: AsyncDrain(url, d, side, 1, native),
                 )
-                for side in ("raw", "driver", "bridge", "connection", "engine", "worker")
+                for side in ("raw", *SIDE_NAMES, "connection", "engine", "worker")
             ]
         )
     return groups

@@ -1,8 +1,8 @@
-"""``benchmarks/layers.py``: the loops ``python -m benchmarks.cpu`` and ``benchmarks.floors``
-take the consume path apart with drain a queue exactly (every job removed once, none left), on
-both servers, and the job-building one yields the jobs a queue session would; so do the
-asyncio floor (the raw statements through SQLAlchemy's greenlet bridge) and the ORM
-``Session``'s floor."""
+"""``benchmarks/layers.py``: the loops with which ``python -m benchmarks.cpu`` and
+``benchmarks.floors`` take the consume path apart drain a queue exactly (every job removed
+once, none left), on both servers, and the job-building one yields the jobs a queue session
+would; so do the asyncio floors (the raw statements through SQLAlchemy's greenlet bridge, and
+with each part of the bridge taken away) and the ORM ``Session``'s floor."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
+from benchmarks.asyncio_bench import FLOORS
 from benchmarks.asyncio_bench import AsyncDrain
 from benchmarks.asyncio_bench import drivers
 from benchmarks.common import Base
@@ -155,7 +156,7 @@ def test_the_session_floor_loop_drains_in_the_sessions_transaction(bench_url: UR
     assert _left(bench_url) == 0
 
 
-@pytest.mark.parametrize("side", ["bridge", "driver"])
+@pytest.mark.parametrize("side", sorted(FLOORS))
 @pytest.mark.parametrize("driver", drivers())
 def test_the_asyncio_floors_drain_the_queue_once(bench_url: URL, driver: str, side: str) -> None:
     fill(bench_url, 41)
