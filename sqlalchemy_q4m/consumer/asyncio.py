@@ -15,7 +15,8 @@ top-level :func:`~sqlalchemy_q4m.queue_session` returns an :class:`AsyncQueueSes
 :class:`~sqlalchemy.ext.asyncio.AsyncSession`).  The sync queue session and the same backends
 do the work through SQLAlchemy's greenlet bridge (what ``run_sync`` uses), crossing it once per
 half of the block: pinning, claiming and loading the job on entry (up to the next pause), ending
-or aborting it and releasing the connection on exit; and both run the same
+or aborting it and releasing the connection on exit, each time in a greenlet kept from an
+earlier crossing (:func:`~sqlalchemy_q4m.consumer.crossing.cross`); and both run the same
 :class:`~sqlalchemy_q4m.consumer.lifecycle.Lifecycle`: this module only performs its steps
 with awaits, so it polls on the same fixed schedule, sleeping with
 :func:`asyncio.sleep` and never blocking the event loop (with ``listen`` it awaits the wait in
@@ -62,11 +63,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-from sqlalchemy.util import greenlet_spawn
 
 from ..backends import Backend
 from ..exc import Q4MError
 from .binding import bound_factory
+from .crossing import cross
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Action
 from .lifecycle import Step
@@ -83,10 +84,10 @@ AsyncBind = AsyncEngine | AsyncConnection | AsyncSession
 
 
 async def run_to_completion(step: Callable[..., R], *args: Any) -> R:
-    """Run ``step(*args)`` through SQLAlchemy's greenlet bridge in a task of its own that a
-    cancellation of the caller cannot cut short; a cancellation received meanwhile is re-raised
-    once it has finished (cleanup that stops halfway could hand a connection that still owns a
-    row back to the pool).
+    """Run ``step(*args)`` through SQLAlchemy's greenlet bridge (:func:`.crossing.cross`) in a
+    task of its own that a cancellation of the caller cannot cut short; a cancellation
+    received meanwhile is re-raised once it has finished (cleanup that stops halfway could hand
+    a connection that still owns a row back to the pool).
 
     The task hands its outcome to the caller's own future itself, so the caller wakes in the
     loop iteration after the step ends (``asyncio.shield`` would take one more); a cancelled
@@ -130,7 +131,7 @@ async def _step_task(
     """The task of :func:`run_to_completion`: the step's outcome set on ``done`` (unless the
     caller was cancelled meanwhile) and returned (never raised: nobody may look)."""
     try:
-        value = await greenlet_spawn(step, *args)
+        value = await cross(step, *args)
     except asyncio.CancelledError as err:  # the task itself was cancelled (loop shutdown)
         if not done.done():
             done.cancel()
@@ -333,7 +334,7 @@ class AsyncQueueSession(Generic[T]):
         if job is None:
             return None
         if not box:  # owned by a later step than the first crossing's
-            box.append(await greenlet_spawn(_outcome, then, job))
+            box.append(await cross(_outcome, then, job))
         return box[0]
 
     async def _wait(self, then: Callable[[], None] | None) -> T | None:
@@ -341,7 +342,7 @@ class AsyncQueueSession(Generic[T]):
         life = sync.life
         life.check_idle()
         try:
-            action = await greenlet_spawn(_first_steps, sync, then)
+            action = await cross(_first_steps, sync, then)
             while True:
                 step = action.step
                 if step is Step.OWN:
@@ -349,12 +350,12 @@ class AsyncQueueSession(Generic[T]):
                 if step is Step.GIVE_UP:
                     break
                 if step is Step.LISTEN:  # in the server
-                    action = await greenlet_spawn(sync.listen_then_claim, action.seconds)
+                    action = await cross(sync.listen_then_claim, action.seconds)
                 else:
                     await self._pause(action.seconds)
                     action = life.paused(time.monotonic())
                     if action.step is Step.CLAIM:
-                        action = await greenlet_spawn(sync.claims, action)
+                        action = await cross(sync.claims, action)
         except BaseException:
             # interrupted inside a database call: the connection's state is unknown
             await run_to_completion(sync.release_broken)

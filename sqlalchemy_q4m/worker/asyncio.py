@@ -50,12 +50,12 @@ from sqlalchemy import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.util import greenlet_spawn
 
 from ..backends.loading import Unloadable
 from ..consumer.asyncio import AsyncQueueSession
 from ..consumer.asyncio import GreenletQueueSession
 from ..consumer.asyncio import run_to_completion
+from ..consumer.crossing import cross
 from ..exc import Q4MError
 from .consumer import Consumer
 from .job import Job
@@ -203,7 +203,7 @@ class AsyncConsumer(Consumer):
         """Wait for one job of any target and handle it; False when none came in time."""
         conn = self._conn
         if not (self._ready and conn is not None and not conn.closed and not conn.invalidated):
-            conn = await greenlet_spawn(self.connect)  # what connect() returns at once else
+            conn = await cross(self.connect)  # what connect() returns at once else
         self._one_at_a_time("the asyncio worker has no batch mode")
         for targets, options in self._waits(timeout):
             aqs: AsyncQueueSession[Any] = AsyncQueueSession(
@@ -266,7 +266,7 @@ class AsyncConsumer(Consumer):
                         await self._sleep_unless_stopped(delay)
                     continue
                 self._after_success(loop, got)
-                if loop.drained(got) and not await greenlet_spawn(self._has_waiting):
+                if loop.drained(got) and not await cross(self._has_waiting):
                     self._log_drained()
                     break
         finally:
