@@ -22,6 +22,7 @@ from sqlalchemy.util import greenlet_spawn
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m.asyncio import async_queue_session
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
+from sqlalchemy_q4m.consumer.crossing import cross
 from sqlalchemy_q4m.exc import CompletionFailed
 
 from .common import RAW_CLAIM
@@ -190,9 +191,12 @@ async def _execute(cur: Any, sql: str, params: Any) -> Sequence[Any]:
     return await cur.fetchall() if cur.description else ()
 
 
-async def _unadapted_task(conn: Any, native: bool) -> int:
-    """The bridge without SQLAlchemy's DBAPI adapter: the same two ``greenlet_spawn`` per
-    job, each statement awaited (``await_only``) on the driver's own connection ``conn``."""
+async def _unadapted_task(
+    conn: Any, native: bool, crossing: Callable[..., Awaitable[Any]] = greenlet_spawn
+) -> int:
+    """The bridge without SQLAlchemy's DBAPI adapter: two crossings per job (``crossing``:
+    ``greenlet_spawn``, a new greenlet each), each statement awaited (``await_only``) on the
+    driver's own connection ``conn``."""
     cur = conn.cursor()
     if asyncio.iscoroutine(cur):  # asyncmy's cursor() is a plain call, aiomysql's a coroutine
         cur = await cur
@@ -204,75 +208,20 @@ async def _unadapted_task(conn: Any, native: bool) -> int:
     claim, end = _raw_steps(
         native, query, lambda: await_only(conn.rollback()), lambda: await_only(conn.commit())
     )
-    return await _crossing_task(greenlet_spawn, claim, end)
+    return await _crossing_task(crossing, claim, end)
 
 
 async def _reused_task(conn: Any, native: bool) -> int:
-    """As :func:`_unadapted_task`, crossing into ONE greenlet made for the task and reused
-    for every half of every job (``greenlet_spawn`` makes a new one per crossing): what is
-    left of the bridge is its switches."""
-    cur = conn.cursor()
-    if asyncio.iscoroutine(cur):
-        cur = await cur
-    crossing = _Crossing()
-
-    def query(sql: str, params: Any) -> Sequence[Any]:
-        result: Sequence[Any] = crossing.wait(_execute(cur, sql, params))
-        return result
-
-    claim, end = _raw_steps(
-        native, query, lambda: crossing.wait(conn.rollback()), lambda: crossing.wait(conn.commit())
-    )
-    try:
-        return await _crossing_task(crossing.run, claim, end)
-    finally:
-        crossing.close()
-
-
-class _Crossing:
-    """A greenlet that runs sync functions for one task, one at a time, reused: ``await
-    run(fn, *args)`` switches into it, and each ``wait(awaitable)`` inside ``fn`` switches
-    back to the task, which awaits the awaitable and switches in again with its outcome."""
-
-    def __init__(self) -> None:
-        import greenlet  # type: ignore[import-untyped]  # SQLAlchemy[asyncio] installs it
-
-        self._greenlet = greenlet.greenlet(self._serve, greenlet.getcurrent())
-
-    def _serve(self, fn: Callable[..., Any] | None, args: tuple[Any, ...]) -> None:
-        while fn is not None:
-            try:
-                outcome: tuple[bool, Any] = (True, fn(*args))
-            except BaseException as err:  # a cancellation thrown in too
-                outcome = (False, err)
-            fn, args = self._greenlet.parent.switch(outcome)
-
-    def wait(self, awaitable: Awaitable[Any]) -> Any:
-        """In ``fn``: the outcome of ``awaitable``, awaited by the task."""
-        return self._greenlet.parent.switch(awaitable)
-
-    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        result = self._greenlet.switch(fn, args)
-        while not isinstance(result, tuple):  # an awaitable from wait()
-            try:
-                value = await result
-            except BaseException as err:
-                result = self._greenlet.throw(err)
-            else:
-                result = self._greenlet.switch(value)
-        ok, value = result
-        if not ok:
-            raise value
-        return value
-
-    def close(self) -> None:
-        if not self._greenlet.dead:
-            self._greenlet.switch(None, ())
+    """As :func:`_unadapted_task`, crossing with the library's
+    :func:`~sqlalchemy_q4m.consumer.crossing.cross` (the greenlet kept for the next crossing,
+    as the asyncio queue session crosses): what is left of the bridge is its switches."""
+    return await _unadapted_task(conn, native, cross)
 
 
 #: The floor sides of :class:`AsyncDrain`, from the whole bridge down to none of it: the raw
 #: loop's statements through SQLAlchemy's greenlet bridge and DBAPI adapter, without the
-#: adapter, in one reused greenlet, and awaited directly on the driver's connections.
+#: adapter, in a kept greenlet (the library's cross), and awaited directly on the driver's
+#: connections.
 FLOORS: dict[str, Callable[[Any, bool], Awaitable[int]]] = {
     "bridge": _bridge_task,
     "unadapted": _unadapted_task,

@@ -52,7 +52,7 @@ from .workers import SessionLoop
 #: How the asyncio groups name a side that is not a library path.
 SIDE_NAMES = {
     "driver": "raw SQL awaited on SQLAlchemy's driver_connection",
-    "reused": "  + crossing into one greenlet, reused",
+    "reused": "  + crossing into a kept greenlet (the library's cross)",
     "unadapted": "  + a new greenlet per crossing (greenlet_spawn)",
     "bridge": "  + SQLAlchemy's DBAPI adapter: the greenlet bridge alone",
 }

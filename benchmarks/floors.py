@@ -9,7 +9,7 @@ then with the per-job guarantees (owner record, ownership watch, key look-ups), 
 ``queue_session(bind=connection)`` itself; on the portable backend also SQLAlchemy's
 ``Session`` alone (the ``Session`` bind's floor).  Then, per installed asyncio driver, the raw
 loop, the same statements through SQLAlchemy's greenlet bridge (two crossings per job) built up
-part by part (awaited on the pool's driver connections; crossing into one reused greenlet; a
+part by part (awaited on the pool's driver connections; crossing into a kept greenlet; a
 new greenlet per crossing; SQLAlchemy's DBAPI adapter: the bridge itself), and
 ``async_queue_session(bind=AsyncConnection)``, at the same numbers of tasks in one event loop.
 Best of ``R`` alternating drains of ``N`` jobs.  Works in a database of its own on the server
@@ -57,7 +57,7 @@ def async_sides(driver: str, native: bool, tasks: int) -> list[Side]:
     return [
         (f"{driver} raw", AsyncDrain, (driver, "raw", tasks, native)),
         ("driver_connection", AsyncDrain, (driver, "driver", tasks, native)),
-        ("+ one greenlet", AsyncDrain, (driver, "reused", tasks, native)),
+        ("+ kept greenlet", AsyncDrain, (driver, "reused", tasks, native)),
         ("+ greenlet_spawn", AsyncDrain, (driver, "unadapted", tasks, native)),
         ("+ adapter = bridge", AsyncDrain, (driver, "bridge", tasks, native)),
         ("queue_session", AsyncDrain, (driver, "connection", tasks, native)),
