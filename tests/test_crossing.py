@@ -207,3 +207,27 @@ def test_a_greenlet_of_another_parent_is_not_reused() -> None:
     inner = greenlet(lambda: run(main())).switch()
     assert inner is not outer
     assert inner.parent is not outer.parent
+
+
+def test_a_finished_threads_greenlets_are_freed() -> None:
+    """A thread that ran an event loop and ended leaves none of its kept greenlets behind
+    (a program that runs ``asyncio.run`` in short-lived threads must not grow)."""
+
+    def step() -> int:
+        return int(await_only(asyncio.sleep(0, result=1)))
+
+    def in_thread() -> None:
+        async def main() -> int:
+            return sum(await asyncio.gather(*(cross(step) for _ in range(5))))
+
+        assert run(main()) == 5
+        assert len(crossing._kept.free) == 5
+
+    for _ in range(20):
+        thread = threading.Thread(target=in_thread)
+        thread.start()
+        thread.join()
+    gc.collect()
+    mine = {id(g) for g in crossing._kept.free}
+    alive = [o for o in gc.get_objects() if isinstance(o, crossing._Crossing)]
+    assert [o for o in alive if id(o) not in mine] == []

@@ -59,18 +59,23 @@ class _Crossing(greenlet):  # type: ignore[misc]
     __sqlalchemy_greenlet_provider__ = True  # SQLAlchemy's await_only() may switch out of it
 
     def __init__(self, parent: Any) -> None:
-        super().__init__(self._serve, parent)
+        # a function, not a bound method: nothing refers back to the greenlet from its run
+        super().__init__(_serve, parent)
 
-    def _serve(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-        while True:
-            try:
-                done = _Done(fn(*args), None)
-            except GreenletExit:  # collected while suspended in fn: end, as greenlet_spawn's
-                raise
-            except BaseException as err:
-                done = _Done(None, err)
-            del fn, args  # nothing of this crossing stays referenced while kept (``done`` is
-            fn, args = self.parent.switch(done)  # emptied by cross())
+
+def _serve(fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """The body of a :class:`_Crossing`: run ``fn(*args)``, hand back what came of it, wait
+    for the next crossing; forever, until the greenlet is collected."""
+    parent = getcurrent().parent
+    while True:
+        try:
+            done = _Done(fn(*args), None)
+        except GreenletExit:  # collected while suspended in fn: end, as greenlet_spawn's
+            raise
+        except BaseException as err:
+            done = _Done(None, err)
+        del fn, args  # nothing of this crossing stays referenced while kept (``done`` is
+        fn, args = parent.switch(done)  # emptied by cross())
 
 
 class _Kept(threading.local):
