@@ -7,12 +7,13 @@ runs the sync ORM: ``greenlet_spawn(fn)`` starts ``fn`` in a new greenlet, and e
 the awaitable and switches in again with its outcome.  A queue session crosses twice per job
 (the claim; the end), and starting a new greenlet is the costliest part of a crossing: measured
 with ``python -m benchmarks.cpu``, the raw loop's statements crossing into a new greenlet per
-half of a job cost 50-70 µs more client CPU per job than crossing into one kept greenlet
-(asyncmy).  So :func:`cross` keeps the greenlets it made, one per crossing in progress at a
-time, in a list per thread, and runs the next ``fn`` in one of them; everything else is
-``greenlet_spawn``'s: ``fn`` runs in the caller's :mod:`contextvars` context, an error (a
-cancellation included) raised while awaiting is thrown into ``fn`` at its ``await_only``, and
-what ``fn`` returns or raises is the crossing's.
+half of a job cost 22-54 µs more client CPU per job than crossing into one kept greenlet
+(``benchmarks/NOTES.md``, "The greenlet bridge taken apart").  So :func:`cross` keeps the
+greenlets it made, one per crossing in progress at a time, in a list per thread, and runs the
+next ``fn`` in one of them; everything else is ``greenlet_spawn``'s: ``fn`` runs in the
+caller's :mod:`contextvars` context, an error (a cancellation included) raised while awaiting
+is thrown into ``fn`` at its ``await_only``, and what ``fn`` returns or raises is the
+crossing's.
 
 SQLAlchemy's ``await_only`` accepts a greenlet that carries ``__sqlalchemy_greenlet_provider__
 = True``, the duck-typed protocol it documents for third-party greenlet providers (since
