@@ -5,7 +5,10 @@ Client CPU (``time.process_time()``, and user CPU alone) per job, each loop drai
 jobs in this thread, alternating, best of ``R``: unlike throughput it hardly moves when other
 work shares the cores.  The first group takes the one-consumer path apart
 (:mod:`benchmarks.layers`): the library's statements alone, then with the job built from the
-row, then the queue session, then the worker, each row adding one layer.  Then, for each
+row, then the queue session, then the worker, each row adding one layer.  Each asyncio group
+does the same for SQLAlchemy's greenlet bridge (:data:`SIDE_NAMES`): the raw loop's statements
+awaited on the driver's connection, then crossing into a kept greenlet, into a new one per
+crossing, and through the DBAPI adapter, before the library's asyncio paths.  Then, for each
 library path, the functions that cost the most own time per job under cProfile timed by
 ``process_time`` (CPU only: waiting for the server is not counted; the profiler inflates
 every call about alike, so compare the rows, not the absolute µs).
@@ -49,7 +52,7 @@ from .workers import RetryRuntimeLoop
 from .workers import RuntimeLoop
 from .workers import SessionLoop
 
-#: How the asyncio groups name a side that is not a library path.
+#: The asyncio groups' floor sides, in the order they are listed, and how each is named.
 SIDE_NAMES = {
     "driver": "raw SQL awaited on SQLAlchemy's driver_connection",
     "reused": "  + crossing into a kept greenlet (the library's cross)",

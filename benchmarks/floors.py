@@ -92,10 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"backend: {'native' if native else 'portable'}; jobs/s (x raw), best of {args.repeats}"
         )
-        for n in counts if args.only != "asyncio" else ():
-            line = _line(url, args.jobs, args.repeats, args.kind, n, sync_sides(native))
-            print(f"{n} {args.kind}(s): {line}", flush=True)
-        for driver in drivers() if args.only != "sync" else ():
+        if args.only != "asyncio":
+            for n in counts:
+                line = _line(url, args.jobs, args.repeats, args.kind, n, sync_sides(native))
+                print(f"{n} {args.kind}(s): {line}", flush=True)
+        if args.only == "sync":
+            return 0
+        for driver in drivers():
             for n in counts:
                 line = _line(
                     url, args.jobs, args.repeats, "thread", 1, async_sides(driver, native, n)

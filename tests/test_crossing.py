@@ -179,13 +179,14 @@ def test_nothing_of_a_finished_crossing_stays_referenced() -> None:
 
 def test_each_thread_keeps_its_own() -> None:
     kept: dict[str, Any] = {}
+    free_after: dict[str, list[Any]] = {}  # asserted here: a failed assert in a thread is lost
 
     def in_thread(name: str) -> None:
         async def main() -> Any:
             return await cross(getcurrent)
 
         kept[name] = run(main())
-        assert crossing._kept.free[-1] is kept[name]
+        free_after[name] = list(crossing._kept.free)
 
     threads = [threading.Thread(target=in_thread, args=(n,)) for n in ("a", "b")]
     for t in threads:
@@ -193,6 +194,7 @@ def test_each_thread_keeps_its_own() -> None:
     for t in threads:
         t.join()
     assert set(kept) == {"a", "b"} and kept["a"] is not kept["b"]
+    assert free_after == {"a": [kept["a"]], "b": [kept["b"]]}
     assert not any(g is kept["a"] or g is kept["b"] for g in crossing._kept.free)
 
 
@@ -216,17 +218,19 @@ def test_a_finished_threads_greenlets_are_freed() -> None:
     def step() -> int:
         return int(await_only(asyncio.sleep(0, result=1)))
 
+    seen: list[tuple[int, int]] = []  # (result, greenlets kept), asserted in this thread
+
     def in_thread() -> None:
         async def main() -> int:
             return sum(await asyncio.gather(*(cross(step) for _ in range(5))))
 
-        assert run(main()) == 5
-        assert len(crossing._kept.free) == 5
+        seen.append((run(main()), len(crossing._kept.free)))
 
     for _ in range(20):
         thread = threading.Thread(target=in_thread)
         thread.start()
         thread.join()
+    assert seen == [(5, 5)] * 20
     gc.collect()
     mine = {id(g) for g in crossing._kept.free}
     alive = [o for o in gc.get_objects() if isinstance(o, crossing._Crossing)]
