@@ -134,13 +134,17 @@ def server_backend(url: URL) -> str:
         engine.dispose()
 
 
+def default_url() -> str:
+    """The server the measuring tools use unless ``--url`` says: ``Q4M_BENCH_URL``, else the
+    local MariaDB."""
+    return os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
+
+
 def bench_parser(prog: str, doc: str | None, jobs: int) -> argparse.ArgumentParser:
     """The options every measuring tool shares: ``--url`` (``Q4M_BENCH_URL``), ``--jobs``
     (default ``jobs``) and ``--repeats``."""
     parser = argparse.ArgumentParser(prog=prog, description=doc)
-    parser.add_argument(
-        "--url", default=os.environ.get("Q4M_BENCH_URL", "mysql+pymysql://root@127.0.0.1:3306")
-    )
+    parser.add_argument("--url", default=default_url())
     parser.add_argument("--jobs", type=int, default=jobs)
     parser.add_argument("--repeats", type=int, default=3)
     return parser
