@@ -308,7 +308,7 @@ def test_a_batch_deletes_each_job_by_its_key_in_one_executemany(
         assert len(batch) == 120
         for job in batch:
             batch.end(job)
-    assert len(deletes) == 1 and " IN " not in deletes[0]  # WHERE id = %(q4m_key)s, 120 times
+    assert len(deletes) == 1 and " IN " not in deletes[0]  # WHERE id = %(q4m_key_0)s, 120 times
     assert numbers(eng) == []
 
 

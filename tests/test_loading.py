@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 from sqlalchemy import Integer
 from sqlalchemy import MetaData
 from sqlalchemy import String
+from sqlalchemy import Table
 from sqlalchemy import Text
 from sqlalchemy import create_engine
 from sqlalchemy import event
@@ -40,10 +41,12 @@ from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m.backends.driver import DriverSQL
 from sqlalchemy_q4m.backends.driver import driver_level
+from sqlalchemy_q4m.backends.loading import Loader
 from sqlalchemy_q4m.backends.loading import claim_statement
 from sqlalchemy_q4m.backends.loading import loader_for
 from sqlalchemy_q4m.backends.loading import plain_mapping
 from sqlalchemy_q4m.exc import ConnectionLost
+from sqlalchemy_q4m.exc import QueueTableError
 from sqlalchemy_q4m.schema.functions import subscriptions
 
 
@@ -164,6 +167,37 @@ def test_driver_sql_positional_paramstyle() -> None:
     (sub,) = subscriptions([PlainJob])
     sql = DriverSQL.compile(claim_statement(sub, 3, loader_for(sub, dialect).columns), dialect)
     assert sql.positions == ("param_1",) and sql.params({}) == (3,)
+
+
+@pytest.mark.unit
+def test_the_batch_delete_gets_one_parameter_set_per_key_in_either_paramstyle() -> None:
+    (sub,) = subscriptions([PlainJob])
+    keys = [(b"k" * 16,), (b"j" * 16,)]
+    named = loader_for(sub, mysql.dialect(paramstyle="pyformat"))._compile_delete()
+    assert named.sql == "DELETE FROM ld_plain_jobs WHERE ld_plain_jobs.id = %(q4m_key_0)s"
+    assert named.params_many(["q4m_key_0"], keys) == [
+        {"q4m_key_0": b"k" * 16},
+        {"q4m_key_0": b"j" * 16},
+    ]
+    positional = loader_for(sub, mysql.dialect())._compile_delete()  # paramstyle "format"
+    assert positional.sql == "DELETE FROM ld_plain_jobs WHERE ld_plain_jobs.id = %s"
+    assert positional.params_many(["q4m_key_0"], keys) == keys
+
+
+@pytest.mark.unit
+def test_params_many_follows_the_statements_parameter_order() -> None:
+    # a key of two columns: each parameter set in the order the SQL names them
+    positional = DriverSQL("DELETE FROM t WHERE b = %s AND a = %s", ("b", "a"), {})
+    assert positional.params_many(["a", "b"], [(1, 2), (3, 4)]) == [(2, 1), (4, 3)]
+    named = DriverSQL("DELETE FROM t WHERE b = %(b)s AND a = %(a)s", None, {})
+    assert named.params_many(["a", "b"], [(1, 2)]) == [{"a": 1, "b": 2}]
+
+
+@pytest.mark.unit
+def test_a_table_without_a_job_id_has_no_delete() -> None:
+    keyless = Table("ld_keyless", MetaData(), Column("n", Integer))  # a legacy Q4M table
+    with pytest.raises(QueueTableError, match="no job id to delete by"):
+        Loader(keyless, keyless, mysql.dialect())._compile_delete()
 
 
 @pytest.mark.unit

@@ -85,6 +85,18 @@ class DriverSQL:
             return merged
         return tuple(merged[name] for name in self.positions)
 
+    def params_many(self, names: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[Any]:
+        """One parameter set per row of ``rows``, each giving a value to every one of
+        ``names`` (all of the statement's parameters), in the form :meth:`params` gives."""
+        positions = self.positions
+        if positions is None:
+            if len(names) == 1:
+                (name,) = names
+                return [{name: row[0]} for row in rows]
+            return [dict(zip(names, row, strict=True)) for row in rows]
+        order = [names.index(name) for name in positions]
+        return [tuple([row[i] for i in order]) for row in rows]
+
     def run(
         self, conn: Connection, values: dict[str, Any], unobserved: bool | None = None
     ) -> Fetched:

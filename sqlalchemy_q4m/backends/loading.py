@@ -155,7 +155,9 @@ class Loader:
         self._key_names = [_KEY.format(i) for i in range(len(self.key_columns))]  # DELETE's
         impls = [c.type.dialect_impl(dialect) for c in self.key_columns]
         self._key_binds = [impl.bind_processor(dialect) for impl in impls]
-        self._processors: list[Callable[[Any], Any] | None] | None = None
+        #: (column index, result processor) of each column that has one; None until the
+        #: first rows tell the types the driver reports.
+        self._processors: list[tuple[int, Callable[[Any], Any]]] | None = None
         self._claim_sql: DriverSQL | None = None
         self._owned_sql: DriverSQL | None = None
         self._delete_sql: DriverSQL | None = None
@@ -294,16 +296,28 @@ class Loader:
 
     def delete(self, conn: Connection, key: Key, unobserved: bool | None = None) -> None:
         """``DELETE FROM t WHERE id = ?`` for one owned job, in the caller's transaction."""
-        sql = self._delete_sql
-        if sql is None:
-            names = self._key_names
-            where = and_(
-                *(c == bindparam(n, None) for c, n in zip(self.key_columns, names, strict=True))
-            )
-            sql = self._delete_sql = DriverSQL.compile(
-                delete(self.table).where(where), self.dialect
-            )
+        sql = self._delete_sql or self._compile_delete()
         sql.run(conn, dict(zip(self._key_names, key, strict=False)), unobserved)
+
+    def delete_many(self, conn: Connection, keys: Sequence[Key]) -> None:
+        """The same ``DELETE`` for each of ``keys`` (jobs of a portable batch), sent with one
+        ``executemany`` in the caller's transaction: one primary-key lookup per row, each of
+        a row the transaction has locked already (see
+        :meth:`~sqlalchemy_q4m.backends.portable.PortableBackend.end_many`)."""
+        sql = self._delete_sql or self._compile_delete()
+        sql.run_many(conn, sql.params_many(self._key_names, keys))
+
+    def _compile_delete(self) -> DriverSQL:
+        """``DELETE FROM t WHERE id = ?`` (every key column), compiled once; keys are sent as
+        the driver sent them (no bind processing: a malformed id being buried is deleted)."""
+        names = self._key_names
+        if not names:
+            raise QueueTableError(f"queue table {self.table.name!r} has no job id to delete by")
+        where = and_(
+            *(c == bindparam(n, None) for c, n in zip(self.key_columns, names, strict=True))
+        )
+        sql = self._delete_sql = DriverSQL.compile(delete(self.table).where(where), self.dialect)
+        return sql
 
     # -- result processing -----------------------------------------------------------------
 
@@ -321,10 +335,11 @@ class Loader:
             codes = [d[1] for d in description or ()]
             if len(codes) != len(self.columns):  # pragma: no cover - we wrote the SELECT
                 codes = [None] * len(self.columns)
-            self._processors = [
+            processors = [
                 c.type.dialect_impl(self.dialect).result_processor(self.dialect, code)
                 for c, code in zip(self.columns, codes, strict=True)
             ]
+            self._processors = [(i, p) for i, p in enumerate(processors) if p is not None]
         return rows
 
     def _convert(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
@@ -332,7 +347,7 @@ class Loader:
         a value its column type cannot read) becomes an :class:`Unloadable` holding it as
         the driver returned it, instead of failing every claim of the queue's head."""
         try:
-            return list(self._apply(raw))
+            return self._apply(raw)
         except Exception:
             pass
         out: list[Sequence[Any] | Unloadable] = []
@@ -371,15 +386,25 @@ class Loader:
             bad[0].error.__context__ = err
             return [(r, r.key) for r in bad]
 
-    def _apply(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
+    def _apply(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
+        """The rows with each column's result processor applied (a new list per row; only
+        the columns that have one are visited: often the job id alone).  Typed as
+        :meth:`_convert` returns, which returns it as it is; it holds no ``Unloadable``."""
         procs = self._processors
         assert procs is not None
-        if not any(procs):
-            return list(raw)
-        return [
-            [v if p is None or v is None else p(v) for p, v in zip(procs, r, strict=True)]
-            for r in raw
-        ]
+        out: list[Sequence[Any] | Unloadable]
+        if not procs:
+            out = list(raw)
+            return out
+        out = []
+        for r in raw:
+            row = list(r)
+            for i, process in procs:
+                value = row[i]
+                if value is not None:
+                    row[i] = process(value)
+            out.append(row)
+        return out
 
 
 #: Claim statements of subscriptions with a condition, compiled with their values rendered

@@ -14,21 +14,14 @@ import time
 from collections.abc import Callable
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 from typing import ClassVar
 from typing import TypeVar
 
 from sqlalchemy import Connection
-from sqlalchemy import Delete
-from sqlalchemy import bindparam
-from sqlalchemy import delete
 from sqlalchemy import text
-from sqlalchemy import type_coerce
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.types import NullType
 
-from ..exc import Q4MError
 from ..exc import UnsafeBind
 from ..schema.functions import Subscription
 from ..server import BackendName
@@ -162,22 +155,24 @@ class PortableBackend(Backend):
         return [Claim(sub, job, key, loader) for job, key in found]
 
     def end_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
-        """One ``executemany`` of ``DELETE ... WHERE id = ?`` per subscription (see
-        :data:`KEY`); the caller commits."""
+        """One ``executemany`` of ``DELETE ... WHERE id = ?`` per subscription
+        (:meth:`~sqlalchemy_q4m.backends.loading.Loader.delete_many`); the caller commits.
+
+        An equality on the whole primary key is always a unique-key lookup of a row this
+        transaction has locked already, so it waits for nobody and cannot deadlock.  A
+        ``DELETE ... WHERE id IN (...)`` was cheaper in round trips, but on a small table (below
+        about 2,000 rows on MariaDB 10.11) the optimizer scans it, locking rows other batches
+        own: 4 consumers of 200-job batches on a busy 600-row table lost 35% of their batches
+        to deadlocks there (measured with ``tests/batch_contention.py``), and every job of a
+        lost batch runs again."""
         by_sub: dict[int, list[Claim]] = {}
         for claim in claims:
             by_sub.setdefault(id(claim.subscription), []).append(claim)
         for group in by_sub.values():
-            sub = group[0].subscription
+            first = group[0]
             keys = [claim.key for claim in group]
-            stmt = _delete_statement(sub)
-            if stmt is None:  # a composite key: one DELETE per job
-                for claim in group:
-                    retry_lock_wait(partial(claim.loader.delete, conn, claim.key))
-                continue
-            params = [{KEY: k[0]} for k in keys]
-            retry_lock_wait(partial(conn.execute, stmt, params))
-            retry_lock_wait(partial(ended_many, conn, sub.table, keys))
+            retry_lock_wait(partial(first.loader.delete_many, conn, keys))
+            retry_lock_wait(partial(ended_many, conn, first.subscription.table, keys))
 
     def abort_many(self, conn: Connection, claims: Sequence[Claim]) -> None:
         """Nothing to send: the caller's ROLLBACK returns the jobs."""
@@ -191,39 +186,3 @@ class PortableBackend(Backend):
 
     def begin_claim(self, conn: Connection) -> None:
         begin_read_committed(conn)
-
-
-#: The batch completion deletes one row per statement, ``DELETE FROM t WHERE id = ?``, sent with
-#: one ``executemany``: an equality on the whole primary key is always a unique-key lookup of a
-#: row this transaction has locked already, so it waits for nobody and cannot deadlock.  A
-#: ``DELETE ... WHERE id IN (...)`` was cheaper in round trips, but on a small table (below
-#: about 2,000 rows on MariaDB 10.11) the optimizer scans it, locking rows other batches own:
-#: 4 consumers of 200-job batches on a busy 600-row table lost 35% of their batches to
-#: deadlocks there (measured with ``tests/batch_contention.py``), and every job of a lost
-#: batch runs again.
-KEY = "q4m_key"
-
-#: Completion statements by table: a key arrives as the driver sends it, so it is bound
-#: untyped (no second bind processing).  Bounded: tables made at run time come and go.
-_DELETES: dict[Any, Delete | None] = {}
-_DELETES_SIZE = 256
-
-
-def _delete_statement(sub: Subscription) -> Delete | None:
-    """``DELETE FROM t WHERE id = :q4m_key`` (executed many), built once per table; None for
-    a composite key."""
-    try:
-        return _DELETES[sub.table]
-    except KeyError:  # not built yet (or the cache was just emptied)
-        pass
-    columns = list(sub.table.primary_key.columns)
-    if not columns:
-        raise Q4MError(f"queue table {sub.name!r} has no job id to delete completed jobs by")
-    # both sides untyped: the key is bound as the driver sends it (a JobId would process
-    # it again, and refuse a malformed id the worker is burying)
-    where = type_coerce(columns[0], NullType()) == bindparam(KEY, type_=NullType())
-    stmt = delete(sub.table).where(where) if len(columns) == 1 else None
-    if len(_DELETES) >= _DELETES_SIZE:
-        _DELETES.clear()
-    _DELETES[sub.table] = stmt
-    return stmt
