@@ -89,7 +89,7 @@ class StatementLoop:
 
     def _job(self, fetched: Any) -> Any:
         """The job made from the fetched row (or the row itself); its key."""
-        rows = self.loader._rows(fetched)[:1]
+        rows = self.loader.rows.fetched(fetched)[:1]
         if not rows:
             return None
         if not self.build_jobs:

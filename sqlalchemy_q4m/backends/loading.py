@@ -17,16 +17,14 @@ loading, deferred, expression or relationship attributes, ``load``/``refresh`` l
 claim with a condition is executed from its statement (the condition's values change).
 
 How the statements reach the driver (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL`,
-:func:`~sqlalchemy_q4m.backends.driver.driver_level`) is :mod:`~sqlalchemy_q4m.backends.driver`.
+:func:`~sqlalchemy_q4m.backends.driver.driver_level`) is :mod:`~sqlalchemy_q4m.backends.driver`;
+the result processing of the driver's rows is :mod:`~sqlalchemy_q4m.backends.rows`.
 """
 
 from __future__ import annotations
 
-import traceback
 from collections.abc import Callable
-from collections.abc import Iterator
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 from typing import TypeVar
 
@@ -39,8 +37,6 @@ from sqlalchemy import delete
 from sqlalchemy import inspect
 from sqlalchemy import select
 from sqlalchemy.engine import Dialect
-from sqlalchemy.engine.result import IteratorResult
-from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import CompileError
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import ColumnProperty
@@ -50,16 +46,18 @@ from sqlalchemy.orm.attributes import instance_state
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..exc import QueueTableError
-from ..exc import UnloadableJob
 from ..schema.ddl import claim_order
 from ..schema.functions import Subscription
 from .driver import DriverSQL
-from .driver import Fetched
 from .driver import dialect_cache
+from .rows import Key
+from .rows import RowConverter
+from .rows import Unloadable
+from .rows import core_rows
+from .rows import row_metadata
 
 __all__ = [
     "Loader",
-    "Unloadable",
     "claim_statement",
     "loader_for",
     "plain_mapping",
@@ -72,7 +70,6 @@ _STATEMENTS = 16
 
 R = TypeVar("R")
 Job = Any
-Key = tuple[Any, ...]  # the job's primary key as the driver sends it (after bind processing)
 
 
 def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | None = None) -> Any:
@@ -88,26 +85,6 @@ def claim_statement(sub: Subscription, limit: int = 1, columns: Sequence[Any] | 
 def _order(table: Table) -> list[ColumnElement[Any]]:
     # the order the portable layout's claim index (ddl.CLAIM_INDEX) is kept in
     return [c.desc() if desc else c for c, desc in claim_order(table)]
-
-
-@dataclass
-class Unloadable:
-    """A claimed (or, on Q4M, owned) row that cannot be loaded as a job: a result processor
-    failed on it.  It holds the row as the driver returned it, so the worker can move it to
-    the dead letters and remove it; :class:`~sqlalchemy_q4m.consumer.session.QueueSession` and
-    :func:`~sqlalchemy_q4m.queue_batch` raise :class:`~sqlalchemy_q4m.exc.UnloadableJob`."""
-
-    table: Table
-    values: dict[str, Any]
-    key: Key
-    error: BaseException
-    details: str
-
-    def exception(self) -> UnloadableJob:
-        return UnloadableJob(
-            f"a row of {self.table.name!r} cannot be loaded ({type(self.error).__name__}: "
-            f"{self.error}); its values as read: {self.values!r}"
-        )
 
 
 def plain_mapping(mapper: Mapper[Any], table: Table) -> bool:
@@ -155,9 +132,8 @@ class Loader:
         self._key_names = [_KEY.format(i) for i in range(len(self.key_columns))]  # DELETE's
         impls = [c.type.dialect_impl(dialect) for c in self.key_columns]
         self._key_binds = [impl.bind_processor(dialect) for impl in impls]
-        #: (column index, result processor) of each column that has one; None until the
-        #: first rows tell the types the driver reports.
-        self._processors: list[tuple[int, Callable[[Any], Any]]] | None = None
+        #: The driver's rows of ``columns`` as a query would read them.
+        self.rows = RowConverter(table, columns, self._key_at, dialect)
         self._claim_sql: DriverSQL | None = None
         self._owned_sql: DriverSQL | None = None
         self._delete_sql: DriverSQL | None = None
@@ -241,7 +217,7 @@ class Loader:
                 stmt = claim_statement(sub, 1, self.columns).limit(bindparam(_LIMIT, 1))
                 sql = self._claim_sql = DriverSQL.compile(stmt, self.dialect)
             if sql is not None:
-                raw = self._rows(sql.run(conn, params, unobserved))
+                raw = self.rows.fetched(sql.run(conn, params, unobserved))
                 jobs = self._jobs(self._driver_jobs(raw), raw)
                 return jobs if session is None else in_identity_map(session, jobs)
         raw_claim = self._statement(sub, limit, raw=True)  # the same rows, unconverted
@@ -286,7 +262,7 @@ class Loader:
             sql = self._owned_sql
             if sql is None:
                 sql = self._owned_sql = DriverSQL.compile(owned, self.dialect)
-            raw = self._rows(sql.run(conn, {}, unobserved))[:1]
+            raw = self.rows.fetched(sql.run(conn, {}, unobserved))[:1]
             found = self._jobs(self._driver_jobs(raw), raw)
         else:
             found = self._or_unloadable(
@@ -322,44 +298,11 @@ class Loader:
     # -- result processing -----------------------------------------------------------------
 
     def _driver_jobs(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
-        """Driver rows converted (:meth:`_convert`), as a Core table's Rows for one."""
-        converted = self._convert(raw)
+        """Driver rows converted (:meth:`RowConverter.convert`), as a Core table's Rows for
+        one."""
+        converted = self.rows.convert(raw)
         meta = self._row_meta
         return converted if meta is None else core_rows(meta, converted)
-
-    def _rows(self, fetched: Fetched) -> Sequence[Sequence[Any]]:
-        """The driver rows fetched; on first use, the columns' result processors are looked
-        up for the types the driver reports."""
-        description, rows = fetched
-        if self._processors is None:
-            codes = [d[1] for d in description or ()]
-            if len(codes) != len(self.columns):  # pragma: no cover - we wrote the SELECT
-                codes = [None] * len(self.columns)
-            processors = [
-                c.type.dialect_impl(self.dialect).result_processor(self.dialect, code)
-                for c, code in zip(self.columns, codes, strict=True)
-            ]
-            self._processors = [(i, p) for i, p in enumerate(processors) if p is not None]
-        return rows
-
-    def _convert(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
-        """:meth:`_apply`, except that a row a result processor fails on (a malformed job id,
-        a value its column type cannot read) becomes an :class:`Unloadable` holding it as
-        the driver returned it, instead of failing every claim of the queue's head."""
-        try:
-            return self._apply(raw)
-        except Exception:
-            pass
-        out: list[Sequence[Any] | Unloadable] = []
-        for row in raw:
-            try:
-                out.append(self._apply([row])[0])
-            except Exception as err:
-                key = tuple([row[j] for j in self._key_at])
-                values = {c.name: v for c, v in zip(self.columns, row, strict=True)}
-                details = "".join(traceback.format_exception(err))
-                out.append(Unloadable(self.table, values, key, err, details))
-        return out
 
     def _or_unloadable(
         self, conn: Connection, raw_stmt: Any, load: Callable[[], list[tuple[Job, Key]]]
@@ -377,34 +320,14 @@ class Loader:
             result = conn.execute(raw_stmt)
             try:
                 cursor = result.cursor
-                raw = self._rows((cursor.description, cursor.fetchall()))
+                raw = self.rows.fetched((cursor.description, cursor.fetchall()))
             finally:
                 result.close()
-            bad = [r for r in self._convert(raw) if isinstance(r, Unloadable)]
+            bad = [r for r in self.rows.convert(raw) if isinstance(r, Unloadable)]
             if not bad:
                 raise
             bad[0].error.__context__ = err
             return [(r, r.key) for r in bad]
-
-    def _apply(self, raw: Sequence[Sequence[Any]]) -> list[Sequence[Any] | Unloadable]:
-        """The rows with each column's result processor applied (a new list per row; only
-        the columns that have one are visited: often the job id alone).  Typed as
-        :meth:`_convert` returns, which returns it as it is; it holds no ``Unloadable``."""
-        procs = self._processors
-        assert procs is not None
-        out: list[Sequence[Any] | Unloadable]
-        if not procs:
-            out = list(raw)
-            return out
-        out = []
-        for r in raw:
-            row = list(r)
-            for i, process in procs:
-                value = row[i]
-                if value is not None:
-                    row[i] = process(value)
-            out.append(row)
-        return out
 
 
 #: Claim statements of subscriptions with a condition, compiled with their values rendered
@@ -467,27 +390,6 @@ def in_identity_map(session: Session, jobs: list[tuple[Job, Key]]) -> list[tuple
             held = session.get(state.class_, state.key[1])
             out[i] = (job if held is None else held, key)
     return out
-
-
-def row_metadata(columns: Sequence[Column[Any]]) -> SimpleResultMetaData | None:
-    """How to make the Rows ``Connection.execute(select(*columns))`` returns from converted
-    values: each value under its column's name, the column itself and its key, as the
-    cursor result's keys are; None when names and keys overlap (left to SQLAlchemy)."""
-    names = [c.name for c in columns]
-    extra = [(c,) if c.key == c.name else (c, c.key) for c in columns]
-    keys = [*names, *(c.key for c in columns if c.key != c.name)]
-    if len(set(keys)) != len(keys):
-        return None
-    return SimpleResultMetaData(names, extra=extra)
-
-
-def core_rows(
-    meta: SimpleResultMetaData, values: Sequence[Sequence[Any] | Unloadable]
-) -> list[Sequence[Any] | Unloadable]:
-    """``values`` (converted) as Rows of ``meta``; an :class:`Unloadable` stays as it is."""
-    plain = [v for v in values if not isinstance(v, Unloadable)]
-    rows: Iterator[Any] = iter(IteratorResult(meta, iter([tuple(v) for v in plain])).all())
-    return [v if isinstance(v, Unloadable) else next(rows) for v in values]
 
 
 def loader_for(sub: Subscription, dialect: Dialect) -> Loader:

@@ -89,7 +89,7 @@ class QueueBatch(Generic[T]):
 
     #: A row that cannot be loaded raises :class:`~sqlalchemy_q4m.exc.UnloadableJob` (the
     #: batch goes back to the queue); the worker sets this to hold it as an
-    #: :class:`~sqlalchemy_q4m.backends.loading.Unloadable` and dead-letter it.
+    #: :class:`~sqlalchemy_q4m.backends.rows.Unloadable` and dead-letter it.
     accept_unloadable: bool = False
 
     def __init__(

@@ -29,7 +29,7 @@ from ..backends.base import give_up_connection
 from ..backends.base import is_conflict
 from ..backends.base import take_connection
 from ..backends.base import translate_errors
-from ..backends.loading import Unloadable
+from ..backends.rows import Unloadable
 from ..backends.wakeup import listen_wait
 from ..backends.wakeup import listening_supported
 from ..exc import CompletionFailed

@@ -58,7 +58,7 @@ from ..backends import Claim
 from ..backends.base import RETRYABLE
 from ..backends.base import error_code
 from ..backends.base import raise_if_lost
-from ..backends.loading import Unloadable
+from ..backends.rows import Unloadable
 from ..backends.wakeup import listen_wait
 from ..backends.wakeup import listening_supported
 from ..exc import CompletionFailed
@@ -126,7 +126,7 @@ class QueueSession(OwnershipWatch, Generic[T]):
 
     #: A row that cannot be loaded raises :class:`UnloadableJob` (and goes back to the
     #: queue); the worker sets this to own it as a
-    #: :class:`~sqlalchemy_q4m.backends.loading.Unloadable` and dead-letter it.
+    #: :class:`~sqlalchemy_q4m.backends.rows.Unloadable` and dead-letter it.
     accept_unloadable: bool = False
 
     # class-level defaults, as :class:`~sqlalchemy_q4m.consumer.binding.Pin`'s

@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from ..backends.loading import Unloadable
+from ..backends.rows import Unloadable
 from ..consumer.asyncio import AsyncQueueSession
 from ..consumer.asyncio import GreenletQueueSession
 from ..consumer.asyncio import run_to_completion

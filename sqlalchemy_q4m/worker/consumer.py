@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import Connection
 from sqlalchemy import Engine
 
-from ..backends.loading import Unloadable
+from ..backends.rows import Unloadable
 from ..consumer.batch import QueueBatch
 from ..consumer.session import QueueSession
 from ..schema.reflect import reflect_queue_table

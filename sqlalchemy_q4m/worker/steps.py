@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.exc import DBAPIError
 
-from ..backends.loading import Unloadable
+from ..backends.rows import Unloadable
 from ..backends.unique_keys import key_moved
 from ..exc import ConnectionLost
 from ..schema.ddl import JOB_ID
