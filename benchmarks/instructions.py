@@ -4,9 +4,9 @@ valgrind's callgrind.
 
 CPU time per job moves by 10-20% from one run to the next on a machine whose cores the server
 and other work share, more than most changes to the library's per-job code would move it.
-An instruction count does not: the client's user-space instructions per job are the same
-from one run to the next within a fraction of a percent, whatever else the machine does.  Each path
-runs in a child process under ``valgrind --tool=callgrind`` twice, draining a queue the parent
+An instruction count does not: the client's user-space instructions per job repeat within
+about 1% from one run to the next, whatever else the machine does.  Each path runs in a child
+process under ``valgrind --tool=callgrind`` twice, draining a queue the parent
 filled beforehand with ``N`` jobs, then with ``5 N``; the difference divided by ``4 N`` is the
 instructions per job, the child's start (imports, connecting, the warm-up) cancelled out.
 ``PYTHONHASHSEED`` is fixed so that both children hash alike.  What is not counted: the
@@ -37,6 +37,7 @@ from .common import TABLE
 from .common import bench_database
 from .common import default_url
 from .common import fill
+from .common import server_backend
 from .cpu import Path
 from .cpu import paths
 
@@ -59,8 +60,6 @@ def _groups(native: bool) -> list[list[Path]]:
 def _child(url: str, group: int, index: int) -> int:
     """In the child: drain the queue with path ``index`` of ``group``; print how many."""
     target = make_url(url)
-    from .common import server_backend
-
     native = server_backend(target) == "native"
     _, make = _groups(native)[group][index]
     loop = make(target)
