@@ -5,15 +5,16 @@ The asyncio queue session runs the sync one in a greenlet, as SQLAlchemy's async
 runs the sync ORM: ``greenlet_spawn(fn)`` starts ``fn`` in a new greenlet, and each
 ``await_only(awaitable)`` inside it switches back to the event loop's greenlet, which awaits
 the awaitable and switches in again with its outcome.  A queue session crosses twice per job
-(the claim; the end), and starting a new greenlet is the costliest part of a crossing: measured
-with ``python -m benchmarks.cpu``, the raw loop's statements crossing into a new greenlet per
-half of a job cost 22-54 µs more client CPU per job than crossing into one kept greenlet
-(``benchmarks/NOTES.md``, "The greenlet bridge taken apart").  So :func:`cross` keeps the
-greenlets it made, one per crossing in progress at a time, in a list per thread, and runs the
-next ``fn`` in one of them; everything else is ``greenlet_spawn``'s: ``fn`` runs in the
-caller's :mod:`contextvars` context, an error (a cancellation included) raised while awaiting
-is thrown into ``fn`` at its ``await_only``, and what ``fn`` returns or raises is the
-crossing's.
+(the claim; the end).  Measured with ``python -m benchmarks.cpu``, the raw loop's statements
+crossing into a new greenlet per half of a job cost 22-54 µs more client CPU per job than
+crossing into one kept greenlet (``benchmarks/NOTES.md``, "The greenlet bridge taken apart"),
+though ``python -m benchmarks.instructions`` counts the same instructions for both (so the
+difference, if not noise, is a new greenlet's fresh memory: cache misses, page faults).  So
+:func:`cross` keeps the greenlets it made, one per crossing in progress at a time, in a list
+per thread, and runs the next ``fn`` in one of them; everything else is ``greenlet_spawn``'s:
+``fn`` runs in the caller's :mod:`contextvars` context, an error (a cancellation included)
+raised while awaiting is thrown into ``fn`` at its ``await_only``, and what ``fn`` returns or
+raises is the crossing's.
 
 SQLAlchemy's ``await_only`` accepts a greenlet that carries ``__sqlalchemy_greenlet_provider__
 = True``, the duck-typed protocol it documents for third-party greenlet providers (since
