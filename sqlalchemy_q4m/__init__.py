@@ -2,7 +2,8 @@
 
 Queue tables are ORM models (:class:`QueueMixin`) or Core tables (:func:`queue_table`);
 :func:`queue_session` owns one job at a time on a pinned connection, on Q4M's
-``ENGINE=QUEUE`` (native) or on InnoDB with ``SKIP LOCKED`` (portable).
+``ENGINE=QUEUE`` (native) or on InnoDB with ``SKIP LOCKED`` (portable); :func:`queue_consumer`
+takes one job after another on one connection set up once.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from importlib.metadata import version
 from .backends.notify import notify
 from .consumer.batch import QueueBatch
 from .consumer.batch import queue_batch
+from .consumer.consuming import QueueConsumer
+from .consumer.consuming import queue_consumer
 from .consumer.entry import queue_session
 from .consumer.entry import queue_sessionmaker
 from .consumer.session import QueueSession
@@ -55,6 +58,7 @@ __all__ = [
     "Q4MError",
     "QueueAbort",
     "QueueBatch",
+    "QueueConsumer",
     "QueueMixin",
     "QueueSession",
     "RetryMixin",
@@ -73,6 +77,7 @@ __all__ = [
     "queue_abort",
     "queue_batch",
     "queue_compact",
+    "queue_consumer",
     "queue_end",
     "queue_rowid",
     "queue_session",

@@ -1,7 +1,9 @@
 """One suite of queue-session behaviours, run against both drivers of the job-life state
 machine (:mod:`sqlalchemy_q4m.consumer.lifecycle`): the blocking :class:`QueueSession`
 (``pymysql``) and the asyncio :class:`AsyncQueueSession` (``asyncmy``), each on MariaDB (the
-portable backend) and on the Q4M engine (native, marker ``native``).
+portable backend) and on the Q4M engine (native, marker ``native``); and against the queue
+sessions a :class:`QueueConsumer` takes one after another (``consumer``: one consumer per set
+of options for the whole scenario, so each queue session after the first is a renewed one).
 
 Each scenario is written once, as a coroutine: the sync driver is wrapped in ``async`` methods
 that call it directly.  Only how a block is interrupted differs by nature: the sync driver
@@ -39,8 +41,10 @@ from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
 
 from sqlalchemy_q4m import QueueAbort
+from sqlalchemy_q4m import QueueConsumer
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import QueueSession
+from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
@@ -112,14 +116,33 @@ class Driver:
         self.kind, self.backend, self.url, self.sync_engine = kind, backend, url, sync_engine
         self.events: Engine = sync_engine
         self._async: AsyncEngine | None = None
+        self._consumers: dict[Any, QueueConsumer[Any]] = {}
 
     def session(self, *targets: Any, **kw: Any) -> Any:
+        if self.kind == "consumer":
+            return SyncAdapter(self._take(targets, **kw))
         if self._async is None:
             return SyncAdapter(queue_session(*targets, bind=self.sync_engine, **kw))
         return queue_session(*targets, bind=self._async, **kw)
 
+    def _take(self, targets: tuple[Any, ...], timeout: float = 60.0, **kw: Any) -> Any:
+        """The next take of the scenario's queue consumer with these options (one per set of
+        options, kept for the scenario: each queue session is a renewed take)."""
+        key = (targets, tuple(sorted(kw.items())))
+        consumer = self._consumers.get(key)
+        if consumer is None:
+            consumer = self._consumers[key] = queue_consumer(*targets, bind=self.sync_engine, **kw)
+        return consumer.take(timeout=timeout)
+
     def run(self, scenario: Callable[[], Awaitable[T]]) -> T:
         async def main() -> T:
+            if self.kind == "consumer":
+                try:
+                    return await scenario()
+                finally:
+                    for consumer in self._consumers.values():
+                        consumer.close()
+                    self._consumers.clear()
             if self.kind == "sync":
                 return await scenario()
             eng = create_async_engine(self.url.set(drivername="mysql+asyncmy"), pool_size=5)
@@ -133,7 +156,7 @@ class Driver:
         return asyncio.run(main())
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync", "async", "consumer"])
 def driver(request: pytest.FixtureRequest, server: tuple[str, URL, Engine]) -> Iterator[Driver]:
     backend, url, eng = server
     yield Driver(request.param, backend, url, eng)

@@ -46,6 +46,7 @@ from sqlalchemy.pool import NullPool
 
 from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import enqueue
+from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m import use_backend
 from sqlalchemy_q4m.backends import unique_keys
@@ -175,7 +176,15 @@ def _per_job(log: Log, start: int, jobs: int) -> list[str]:
     return first
 
 
-SYNC_BINDS = ["engine", "connection", "session"]
+#: Each bind of ``queue_session`` per job, and of ``queue_consumer`` taking each job.
+SYNC_BINDS = [
+    "engine",
+    "connection",
+    "session",
+    "consumer:engine",
+    "consumer:connection",
+    "consumer:session",
+]
 
 
 def _counting_engine(url: URL, log: Log) -> Engine:
@@ -207,21 +216,27 @@ def _run_sync(
     _fill(url, JOBS + 1)
     done: list[int] = []
     conn = None
+    consumer = None
+    kind = bind_kind.removeprefix("consumer:")
     try:
-        if bind_kind == "engine":
+        if kind == "engine":
             bind: Any = eng
-        elif bind_kind == "connection":
+        elif kind == "connection":
             conn = eng.connect()
             if name == "portable" and level != "default":  # the worker's connection
                 conn = conn.execution_options(isolation_level=level)
             bind = conn
         else:
             bind = Session(eng)
+        if kind != bind_kind:
+            consumer = queue_consumer(target, bind=bind, timeout=5)
         start = 0
         for i in range(JOBS + 1):
             if i == 1:
                 start = len(log.sent)
-            qs = queue_session(target, bind=bind, timeout=5)
+            qs = (
+                queue_session(target, bind=bind, timeout=5) if consumer is None else consumer.take()
+            )
             with qs as job:
                 assert job is not None
                 done.append(job.n)
@@ -229,6 +244,8 @@ def _run_sync(
                     qs.session.add(Effect(id=job.n))
         return _per_job(log, start, JOBS)
     finally:
+        if consumer is not None:
+            consumer.close()
         if isinstance(bind, Session):
             bind.close()
         if conn is not None:

@@ -171,8 +171,16 @@ class Pin(ABC):
                 check_info_free(info)
             self._pin(bind, resolve_backend(bind, self._backend_name))
         pinned = self._pinned
-        assert self.backend is not None and pinned is not None
-        self._owner_info = record_owner(pinned.info if info is None else info, self, pinned.engine)
+        assert pinned is not None
+        return self._ready(pinned.info if info is None else info)
+
+    def _ready(self, info: dict[Any, Any]) -> Backend:
+        """The pinned connection, whose ``info`` is given, is recorded as owned by this queue
+        session (refused if another owns a job on it) and, where a claim needs it, its
+        transaction prepared: the per-job part of :meth:`_setup`."""
+        pinned, backend = self._pinned, self.backend
+        assert backend is not None and pinned is not None
+        self._owner_info = record_owner(info, self, pinned.engine)
         self.unobserved = driver_level(pinned)
         if self._read_committed:
             try:
@@ -180,7 +188,7 @@ class Pin(ABC):
             except BaseException:
                 self._release(broken=True)
                 raise
-        return self.backend
+        return backend
 
     @abstractmethod
     def released(self, what: str) -> None:
@@ -232,20 +240,29 @@ class Pin(ABC):
             began = True
         else:
             conn = bind
-            began = not conn.in_transaction()
-            if not began:
-                backend.check_open_transaction(conn)  # on Q4M: refused (no transactions)
-            elif name == "portable":
-                self._read_committed = backend.sets_isolation(conn)
-            else:
-                try:
-                    autocommit_for_queue(conn)  # once per DBAPI connection: no COMMIT per job
-                except DBAPIError as err:
-                    raise_if_lost(err, "preparing the consumer's connection")
-                    raise
+            began = self._join(conn, backend)
         self.backend = backend
         self._pinned = conn
         self._began = began
+
+    def _join(self, conn: Connection, backend: Backend) -> bool:
+        """Whether the claim on ``conn`` (the caller's) begins a transaction of its own: if
+        not, the caller's open one must be able to hold it; if so, on the portable backend
+        whether it needs ``SET TRANSACTION`` first, and on Q4M the connection goes to the
+        driver's autocommit (once per DBAPI connection: no COMMIT per job)."""
+        began = not conn.in_transaction()
+        self._read_committed = False
+        if not began:
+            backend.check_open_transaction(conn)  # on Q4M: refused (no transactions)
+        elif backend.name == "portable":
+            self._read_committed = backend.sets_isolation(conn)
+        else:
+            try:
+                autocommit_for_queue(conn)
+            except DBAPIError as err:
+                raise_if_lost(err, "preparing the consumer's connection")
+                raise
+        return began
 
     def _new_orm_session(self, conn: Connection) -> Session:
         """The ORM session of the job on the pinned connection, made on first use (the
@@ -303,10 +320,15 @@ class Pin(ABC):
         except DBAPIError:  # pragma: no cover - the connection is gone already
             pass
         finally:
-            conn, keep = self._conn, self._keep
-            self._conn = self._pinned = self._keep = None
-            if conn is not None:
-                if keep is not None and not broken:
-                    keeping.give_back(conn.engine, conn, keep)
-                else:
-                    conn.close()
+            self._unpin(broken)
+
+    def _unpin(self, broken: bool) -> None:
+        """Let go of the pinned connection: one we checked out is kept for the engine's next
+        queue session (clean) or closed (``broken``: invalidated already)."""
+        conn, keep = self._conn, self._keep
+        self._conn = self._pinned = self._keep = None
+        if conn is not None:
+            if keep is not None and not broken:
+                keeping.give_back(conn.engine, conn, keep)
+            else:
+                conn.close()
