@@ -2,11 +2,11 @@
 the worker layer alone adds per job, without a server.
 
 The worker's consumer (``Job.run_once``, and ``Consumer.run_once`` with ``batch_size = 200``)
-runs over stand-ins for ``QueueSession`` and ``QueueBatch`` that hand out one prepared job (a
-batch of 200) and end it without I/O, so what is timed is the worker's own steps: the waits'
-options and conditions, ``_before_execute``, the ``JobRun``, ``settle``, the log lines, the
-counters.  The stand-ins cost what the real ones cost outside their I/O only for
-``subscriptions()`` (called as ``QueueSession`` calls it).  ``time.process_time`` per job, best
+runs over stand-ins for ``QueueConsumer`` (its queue sessions) and ``QueueBatch`` that hand out
+one prepared job (a batch of 200) and end it without I/O, so what is timed is the worker's own
+steps: the waits' options and conditions, ``_before_execute``, the ``JobRun``, ``settle``, the
+log lines, the counters.  The stand-ins cost what the real ones cost outside their I/O only for
+``subscriptions()`` (called when the condition changes, as ``QueueConsumer`` calls it).  ``time.process_time`` per job, best
 of 7; a table without and one with ``run_at`` (``RetryMixin``: each wait has a condition).
 Unlike ``benchmarks.cpu`` it hardly moves when other work shares the cores; it says nothing
 about the consumer layer and the backends under the worker (see ``benchmarks.cpu`` for those).
@@ -84,6 +84,25 @@ class FakeSession:
 
     def close(self) -> None:
         self.owning = False
+
+
+class FakeConsumer:
+    """``QueueConsumer`` without I/O: each ``take`` renews one :class:`FakeSession` (its
+    subscriptions rebuilt only when the condition changes, as the real one does)."""
+
+    def __init__(self, *targets: Any, bind: Any, **options: Any) -> None:
+        self.targets, self.bind = targets, bind
+        self.session = FakeSession(*targets, bind=bind)
+        self.where: Any = None
+        self.accept_unloadable = False
+
+    def take(self, *, timeout: Any = None, where: Any = None) -> FakeSession:
+        session = self.session
+        if where is not self.where:
+            session.subscription = subscriptions(self.targets, where)[0]
+            self.where = where
+        session.owning = False
+        return session
 
 
 class FakeBatch:
@@ -168,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", choices=("portable", "native"), default="portable")
     parser.add_argument("--top", type=int, default=0, help="cProfile rows per path (0: none)")
     args = parser.parse_args(argv)
-    consumer_module.QueueSession = FakeSession  # type: ignore[misc,assignment]
+    consumer_module.QueueConsumer = FakeConsumer  # type: ignore[misc,assignment]
     consumer_module.QueueBatch = FakeBatch  # type: ignore[misc,assignment]
     FakeSession.backend_name = args.backend
     rows = [("run_once", 1, 5000)]

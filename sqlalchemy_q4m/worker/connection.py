@@ -21,6 +21,7 @@ from sqlalchemy import inspect
 from sqlalchemy import select
 
 from ..backends.unique_keys import refresh as refresh_unique_keys
+from ..consumer.consuming import QueueConsumer
 from ..exc import Q4MError
 from ..schema.retry import RUN_AT
 from ..server import BackendName
@@ -104,6 +105,9 @@ class ConsumerBase:
         self._where_cache: tuple[int, dict[Any, Any] | None] | None = None
         self._backend: BackendName | None = None
         self._ready = False  # the pinned connection is prepared (backend, tables)
+        #: The sync driver's queue consumer on the prepared connection (its jobs' queue
+        #: sessions), made again whenever the connection or the targets are.
+        self._queue_consumer: QueueConsumer[Any] | None = None
         self._stop = threading.Event()
         self._since_recycle = 0
         #: ``"table id"`` of the job in hand, for the runtime's shutdown report.
@@ -169,6 +173,7 @@ class ConsumerBase:
         if self._ready and conn is not None and not conn.closed and not conn.invalidated:
             return conn
         self._ready = False
+        self._queue_consumer = None  # made again for the connection prepared here
         if self._engine is None:
             if conn is None or conn.closed:
                 raise Q4MError("the consumer's connection was closed by its owner")
@@ -216,6 +221,7 @@ class ConsumerBase:
     def _serve(self, targets: list[Target]) -> None:
         """Take ``targets`` and work out, once, what each wait and each job reads of them."""
         self._targets = targets
+        self._queue_consumer = None  # its targets were the old ones
         self._models = [t.target for t in targets]
         self._by_table = {t.table: t for t in targets}
         self._timed = any(RUN_AT in t.table.columns for t in targets)

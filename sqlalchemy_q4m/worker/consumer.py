@@ -3,7 +3,9 @@
 A :class:`Consumer` owns one pinned connection and serves one or more job classes; their tables
 are waited on in the order given (earlier tables win: priority).  Connections are never shared:
 each consumer checks out its own and keeps it, reconnecting with backoff when the server goes
-away (the job it owned is returned by the server, not lost).
+away (the job it owned is returned by the server, not lost).  One job at a time, each job's
+queue session is the next take of a :class:`~sqlalchemy_q4m.consumer.consuming.QueueConsumer`
+made once per prepared connection, so the queue session's set-up is not repeated per job.
 
 With ``batch_size = N`` (N > 1) on the portable backend a consumer claims up to N jobs in one
 transaction with :func:`~sqlalchemy_q4m.queue_batch` (earlier tables first, filling the
@@ -38,7 +40,7 @@ from sqlalchemy import Engine
 
 from ..backends.rows import Unloadable
 from ..consumer.batch import QueueBatch
-from ..consumer.session import QueueSession
+from ..consumer.consuming import QueueConsumer
 from ..schema.reflect import reflect_queue_table
 from ..schema.reflect import table_name_for
 from .jobrun import BatchSlot
@@ -94,9 +96,14 @@ class Consumer(JobSteps):
             size = min(size, limit)
         if size > 1:
             return self._handle_batch(conn, size, timeout)
-        for targets, options in self._waits(timeout):
-            qs: QueueSession[Any] = QueueSession(*targets, bind=conn, **options)
-            qs.accept_unloadable = True
+        consumer = self._consumer_on(conn)
+        targets = self._targets
+        assert targets is not None
+        conditional = self._conditional
+        seconds_left = self.wait_timeout if timeout is None else timeout
+        for seconds in wait_slices(seconds_left, timed=self._timed):
+            where = self._where_now(targets) if conditional else None
+            qs = consumer.take(timeout=seconds, where=where)
             item = qs.wait()
             if item is None:
                 continue
@@ -113,6 +120,23 @@ class Consumer(JobSteps):
                 self._give_back(qs)
             return 1
         return 0
+
+    def _consumer_on(self, conn: Connection) -> QueueConsumer[Any]:
+        """The queue consumer of ``conn``, made once per prepared connection: each job's
+        queue session is its next :meth:`~QueueConsumer.take`, so the checks, the backend and
+        the connection's mode are set up once, not per job."""
+        consumer = self._queue_consumer
+        if consumer is None or consumer.bind is not conn:
+            consumer = QueueConsumer(
+                *self._models,
+                bind=conn,
+                backend=self._backend,
+                poll_interval=self.poll_interval,
+                listen=self.listen,
+            )
+            consumer.accept_unloadable = True
+            self._queue_consumer = consumer
+        return consumer
 
     def _batch_size(self) -> int:
         """The jobs to claim at once: ``batch_size`` on the portable backend, else 1 (the
