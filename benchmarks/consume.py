@@ -19,6 +19,7 @@ from .report import rate_row
 from .report import statements_row
 from .workers import BatchLoop
 from .workers import BatchRuntimeLoop
+from .workers import ConsumerLoop
 from .workers import CoreSessionLoop
 from .workers import EngineSessionLoop
 from .workers import OrmSessionLoop
@@ -37,6 +38,7 @@ CONSUMERS: tuple[tuple[Any, str], ...] = (
     (SessionLoop, "`queue_session(bind=connection)`"),
     (EngineSessionLoop, "`queue_session(bind=engine)`"),
     (OrmSessionLoop, "`queue_session(bind=Session(engine))`"),
+    (ConsumerLoop, "`queue_consumer(bind=engine)`, `take()` per job"),
     (RuntimeLoop, "worker runtime `Job.run_once`"),
 )
 

@@ -39,6 +39,7 @@ from .layers import SessionFloorLoop
 from .layers import StatementLoop
 from .workers import BatchLoop
 from .workers import BatchRuntimeLoop
+from .workers import ConsumerLoop
 from .workers import CoreSessionLoop
 from .workers import EngineSessionLoop
 from .workers import OrmSessionLoop
@@ -87,6 +88,7 @@ def paths(native: bool, size: int) -> list[list[Path]]:
             ("queue_session(bind=connection)", SessionLoop),
             ("queue_session(bind=engine)", EngineSessionLoop),
             ("queue_session(bind=Session(engine))", OrmSessionLoop),
+            ("queue_consumer(bind=engine)", ConsumerLoop),
             *session_floor,
             ("queue_session(core_table, bind=connection)", CoreSessionLoop),
             ("worker Job.run_once", RuntimeLoop),

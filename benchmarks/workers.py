@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from sqlalchemy_q4m import QueueAbort
 from sqlalchemy_q4m import queue_batch
+from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m import queue_session
 from sqlalchemy_q4m.exc import CompletionFailed
 
@@ -186,6 +187,35 @@ class EngineSessionLoop(SessionLoop):
         warm_up(self.engine, BenchJob)  # and the pool holds a connection
 
     def close(self) -> None:
+        if self.own_engine:
+            self.engine.dispose()
+
+
+class ConsumerLoop:
+    """``with queue_consumer(BenchJob, bind=engine, timeout=0) as consumer``, then ``with
+    consumer.take() as job`` per job: the queue session's set-up done once, on one consumer
+    connection of the engine held until the consumer closes."""
+
+    def __init__(self, url: URL, engine: Engine | None = None) -> None:
+        self.engine = engine or library_engine(url)
+        self.own_engine = engine is None
+        warm_up(self.engine, BenchJob)
+        self.consumer = queue_consumer(BenchJob, bind=self.engine, timeout=0)
+
+    def consume(self) -> int:
+        done = 0
+        take = self.consumer.take
+        while True:
+            try:
+                with take() as job:
+                    if job is None:
+                        return done
+            except CompletionFailed:  # a deadlock victim: the job returns and runs again
+                continue
+            done += 1
+
+    def close(self) -> None:
+        self.consumer.close()
         if self.own_engine:
             self.engine.dispose()
 

@@ -34,6 +34,7 @@ CONSUMERS = [
     "`queue_session(bind=connection)`",
     "`queue_session(bind=engine)`",
     "`queue_session(bind=Session(engine))`",
+    "`queue_consumer(bind=engine)`, `take()` per job",
     "worker runtime `Job.run_once`",
 ]
 CORE = "`queue_session(core_table, bind=connection)` (yields Rows)"
