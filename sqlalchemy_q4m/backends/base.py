@@ -160,7 +160,9 @@ def take_connection(conn: Connection, owner: Owner) -> dict[Any, Any]:
 def record_owner(info: dict[Any, Any], owner: Owner, engine: Engine) -> dict[Any, Any]:
     """:func:`take_connection` given the connection's ``info`` and its ``engine`` (a queue
     session has them at hand: one look-up of ``Connection.info`` costs four calls)."""
-    check_info_free(info, owner)
+    current = info.get(OWNER_KEY)
+    if current is not None and current is not owner:
+        check_info_free(info, owner)  # raises
     info[OWNER_KEY] = owner
     if _WATCHED not in engine.__dict__:
         _watch(engine)

@@ -50,6 +50,7 @@ from sqlalchemy import Connection
 from sqlalchemy.orm import Session
 
 from ..backends import Backend
+from ..backends.base import give_up_connection
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..schema.functions import subscriptions
@@ -67,7 +68,6 @@ T = TypeVar("T")
 
 #: "Not given" for :meth:`QueueConsumer.take`'s options (None is a valid ``timeout``/``where``).
 _UNSET: Any = object()
-
 
 
 #: The states outside a job's wait and ownership, in which the kept connection is not the
@@ -110,14 +110,27 @@ class ConsumerSession(QueueSession[T]):
 
     def renew(self, timeout: float | None, subs: Any) -> None:
         """Ready for the next job, waiting up to ``timeout`` on ``subs``."""
-        check_wait_options(timeout, self.poll_interval, self.listen)
-        self.timeout = timeout
+        if timeout is not self.timeout:
+            check_wait_options(timeout, self.poll_interval, self.listen)
+            self.timeout = timeout
         self.subscriptions = subs
         self.life = Lifecycle(timeout, self.poll_interval)
         self.job = self._claim = self.subscription = None
         self._finishing = self._own_orm = False
         self._released = None
         self._orm = self._user_session = None
+
+    def _release(self, *, broken: bool = False) -> None:
+        """After a clean job that made no ORM session (the usual one), releasing a kept pin
+        is only the lifecycle's finish and giving up the owner record: the rest of the
+        release (guards, the ORM session, handing back the connection) has nothing to do, and
+        is skipped (three calls per job).  Otherwise the full release."""
+        if broken or not self._held or self._orm is not None or self._guarded:
+            super()._release(broken=broken)
+            return
+        self.life.finish()
+        give_up_connection(self._owner_info, self)
+        self._owner_info = None
 
     def _setup(self) -> Backend:
         pinned, info = self._pinned, self._info

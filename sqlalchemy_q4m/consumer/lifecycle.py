@@ -106,7 +106,9 @@ class State(enum.Enum):
         return self in _FINISHED
 
 
-_FINISHED = frozenset({State.ENDED, State.ABORTED, State.TIMED_OUT, State.CLOSED, State.BROKEN})
+#: A tuple, not a set: a membership test compares by identity, where a set would call the
+#: members' ``Enum.__hash__`` (a Python function) once per test, and every job makes one.
+_FINISHED = (State.ENDED, State.ABORTED, State.TIMED_OUT, State.CLOSED, State.BROKEN)
 
 
 class Step(enum.Enum):
@@ -183,7 +185,8 @@ class Lifecycle:
         """The wait begins at ``now``: the first claim.  ``blocking``: the backend waits in
         the server; ``listen``: idle pauses wait up to that long to be woken instead of
         sleeping (None: poll)."""
-        self.check_idle()
+        if self.state is not State.IDLE:
+            self.check_idle()  # raises
         self.state = State.WAITING
         self._deadline = None if self.timeout is None else now + self.timeout
         self._blocking = blocking
@@ -192,7 +195,8 @@ class Lifecycle:
 
     def claimed(self) -> Action:
         """The claim got a job: it is owned."""
-        self._expect(State.WAITING)
+        if self.state is not State.WAITING:
+            self._expect(State.WAITING)  # raises
         self.state = State.OWNING
         return _OWN
 
@@ -248,12 +252,14 @@ class Lifecycle:
 
     def ended(self) -> None:
         """The job was removed from the queue."""
-        self._expect(State.OWNING)
+        if self.state is not State.OWNING:
+            self._expect(State.OWNING)  # raises
         self.state = State.ENDED
 
     def aborted(self) -> None:
         """The job was given back to the queue."""
-        self._expect(State.OWNING)
+        if self.state is not State.OWNING:
+            self._expect(State.OWNING)  # raises
         self.state = State.ABORTED
 
     def broke(self) -> None:

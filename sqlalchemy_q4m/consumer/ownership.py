@@ -59,7 +59,7 @@ class OwnershipWatch(Pin):
         instead of running on while another consumer may own the job (on the portable
         backend the commit or rollback is stopped before it reaches the server).  On Q4M a
         commit or rollback does not touch the owned row."""
-        if not self.owning or self._finishing:
+        if self._finishing or not self.owning:  # our own commit first: one test per job
             return
         portable = self.backend is not None and self.backend.name == "portable"
         if not portable and what != "returned to the pool":

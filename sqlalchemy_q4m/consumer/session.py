@@ -71,6 +71,7 @@ from .lifecycle import POLL_INTERVAL
 from .lifecycle import Action
 from .lifecycle import Exit
 from .lifecycle import Lifecycle
+from .lifecycle import State
 from .lifecycle import Step
 from .lifecycle import Where
 from .lifecycle import check_wait_options
@@ -215,7 +216,8 @@ class QueueSession(OwnershipWatch, Generic[T]):
         ok = False
         self._finishing = True
         try:
-            self._check_not_released()
+            if self._released is not None:
+                self._check_not_released()  # raises
             user = self._user_session
             if user is not None and not idle_session(user):
                 user.commit()
@@ -363,10 +365,10 @@ class QueueSession(OwnershipWatch, Generic[T]):
     # -- internals ---------------------------------------------------------------------------
 
     def _owned(self) -> tuple[Claim, Backend]:
-        self.life.check_owning()
-        if self._claim is None or self.backend is None:
+        claim, backend = self._claim, self.backend
+        if self.life.state is not State.OWNING or claim is None or backend is None:
             raise NotOwner()
-        return self._claim, self.backend
+        return claim, backend
 
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back (see :meth:`Pin._release`): the job's life is over."""

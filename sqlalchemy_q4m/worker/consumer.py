@@ -91,12 +91,15 @@ class Consumer(JobSteps):
     def _handle(self, timeout: float | None = None, limit: int | None = None) -> int:
         """Wait for one job, or one batch of at most ``limit`` jobs; the number handled."""
         conn = self.connect()
-        size = self._batch_size()
-        if limit is not None:
-            size = min(size, limit)
-        if size > 1:
-            return self._handle_batch(conn, size, timeout)
-        consumer = self._consumer_on(conn)
+        if self.batch_size > 1:  # (one job at a time, the default, asks nothing more)
+            size = self._batch_size()
+            if limit is not None:
+                size = min(size, limit)
+            if size > 1:
+                return self._handle_batch(conn, size, timeout)
+        consumer = self._queue_consumer  # None after connect() prepared a new connection
+        if consumer is None:
+            consumer = self._consumer_on(conn)
         targets = self._targets
         assert targets is not None
         conditional = self._conditional
@@ -126,7 +129,7 @@ class Consumer(JobSteps):
         queue session is its next :meth:`~QueueConsumer.take`, so the checks, the backend and
         the connection's mode are set up once, not per job."""
         consumer = self._queue_consumer
-        if consumer is None or consumer.bind is not conn:
+        if consumer is None or consumer.bind is not conn:  # (connect() resets it)
             consumer = QueueConsumer(
                 *self._models,
                 bind=conn,
