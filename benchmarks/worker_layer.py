@@ -6,8 +6,9 @@ runs over stand-ins for ``QueueConsumer`` (its queue sessions) and ``QueueBatch`
 one prepared job (a batch of 200) and end it without I/O, so what is timed is the worker's own
 steps: the waits' options and conditions, ``_before_execute``, the ``JobRun``, ``settle``, the
 log lines, the counters.  The stand-ins cost what the real ones cost outside their I/O only for
-``subscriptions()`` (called when the condition changes, as ``QueueConsumer`` calls it).  ``time.process_time`` per job, best
-of 7; a table without and one with ``run_at`` (``RetryMixin``: each wait has a condition).
+``subscriptions()`` (called when the condition changes, as ``QueueConsumer`` calls it).
+``time.process_time`` per job, best of 7; a table without and one with ``run_at``
+(``RetryMixin``: each wait has a condition).
 Unlike ``benchmarks.cpu`` it hardly moves when other work shares the cores; it says nothing
 about the consumer layer and the backends under the worker (see ``benchmarks.cpu`` for those).
 """
