@@ -267,16 +267,23 @@ def test_a_connection_killed_while_owning_returns_the_job(eng: Engine) -> None:
     assert queued(eng) == []
 
 
+def _consume(engine: Engine, by: int, hold: float = 0.0) -> None:
+    """One consumer draining the queue; each job writes its payload through its session
+    (and then takes ``hold`` seconds more)."""
+    with queue_consumer(CJob, bind=engine, timeout=1) as consumer:
+        while True:
+            qs = consumer.take()
+            with qs as job:
+                if job is None:
+                    return
+                qs.session.add(Done(payload=job.payload, by=by))
+                time.sleep(hold)
+
+
 def _drain(engine: Engine, by: int, failures: list[BaseException]) -> None:
-    """One consumer draining the queue; each job writes its payload through its session."""
+    """:func:`_consume` in a thread: what it raises is kept for the test."""
     try:
-        with queue_consumer(CJob, bind=engine, timeout=1) as consumer:
-            while True:
-                qs = consumer.take()
-                with qs as job:
-                    if job is None:
-                        return
-                    qs.session.add(Done(payload=job.payload, by=by))
+        _consume(engine, by)
     except BaseException as err:  # pragma: no cover - reported by the test
         failures.append(err)
 
@@ -305,14 +312,7 @@ def test_concurrent_threads_each_with_a_consumer(eng: Engine) -> None:
 def _process(url: str, backend: str, by: int, hold: float) -> None:
     engine = create_engine(url, poolclass=NullPool)
     use_backend(engine, backend)  # type: ignore[arg-type]
-    with queue_consumer(CJob, bind=engine, timeout=1) as consumer:
-        while True:
-            qs = consumer.take()
-            with qs as job:
-                if job is None:
-                    return
-                qs.session.add(Done(payload=job.payload, by=by))
-                time.sleep(hold)
+    _consume(engine, by, hold)
 
 
 def test_concurrent_processes_one_killed_mid_job(eng: Engine, server: Any) -> None:

@@ -104,6 +104,8 @@ class ConsumerSession(QueueSession[T]):
 
     @property
     def session(self) -> Session:
+        """The job's ORM session, as :attr:`QueueSession.session`, while the job is waited
+        for or owned."""
         if self.life.state in _OUTSIDE:
             raise NotOwner("the queue session has not started, or is finished")
         return super().session
