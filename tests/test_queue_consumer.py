@@ -233,23 +233,37 @@ def test_where_per_take(eng: Engine) -> None:
     assert queued(eng) == ["b"]
 
 
-def test_a_connection_killed_between_jobs_is_replaced(eng: Engine) -> None:
-    """The kept connection dies between two jobs: the next take says so (nothing was owned),
-    and the one after pins a new connection; every job runs once."""
+@pytest.mark.parametrize("how", ["consumer:engine", "consumer:connection", "session:connection"])
+def test_a_connection_killed_between_jobs_is_replaced(eng: Engine, server: Any, how: str) -> None:
+    """The connection dies between two jobs: the next wait says so (nothing was owned), and
+    the one after runs on a new connection; every job runs once.  On an Engine the consumer
+    pins a new one; a caller's Connection reconnects, as the transaction the failed claim
+    began was rolled back with it (before, a portable Connection refused every later
+    statement with ``PendingRollbackError``, for ``queue_session`` as for the consumer)."""
     enqueue(eng, "a", "b")
-    with queue_consumer(CJob, bind=eng, timeout=0) as consumer:
-        qs = consumer.take()
+    api, kind = how.split(":")
+    with eng.connect() as caller:
+        if server[0] == "portable":
+            caller = caller.execution_options(isolation_level="READ COMMITTED")
+        bind: Any = eng if kind == "engine" else caller
+        consumer = queue_consumer(CJob, bind=bind, timeout=0)
+
+        def next_session() -> Any:
+            return consumer.take() if api == "consumer" else queue_session(CJob, bind=bind)
+
+        qs = next_session()
         with qs as job:
             assert job is not None and job.payload == "a"
             first = connection_id(qs.connection)
         kill(eng, first)
         time.sleep(0.2)
-        with pytest.raises(ConnectionLost), consumer.take() as job:
+        with pytest.raises(ConnectionLost), next_session() as job:
             pass
-        qs = consumer.take()
+        qs = next_session()
         with qs as job:
             assert job is not None and job.payload == "b"
             assert connection_id(qs.connection) != first
+        consumer.close()
     assert queued(eng) == []
 
 

@@ -306,7 +306,10 @@ class Pin(ABC):
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back.  If we might still own a row (``broken``), the pinned
         connection is invalidated (closed): the server then returns the row, and no pool
-        ever holds a connection in owner mode."""
+        ever holds a connection in owner mode.  A transaction this queue session began on
+        the caller's Connection is then rolled back too (the server's is gone with the
+        connection): the Connection reconnects on its next use instead of refusing every
+        statement until the caller rolls back a transaction that was never theirs."""
         give_up_connection(self._owner_info, self)
         self._owner_info = None
         pinned, orm = self._pinned, self._orm
@@ -315,6 +318,15 @@ class Pin(ABC):
         try:
             if orm is not None and not self._own_orm and broken:
                 orm.rollback()  # the caller's session: its transaction held the claim
+            elif (
+                broken
+                and self._began
+                and self._conn is None
+                and pinned is not None
+                and not pinned.closed
+                and pinned.in_transaction()
+            ):
+                pinned.rollback()  # the caller's Connection, our transaction
             if orm is not None and self._own_orm:
                 orm.close()
         except DBAPIError:  # pragma: no cover - the connection is gone already
