@@ -99,13 +99,8 @@ class Consumer(JobSteps):
                 return self._handle_batch(conn, size, timeout)
         consumer = self._queue_consumer  # None after connect() prepared a new connection
         if consumer is None:
-            consumer = self._consumer_on(conn)
-        targets = self._targets
-        assert targets is not None
-        conditional = self._conditional
-        seconds_left = self.wait_timeout if timeout is None else timeout
-        for seconds in wait_slices(seconds_left, timed=self._timed):
-            where = self._where_now(targets) if conditional else None
+            consumer = self._new_consumer(conn)
+        for seconds, where in self._slices(timeout):
             qs = consumer.take(timeout=seconds, where=where)
             item = qs.wait()
             if item is None:
@@ -124,21 +119,20 @@ class Consumer(JobSteps):
             return 1
         return 0
 
-    def _consumer_on(self, conn: Connection) -> QueueConsumer[Any]:
-        """The queue consumer of ``conn``, made once per prepared connection: each job's
-        queue session is its next :meth:`~QueueConsumer.take`, so the checks, the backend and
-        the connection's mode are set up once, not per job."""
-        consumer = self._queue_consumer
-        if consumer is None or consumer.bind is not conn:  # (connect() resets it)
-            consumer = QueueConsumer(
-                *self._models,
-                bind=conn,
-                backend=self._backend,
-                poll_interval=self.poll_interval,
-                listen=self.listen,
-            )
-            consumer.accept_unloadable = True
-            self._queue_consumer = consumer
+    def _new_consumer(self, conn: Connection) -> QueueConsumer[Any]:
+        """The queue consumer of ``conn``, made once per prepared connection (``connect()``
+        and new targets drop it): each job's queue session is its next
+        :meth:`~QueueConsumer.take`, so the checks, the backend and the connection's mode are
+        set up once, not per job."""
+        consumer: QueueConsumer[Any] = QueueConsumer(
+            *self._models,
+            bind=conn,
+            backend=self._backend,
+            poll_interval=self.poll_interval,
+            listen=self.listen,
+        )
+        consumer.accept_unloadable = True
+        self._queue_consumer = consumer
         return consumer
 
     def _batch_size(self) -> int:
@@ -220,17 +214,26 @@ class Consumer(JobSteps):
             return handled
         return 0
 
-    def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
-        """The targets and options of each wait until ``timeout`` (default ``wait_timeout``)
-        passes, in the slices :func:`.loop.wait_slices` cuts (conditions rebuilt each)."""
+    def _slices(self, timeout: float | None) -> Iterator[tuple[float, dict[Any, Any] | None]]:
+        """The timeout and condition of each wait until ``timeout`` (default
+        ``wait_timeout``) passes, in the slices :func:`.loop.wait_slices` cuts (conditions
+        rebuilt each)."""
         targets = self._targets
         assert targets is not None
-        models, timed, conditional = self._models, self._timed, self._conditional
-        for seconds in wait_slices(self.wait_timeout if timeout is None else timeout, timed=timed):
+        conditional = self._conditional
+        for seconds in wait_slices(
+            self.wait_timeout if timeout is None else timeout, timed=self._timed
+        ):
+            yield seconds, self._where_now(targets) if conditional else None
+
+    def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+        """The targets and the queue-session options of each of :meth:`_slices`' waits (a
+        batch and the asyncio worker make a queue object per wait)."""
+        for seconds, where in self._slices(timeout):
             yield (
-                models,
+                self._models,
                 {
-                    "where": self._where_now(targets) if conditional else None,
+                    "where": where,
                     "timeout": seconds,
                     "backend": self._backend,
                     "poll_interval": self.poll_interval,
