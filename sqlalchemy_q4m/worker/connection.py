@@ -1,13 +1,14 @@
 """The state a consumer keeps around its one pinned connection: the connection itself
-(checked out, prepared, dropped after a loss), the targets it serves, the job in hand and its
-counters.  The run loop over it is :mod:`sqlalchemy_q4m.worker.consumer` (sync) and
-:mod:`sqlalchemy_q4m.worker.asyncio`."""
+(checked out, prepared, dropped after a loss), the targets it serves and each wait's timeout
+and condition, the job in hand and its counters.  The run loop over it is
+:mod:`sqlalchemy_q4m.worker.consumer` (sync) and :mod:`sqlalchemy_q4m.worker.asyncio`."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -29,12 +30,14 @@ from ..server import detect_backend
 from .deadletter import dead_letter_table
 from .deadletter import ensure_dead_letter_table
 from .loop import LOOP_ERRORS
+from .loop import wait_slices
 from .policy import Outcome
 from .stats import Stats
 from .targets import Target
 from .targets import calls_where
 from .targets import job_where
 from .targets import resolve_targets
+from .targets import where_for
 
 if TYPE_CHECKING:
     from .job import Job
@@ -228,6 +231,48 @@ class ConsumerBase:
         self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
         self._where_static = not any(calls_where(t.job) for t in targets)
         self._where_cache = None
+
+    # -- the waits ------------------------------------------------------------------------
+
+    def _slices(self, timeout: float | None) -> Iterator[tuple[float, dict[Any, Any] | None]]:
+        """The timeout and condition of each wait until ``timeout`` (default
+        ``wait_timeout``) passes, in the slices :func:`.loop.wait_slices` cuts (conditions
+        rebuilt each)."""
+        targets = self._targets
+        assert targets is not None
+        conditional = self._conditional
+        for seconds in wait_slices(
+            self.wait_timeout if timeout is None else timeout, timed=self._timed
+        ):
+            yield seconds, self._where_now(targets) if conditional else None
+
+    def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
+        """The targets and the queue-session options of each of :meth:`_slices`' waits (a
+        batch and the asyncio worker make a queue object per wait)."""
+        for seconds, where in self._slices(timeout):
+            yield (
+                self._models,
+                {
+                    "where": where,
+                    "timeout": seconds,
+                    "backend": self._backend,
+                    "poll_interval": self.poll_interval,
+                    "listen": self.listen,
+                },
+            )
+
+    def _where_now(self, targets: list[Target]) -> dict[Any, Any] | None:
+        """:func:`.targets.where_for` now, built once per second (``run_at <= now`` compares
+        whole seconds) unless a job's ``where`` is a callable, which is called per wait."""
+        now = time.time()
+        second = int(now)
+        cached = self._where_cache
+        if cached is not None and cached[0] == second:
+            return cached[1]
+        where = where_for(targets, now)
+        if self._where_static:
+            self._where_cache = (second, where)
+        return where
 
     def _holding(self) -> Holding:
         """Around a job in hand: a database error on the way counts it as lost (the server

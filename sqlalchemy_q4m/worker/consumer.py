@@ -29,9 +29,7 @@ the asyncio driver (:mod:`.asyncio`), which performs the same decisions with its
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -47,12 +45,9 @@ from .jobrun import BatchSlot
 from .jobrun import describe
 from .loop import LOOP_ERRORS
 from .loop import RunLoop
-from .loop import wait_slices
 from .policy import Outcome
 from .stats import Stats
 from .steps import JobSteps
-from .targets import Target
-from .targets import where_for
 
 if TYPE_CHECKING:
     from .job import Job
@@ -213,46 +208,6 @@ class Consumer(JobSteps):
                 self._count(outcome)
             return handled
         return 0
-
-    def _slices(self, timeout: float | None) -> Iterator[tuple[float, dict[Any, Any] | None]]:
-        """The timeout and condition of each wait until ``timeout`` (default
-        ``wait_timeout``) passes, in the slices :func:`.loop.wait_slices` cuts (conditions
-        rebuilt each)."""
-        targets = self._targets
-        assert targets is not None
-        conditional = self._conditional
-        for seconds in wait_slices(
-            self.wait_timeout if timeout is None else timeout, timed=self._timed
-        ):
-            yield seconds, self._where_now(targets) if conditional else None
-
-    def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
-        """The targets and the queue-session options of each of :meth:`_slices`' waits (a
-        batch and the asyncio worker make a queue object per wait)."""
-        for seconds, where in self._slices(timeout):
-            yield (
-                self._models,
-                {
-                    "where": where,
-                    "timeout": seconds,
-                    "backend": self._backend,
-                    "poll_interval": self.poll_interval,
-                    "listen": self.listen,
-                },
-            )
-
-    def _where_now(self, targets: list[Target]) -> dict[Any, Any] | None:
-        """:func:`.targets.where_for` now, built once per second (``run_at <= now`` compares
-        whole seconds) unless a job's ``where`` is a callable, which is called per wait."""
-        now = time.time()
-        second = int(now)
-        cached = self._where_cache
-        if cached is not None and cached[0] == second:
-            return cached[1]
-        where = where_for(targets, now)
-        if self._where_static:
-            self._where_cache = (second, where)
-        return where
 
     # -- the loop ---------------------------------------------------------------------------
     # What it decides (go on, recycle, back off, stop when drained) is the sans-IO RunLoop;
