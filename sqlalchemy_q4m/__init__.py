@@ -15,7 +15,7 @@ from .backends.notify import notify
 from .consumer.batch import QueueBatch
 from .consumer.batch import queue_batch
 from .consumer.consuming import QueueConsumer
-from .consumer.consuming import queue_consumer
+from .consumer.entry import queue_consumer
 from .consumer.entry import queue_session
 from .consumer.entry import queue_sessionmaker
 from .consumer.session import QueueSession

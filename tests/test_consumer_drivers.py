@@ -3,7 +3,8 @@ machine (:mod:`sqlalchemy_q4m.consumer.lifecycle`): the blocking :class:`QueueSe
 (``pymysql``) and the asyncio :class:`AsyncQueueSession` (``asyncmy``), each on MariaDB (the
 portable backend) and on the Q4M engine (native, marker ``native``); and against the queue
 sessions a :class:`QueueConsumer` takes one after another (``consumer``: one consumer per set
-of options for the whole scenario, so each queue session after the first is a renewed one).
+of options for the whole scenario, so each queue session after the first is a renewed one),
+and those an asyncio :class:`AsyncQueueConsumer` takes (``async-consumer``, ``asyncmy``).
 
 Each scenario is written once, as a coroutine: the sync driver is wrapped in ``async`` methods
 that call it directly.  Only how a block is interrupted differs by nature: the sync driver
@@ -46,6 +47,7 @@ from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import QueueSession
 from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m import queue_session
+from sqlalchemy_q4m.asyncio import AsyncQueueConsumer
 from sqlalchemy_q4m.exc import NotOwner
 from sqlalchemy_q4m.exc import Q4MError
 
@@ -116,11 +118,13 @@ class Driver:
         self.kind, self.backend, self.url, self.sync_engine = kind, backend, url, sync_engine
         self.events: Engine = sync_engine
         self._async: AsyncEngine | None = None
-        self._consumers: dict[Any, QueueConsumer[Any]] = {}
+        self._consumers: dict[Any, QueueConsumer[Any] | AsyncQueueConsumer[Any]] = {}
 
     def session(self, *targets: Any, **kw: Any) -> Any:
         if self.kind == "consumer":
             return SyncAdapter(self._take(targets, **kw))
+        if self.kind == "async-consumer":
+            return self._take(targets, **kw)
         if self._async is None:
             return SyncAdapter(queue_session(*targets, bind=self.sync_engine, **kw))
         return queue_session(*targets, bind=self._async, **kw)
@@ -131,7 +135,8 @@ class Driver:
         key = (targets, tuple(sorted(kw.items())))
         consumer = self._consumers.get(key)
         if consumer is None:
-            consumer = self._consumers[key] = queue_consumer(*targets, bind=self.sync_engine, **kw)
+            bind = self.sync_engine if self._async is None else self._async
+            consumer = self._consumers[key] = queue_consumer(*targets, bind=bind, **kw)
         return consumer.take(timeout=timeout)
 
     def run(self, scenario: Callable[[], Awaitable[T]]) -> T:
@@ -141,6 +146,7 @@ class Driver:
                     return await scenario()
                 finally:
                     for consumer in self._consumers.values():
+                        assert isinstance(consumer, QueueConsumer)
                         consumer.close()
                     self._consumers.clear()
             if self.kind == "sync":
@@ -150,13 +156,17 @@ class Driver:
             try:
                 return await scenario()
             finally:
+                for aconsumer in self._consumers.values():
+                    assert isinstance(aconsumer, AsyncQueueConsumer)
+                    await aconsumer.close()
+                self._consumers.clear()
                 self._async, self.events = None, self.sync_engine
                 await eng.dispose()
 
         return asyncio.run(main())
 
 
-@pytest.fixture(params=["sync", "async", "consumer"])
+@pytest.fixture(params=["sync", "async", "consumer", "async-consumer"])
 def driver(request: pytest.FixtureRequest, server: tuple[str, URL, Engine]) -> Iterator[Driver]:
     backend, url, eng = server
     yield Driver(request.param, backend, url, eng)
@@ -342,7 +352,7 @@ def test_an_interrupt_inside_the_block_returns_the_job(driver: Driver) -> None:
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    driver.run(sync_scenario if driver.kind == "sync" else async_scenario)
+    driver.run(async_scenario if driver.kind.startswith("async") else sync_scenario)
     assert queued(driver.sync_engine) == ["a"]
 
 

@@ -333,7 +333,15 @@ def test_a_repeatable_read_connection_pays_one_set_transaction(tables: tuple[str
     assert sent == ["SET TRANSACTION", *RAW[name]]
 
 
-ASYNC_BINDS = ["engine", "connection", "session"]
+#: Each asyncio bind of ``queue_session`` per job, and of ``queue_consumer`` taking each job.
+ASYNC_BINDS = [
+    "engine",
+    "connection",
+    "session",
+    "consumer:engine",
+    "consumer:connection",
+    "consumer:session",
+]
 
 
 async def _run_async(name: str, url: URL, bind_kind: str) -> list[str]:
@@ -345,25 +353,36 @@ async def _run_async(name: str, url: URL, bind_kind: str) -> list[str]:
     done: list[int] = []
     conn = None
     session = None
+    consumer = None
+    kind = bind_kind.removeprefix("consumer:")
     try:
-        if bind_kind == "engine":
+        if kind == "engine":
             bind: Any = eng
-        elif bind_kind == "connection":
+        elif kind == "connection":
             conn = await eng.connect()
             if name == "portable":
                 await conn.execution_options(isolation_level="READ COMMITTED")
             bind = conn
         else:
             bind = session = AsyncSession(eng)
+        if kind != bind_kind:
+            consumer = queue_consumer(CountJob, bind=bind, timeout=5)
         start = 0
         for i in range(JOBS + 1):
             if i == 1:
                 start = len(log.sent)
-            async with queue_session(CountJob, bind=bind, timeout=5) as job:
+            qs = (
+                queue_session(CountJob, bind=bind, timeout=5)
+                if consumer is None
+                else consumer.take()
+            )
+            async with qs as job:
                 assert job is not None
                 done.append(job.n)
         return _per_job(log, start, JOBS)
     finally:
+        if consumer is not None:
+            await consumer.close()
         if session is not None:
             await session.close()
         if conn is not None:

@@ -243,6 +243,9 @@ class AsyncQueueSession(Generic[T]):
     :meth:`end` or :meth:`abort`, then :meth:`close`.
     """
 
+    #: The sync queue session it drives (the asyncio queue consumer's renews itself per job).
+    _sync_class: type[GreenletQueueSession] = GreenletQueueSession
+
     def __init__(
         self,
         *targets: Any,
@@ -254,7 +257,7 @@ class AsyncQueueSession(Generic[T]):
         listen: float | None = None,
     ) -> None:
         self.bind = bind
-        self._sync = GreenletQueueSession(
+        self._sync = self._sync_class(
             *targets,
             async_bind=bind,
             where=where,

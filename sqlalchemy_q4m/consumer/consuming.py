@@ -36,6 +36,10 @@ of an Engine bind, or uses the Connection bind afresh (which reconnects).
 The queue session :meth:`~QueueConsumer.take` returns is valid for one job: it is renewed by the
 next take, so keep no reference to it (or to its ``session``) past its block.  A consumer is for
 one thread or task at a time, like the connection it holds.
+
+The asyncio twin (:mod:`~sqlalchemy_q4m.consumer.async_consuming`, what ``queue_consumer`` returns
+for an asyncio bind) drives the same :class:`ConsumerSession` through SQLAlchemy's greenlet
+bridge; :class:`ConsumerCore` is what both share.
 """
 
 from __future__ import annotations
@@ -62,12 +66,12 @@ from .lifecycle import check_wait_options
 from .session import Bind
 from .session import QueueSession
 
-__all__ = ["QueueConsumer", "queue_consumer"]
+__all__ = ["ConsumerCore", "ConsumerSession", "QueueConsumer"]
 
 T = TypeVar("T")
 
 #: "Not given" for :meth:`QueueConsumer.take`'s options (None is a valid ``timeout``/``where``).
-_UNSET: Any = object()
+UNSET: Any = object()
 
 
 #: The states outside a job's wait and ownership, in which the kept connection is not the
@@ -168,10 +172,61 @@ class ConsumerSession(QueueSession[T]):
             self._release()
 
 
-class QueueConsumer(Generic[T]):
+class ConsumerCore(Generic[T]):
+    """What the blocking :class:`QueueConsumer` and the asyncio one
+    (:class:`~sqlalchemy_q4m.consumer.async_consuming.AsyncQueueConsumer`) share: the consumer's
+    options, and each take's checks and renewal of the one :class:`ConsumerSession`."""
+
+    def __init__(
+        self,
+        session: ConsumerSession[T],
+        targets: tuple[Any, ...],
+        timeout: float | None,
+        where: Where,
+    ) -> None:
+        self._session = session
+        self.targets = targets
+        self.timeout = timeout
+        self.where = where
+        self._subscribed = where  # the ``where`` of the session's subscriptions
+
+    @property
+    def accept_unloadable(self) -> bool:
+        """As :attr:`QueueSession.accept_unloadable` (the worker sets it)."""
+        return self._session.accept_unloadable
+
+    @accept_unloadable.setter
+    def accept_unloadable(self, value: bool) -> None:
+        self._session.accept_unloadable = value
+
+    def _renew(self, timeout: Any, where: Any) -> ConsumerSession[T]:
+        """The session renewed for the next job, after the checks of a take (see
+        :meth:`QueueConsumer.take`)."""
+        qs = self._session
+        if qs._closed:
+            raise Q4MError("the queue consumer is closed")
+        state = qs.life.state
+        if state is State.WAITING or state is State.OWNING:
+            raise Q4MError(
+                "the queue consumer's last job is not finished: leave its block (or end or "
+                "abort it) before taking the next"
+            )
+        if timeout is UNSET:
+            timeout = self.timeout
+        if where is UNSET:
+            where = self.where
+        subs = qs.subscriptions
+        if where is not self._subscribed:  # the session's subscriptions are another's
+            subs = subscriptions(self.targets, where)
+            self._subscribed = where
+        qs.renew(timeout, subs)
+        return qs
+
+
+class QueueConsumer(ConsumerCore[T]):
     """Jobs of ``targets``, one after another, on one connection set up once; see the module
-    docstring.  Made by :func:`queue_consumer`; the options are ``queue_session``'s and
-    ``timeout`` and ``where`` can be changed per :meth:`take`."""
+    docstring.  Made by :func:`~sqlalchemy_q4m.queue_consumer`; the options are
+    ``queue_session``'s and ``timeout`` and ``where`` can be changed per :meth:`take`."""
 
     def __init__(
         self,
@@ -183,7 +238,7 @@ class QueueConsumer(Generic[T]):
         poll_interval: float = POLL_INTERVAL,
         listen: float | None = None,
     ) -> None:
-        self._session: ConsumerSession[T] = ConsumerSession(
+        session: ConsumerSession[T] = ConsumerSession(
             *targets,
             bind=bind,
             where=where,
@@ -192,49 +247,19 @@ class QueueConsumer(Generic[T]):
             poll_interval=poll_interval,
             listen=listen,
         )
-        self.targets = targets
-        self.timeout = timeout
-        self.where = where
-        self._subscribed = where  # the ``where`` of the session's subscriptions
+        super().__init__(session, targets, timeout, where)
 
     @property
     def bind(self) -> Bind:
         return self._session.bind
 
-    @property
-    def accept_unloadable(self) -> bool:
-        """As :attr:`QueueSession.accept_unloadable` (the worker sets it)."""
-        return self._session.accept_unloadable
-
-    @accept_unloadable.setter
-    def accept_unloadable(self, value: bool) -> None:
-        self._session.accept_unloadable = value
-
-    def take(self, *, timeout: Any = _UNSET, where: Any = _UNSET) -> QueueSession[T]:
+    def take(self, *, timeout: Any = UNSET, where: Any = UNSET) -> QueueSession[T]:
         """The queue session for the next job: use it in a ``with`` block, which yields the
         job or None when ``timeout`` (default: the consumer's) passes.  ``where``: this
         take's condition instead of the consumer's (rebuilding the same condition per take
         costs nothing: subscriptions are memoized per expression).  Refused while the last
         one is still waiting or owning its job."""
-        qs = self._session
-        if qs._closed:
-            raise Q4MError("the queue consumer is closed")
-        state = qs.life.state
-        if state is State.WAITING or state is State.OWNING:
-            raise Q4MError(
-                "the queue consumer's last job is not finished: leave its block (or end or "
-                "abort it) before taking the next"
-            )
-        if timeout is _UNSET:
-            timeout = self.timeout
-        if where is _UNSET:
-            where = self.where
-        subs = qs.subscriptions
-        if where is not self._subscribed:  # the session's subscriptions are another's
-            subs = subscriptions(self.targets, where)
-            self._subscribed = where
-        qs.renew(timeout, subs)
-        return qs
+        return self._renew(timeout, where)
 
     def close(self) -> None:
         """Return a job still owned and hand back the connection held for an Engine bind
@@ -251,25 +276,3 @@ class QueueConsumer(Generic[T]):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-
-def queue_consumer(
-    *targets: Any,
-    bind: Bind,
-    where: Where = None,
-    timeout: float | None = 60.0,
-    backend: Literal["native", "portable", "auto"] | None = None,
-    poll_interval: float = POLL_INTERVAL,
-    listen: float | None = None,
-) -> QueueConsumer[Any]:
-    """A :class:`QueueConsumer` of ``targets`` on ``bind``: ``queue_session``'s arguments, set
-    up once for every job it takes (see :mod:`~sqlalchemy_q4m.consumer.consuming`)."""
-    return QueueConsumer(
-        *targets,
-        bind=bind,
-        where=where,
-        timeout=timeout,
-        backend=backend,
-        poll_interval=poll_interval,
-        listen=listen,
-    )

@@ -1,6 +1,9 @@
 """The entry points of the consumer layer: :func:`queue_session` returns the blocking driver
 (:class:`~sqlalchemy_q4m.consumer.session.QueueSession`) for a sync bind and the asyncio one
 (:class:`~sqlalchemy_q4m.consumer.asyncio.AsyncQueueSession`) for an asyncio bind;
+:func:`queue_consumer` does the same with the consumers of many jobs
+(:class:`~sqlalchemy_q4m.consumer.consuming.QueueConsumer`,
+:class:`~sqlalchemy_q4m.consumer.async_consuming.AsyncQueueConsumer`);
 :func:`queue_sessionmaker` fixes a bind and defaults.  Kept apart from both drivers so that
 neither imports the other."""
 
@@ -14,16 +17,18 @@ from typing import overload
 
 from .binding import SYNC_BINDS
 from .binding import bound_factory
+from .consuming import QueueConsumer
 from .lifecycle import POLL_INTERVAL
 from .lifecycle import Where
 from .session import Bind
 from .session import QueueSession
 
 if TYPE_CHECKING:
+    from .async_consuming import AsyncQueueConsumer
     from .asyncio import AsyncBind
     from .asyncio import AsyncQueueSession
 
-__all__ = ["queue_session", "queue_sessionmaker"]
+__all__ = ["queue_consumer", "queue_session", "queue_sessionmaker"]
 
 
 @overload
@@ -93,6 +98,58 @@ def queue_session(
         poll_interval=poll_interval,
         listen=listen,
     )
+
+
+@overload
+def queue_consumer(
+    *targets: Any,
+    bind: Bind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
+) -> QueueConsumer[Any]: ...
+
+
+@overload
+def queue_consumer(
+    *targets: Any,
+    bind: AsyncBind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
+) -> AsyncQueueConsumer[Any]: ...
+
+
+def queue_consumer(
+    *targets: Any,
+    bind: Bind | AsyncBind,
+    where: Where = None,
+    timeout: float | None = 60.0,
+    backend: Literal["native", "portable", "auto"] | None = None,
+    poll_interval: float = POLL_INTERVAL,
+    listen: float | None = None,
+) -> QueueConsumer[Any] | AsyncQueueConsumer[Any]:
+    """Jobs of ``targets``, one after another, on one connection set up once: a
+    :class:`~sqlalchemy_q4m.QueueConsumer` with ``queue_session``'s arguments (see
+    :mod:`~sqlalchemy_q4m.consumer.consuming`), whose :meth:`~QueueConsumer.take` gives the
+    next job's queue session.  With an asyncio ``bind`` it returns an
+    :class:`~sqlalchemy_q4m.asyncio.AsyncQueueConsumer` for ``async with``."""
+    options: dict[str, Any] = {
+        "where": where,
+        "timeout": timeout,
+        "backend": backend,
+        "poll_interval": poll_interval,
+        "listen": listen,
+    }
+    if not isinstance(bind, SYNC_BINDS):
+        from .async_consuming import AsyncQueueConsumer  # as queue_session: asyncio on demand
+
+        return AsyncQueueConsumer(*targets, bind=bind, **options)
+    return QueueConsumer(*targets, bind=bind, **options)
 
 
 def queue_sessionmaker(
