@@ -52,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from ..backends.rows import Unloadable
-from ..consumer.asyncio import AsyncQueueSession
+from ..consumer.async_consuming import AsyncQueueConsumer
 from ..consumer.asyncio import GreenletQueueSession
 from ..consumer.asyncio import run_to_completion
 from ..consumer.crossing import cross
@@ -169,6 +169,10 @@ class AsyncConsumer(Consumer):
     """One task's pinned connection serving one or more :class:`AsyncJob` objects: the thread
     worker's :class:`~sqlalchemy_q4m.worker.Consumer`, awaited."""
 
+    #: The asyncio queue consumer on the prepared connection (its jobs' queue sessions), made
+    #: again whenever the connection or the targets are, as the thread worker's.
+    _async_queue_consumer: AsyncQueueConsumer[Any] | None = None
+
     def __init__(
         self,
         jobs: Sequence[Job],
@@ -204,13 +208,14 @@ class AsyncConsumer(Consumer):
         conn = self._conn
         if not (self._ready and conn is not None and not conn.closed and not conn.invalidated):
             conn = await cross(self.connect)  # what connect() returns at once else
-        self._one_at_a_time("the asyncio worker has no batch mode")
-        for targets, options in self._waits(timeout):
-            aqs: AsyncQueueSession[Any] = AsyncQueueSession(
-                *targets, bind=self._async_connection(conn), **options
-            )
+        if self.batch_size > 1:
+            self._one_at_a_time("the asyncio worker has no batch mode")
+        consumer = self._async_queue_consumer
+        if consumer is None:
+            consumer = self._new_async_consumer(conn)
+        for seconds, where in self._slices(timeout):
+            aqs = consumer.take(timeout=seconds, where=where)
             qs = aqs.sync_session
-            qs.accept_unloadable = True  # dead-lettered, as the thread worker does
             prepared = await aqs.wait_then(partial(self._prepare_run, qs))
             if prepared is None:
                 continue
@@ -233,6 +238,24 @@ class AsyncConsumer(Consumer):
                     await _to_completion(self._give_back, qs)
             return True
         return False
+
+    def _new_async_consumer(self, conn: Connection) -> AsyncQueueConsumer[Any]:
+        """The asyncio queue consumer of ``conn``, as the thread worker's
+        :meth:`~.consumer.Consumer._new_consumer`: each job's queue session is its next take."""
+        consumer: AsyncQueueConsumer[Any] = AsyncQueueConsumer(
+            *self._models,
+            bind=self._async_connection(conn),
+            backend=self._backend,
+            poll_interval=self.poll_interval,
+            listen=self.listen,
+        )
+        consumer.accept_unloadable = True  # dead-lettered, as the thread worker does
+        self._async_queue_consumer = consumer
+        return consumer
+
+    def _drop_consumer(self) -> None:
+        super()._drop_consumer()
+        self._async_queue_consumer = None
 
     def _prepare_run(self, qs: GreenletQueueSession, item: Any) -> JobRun | None:
         """In the claim's crossing of the greenlet bridge: the job object made ready for

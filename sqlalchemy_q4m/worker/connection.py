@@ -176,7 +176,7 @@ class ConsumerBase:
         if self._ready and conn is not None and not conn.closed and not conn.invalidated:
             return conn
         self._ready = False
-        self._queue_consumer = None  # made again for the connection prepared here
+        self._drop_consumer()  # made again for the connection prepared here
         if self._engine is None:
             if conn is None or conn.closed:
                 raise Q4MError("the consumer's connection was closed by its owner")
@@ -224,13 +224,18 @@ class ConsumerBase:
     def _serve(self, targets: list[Target]) -> None:
         """Take ``targets`` and work out, once, what each wait and each job reads of them."""
         self._targets = targets
-        self._queue_consumer = None  # its targets were the old ones
+        self._drop_consumer()  # its targets were the old ones
         self._models = [t.target for t in targets]
         self._by_table = {t.table: t for t in targets}
         self._timed = any(RUN_AT in t.table.columns for t in targets)
         self._conditional = self._timed or any(job_where(t.job) is not None for t in targets)
         self._where_static = not any(calls_where(t.job) for t in targets)
         self._where_cache = None
+
+    def _drop_consumer(self) -> None:
+        """Forget the queue consumer: the connection or the targets it was made for changed
+        (the asyncio consumer forgets its own too)."""
+        self._queue_consumer = None
 
     # -- the waits ------------------------------------------------------------------------
 
