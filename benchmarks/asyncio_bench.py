@@ -1,4 +1,5 @@
-"""asyncio: ``async_queue_session`` on each documented async bind and the ``AsyncJob`` worker,
+"""asyncio: ``async_queue_session`` on each documented async bind, ``queue_consumer`` on an
+``AsyncEngine`` and the ``AsyncJob`` worker,
 over aiomysql and asyncmy, against a raw loop on the same driver issuing the same SQL
 (portable: SKIP LOCKED claim, DELETE, COMMIT; native: ``queue_wait``, owner ``SELECT``,
 ``queue_end()`` with autocommit), alternating, at 1, 2, 4 and 8 tasks in one event loop."""
@@ -20,6 +21,7 @@ from sqlalchemy.util import await_only
 from sqlalchemy.util import greenlet_spawn
 
 from sqlalchemy_q4m import QueueAbort
+from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m.asyncio import async_queue_session
 from sqlalchemy_q4m.asyncio_worker import AsyncJob
 from sqlalchemy_q4m.consumer.crossing import cross
@@ -48,6 +50,7 @@ SIDES: tuple[tuple[str, str], ...] = (
     ("connection", "`async_queue_session(bind=AsyncConnection)`"),
     ("engine", "`async_queue_session(bind=AsyncEngine)`"),
     ("session", "`async_queue_session(bind=AsyncSession)`"),
+    ("consumer", "`queue_consumer(bind=AsyncEngine)`, `take()` per job"),
     ("worker", "`AsyncJob.run_once`"),
 )
 
@@ -242,11 +245,31 @@ async def _library_task(bind: Any) -> int:
         done += 1
 
 
+async def _consumer_task(engine: AsyncEngine) -> int:
+    done = 0
+    async with queue_consumer(BenchJob, bind=engine, timeout=0) as consumer:
+        while True:
+            try:
+                async with consumer.take() as job:
+                    if job is None:
+                        return done
+            except CompletionFailed:  # a deadlock victim: the job returns and runs again
+                continue
+            done += 1
+
+
 async def _worker_task(job: NoOpAsyncJob) -> int:
     done = 0
     while await job.run_once(timeout=0):
         done += 1
     return done
+
+
+#: The library sides' tasks other than a queue session per job's.
+LIBRARY_TASKS: dict[str, Callable[[Any], Awaitable[int]]] = {
+    "consumer": _consumer_task,
+    "worker": _worker_task,
+}
 
 
 class AsyncDrain:
@@ -297,7 +320,7 @@ class AsyncDrain:
             return
         for conn in conns:
             await conn.close()
-        if self.side == "engine":
+        if self.side in ("engine", "consumer"):
             self.binds = [engine] * tasks
         elif self.side == "session":
             self.binds = [AsyncSession(engine) for _ in range(tasks)]
@@ -316,7 +339,7 @@ class AsyncDrain:
             if self.side != "raw":
                 targets = self.dbapis
         else:
-            task = _worker_task if self.side == "worker" else _library_task
+            task = LIBRARY_TASKS.get(self.side, _library_task)
 
         async def run() -> int:
             return sum(await asyncio.gather(*(task(target) for target in targets)))

@@ -110,7 +110,7 @@ def paths(native: bool, size: int) -> list[list[Path]]:
                     f"{driver}: {SIDE_NAMES.get(side, side)}",
                     lambda url, d=driver, side=side: AsyncDrain(url, d, side, 1, native),
                 )
-                for side in ("raw", *SIDE_NAMES, "connection", "engine", "worker")
+                for side in ("raw", *SIDE_NAMES, "connection", "engine", "consumer", "worker")
             ]
         )
     return groups

@@ -43,6 +43,7 @@ ASYNC_SIDES = [
     "`async_queue_session(bind=AsyncConnection)`",
     "`async_queue_session(bind=AsyncEngine)`",
     "`async_queue_session(bind=AsyncSession)`",
+    "`queue_consumer(bind=AsyncEngine)`, `take()` per job",
     "`AsyncJob.run_once`",
 ]
 LATENCY = {
