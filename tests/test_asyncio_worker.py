@@ -480,6 +480,48 @@ def test_a_killed_connection_is_replaced_and_the_job_runs_again(
 
 
 @pytest.mark.integration
+def test_one_queue_consumer_serves_every_job_until_the_connection_changes(
+    async_url: URL, engine: Engine
+) -> None:
+    """The jobs of one connection are takes of one asyncio queue consumer (set up once, on
+    the same connection: the same ``CONNECTION_ID()``); a recycle (a new connection) makes a
+    new one, and the jobs go on."""
+    enqueue(engine, *"abcd")
+    seen: list[tuple[Any, int]] = []
+
+    class Noting(AsyncJob):
+        model = WJob
+        dead_letter_table = DEAD
+
+        async def execute(self, job: WJob) -> None:
+            cid = (await self.session.execute(text("SELECT CONNECTION_ID()"))).scalar()
+            seen.append((consumer._async_queue_consumer, int(cid or 0)))
+
+    async def main() -> None:
+        nonlocal consumer
+        async with async_engine(async_url) as eng:
+            job = Noting(eng)
+            consumer = job._async_consumer()
+            try:
+                for _ in range(2):
+                    assert await job.run_once(timeout=5)
+                await consumer.recycle_async()
+                consumer = job._async_consumer()
+                for _ in range(2):
+                    assert await job.run_once(timeout=5)
+            finally:
+                await job.close()
+
+    consumer: Any = None
+    asyncio.run(main())
+    assert len(seen) == 4 and queued(engine) == []
+    (first, c1), (second, c2), (third, c3), (fourth, c4) = seen
+    assert first is second and c1 == c2 and first is not None
+    assert third is fourth and c3 == c4
+    assert third is not first and c3 != c1
+
+
+@pytest.mark.integration
 def test_recycle_and_end_before_execute(
     asyncmy_url: URL, engine: Engine, caplog: pytest.LogCaptureFixture
 ) -> None:
