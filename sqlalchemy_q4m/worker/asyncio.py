@@ -15,9 +15,10 @@ An :class:`AsyncJob` declares tables, options, retries and dead letters exactly 
 :class:`AsyncConsumer`, the thread worker's :class:`~sqlalchemy_q4m.worker.Consumer` driven
 from the event loop: the same connection handling, table resolution and job-life steps
 (:mod:`.steps`) run through SQLAlchemy's greenlet bridge, the same sans-IO decisions
-(:mod:`.policy`, :mod:`.loop`) drive it, the wait is an
-:class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` (``asyncio.sleep`` between portable polls),
-and ``execute`` is awaited in the task itself.
+(:mod:`.policy`, :mod:`.loop`) drive it, each wait is the next take of an
+:class:`~sqlalchemy_q4m.asyncio.AsyncQueueConsumer` made once per prepared connection (an
+:class:`~sqlalchemy_q4m.asyncio.AsyncQueueSession` renewed per job; ``asyncio.sleep`` between
+portable polls), and ``execute`` is awaited in the task itself.
 
 N consumers as tasks in one event loop, their shutdown, the engine sized for them and the
 ``q4m worker`` process body for AsyncJob classes are :mod:`.asyncio_runtime`'s (all
