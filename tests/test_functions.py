@@ -34,6 +34,7 @@ from sqlalchemy import select
 from sqlalchemy import text
 from sqlalchemy import true
 from sqlalchemy.engine import Dialect
+from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 from sqlalchemy.orm import Mapped
 from sqlalchemy.orm import mapped_column
@@ -45,6 +46,7 @@ from sqlalchemy_q4m import QueueMixin
 from sqlalchemy_q4m import RetryMixin
 from sqlalchemy_q4m import queue_abort
 from sqlalchemy_q4m import queue_compact
+from sqlalchemy_q4m import queue_consumer
 from sqlalchemy_q4m import queue_end
 from sqlalchemy_q4m import queue_rowid
 from sqlalchemy_q4m import queue_session
@@ -52,6 +54,7 @@ from sqlalchemy_q4m import queue_set_srcid
 from sqlalchemy_q4m import queue_stats
 from sqlalchemy_q4m import queue_table
 from sqlalchemy_q4m import queue_wait
+from sqlalchemy_q4m.asyncio import AsyncQueueConsumer
 from sqlalchemy_q4m.backends.native import wait_arguments
 from sqlalchemy_q4m.backends.portable import claim_statement
 from sqlalchemy_q4m.exc import Q4MError
@@ -404,6 +407,36 @@ def test_bad_session_arguments(unreachable: Engine) -> None:
         queue_session(ShellJob, bind=unreachable, poll_interval=0)
     with pytest.raises(Q4MError, match="backend"):
         queue_session(ShellJob, bind=unreachable, backend="innodb")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kind", ["sync", "asyncio"])
+def test_bad_consumer_arguments(unreachable: Engine, kind: str) -> None:
+    """``queue_consumer`` refuses what ``queue_session`` refuses, on both kinds of bind, and a
+    take refuses a bad timeout or condition, before anything reaches the server."""
+    bind: Any = unreachable
+    if kind == "asyncio":
+
+        async def connect() -> Any:
+            raise AssertionError("a refused argument reached the server")
+
+        bind = create_async_engine("mysql+aiomysql://", async_creator=connect)
+        assert isinstance(queue_consumer(ShellJob, bind=bind), AsyncQueueConsumer)
+    with pytest.raises(Q4MError, match="bind"):
+        queue_consumer(ShellJob, bind="mysql://")  # type: ignore[call-overload]
+    with pytest.raises(Q4MError, match="timeout"):
+        queue_consumer(ShellJob, bind=bind, timeout=-1)
+    with pytest.raises(Q4MError, match="poll_interval"):
+        queue_consumer(ShellJob, bind=bind, poll_interval=0)
+    with pytest.raises(Q4MError, match="backend"):
+        queue_consumer(ShellJob, bind=bind, backend="innodb")
+    expr, _ = REJECTED[0]
+    with pytest.raises(SubscriptionError):
+        queue_consumer(ShellJob, bind=bind, where=expr, backend="native")
+    consumer = queue_consumer(ShellJob, bind=bind, backend="native")
+    with pytest.raises(Q4MError, match="timeout"):
+        consumer.take(timeout=-1)
+    with pytest.raises(SubscriptionError):
+        consumer.take(where=expr)
 
 
 # -- Q4M matches condition columns by prefix ---------------------------------------------------
