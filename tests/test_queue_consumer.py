@@ -11,9 +11,6 @@ refusals, and real concurrent consumers (threads and processes) counting lost an
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -22,6 +19,8 @@ from typing import Any
 from typing import ClassVar
 
 import pytest
+from consumer_kills import check_once
+from consumer_kills import drain_one_killed
 from native_support import tables_on
 from sqlalchemy import Engine
 from sqlalchemy import Integer
@@ -337,33 +336,10 @@ def test_concurrent_processes_one_killed_mid_job(eng: Engine, server: Any) -> No
     backend, url, _ = server
     payloads = [str(i) for i in range(120)]
     enqueue(eng, *payloads)
-    ctx = multiprocessing.get_context("spawn")
     dsn = url.render_as_string(hide_password=False)
-    slow = ctx.Process(target=_process, args=(dsn, backend, KILLED, 0.05))
-    slow.start()
-    deadline = time.monotonic() + 60
-    while sum(1 for by in _done_by(eng).values() if by == KILLED) < 3:
-        assert time.monotonic() < deadline and slow.is_alive()
-        time.sleep(0.05)
-    os.kill(slow.pid or 0, signal.SIGKILL)
-    slow.join(10)
-    others = [ctx.Process(target=_process, args=(dsn, backend, i, 0.0)) for i in range(2)]
-    for p in others:
-        p.start()
-    for p in others:
-        p.join(120)
-    assert [p.exitcode for p in others] == [0, 0]
-    done = _done(eng)
-    assert sorted(done) == sorted(payloads), "lost jobs"
-    doubled = [p for p, n in done.items() if n > 1]
-    if backend == "portable":
-        assert doubled == [], "doubled jobs"
-    else:
-        assert len(doubled) <= 1 and max(done.values()) <= 2, doubled
+    drain_one_killed(_process, dsn, backend, lambda: _done_by(eng).values())
+    check_once(_done(eng), payloads, backend)
     assert queued(eng) == []
-
-
-KILLED = 99
 
 
 def _done_by(engine: Engine) -> dict[int, int]:
