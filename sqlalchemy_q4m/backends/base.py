@@ -23,6 +23,7 @@ from ..exc import ConnectionLost
 from ..schema.functions import Subscription
 from ..server import BackendName
 from .driver import AUTOCOMMIT_KEY
+from .driver import OWNER_KEY
 from .driver import driver_level
 from .driver import on_driver
 from .loading import Loader
@@ -120,9 +121,6 @@ def raise_if_lost(err: BaseException, what: str) -> None:
 # every Connection and Session on it), and the engine's ``commit``/``rollback`` events and the
 # pool's ``reset`` event tell the owner when its caller ends the transaction or hands the
 # connection back while it owns a job.
-
-#: Key in a DBAPI connection's ``info``: the queue session or batch owning a job on it.
-OWNER_KEY = "sqlalchemy_q4m.owner"
 
 
 class Owner(Protocol):

@@ -166,13 +166,53 @@ def execute_many(cursor: Any, sql: str, params: Any) -> None:
 AUTOCOMMIT_KEY = "sqlalchemy_q4m.autocommit"
 
 
+#: Key in a DBAPI connection's ``info``: the queue session or batch owning a job on it (see
+#: :mod:`sqlalchemy_q4m.backends.base`, "one owner per connection").
+OWNER_KEY = "sqlalchemy_q4m.owner"
+
+
 def _begun(conn: Connection) -> Any:
     """``conn``'s pooled connection, in its transaction (begun if none is), or outside any on
-    a connection the library runs in autocommit (a Q4M consumer's: nothing to commit)."""
+    a connection the library runs in autocommit (a Q4M consumer's: nothing to commit).
+
+    The transaction is begun on the :class:`~sqlalchemy.Connection` (``conn.begin()``, what
+    executing would autobegin), except for an owner that takes it on the driver
+    (``owner.driver_begins``: a portable queue session on a connection nobody else holds, one
+    pinned from an Engine or the worker's own, with no transaction listener but the
+    library's, see :func:`quiet_transactions`): the driver begins it with the first
+    statement, as the raw loop's does, and the owner commits or rolls it back on the driver
+    (``owner.driver_transaction``), saving SQLAlchemy's begin and commit with their events.
+    Whatever reaches the connection meanwhile makes it SQLAlchemy's again (no statement is
+    sent): the queue session's ``connection`` begins SQLAlchemy's transaction before handing
+    it out, so a caller's ``commit()`` is seen and stopped as ever, and the job's ORM session
+    begins it on first use; the owner then commits or rolls back that one instead."""
     fairy = conn.connection  # what conn.info would look up again
-    if not conn.in_transaction() and not fairy.info.get(AUTOCOMMIT_KEY):
-        conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
+    if not conn.in_transaction():
+        info = fairy.info
+        if not info.get(AUTOCOMMIT_KEY):
+            owner = info.get(OWNER_KEY)
+            if owner is not None and getattr(owner, "driver_begins", False):
+                owner.driver_transaction = True
+            else:
+                conn.begin()  # what executing would autobegin: SQLAlchemy's view stays exact
     return fairy
+
+
+def quiet_transactions(conn: Connection, ours: int) -> bool:
+    """True when nothing but the library's ``ours`` listeners (on each of ``commit`` and
+    ``rollback``) observes ``conn``'s transactions: no ``begin``, ``commit`` or ``rollback``
+    listener of anyone else's, so a transaction begun and ended on the driver is seen by
+    nobody (:func:`_begun`)."""
+    d = conn.dispatch if getattr(conn, "_has_events", True) else conn.engine.dispatch
+    return not d.begin and len(d.commit) <= ours and len(d.rollback) <= ours
+
+
+def driver_commit(dbapi_conn: Any) -> None:
+    dbapi_conn.commit()
+
+
+def driver_rollback(dbapi_conn: Any) -> None:
+    dbapi_conn.rollback()
 
 
 def _cursor(conn: Connection) -> Any:
@@ -273,8 +313,10 @@ def driver_level(conn: Connection) -> bool:
     ``before_cursor_execute``, ``after_cursor_execute``, ``handle_error``), no echo or
     ``sqlalchemy.engine`` logging.  The
     transaction still goes through the :class:`~sqlalchemy.Connection` (begin, commit,
-    rollback and their events), DBAPI errors are raised as SQLAlchemy's ``DBAPIError``
-    classes, and a disconnect invalidates the connection, as executing would.
+    rollback and their events), except one a queue session begins and ends on the driver
+    where nothing could see the difference (see :func:`_begun`); DBAPI errors are raised as
+    SQLAlchemy's ``DBAPIError`` classes, and a disconnect invalidates the connection, as
+    executing would.
     """
     engine = conn.engine
     if engine.logger.isEnabledFor(logging.INFO):  # echo, or logging configured

@@ -30,7 +30,11 @@ from ..backends.base import give_up_connection
 from ..backends.base import raise_if_lost
 from ..backends.base import record_owner
 from ..backends.base import translate_errors
+from ..backends.driver import driver_commit
 from ..backends.driver import driver_level
+from ..backends.driver import driver_rollback
+from ..backends.driver import on_driver
+from ..backends.driver import quiet_transactions
 from ..exc import NotOwner
 from ..exc import Q4MError
 from ..schema.functions import Subscription
@@ -104,7 +108,10 @@ class Pin(ABC):
     """Which connection owns the job and in which transaction; see the module docstring.
 
     The base of the queue session: one object, so that the backends and the connection's
-    owner record see one holder, written in two modules by concern."""
+    owner record see one holder, written in two modules by concern.  Long because it is the
+    one place that decides, for every bind, which connection owns the job and which
+    transaction holds it (the caller's, one it begins on SQLAlchemy's Connection or on the
+    driver, a kept connection's), and those decisions read each other's state."""
 
     # The state of one queue session's pinning, as class-level defaults: a queue session is
     # made per job, and each attribute set in ``__init__`` would cost it a store.
@@ -121,6 +128,16 @@ class Pin(ABC):
     #: Nothing observes statements on the pinned connection (``driver_level``): asked once
     #: per job, when it is pinned.
     unobserved: bool | None = None
+    #: A transaction this queue session begins is begun and ended on the driver, unseen by
+    #: SQLAlchemy's Connection (see :func:`~sqlalchemy_q4m.backends.driver._begun`): the
+    #: portable backend, statements unobserved, no transaction listener but the library's.
+    driver_begins = False
+    #: Such a transaction is open (set by the first statement that begins it).
+    driver_transaction = False
+    #: A Connection bind nobody else uses (the worker's own): its transactions may be begun
+    #: on the driver, as those of a connection pinned from an Engine.  Not a caller's
+    #: Connection, whose ``commit()`` SQLAlchemy must see (the ownership watch).
+    private_connection = False
 
     def __init__(self, bind: Bind, backend: BackendChoice, subs: tuple[Subscription, ...]) -> None:
         self.subscriptions = subs
@@ -129,10 +146,15 @@ class Pin(ABC):
 
     @property
     def connection(self) -> Connection:
-        """The pinned connection that owns the job."""
-        if self._pinned is None:
+        """The pinned connection that owns the job.  A transaction begun on the driver is
+        handed to SQLAlchemy here (``begin()``: no statement), so that what the caller does
+        with the connection, a ``commit()`` included, is SQLAlchemy's and watched."""
+        pinned = self._pinned
+        if pinned is None:
             raise NotOwner("the queue session has not started, or is finished")
-        return self._pinned
+        if self.driver_transaction and not pinned.in_transaction():
+            pinned.begin()
+        return pinned
 
     @property
     def in_session(self) -> bool:
@@ -181,7 +203,13 @@ class Pin(ABC):
         pinned, backend = self._pinned, self.backend
         assert backend is not None and pinned is not None
         self._owner_info = record_owner(info, self, pinned.engine)
-        self.unobserved = driver_level(pinned)
+        unobserved = self.unobserved = driver_level(pinned)
+        self.driver_begins = (
+            unobserved
+            and backend.name == "portable"
+            and (self._conn is not None or self.private_connection)
+            and quiet_transactions(pinned, 1)
+        )
         if self._read_committed:
             try:
                 self._begin_claim()
@@ -297,11 +325,21 @@ class Pin(ABC):
                     orm.rollback()
             return
         conn = self._pinned
-        if conn is not None and conn.in_transaction():
+        if conn is None:
+            return
+        if conn.in_transaction():  # SQLAlchemy's (begun by it, or by the job's statements)
+            self.driver_transaction = False
             if commit:
                 conn.commit()
             else:
                 conn.rollback()
+        elif self.driver_transaction:  # begun on the driver (see ``driver_begins``)
+            if not conn.invalidated and not conn.closed:
+                if commit:
+                    on_driver(conn, "COMMIT", driver_commit)
+                else:
+                    on_driver(conn, "ROLLBACK", driver_rollback)
+            self.driver_transaction = False
 
     def _release(self, *, broken: bool = False) -> None:
         """Hand the connection back.  If we might still own a row (``broken``), the pinned
@@ -312,6 +350,7 @@ class Pin(ABC):
         statement until the caller rolls back a transaction that was never theirs."""
         give_up_connection(self._owner_info, self)
         self._owner_info = None
+        self.driver_transaction = False  # ended above, or gone with the invalidated connection
         pinned, orm = self._pinned, self._orm
         if broken and pinned is not None and not pinned.invalidated and not pinned.closed:
             pinned.invalidate()

@@ -101,10 +101,9 @@ class ConsumerSession(QueueSession[T]):
     def connection(self) -> Connection:
         """The pinned connection, while the job is waited for or owned (it stays pinned for
         the consumer's next job, but is not the block's after it)."""
-        pinned = self._pinned
-        if pinned is None or self.life.state in _OUTSIDE:
+        if self._pinned is None or self.life.state in _OUTSIDE:
             raise NotOwner("the queue session has not started, or is finished")
-        return pinned
+        return super().connection
 
     @property
     def session(self) -> Session:
@@ -198,6 +197,16 @@ class ConsumerCore(Generic[T]):
     @accept_unloadable.setter
     def accept_unloadable(self, value: bool) -> None:
         self._session.accept_unloadable = value
+
+    @property
+    def private_connection(self) -> bool:
+        """As :attr:`~sqlalchemy_q4m.consumer.binding.Pin.private_connection`: the worker sets
+        it for its own connection (its jobs reach it only through the queue session)."""
+        return self._session.private_connection
+
+    @private_connection.setter
+    def private_connection(self, value: bool) -> None:
+        self._session.private_connection = value
 
     def _renew(self, timeout: Any, where: Any) -> ConsumerSession[T]:
         """The session renewed for the next job, after the checks of a take (see

@@ -212,7 +212,8 @@ class QueueSession(OwnershipWatch, Generic[T]):
     def end(self) -> None:
         """Finish the job: it is removed from the queue (``queue_end()`` / DELETE + COMMIT)."""
         claim, backend = self._owned()
-        conn = self.connection
+        conn = self._pinned  # not ``connection``: a transaction begun on the driver stays so
+        assert conn is not None
         ok = False
         self._finishing = True
         try:

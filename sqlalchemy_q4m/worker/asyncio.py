@@ -251,6 +251,7 @@ class AsyncConsumer(Consumer):
             listen=self.listen,
         )
         consumer.accept_unloadable = True  # dead-lettered, as the thread worker does
+        consumer.private_connection = True  # its jobs reach it only through the queue session
         self._async_queue_consumer = consumer
         return consumer
 

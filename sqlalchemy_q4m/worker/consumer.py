@@ -127,6 +127,7 @@ class Consumer(JobSteps):
             listen=self.listen,
         )
         consumer.accept_unloadable = True
+        consumer.private_connection = True  # its jobs reach it only through the queue session
         self._queue_consumer = consumer
         return consumer
 
