@@ -248,6 +248,41 @@ def test_ending_the_pinned_connections_transaction_fails_the_block(db: Engine, a
         assert job is not None and job.id == job_id
 
 
+@pytest.mark.parametrize("action", ["commit", "rollback"])
+def test_ending_the_callers_connection_transaction_fails_the_block(db: Engine, action: str) -> None:
+    """On the caller's own Connection, before any statement of theirs: the claim's
+    transaction is SQLAlchemy's (never begun on the driver only), so the caller's
+    ``commit()`` or ``rollback()`` is seen and stopped."""
+    (job_id,) = enqueue(db, 1)
+    with db.connect() as conn:
+        conn = conn.execution_options(isolation_level="READ COMMITTED")
+        with pytest.raises(OwnershipReleased), queue_session(Job, bind=conn, timeout=2) as job:
+            assert job is not None
+            getattr(conn, action)()
+    assert claimable(db) == [job_id]
+
+
+def test_transaction_listeners_still_see_every_job(db: Engine) -> None:
+    """A job's transaction is begun and ended on the driver only where nobody could tell: with
+    a ``commit`` listener of the caller's on the engine, each job's commit goes through
+    SQLAlchemy and reaches it, and every job still ends."""
+    enqueue(db, 1, 2, 3)
+    seen: list[object] = []
+
+    def on_commit(conn: object) -> None:
+        seen.append(conn)
+
+    event.listen(db, "commit", on_commit)
+    try:
+        for _ in range(3):
+            with queue_session(Job, bind=db, timeout=2) as job:
+                assert job is not None
+    finally:
+        event.remove(db, "commit", on_commit)
+    assert len(seen) == 3
+    assert claimable(db) == []
+
+
 def test_the_job_session_commit_inside_the_block_fails_it(db: Engine) -> None:
     (job_id,) = enqueue(db, 1)
     qs = queue_session(Job, bind=db, timeout=2)
