@@ -198,13 +198,13 @@ def _begun(conn: Connection) -> Any:
     return fairy
 
 
-def quiet_transactions(conn: Connection, ours: int) -> bool:
-    """True when nothing but the library's ``ours`` listeners (on each of ``commit`` and
-    ``rollback``) observes ``conn``'s transactions: no ``begin``, ``commit`` or ``rollback``
-    listener of anyone else's, so a transaction begun and ended on the driver is seen by
-    nobody (:func:`_begun`)."""
+def quiet_transactions(conn: Connection) -> bool:
+    """True when nothing but the library observes ``conn``'s transactions: no ``begin``
+    listener, and on each of ``commit`` and ``rollback`` at most the one the ownership watch
+    registers per engine, so a transaction begun and ended on the driver is seen by nobody
+    (:func:`_begun`)."""
     d = conn.dispatch if getattr(conn, "_has_events", True) else conn.engine.dispatch
-    return not d.begin and len(d.commit) <= ours and len(d.rollback) <= ours
+    return not d.begin and len(d.commit) <= 1 and len(d.rollback) <= 1
 
 
 def driver_commit(dbapi_conn: Any) -> None:

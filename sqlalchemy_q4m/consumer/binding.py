@@ -208,7 +208,7 @@ class Pin(ABC):
             unobserved
             and backend.name == "portable"
             and (self._conn is not None or self.private_connection)
-            and quiet_transactions(pinned, 1)
+            and quiet_transactions(pinned)
         )
         if self._read_committed:
             try:

@@ -58,6 +58,7 @@ from ..consumer.asyncio import GreenletQueueSession
 from ..consumer.asyncio import run_to_completion
 from ..consumer.crossing import cross
 from ..exc import Q4MError
+from .connection import set_up_consumer
 from .consumer import Consumer
 from .job import Job
 from .jobrun import JobRun
@@ -241,17 +242,11 @@ class AsyncConsumer(Consumer):
         return False
 
     def _new_async_consumer(self, conn: Connection) -> AsyncQueueConsumer[Any]:
-        """The asyncio queue consumer of ``conn``, as the thread worker's
-        :meth:`~.consumer.Consumer._new_consumer`: each job's queue session is its next take."""
-        consumer: AsyncQueueConsumer[Any] = AsyncQueueConsumer(
-            *self._models,
-            bind=self._async_connection(conn),
-            backend=self._backend,
-            poll_interval=self.poll_interval,
-            listen=self.listen,
+        """The asyncio queue consumer of ``conn`` (see :func:`.connection.set_up_consumer`),
+        on its ``AsyncConnection``."""
+        consumer: AsyncQueueConsumer[Any] = set_up_consumer(
+            self, AsyncQueueConsumer, self._async_connection(conn)
         )
-        consumer.accept_unloadable = True  # dead-lettered, as the thread worker does
-        consumer.private_connection = True  # its jobs reach it only through the queue session
         self._async_queue_consumer = consumer
         return consumer
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy import Engine
@@ -22,6 +24,7 @@ from sqlalchemy import inspect
 from sqlalchemy import select
 
 from ..backends.unique_keys import refresh as refresh_unique_keys
+from ..consumer.consuming import ConsumerCore
 from ..consumer.consuming import QueueConsumer
 from ..exc import Q4MError
 from ..schema.retry import RUN_AT
@@ -38,6 +41,9 @@ from .targets import calls_where
 from .targets import job_where
 from .targets import resolve_targets
 from .targets import where_for
+
+#: A queue consumer class, the sync or the asyncio one (:func:`set_up_consumer`).
+C = TypeVar("C", bound=ConsumerCore[Any])
 
 if TYPE_CHECKING:
     from .job import Job
@@ -253,7 +259,8 @@ class ConsumerBase:
 
     def _waits(self, timeout: float | None) -> Iterator[tuple[list[Any], dict[str, Any]]]:
         """The targets and the queue-session options of each of :meth:`_slices`' waits (a
-        batch and the asyncio worker make a queue object per wait)."""
+        batch makes a queue object per wait; one job at a time, both drivers take it from
+        their queue consumer, :func:`set_up_consumer`)."""
         for seconds, where in self._slices(timeout):
             yield (
                 self._models,
@@ -316,3 +323,20 @@ class ConsumerBase:
 
     def _label(self) -> str:
         return ",".join(self.tables)
+
+
+def set_up_consumer(base: ConsumerBase, make: Callable[..., C], bind: Any) -> C:
+    """A queue consumer (``make``: the sync or the asyncio class) of ``base``'s targets on
+    ``bind``, made once per prepared connection (``connect()`` and new targets drop it): each
+    job's queue session is its next take, so the checks, the backend and the connection's
+    mode are set up once, not per job."""
+    consumer = make(
+        *base._models,
+        bind=bind,
+        backend=base._backend,
+        poll_interval=base.poll_interval,
+        listen=base.listen,
+    )
+    consumer.accept_unloadable = True  # dead-lettered by the worker
+    consumer.private_connection = True  # its jobs reach it only through the queue session
+    return consumer

@@ -41,6 +41,7 @@ from ..consumer.batch import QueueBatch
 from ..consumer.consuming import QueueConsumer
 from ..schema.reflect import reflect_queue_table
 from ..schema.reflect import table_name_for
+from .connection import set_up_consumer
 from .jobrun import BatchSlot
 from .jobrun import describe
 from .loop import LOOP_ERRORS
@@ -75,8 +76,9 @@ class Consumer(JobSteps):
     """
 
     # -- one job ----------------------------------------------------------------------------
-    # The async consumer shares every step here and only awaits them: the wait options
-    # (_waits), the steps before and after execute, and the bookkeeping around a job in hand.
+    # The async consumer shares every step here and only awaits them: the waits (_slices)
+    # and the queue consumer they take from, the steps before and after execute, and the
+    # bookkeeping around a job in hand.
 
     def run_once(self, timeout: float | None = None) -> bool:
         """Wait for one job of any target and handle it (with ``batch_size`` > 1 on the
@@ -115,19 +117,8 @@ class Consumer(JobSteps):
         return 0
 
     def _new_consumer(self, conn: Connection) -> QueueConsumer[Any]:
-        """The queue consumer of ``conn``, made once per prepared connection (``connect()``
-        and new targets drop it): each job's queue session is its next
-        :meth:`~QueueConsumer.take`, so the checks, the backend and the connection's mode are
-        set up once, not per job."""
-        consumer: QueueConsumer[Any] = QueueConsumer(
-            *self._models,
-            bind=conn,
-            backend=self._backend,
-            poll_interval=self.poll_interval,
-            listen=self.listen,
-        )
-        consumer.accept_unloadable = True
-        consumer.private_connection = True  # its jobs reach it only through the queue session
+        """The queue consumer of ``conn`` (see :func:`.connection.set_up_consumer`)."""
+        consumer: QueueConsumer[Any] = set_up_consumer(self, QueueConsumer, conn)
         self._queue_consumer = consumer
         return consumer
 
