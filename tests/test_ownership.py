@@ -262,6 +262,26 @@ def test_ending_the_callers_connection_transaction_fails_the_block(db: Engine, a
     assert claimable(db) == [job_id]
 
 
+def test_the_claims_transaction_is_the_drivers_until_the_connection_is_handed_out(
+    db: Engine,
+) -> None:
+    """On an Engine bind with nobody listening, the claim's transaction is begun on the driver
+    (SQLAlchemy's Connection has none); ``qs.connection`` hands it to SQLAlchemy without a
+    statement, so the caller's statements join it and the end commits them with the job's
+    removal."""
+    (first, second) = enqueue(db, 1, 2)
+    qs = queue_session(Job, bind=db, timeout=2)
+    with qs as job:
+        assert job is not None and job.id == first
+        assert qs.driver_transaction and not qs._pinned.in_transaction()  # type: ignore[union-attr]
+    with (qs := queue_session(Job, bind=db, timeout=2)) as job:
+        assert job is not None and job.id == second
+        conn = qs.connection
+        assert conn.in_transaction()
+        conn.execute(insert(Effect.__table__).values(n=2))
+    assert claimable(db) == [] and total(db, Effect) == 1
+
+
 def test_transaction_listeners_still_see_every_job(db: Engine) -> None:
     """A job's transaction is begun and ended on the driver only where nobody could tell: with
     a ``commit`` listener of the caller's on the engine, each job's commit goes through
