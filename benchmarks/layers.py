@@ -3,8 +3,10 @@
 
 * :class:`StatementLoop`: the library's own compiled statements (the claim or the Q4M owner's
   ``SELECT``, the completion) run as ``queue_session`` runs them
-  (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL` on the connection's kept DBAPI cursor),
-  the fetched rows left as the driver returns them.
+  (:class:`~sqlalchemy_q4m.backends.driver.DriverSQL` on the connection's kept DBAPI cursor;
+  on the portable backend in a transaction begun and committed on the driver, as a consumer on
+  an Engine's connection or the worker's does), the fetched rows left as the driver returns
+  them.
 * :class:`JobObjectLoop`: the same, with each row made the job a user gets (the columns' result
   processors, then a mapped instance) by the backend's
   :class:`~sqlalchemy_q4m.backends.loading.Loader`.
@@ -38,6 +40,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy_q4m.backends.base import autocommit_for_queue
 from sqlalchemy_q4m.backends.base import give_up_connection
 from sqlalchemy_q4m.backends.base import take_connection
+from sqlalchemy_q4m.backends.driver import OWNER_KEY
 from sqlalchemy_q4m.backends.driver import DriverSQL
 from sqlalchemy_q4m.backends.loading import claim_statement
 from sqlalchemy_q4m.backends.loading import loader_for
@@ -60,6 +63,11 @@ class StatementLoop:
 
     #: Build each job as ``queue_session`` does (:class:`JobObjectLoop`).
     build_jobs = False
+    #: Read by the library's statements when they begin a transaction (the loop is the
+    #: connection's owner): on the portable backend they leave it to the driver, as a queue
+    #: session on a connection nobody else holds does, and the loop commits it there.
+    driver_begins = False
+    driver_transaction = False
 
     def __init__(self, url: URL) -> None:
         self.engine = library_engine(url)
@@ -69,6 +77,8 @@ class StatementLoop:
             autocommit_for_queue(conn)  # as a Q4M consumer's connection is
         else:
             conn = conn.execution_options(isolation_level="READ COMMITTED")
+            self.driver_begins = True
+            conn.info[OWNER_KEY] = self  # GuardedLoop records itself again per job
         self.conn = conn
         self.subs = subscriptions((BenchJob,), None)
         sub = self.subs[0]
@@ -115,13 +125,29 @@ class StatementLoop:
         while True:
             found = self._job(claim.run(conn, {}, True))
             if found is None:
-                conn.rollback()
+                self._end(commit=False)
                 return done
             remove.run(conn, {"key": found[1][0]}, True)
-            conn.commit()
+            self._end(commit=True)
             done += 1
 
+    def _end(self, *, commit: bool) -> None:
+        """Commit or roll back the job's transaction where it was begun: on the driver (see
+        ``driver_begins``), or SQLAlchemy's."""
+        conn = self.conn
+        ender: Any = conn
+        if not conn.in_transaction():
+            if not self.driver_transaction:
+                return
+            ender = conn.connection.dbapi_connection
+        self.driver_transaction = False
+        if commit:
+            ender.commit()
+        else:
+            ender.rollback()
+
     def close(self) -> None:
+        self.conn.info.pop(OWNER_KEY, None)
         self.conn.close()
         self.engine.dispose()
 
@@ -168,12 +194,12 @@ class GuardedLoop(JobObjectLoop):
             info = take_connection(conn, self)
             found = self._job(claim.run(conn, {}, True))
             if found is None:
-                conn.rollback()
+                self._end(commit=False)
                 give_up_connection(info, self)
                 return done
             remove.run(conn, {"key": found[1][0]}, True)
             key_ended(conn, table, found[1])
-            conn.commit()
+            self._end(commit=True)
             give_up_connection(info, self)
             done += 1
 

@@ -106,10 +106,36 @@ def test_the_job_building_loop_yields_mapped_jobs(bench_url: URL) -> None:
         # the claim (portable) or, outside owner mode, every row (Q4M): the first one built
         job, key = loop._job(loop.select.run(loop.conn, {}, True))
     finally:
-        loop.conn.rollback()
+        loop._end(commit=False)
         loop.close()
     assert isinstance(job, BenchJob) and isinstance(job.id, uuid.UUID)
     assert key == (job.id.bytes,) and job.payload.startswith("job ")
+
+
+@pytest.mark.parametrize("loop_class", [StatementLoop, GuardedLoop])
+def test_a_layer_loop_claims_in_a_transaction_of_the_driver(
+    bench_url: URL, loop_class: type
+) -> None:
+    """Portable: each claim's transaction is begun by the driver, unseen by SQLAlchemy's
+    Connection, and the loop commits it there, as a queue session on an Engine's connection
+    does (``driver_begins``); Q4M: no transaction (autocommit), none begun."""
+    portable = server_backend(bench_url) == "portable"
+    fill(bench_url, 3)
+    loop = loop_class(bench_url)
+    seen: list[tuple[bool, bool]] = []
+
+    def where_begun(found: Any) -> None:
+        if found is not None:
+            seen.append((loop.conn.in_transaction(), loop.driver_transaction))
+
+    _after_each_claim(loop, where_begun)
+    try:
+        assert loop.consume() == 3
+        assert not loop.driver_transaction and not loop.conn.in_transaction()
+    finally:
+        loop.close()
+    assert seen == [(False, portable)] * 3
+    assert _left(bench_url) == 0
 
 
 def test_the_guarded_loop_owns_each_job_as_a_queue_session_does(bench_url: URL) -> None:
